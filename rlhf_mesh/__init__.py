@@ -1,0 +1,3 @@
+"""rlhf-mesh: RLHF as a set of gRPC microservices."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from rlhf_mesh.cli import main
+
+main()

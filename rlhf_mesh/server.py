@@ -1,0 +1,233 @@
+"""The one bootstrap every rlhf-mesh gRPC server runs on.
+
+`grpc.aio` server with bounded concurrency and message sizes, `grpc.health.v1` (SERVING only
+once the service has loaded and warmed its model), optional reflection, an interceptor that
+turns unexpected exceptions into INTERNAL (logged, never sent to the client), Prometheus
+metrics on their own HTTP port, and SIGTERM/SIGINT -> NOT_SERVING -> drain -> stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from http.server import HTTPServer
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
+
+from rlhf_mesh.settings import ServiceSettings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+# Calls to these stay open while the model loads and while draining.
+_ALWAYS_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+RPCS = Counter("rlhf_mesh_rpcs_total", "Finished RPCs.", ["service", "method", "code"])
+RPC_SECONDS = Histogram(
+    "rlhf_mesh_rpc_duration_seconds", "RPC handling time.", ["service", "method"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300),
+)
+
+
+class Service(Protocol):
+    """What a service hands to `serve`."""
+
+    name: str  # short name: "reward", "generation", ...
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        """Add the servicers to `server`; return their full service names."""
+
+    async def start(self) -> None:
+        """Load and warm the model; the service is SERVING once this returns."""
+
+    async def close(self) -> None:
+        """Release what start() acquired; called after the server drained."""
+
+
+@dataclass
+class Running:
+    """A started server: its ports and the means to stop it."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    metrics: HTTPServer
+    stopping: asyncio.Event
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics.server_port
+
+
+class _Guard(grpc.aio.ServerInterceptor):
+    """Unavailable until ready, exceptions -> INTERNAL, and RPC metrics."""
+
+    def __init__(self, service: str, ready: Callable[[], bool]) -> None:
+        self._service = service
+        self._ready = ready
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(_ALWAYS_OPEN):
+            return handler
+        kind = _handler_kind(handler)
+        behavior = getattr(handler, kind)
+        streaming_out = kind.endswith("_stream")
+        wrap = self._wrap_stream(method, behavior) if streaming_out else self._wrap_unary(method, behavior)
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            wrap,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._ready():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._service} service is not ready yet")
+
+    async def _fail(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unexpected error in %s (ref %s)", method, ref)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log")
+
+    def _observe(self, method: str, context: grpc.aio.ServicerContext, started: float) -> None:
+        code = context.code() or grpc.StatusCode.OK
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        short = method.rsplit("/", 1)[-1]
+        RPCS.labels(self._service, short, name).inc()
+        RPC_SECONDS.labels(self._service, short).observe(time.perf_counter() - started)
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                await self._admit(context)
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                await self._fail(method, context)
+            finally:
+                self._observe(method, context, started)
+
+        return guarded
+
+    def _wrap_stream(
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            try:
+                await self._admit(context)
+                async for response in behavior(request, context):
+                    yield response
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                await self._fail(method, context)
+            finally:
+                self._observe(method, context, started)
+
+        return guarded
+
+
+def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming:
+        return "stream_stream" if handler.response_streaming else "stream_unary"
+    return "unary_stream" if handler.response_streaming else "unary_unary"
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message-size and keepalive options shared by servers and clients."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+async def start(service: Service, settings: ServiceSettings) -> Running:
+    """Bind, start and load `service`; health turns SERVING once `service.start()` returns."""
+    ready = False
+    server = grpc.aio.server(
+        interceptors=[_Guard(service.name, lambda: ready)],
+        options=[
+            *channel_options(settings.max_message_bytes),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = service.register(server)
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    metrics, _ = start_http_server(settings.metrics_port)
+    await server.start()
+    log.info("%s: gRPC on port %d, metrics on http port %d; loading", service.name, port, metrics.server_port)
+    await service.start()
+    ready = True
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s: SERVING", service.name)
+    return Running(server, health_servicer, port, metrics, asyncio.Event())
+
+
+async def drain(running: Running, service: Service, grace_s: float) -> None:
+    """NOT_SERVING, let in-flight calls finish for up to `grace_s`, then stop and close."""
+    log.info("%s: draining (grace %.1fs)", service.name, grace_s)
+    await running.health.enter_graceful_shutdown()
+    await running.server.stop(grace_s)
+    running.metrics.shutdown()
+    await service.close()
+    log.info("%s: stopped", service.name)
+
+
+async def serve(service: Service, settings: ServiceSettings) -> None:
+    """Run `service` until SIGTERM or SIGINT, then drain and stop."""
+    running = await start(service, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, running.stopping.set)
+    await running.stopping.wait()
+    await drain(running, service, settings.drain_grace_s)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(settings_cls: type[ServiceSettings], make_service: Callable[[Any], Service], argv: list[str], prog: str) -> int:
+    """Entry point of `rlhf-mesh serve X`: settings, logging, serve until signalled."""
+    try:
+        settings = load_settings(settings_cls, argv, prog)
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    asyncio.run(serve(make_service(settings), settings))
+    return 0

@@ -1,0 +1,79 @@
+"""Settings of every service: defaults < YAML file (--config) < environment < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+from contextvars import ContextVar
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+_yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
+
+S = TypeVar("S", bound="ServiceSettings")
+
+
+class SettingsError(ValueError):
+    """Settings that do not validate, with a message naming the offending keys."""
+
+
+class ServiceSettings(BaseSettings):
+    """What every gRPC server shares; each service subclasses it with its own env prefix."""
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix="RLHF_MESH_")
+
+    host: str = Field("[::]", description="address to listen on")
+    port: int = Field(50050, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus HTTP port (0 picks a free one)")
+    drain_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, time in-flight calls get to finish")
+    max_message_bytes: int = Field(64 << 20, gt=0, description="largest gRPC message received or sent")
+    max_concurrent_rpcs: int = Field(1024, gt=0, description="calls served at once; more get RESOURCE_EXHAUSTED")
+    reflection: bool = Field(False, description="enable gRPC server reflection")
+    log_level: str = Field("INFO", description="logging level")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = _yaml_file.get()
+        yaml = (YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),) if yaml_file else ()
+        return (init_settings, env_settings, *yaml)
+
+
+def load_settings(cls: type[S], argv: list[str], prog: str) -> S:
+    """Build `cls` from `--config FILE` (YAML), the environment and the flags in `argv`.
+
+    Flags are the field names in kebab case (`--max-message-bytes`). Unknown flags exit
+    with usage; unknown or invalid keys anywhere raise SettingsError naming them.
+    """
+    peel = argparse.ArgumentParser(add_help=False)
+    peel.add_argument("--config", type=Path)
+    known, rest = peel.parse_known_args(argv)
+    if known.config is not None and not known.config.is_file():
+        raise SettingsError(f"--config {known.config}: no such file")
+    cli = CliSettingsSource(
+        cls, cli_prog_name=prog, cli_kebab_case=True, cli_implicit_flags=True, cli_avoid_json=True
+    )
+    token = _yaml_file.set(known.config)
+    try:
+        return cls(_cli_settings_source=cli(args=rest))
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()
+        )
+        raise SettingsError(f"invalid settings for {prog}: {problems}") from None
+    finally:
+        _yaml_file.reset(token)

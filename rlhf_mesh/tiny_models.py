@@ -1,0 +1,146 @@
+"""Build small Llama-style models locally: a policy, a reward model and their tokenizer.
+
+No model hub is needed: a byte-level BPE tokenizer is trained on an embedded corpus and
+the models are initialised from a config, then written with `save_pretrained`, so they load
+through the real `from_pretrained` path in transformers and vLLM alike. torch and
+transformers are imported inside the functions so that the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS)
+
+# One turn per message; the assistant turn ends with EOS so generation stops there.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Architecture shared by the policy and the reward model (vLLM CPU needs head_dim >= 32)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+
+
+PRESETS = {
+    # Tests and the demo on two CPU cores.
+    "tiny": Preset(128, 384, 2, 4, 2, 1024),
+    # About 20M parameters: reward throughput benchmarks.
+    "small": Preset(512, 1408, 6, 8, 4, 1024),
+    # About 100M parameters: weight-push benchmarks.
+    "base": Preset(768, 2816, 12, 12, 4, 2048),
+}
+
+_SUBJECTS = ["the cat", "a robot", "my friend", "the teacher", "our team", "the river", "a small bird",
+             "the old man", "this model", "the garden", "a student", "the city", "the ship", "her brother"]
+_VERBS = ["likes", "helps", "finds", "watches", "builds", "answers", "thanks", "follows", "reads",
+          "remembers", "explains", "visits", "paints", "carries"]
+_OBJECTS = ["the sun", "a good book", "the answer", "fresh bread", "the music", "a kind word", "the map",
+            "a new idea", "the question", "warm tea", "the door", "a long story", "the stars", "clean water"]
+_ENDINGS = ["today.", "every morning.", "with care.", "again and again.", "because it is nice.",
+            "and feels happy.", "before the rain.", "in the quiet evening.", "very politely.", "!",
+            "? Please tell me.", "- thank you so much."]
+_EXTRA = [
+    "Hello! How are you today? I am fine, thank you.",
+    "Please explain why the sky is blue in simple words.",
+    "Write a short poem about autumn leaves and cold wind.",
+    "What is 2 + 2? The answer is 4.",
+    "Thank you, that is very helpful and kind of you.",
+    "Sorry, I do not know. Could you please ask again?",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+    "Great, wonderful, excellent, amazing, lovely, brilliant, happy, glad.",
+    "Bad, terrible, awful, sad, angry, wrong, broken, lost.",
+]
+
+
+def corpus() -> list[str]:
+    """Deterministic English-like text the tokenizer is trained on."""
+    lines = [f"{s.capitalize()} {v} {o} {e}" for s, v, o, e in itertools.product(
+        _SUBJECTS, _VERBS, _OBJECTS, _ENDINGS[:4])]
+    return lines + _EXTRA * 20
+
+
+MAX_VOCAB_SIZE = 4096  # the BPE merges stop earlier on this corpus (about 600 tokens)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with the chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=MAX_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+        additional_special_tokens=list(ROLE_TOKENS), model_max_length=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> dict[str, Path]:
+    """Write `policy/` (LlamaForCausalLM) and `reward/` (LlamaForSequenceClassification,
+    one label) with the same tokenizer under `out_dir`; the same seed gives the same files."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    arch = PRESETS[preset]
+    out = Path(out_dir)
+    tokenizer = build_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (PAD, BOS, EOS)}
+    config = LlamaConfig(
+        **asdict(arch),
+        vocab_size=len(tokenizer),
+        pad_token_id=ids[PAD],
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[EOS],
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    paths = {"policy": out / "policy", "reward": out / "reward"}
+    policy = LlamaForCausalLM(config)
+    policy.generation_config = GenerationConfig(
+        eos_token_id=ids[EOS], pad_token_id=ids[PAD], bos_token_id=ids[BOS]
+    )
+    reward_config = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    reward = LlamaForSequenceClassification(LlamaConfig(**reward_config, num_labels=1))
+    for name, model in (("policy", policy), ("reward", reward)):
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    (out / "models.json").write_text(json.dumps(
+        {"seed": seed, "preset": preset, "parameters": {
+            "policy": sum(p.numel() for p in policy.parameters()),
+            "reward": sum(p.numel() for p in reward.parameters()),
+        }}, indent=2) + "\n")
+    return paths

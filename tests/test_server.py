@@ -1,0 +1,103 @@
+"""The shared server bootstrap, on a real server process over real sockets."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
+
+from support import PYTHON, ROOT
+
+PROBE = [PYTHON, str(ROOT / "tests" / "bootstrap_server.py")]
+SECRET = "do-not-leak-4711"
+LEARNER = "rlhf_mesh.v1.LearnerService"
+
+
+def _health(channel: grpc.Channel, service: str = "") -> str:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_not_serving_while_loading_then_serving_with_reflection(child_server):
+    server = child_server([*PROBE, "--load-s", "4", "--reflection"])
+    seen_loading = False
+    with grpc.insecure_channel(server.address) as channel:
+        learner = learner_pb2_grpc.LearnerServiceStub(channel)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not seen_loading:
+            try:
+                seen_loading = _health(channel) == "NOT_SERVING"
+            except grpc.RpcError:
+                time.sleep(0.1)
+        assert seen_loading, server.log()
+        with pytest.raises(grpc.RpcError) as err:
+            learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not ready" in err.value.details()
+
+        wait_until_serving(server.address, timeout_s=60, alive=server.alive)
+        assert _health(channel) == "SERVING"
+        assert _health(channel, LEARNER) == "SERVING"
+        assert learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=5).step == 7
+
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {LEARNER, "grpc.health.v1.Health"} <= services
+        # The full schema comes through reflection: a client can call without the .proto files.
+        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        method = pool.FindServiceByName(LEARNER).methods_by_name["WatchMetrics"]
+        assert method.server_streaming and method.output_type.full_name == "rlhf_mesh.v1.WatchMetricsResponse"
+
+
+def test_unexpected_error_is_internal_logged_and_not_leaked(child_server):
+    server = child_server(PROBE)
+    wait_until_serving(server.address, timeout_s=60, alive=server.alive)
+    with grpc.insecure_channel(server.address) as channel:
+        learner = learner_pb2_grpc.LearnerServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            learner.Pause(learner_pb2.PauseRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert SECRET not in err.value.details()
+        assert "ref " in err.value.details()
+        # The server goes on serving.
+        assert learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=5).step == 7
+        # Reflection is off unless enabled.
+        with pytest.raises(grpc.RpcError) as err:
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    log = server.log()
+    assert SECRET in log and "Traceback" in log
+    metrics = urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'rlhf_mesh_rpcs_total{code="INTERNAL",method="Pause",service="probe"} 1.0' in metrics
+    assert 'rlhf_mesh_rpcs_total{code="OK",method="GetStatus",service="probe"} 1.0' in metrics
+
+
+def test_sigterm_drains_in_flight_calls_then_exits(child_server):
+    server = child_server([*PROBE, "--call-s", "3", "--drain-grace-s", "20"])
+    wait_until_serving(server.address, timeout_s=60, alive=server.alive)
+    with grpc.insecure_channel(server.address) as channel:
+        in_flight = learner_pb2_grpc.LearnerServiceStub(channel).SaveCheckpoint.future(
+            learner_pb2.SaveCheckpointRequest(), timeout=30
+        )
+        time.sleep(1.0)
+        server.process.send_signal(signal.SIGTERM)
+        assert in_flight.result().path == "/tmp/ckpt"
+    assert server.process.wait(timeout=30) == 0
+    log = server.log()
+    assert "draining" in log and "closed" in log and "stopped" in log
+
+
+def test_invalid_settings_exit_with_a_message_naming_the_key(child_server, tmp_path):
+    config = tmp_path / "probe.yaml"
+    config.write_text("port: 1\nbogus_key: 5\n")
+    server = child_server([*PROBE, "--config", str(config)])
+    assert server.process.wait(timeout=60) == 2
+    assert "bogus_key: Extra inputs are not permitted" in server.log()
