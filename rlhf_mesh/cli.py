@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
 SERVICES = ("generation", "reward", "learner", "feedback")
+# service -> module with its `Settings` and `Service` classes
+SERVICE_MODULES = {"reward": "rlhf_mesh.services.reward"}
 
 
 def _not_implemented(what: str) -> Callable[[argparse.Namespace], int]:
@@ -27,7 +30,41 @@ def _models_build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    return _not_implemented(f"serve {args.service}")(args)
+    if args.service not in SERVICE_MODULES:
+        return _not_implemented(f"serve {args.service}")(args)
+    from rlhf_mesh.server import run
+
+    module = importlib.import_module(SERVICE_MODULES[args.service])
+    return run(module.Settings, module.Service, args.args, f"rlhf-mesh serve {args.service}")
+
+
+def _score(args: argparse.Namespace) -> int:
+    import json
+
+    from rlhf_mesh.clients.reward import RewardClient
+
+    if (args.input is None) == (args.prompt is None):
+        print("rlhf-mesh score: give --prompt and --response, or --input FILE", file=sys.stderr)
+        return 2
+    if args.input is None:
+        rows = [{"prompt": args.prompt, "response": args.response or ""}]
+    else:
+        with open(args.input) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    samples = [tuple((r["prompt"], r["response"])) if "messages" not in r else r["messages"] for r in rows]
+    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 - closed below
+    try:
+        with RewardClient(args.addr, timeout_s=args.timeout_s) as client:
+            for start in range(0, len(samples), args.batch_size):
+                reply = client.score(samples[start : start + args.batch_size], model=args.model)
+                for row, result in zip(rows[start : start + args.batch_size], reply.results, strict=True):
+                    row.update(score=result.score, truncated=result.truncated, model=reply.model,
+                               model_version=result.model_version)
+                    out.write(json.dumps(row) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,13 +86,23 @@ def parser() -> argparse.ArgumentParser:
     for name, help_ in (
         ("train", "run the PPO learner"),
         ("train-rm", "train a reward model from preference pairs"),
-        ("score", "score prompt/response pairs with a RewardService"),
         ("generate", "sample from a GenerationService"),
         ("demo", "run the whole RLHF loop on this machine"),
     ):
         cmd = sub.add_parser(name, help=help_, add_help=False)
         cmd.add_argument("args", nargs=argparse.REMAINDER)
         cmd.set_defaults(run=_not_implemented(name))
+
+    score = sub.add_parser("score", help="score prompt/response pairs with a RewardService")
+    score.add_argument("--addr", required=True, help="HOST:PORT of the RewardService")
+    score.add_argument("--model", default="", help="reward model name (default: the server's default)")
+    score.add_argument("--prompt", help="prompt text")
+    score.add_argument("--response", help="response text")
+    score.add_argument("--input", help='JSONL file: {"prompt", "response"} or {"messages"} per line')
+    score.add_argument("--output", help="JSONL file for the rows with their scores (default: stdout)")
+    score.add_argument("--batch-size", type=int, default=256, help="samples per Score call")
+    score.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call")
+    score.set_defaults(run=_score)
 
     models = sub.add_parser("models", help="local models").add_subparsers(dest="action", required=True)
     build = models.add_parser("build", help="write a tiny policy and reward model with their tokenizer")

@@ -1,0 +1,164 @@
+"""A loaded reward model: input encoding (chat template, truncation) and batched scoring.
+
+How a sample becomes tokens:
+- prompt + response, tokenizer with a chat template: the template renders a user turn with
+  the prompt and an assistant turn with the response;
+- prompt + response, no chat template: the prompt's tokens (with the tokenizer's special
+  tokens) followed by the response's tokens (without);
+- a chat conversation: rendered by the chat template (an error without one);
+- token ids: used as given.
+An input longer than the model length loses tokens from the left (the prompt side) so the
+response survives, and its result says `truncated`; with truncation="error" it is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_mesh.v1 import reward_pb2
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+class InvalidSample(ValueError):
+    """A sample that cannot be scored; the message names its index."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(f"samples[{index}]: {problem}")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids ready for the model."""
+
+    ids: list[int]
+    truncated: bool
+
+
+def weights_version(path: str | Path) -> str:
+    """Content hash of a model folder's weight files: the model's version."""
+    digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    files = sorted(p for p in Path(path).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no weight files in {path}")
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update_mmap(file)
+    return digest.hexdigest()[:16]
+
+
+class Tokenization:
+    """Turns ScoreSamples into token ids by the rules of the module docstring."""
+
+    def __init__(self, tokenizer, max_length: int, truncation: str) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncation = truncation
+        self.vocab_size = len(tokenizer)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode(self, index: int, sample: reward_pb2.ScoreSample) -> Encoded:
+        kind = sample.WhichOneof("input")
+        if kind is None:
+            raise InvalidSample(index, "has no input: set text, chat or token_ids")
+        if kind == "token_ids":
+            ids = list(sample.token_ids.ids)
+            if not ids:
+                raise InvalidSample(index, "token_ids is empty")
+            bad = next((t for t in ids if t >= self.vocab_size), None)
+            if bad is not None:
+                raise InvalidSample(index, f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
+            return self._fit(index, ids, protected=0)
+        if kind == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in sample.chat.messages]
+            if not messages:
+                raise InvalidSample(index, "chat has no messages")
+            if not self.has_chat_template:
+                raise InvalidSample(index, "chat input needs a model with a chat template")
+            if any(not m["role"] for m in messages):
+                raise InvalidSample(index, "every chat message needs a role")
+            return self._fit(index, self._render(messages), protected=0)
+        prompt, response = sample.text.prompt, sample.text.response
+        if not response:
+            raise InvalidSample(index, "response is empty")
+        if self.has_chat_template:
+            turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            ids = self._render(turns)
+            prefix = self._render(turns[:1], add_generation_prompt=True)
+            protected = len(ids) - len(prefix) if ids[: len(prefix)] == prefix else len(ids)
+        else:
+            head = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+            tail = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+            ids, protected = head + tail, len(tail)
+        return self._fit(index, ids, protected)
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+        )
+        return list(ids)
+
+    def _fit(self, index: int, ids: list[int], protected: int) -> Encoded:
+        """Left-truncate to max_length, never into the last `protected` tokens (the response)."""
+        excess = len(ids) - self.max_length
+        if excess <= 0:
+            return Encoded(ids, truncated=False)
+        if self.truncation == "error":
+            raise InvalidSample(index, f"is {len(ids)} tokens, longer than the model's {self.max_length}")
+        if protected > self.max_length:
+            raise InvalidSample(
+                index, f"response alone is {protected} tokens, longer than the model's {self.max_length}"
+            )
+        return Encoded(ids[excess:], truncated=True)
+
+
+class RewardModel:
+    """A `*ForSequenceClassification` reward model with one label, scored with transformers."""
+
+    backend = "transformers"
+
+    def __init__(self, name: str, path: str, *, dtype: str, device: str, max_length: int | None,
+                 truncation: str) -> None:
+        self.name, self.path = name, str(path)
+        self.version = weights_version(path)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+        if model.config.num_labels != 1:
+            raise ValueError(f"{path}: a reward model has one label, this one has {model.config.num_labels}")
+        if model.config.pad_token_id is None:
+            if tokenizer.pad_token_id is None:
+                raise ValueError(f"{path}: neither the model config nor the tokenizer sets a pad token")
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.pad_token_id = model.config.pad_token_id
+        self.model = model.to(self.device).eval()
+        limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.max_length = min(max_length or limit, limit)
+        self.tokenization = Tokenization(tokenizer, self.max_length, truncation)
+
+    def info(self, is_default: bool) -> reward_pb2.RewardModelInfo:
+        return reward_pb2.RewardModelInfo(
+            name=self.name, path=self.path, version=self.version, max_length_tokens=self.max_length,
+            dtype=self.dtype, backend=self.backend, is_default=is_default,
+        )
+
+    @torch.inference_mode()
+    def score(self, batch: list[list[int]]) -> list[float]:
+        """Raw logits of right-padded sequences; the head pools each at its last real token."""
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return logits[:, 0].float().cpu().tolist()
