@@ -51,7 +51,7 @@ def _score(args: argparse.Namespace) -> int:
     else:
         with open(args.input) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    samples = [tuple((r["prompt"], r["response"])) if "messages" not in r else r["messages"] for r in rows]
+    samples = [r["messages"] if "messages" in r else (r["prompt"], r["response"]) for r in rows]
     out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 - closed below
     try:
         with RewardClient(args.addr, timeout_s=args.timeout_s) as client:

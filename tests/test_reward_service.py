@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from rlhf_mesh.clients.reward import RewardClient, score_request, to_sample
 from rlhf_mesh.services.reward.model import weights_version
 from rlhf_mesh.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
-from support import PYTHON, ChildServer
+from support import PYTHON, ROOT, ChildServer
 
 MAX_LENGTH = 96
 SERVE = [PYTHON, "-m", "rlhf_mesh", "serve", "reward"]
@@ -36,7 +37,7 @@ PAIRS = [
 
 def _start(tmp: Path, model: Path, *flags: str) -> ChildServer:
     server = ChildServer([*SERVE, "--model", f"tiny={model}", *flags], tmp / f"reward{len(flags)}.log")
-    wait_until_serving(server.address, timeout_s=120, alive=server.alive)
+    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
     return server
 
 
@@ -249,3 +250,37 @@ def test_score_cli_prompt_and_jsonl(reward_server, tmp_path):
     assert [r["prompt"] for r in rows] == [p for p, _ in PAIRS]
     assert [r["score"] for r in rows] == pytest.approx(direct, abs=1e-6)
     assert json.loads(one.stdout)["score"] == pytest.approx(direct[1], abs=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None, reason="needs node and npm")
+def test_nodejs_client_scores_a_pair(reward_server):
+    example = ROOT / "clients" / "node"
+    if not (example / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        install = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=example,
+                                 capture_output=True, text=True, timeout=300)
+        assert install.returncode == 0, install.stderr
+    run = subprocess.run(["node", "score.js", reward_server.address, *PAIRS[2]], cwd=example,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    with RewardClient(reward_server.address) as client:
+        direct = client.scores([PAIRS[2]])[0]
+    reply = json.loads(run.stdout)
+    assert reply["model"] == "tiny"
+    assert reply["score"] == pytest.approx(direct, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_vllm_backend_returns_raw_logits_equal_to_transformers(tiny_models, tmp_path, reference):
+    score, render, _ = reference
+    server = _start(tmp_path, tiny_models["reward"], "--backend", "vllm", "--max-length", str(MAX_LENGTH))
+    try:
+        with RewardClient(server.address, timeout_s=120) as client:
+            reply = client.score([*PAIRS, [5, 6, 7, 8, 9]])
+            (info,) = client.list_models()
+    finally:
+        assert server.stop() == 0
+    assert info.backend == "vllm"
+    expected = [render([{"role": "user", "content": p}, {"role": "assistant", "content": r}]) for p, r in PAIRS]
+    for result, ids in zip(reply.results, [*expected, [5, 6, 7, 8, 9]], strict=True):
+        # A sigmoid would map every logit into (0, 1); raw logits of this model are spread around 0.
+        assert result.score == pytest.approx(score(ids), abs=1e-5)

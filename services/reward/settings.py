@@ -26,15 +26,15 @@ class RewardSettings(ServiceSettings):
     truncation: Literal["left", "error"] = Field(
         "left", description="over-long input: drop prompt tokens from the left, or INVALID_ARGUMENT"
     )
-    max_batch_tokens: int = Field(16384, gt=0, description="padded tokens per model batch")
+    max_batch_tokens: int = Field(
+        4096, gt=0, description="padded tokens per model batch (a longer sample runs alone)"
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="longest a sample waits for batch-mates")
     max_queue_samples: int = Field(8192, gt=0, description="queued samples per model; beyond: RESOURCE_EXHAUSTED")
     max_request_samples: int = Field(1024, gt=0, description="samples in one Score call")
 
     @model_validator(mode="after")
-    def _budget_fits_one_sample(self) -> RewardSettings:
-        if self.max_length is not None and self.max_length > self.max_batch_tokens:
-            raise ValueError(f"max_length ({self.max_length}) exceeds max_batch_tokens ({self.max_batch_tokens})")
+    def _unique_names(self) -> RewardSettings:
         self.named_models()
         return self
 
