@@ -73,6 +73,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
         label = request.model or self.default
+        label = label if label in self.models else "<unknown>"  # callers must not grow label sets
         try:
             model = self._model(request.model)
             count = len(request.samples)
