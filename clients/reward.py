@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
+import grpc
+
 from rlhf_mesh.clients.channel import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig, open_aio_channel, open_channel
 from rlhf_mesh.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
@@ -37,7 +39,9 @@ def score_request(samples: Sequence[SampleLike], model: str) -> reward_pb2.Score
 
 
 class _Client:
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel, timeout_s: float) -> None:
+        self.channel = channel
+        self.stub = reward_pb2_grpc.RewardServiceStub(channel)
         self.timeout_s = timeout_s
 
     def _timeout(self, timeout_s: float | None) -> float:
@@ -49,9 +53,7 @@ class RewardClient(_Client):
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(timeout_s)
-        self.channel = open_channel(address, SERVICE, tls=tls, max_message_bytes=max_message_bytes)
-        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+        super().__init__(open_channel(address, SERVICE, tls=tls, max_message_bytes=max_message_bytes), timeout_s)
 
     def score(self, samples: Sequence[SampleLike], model: str = "",
               timeout_s: float | None = None) -> reward_pb2.ScoreResponse:
@@ -80,9 +82,8 @@ class AsyncRewardClient(_Client):
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(timeout_s)
-        self.channel = open_aio_channel(address, SERVICE, tls=tls, max_message_bytes=max_message_bytes)
-        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+        channel = open_aio_channel(address, SERVICE, tls=tls, max_message_bytes=max_message_bytes)
+        super().__init__(channel, timeout_s)
 
     async def score(self, samples: Sequence[SampleLike], model: str = "",
                     timeout_s: float | None = None) -> reward_pb2.ScoreResponse:

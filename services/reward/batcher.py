@@ -121,7 +121,7 @@ class Batcher:
         while True:
             left = queue[lo - 1] if lo > 0 else None
             right = queue[hi + 1] if hi + 1 < len(queue) else None
-            # Prefer the neighbour closer in length to the batch's current lengths.
+            # Grow towards the neighbour closer in length to the oldest item.
             pick = min(
                 (c for c in (left, right) if c is not None),
                 key=lambda c: abs(c.length - queue[oldest].length), default=None,

@@ -33,6 +33,7 @@ class InvalidSample(ValueError):
 
     def __init__(self, index: int, problem: str) -> None:
         super().__init__(f"samples[{index}]: {problem}")
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -127,23 +128,27 @@ class RewardModel:
 
     def __init__(self, name: str, path: str, *, dtype: str, device: str, max_length: int | None,
                  truncation: str) -> None:
-        self.name, self.path = name, str(path)
-        self.version = weights_version(path)
-        self.dtype = dtype
         self.device = torch.device(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
-        if model.config.num_labels != 1:
-            raise ValueError(f"{path}: a reward model has one label, this one has {model.config.num_labels}")
+        tokenizer = self._describe(name, path, dtype, model.config, max_length, truncation)
         if model.config.pad_token_id is None:
             if tokenizer.pad_token_id is None:
                 raise ValueError(f"{path}: neither the model config nor the tokenizer sets a pad token")
             model.config.pad_token_id = tokenizer.pad_token_id
         self.pad_token_id = model.config.pad_token_id
         self.model = model.to(self.device).eval()
-        limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+
+    def _describe(self, name: str, path: str, dtype: str, config, max_length: int | None, truncation: str):
+        """Name, version, length limit and tokenization, the same for every backend; returns the tokenizer."""
+        if config.num_labels != 1:
+            raise ValueError(f"{path}: a reward model has one label, this one has {config.num_labels}")
+        self.name, self.path, self.dtype = name, str(path), dtype
+        self.version = weights_version(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        limit = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
         self.max_length = min(max_length or limit, limit)
         self.tokenization = Tokenization(tokenizer, self.max_length, truncation)
+        return tokenizer
 
     def info(self, is_default: bool) -> reward_pb2.RewardModelInfo:
         return reward_pb2.RewardModelInfo(

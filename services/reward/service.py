@@ -72,8 +72,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         ]
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
-        label = request.model or self.default
-        label = label if label in self.models else "<unknown>"  # callers must not grow label sets
+        name = request.model or self.default
+        label = name if name in self.models else "<unknown>"  # callers must not grow the label set
         try:
             model = self._model(request.model)
             count = len(request.samples)
@@ -112,10 +112,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 model = self._model(request.model)
                 reply.model = model.name
                 encoded = model.tokenization.encode(0, request.sample)
-                (reply.result.CopyFrom((await self._score(model, [encoded]))[0]))
+                reply.result.CopyFrom((await self._score(model, [encoded]))[0])
             except InvalidSample as err:
                 reply.error.CopyFrom(common_pb2.ItemError(
-                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(err).replace("samples[0]", "sample")))
+                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"sample: {err.problem}"))
             except _Abort as err:
                 reply.error.CopyFrom(common_pb2.ItemError(code=err.code.value[0], message=str(err)))
             finally:

@@ -7,9 +7,9 @@ truncation and versions are the service's own, so both backends score the same t
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
-from rlhf_mesh.services.reward.model import RewardModel, Tokenization, weights_version
+from rlhf_mesh.services.reward.model import RewardModel
 
 
 class VllmRewardModel(RewardModel):
@@ -19,16 +19,7 @@ class VllmRewardModel(RewardModel):
         from vllm import LLM
         from vllm.config import PoolerConfig
 
-        self.name, self.path = name, str(path)
-        self.version = weights_version(path)
-        self.dtype = dtype
-        config = AutoConfig.from_pretrained(path)
-        if getattr(config, "num_labels", 1) != 1:
-            raise ValueError(f"{path}: a reward model has one label, this one has {config.num_labels}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        limit = config.max_position_embeddings
-        self.max_length = min(max_length or limit, limit)
-        self.tokenization = Tokenization(tokenizer, self.max_length, truncation)
+        self._describe(name, path, dtype, AutoConfig.from_pretrained(path), max_length, truncation)
         self.llm = LLM(
             model=path, runner="pooling", dtype=dtype, max_model_len=self.max_length, enforce_eager=True,
             pooler_config=PoolerConfig(use_activation=False),
