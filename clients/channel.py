@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 
@@ -69,3 +70,54 @@ def open_aio_channel(address: str, service: str, *, tls: TlsConfig | None = None
     if tls is not None:
         return grpc.aio.secure_channel(address, tls.credentials(), options=options)
     return grpc.aio.insecure_channel(address, options=options)
+
+
+class _Client:
+    """A stub of `service` on a channel, with a default deadline for every call."""
+
+    service: str  # full proto name, e.g. "rlhf_mesh.v1.RewardService"
+    stub_class: type
+
+    def __init__(self, channel: grpc.Channel | grpc.aio.Channel, timeout_s: float) -> None:
+        self.channel = channel
+        self.stub = self.stub_class(channel)
+        self.timeout_s = timeout_s
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+
+class Client(_Client):
+    """Base of the blocking clients; use as a context manager or call close()."""
+
+    def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        super().__init__(open_channel(address, self.service, tls=tls, max_message_bytes=max_message_bytes),
+                         timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Client):
+    """Base of the asyncio clients; use with `async with` or await close()."""
+
+    def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        super().__init__(open_aio_channel(address, self.service, tls=tls, max_message_bytes=max_message_bytes),
+                         timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -8,11 +8,10 @@ A sample is a `ScoreSample`, a `(prompt, response)` pair, a chat conversation (a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
-import grpc
-
-from rlhf_mesh.clients.channel import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig, open_aio_channel, open_channel
+from rlhf_mesh.clients.channel import AsyncClient, Client
+from rlhf_mesh.clients.common import conversation, is_chat, is_token_ids
 from rlhf_mesh.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
@@ -26,10 +25,9 @@ def to_sample(sample: SampleLike) -> reward_pb2.ScoreSample:
     if isinstance(sample, tuple) and len(sample) == 2 and all(isinstance(s, str) for s in sample):
         return reward_pb2.ScoreSample(text=reward_pb2.PromptResponse(prompt=sample[0], response=sample[1]))
     items = list(sample)
-    if items and all(isinstance(m, dict) for m in items):
-        messages = [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in items]
-        return reward_pb2.ScoreSample(chat=common_pb2.Conversation(messages=messages))
-    if all(isinstance(t, int) for t in items):
+    if is_chat(items):
+        return reward_pb2.ScoreSample(chat=conversation(items))
+    if is_token_ids(items):
         return reward_pb2.ScoreSample(token_ids=common_pb2.TokenIds(ids=items))
     raise TypeError(f"cannot score {type(sample).__name__}: give (prompt, response), chat messages or token ids")
 
@@ -38,22 +36,11 @@ def score_request(samples: Sequence[SampleLike], model: str) -> reward_pb2.Score
     return reward_pb2.ScoreRequest(model=model, samples=[to_sample(s) for s in samples])
 
 
-class _Client:
-    def __init__(self, channel: grpc.Channel | grpc.aio.Channel, timeout_s: float) -> None:
-        self.channel = channel
-        self.stub = reward_pb2_grpc.RewardServiceStub(channel)
-        self.timeout_s = timeout_s
-
-    def _timeout(self, timeout_s: float | None) -> float:
-        return self.timeout_s if timeout_s is None else timeout_s
-
-
-class RewardClient(_Client):
+class RewardClient(Client):
     """Blocking client; use as a context manager or call close()."""
 
-    def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(open_channel(address, SERVICE, tls=tls, max_message_bytes=max_message_bytes), timeout_s)
+    service = SERVICE
+    stub_class = reward_pb2_grpc.RewardServiceStub
 
     def score(self, samples: Sequence[SampleLike], model: str = "",
               timeout_s: float | None = None) -> reward_pb2.ScoreResponse:
@@ -67,23 +54,12 @@ class RewardClient(_Client):
     def list_models(self, timeout_s: float | None = None) -> list[reward_pb2.RewardModelInfo]:
         return list(self.stub.ListModels(reward_pb2.ListModelsRequest(), timeout=self._timeout(timeout_s)).models)
 
-    def close(self) -> None:
-        self.channel.close()
 
-    def __enter__(self) -> RewardClient:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class AsyncRewardClient(_Client):
+class AsyncRewardClient(AsyncClient):
     """asyncio client; use with `async with` or await close()."""
 
-    def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        channel = open_aio_channel(address, SERVICE, tls=tls, max_message_bytes=max_message_bytes)
-        super().__init__(channel, timeout_s)
+    service = SERVICE
+    stub_class = reward_pb2_grpc.RewardServiceStub
 
     async def score(self, samples: Sequence[SampleLike], model: str = "",
                     timeout_s: float | None = None) -> reward_pb2.ScoreResponse:
@@ -96,12 +72,3 @@ class AsyncRewardClient(_Client):
     async def list_models(self, timeout_s: float | None = None) -> list[reward_pb2.RewardModelInfo]:
         reply = await self.stub.ListModels(reward_pb2.ListModelsRequest(), timeout=self._timeout(timeout_s))
         return list(reply.models)
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def __aenter__(self) -> AsyncRewardClient:
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 SERVICES = ("generation", "reward", "learner", "feedback")
 # service -> module with its `Settings` and `Service` classes
-SERVICE_MODULES = {"reward": "rlhf_mesh.services.reward"}
+SERVICE_MODULES = {"generation": "rlhf_mesh.services.generation", "reward": "rlhf_mesh.services.reward"}
 
 
 def _not_implemented(what: str) -> Callable[[argparse.Namespace], int]:
@@ -67,6 +67,25 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+
+    from rlhf_mesh.clients.generation import GenerationClient
+
+    prompts = [[{"role": "user", "content": p}] for p in args.prompt] if args.chat else args.prompt
+    sampling = dict(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                    min_policy_version=args.min_policy_version)
+    with GenerationClient(args.addr, timeout_s=args.timeout_s) as client:
+        for sample in client.generate(prompts, **sampling):
+            if args.json:
+                print(json.dumps(MessageToDict(sample, preserving_proto_field_name=True)), flush=True)
+            else:
+                print(f"[{sample.prompt_index}.{sample.sample_index}] {sample.text}", flush=True)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from rlhf_mesh.tiny_models import PRESETS
 
@@ -86,7 +105,6 @@ def parser() -> argparse.ArgumentParser:
     for name, help_ in (
         ("train", "run the PPO learner"),
         ("train-rm", "train a reward model from preference pairs"),
-        ("generate", "sample from a GenerationService"),
         ("demo", "run the whole RLHF loop on this machine"),
     ):
         cmd = sub.add_parser(name, help=help_, add_help=False)
@@ -103,6 +121,19 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=256, help="samples per Score call")
     score.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call")
     score.set_defaults(run=_score)
+
+    generate = sub.add_parser("generate", help="sample from a GenerationService")
+    generate.add_argument("--addr", required=True, help="HOST:PORT of the GenerationService")
+    generate.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several")
+    generate.add_argument("--chat", action="store_true", help="send each prompt as a user chat turn")
+    generate.add_argument("-n", type=int, help="samples per prompt")
+    generate.add_argument("--max-tokens", type=int, help="tokens per sample")
+    generate.add_argument("--temperature", type=float, help="0 is greedy")
+    generate.add_argument("--seed", type=int, help="the same seed and weights give the same samples")
+    generate.add_argument("--min-policy-version", type=int, default=0, help="wait for this policy version")
+    generate.add_argument("--json", action="store_true", help="one JSON sample per line, every field")
+    generate.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the call")
+    generate.set_defaults(run=_generate)
 
     models = sub.add_parser("models", help="local models").add_subparsers(dest="action", required=True)
     build = models.add_parser("build", help="write a tiny policy and reward model with their tokenizer")

@@ -1,0 +1,173 @@
+"""vLLM's AsyncLLM behind the GenerationService: token ids in, finished samples out.
+
+Each sample is its own engine request (n=1), as vLLM fans out n>1 itself; that lets
+every sample stream the moment it finishes. vLLM labels every
+generated token with the weight version that produced it; those labels give a sample's
+policy_version_start and policy_version_end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from prometheus_client import Counter, Gauge, Histogram
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.outputs import CompletionOutput
+from vllm.utils.async_utils import merge_async_iterators
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from rlhf_mesh.services.generation.prompts import Limits, Plan
+from rlhf_mesh.services.generation.settings import GenerationSettings
+from rlhf_mesh.v1 import generation_pb2
+
+log = logging.getLogger(__name__)
+
+PROMPT_TOKENS = Counter("rlhf_mesh_generation_prompt_tokens_total", "Prompt tokens of admitted samples.")
+GENERATED_TOKENS = Counter("rlhf_mesh_generation_generated_tokens_total", "Tokens of streamed samples.")
+SAMPLES = Counter("rlhf_mesh_generation_samples_total", "Samples streamed, by finish reason.", ["finish_reason"])
+FIRST_SAMPLE_SECONDS = Histogram(
+    "rlhf_mesh_generation_time_to_first_sample_seconds", "From admission to the first finished sample.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+QUEUED = Gauge("rlhf_mesh_generation_queued_samples", "Samples admitted and not finished.")
+POLICY_VERSION = Gauge("rlhf_mesh_generation_policy_version", "Policy version being served.")
+
+_FINISH = {
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "abort": generation_pb2.FINISH_REASON_ABORT,
+}
+
+
+class QueueFull(Exception):
+    """More samples than max_queued_samples would be in flight."""
+
+
+class PolicyEngine:
+    """The served policy: the vLLM engine, its policy version and the admission bound."""
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.settings = settings
+        self.llm: AsyncLLM | None = None
+        self.version = 0
+        self.version_changed = asyncio.Condition()
+        self.queued = 0
+
+    async def start(self) -> None:
+        """Start the engine (in a thread: it blocks for the whole load) and run one warm-up generation."""
+        args = AsyncEngineArgs(**self.settings.engine_kwargs())
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        await self.llm.update_weight_version(str(self.version))
+        POLICY_VERSION.set(self.version)
+        config = self.llm.model_config
+        self.tokenizer = self.llm.get_tokenizer()
+        self.limits = Limits(
+            max_model_len=config.max_model_len, vocab_size=config.get_vocab_size(),
+            max_samples_per_prompt=self.settings.max_samples_per_prompt,
+            max_request_prompts=self.settings.max_request_prompts,
+        )
+        warm = Plan([[self.tokenizer.bos_token_id or 0] * 4], 1, 0, SamplingParams(max_tokens=4, logprobs=0))
+        self.admit(warm)
+        async for _ in self.generate(warm, stream_tokens=False):
+            pass
+
+    async def close(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+
+    def info(self) -> generation_pb2.GetModelInfoResponse:
+        tok = self.tokenizer
+        config_eos = self.llm.model_config.hf_config.eos_token_id  # an id, a list of ids or None
+        eos = {tok.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])} - {None}
+        return generation_pb2.GetModelInfoResponse(
+            model_id=self.settings.model, policy_version=self.version,
+            max_model_len_tokens=self.limits.max_model_len, vocab_size=self.limits.vocab_size,
+            eos_token_ids=sorted(eos), pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id, has_chat_template=bool(getattr(tok, "chat_template", None)),
+            dtype=str(self.llm.model_config.dtype).removeprefix("torch."),
+            max_samples_per_prompt=self.settings.max_samples_per_prompt,
+        )
+
+    async def wait_for_version(self, version: int, timeout_s: float) -> bool:
+        """Whether `version` or a newer one is served within `timeout_s`."""
+        async with self.version_changed:
+            try:
+                await asyncio.wait_for(self.version_changed.wait_for(lambda: self.version >= version), timeout_s)
+            except TimeoutError:
+                return False
+        return True
+
+    def admit(self, plan: Plan) -> None:
+        """Reserve queue room for the plan's samples (released by generate); raises QueueFull."""
+        if self.queued + plan.num_samples > self.settings.max_queued_samples:
+            raise QueueFull(
+                f"{self.queued} samples queued, {plan.num_samples} more exceed "
+                f"max_queued_samples={self.settings.max_queued_samples}"
+            )
+        self.queued += plan.num_samples
+        QUEUED.set(self.queued)
+        PROMPT_TOKENS.inc(sum(len(ids) for ids in plan.prompt_ids) * plan.n)
+
+    async def generate(self, plan: Plan, stream_tokens: bool) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """Every sample of an admitted plan, each as it finishes (with deltas when stream_tokens).
+
+        Closing the iterator (a cancelled call) aborts the samples still running in the engine.
+        """
+        request_id = uuid.uuid4().hex
+        inputs = self.llm.renderer.render_cmpl([{"prompt_token_ids": ids} for ids in plan.prompt_ids])
+        samples = [
+            self._sample(f"{request_id}-{p}-{s}", engine_input, plan.sample_params(p, s), p, s, stream_tokens)
+            for p, engine_input in enumerate(inputs)
+            for s in range(plan.n)
+        ]
+        started, first = time.perf_counter(), True
+        remaining = len(samples)
+        try:
+            async for _, event in merge_async_iterators(*samples):
+                if event.HasField("sample"):
+                    remaining -= 1
+                    self._release(1)
+                    if first:
+                        FIRST_SAMPLE_SECONDS.observe(time.perf_counter() - started)
+                        first = False
+                yield event
+        finally:
+            self._release(remaining)
+
+    def _release(self, count: int) -> None:
+        self.queued -= count
+        QUEUED.set(self.queued)
+
+    async def _sample(
+        self, request_id: str, engine_input: dict, params, prompt_index: int, sample_index: int, stream_tokens: bool
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        text = ""
+        async for output in self.llm.generate(engine_input, params, request_id):
+            completion: CompletionOutput = output.outputs[0]
+            new = list(completion.token_ids)
+            tokens += new
+            logprobs += [step[token].logprob for token, step in zip(new, completion.logprobs, strict=True)]
+            text += completion.text
+            if stream_tokens and new:
+                yield generation_pb2.GenerateResponse(delta=generation_pb2.TokenDelta(
+                    prompt_index=prompt_index, sample_index=sample_index, token_ids=new, text=completion.text))
+            if output.finished:
+                spans = completion.weight_versions or []
+                start = int(spans[0].version) if spans else self.version
+                end = int(spans[-1].version) if spans else start
+                GENERATED_TOKENS.inc(len(tokens))
+                SAMPLES.labels(completion.finish_reason).inc()
+                yield generation_pb2.GenerateResponse(sample=generation_pb2.Sample(
+                    prompt_index=prompt_index, sample_index=sample_index,
+                    prompt_token_ids=engine_input["prompt_token_ids"],
+                    completion_token_ids=tokens, completion_logprobs=logprobs, text=text,
+                    finish_reason=_FINISH.get(completion.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED),
+                    policy_version_start=start, policy_version_end=end,
+                ))

@@ -1,0 +1,80 @@
+"""Settings of the GenerationService (env prefix RLHF_MESH_GENERATION_)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from rlhf_mesh.settings import ServiceSettings
+
+
+class GenerationSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_MESH_GENERATION_")
+
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    model: str = Field(description="Hugging Face causal LM folder (or name) served as policy version 0")
+    # vLLM engine arguments, passed through unchanged.
+    dtype: str = Field("auto", description="weight dtype: auto, float32, bfloat16, float16")
+    max_model_len: int | None = Field(None, gt=0, description="longest prompt plus completion; default: the model's")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is sharded over")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory vLLM may use")
+    enforce_eager: bool = Field(True, description="no CUDA graphs / compilation (fast start; turn off on GPU)")
+    max_num_seqs: int | None = Field(None, gt=0, description="sequences per engine step; default: vLLM's")
+    seed: int = Field(0, description="engine seed (requests without a seed draw from it)")
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(
+        "processed_logprobs",
+        description="completion_logprobs after temperature/top-k/top-p (the sampling distribution) or raw",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="any other vLLM AsyncEngineArgs, e.g. max_num_batched_tokens=4096"
+    )
+    # Limits of the service itself.
+    max_samples_per_prompt: int = Field(64, ge=1, description="largest n; more is INVALID_ARGUMENT")
+    max_request_prompts: int = Field(4096, ge=1, description="prompts in one Generate call")
+    max_queued_samples: int = Field(
+        8192, ge=1, description="samples admitted and unfinished; beyond: RESOURCE_EXHAUSTED"
+    )
+    max_version_wait_s: float = Field(
+        300.0, ge=0, description="longest a call waits for its min_policy_version (or until its deadline)"
+    )
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _parse_engine_args(cls, value: Any) -> Any:
+        """Flags give strings (`--engine-args k=v`); read numbers and booleans as JSON."""
+        if not isinstance(value, dict):
+            return value
+
+        def parse(v: Any) -> Any:
+            try:
+                return json.loads(v) if isinstance(v, str) else v
+            except ValueError:
+                return v
+
+        return {k: parse(v) for k, v in value.items()}
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+
+            known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"not vLLM engine arguments: {unknown}")
+        return value
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of vLLM's AsyncEngineArgs."""
+        explicit = dict(
+            model=self.model, dtype=self.dtype, max_model_len=self.max_model_len,
+            tensor_parallel_size=self.tensor_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
+            enforce_eager=self.enforce_eager, max_num_seqs=self.max_num_seqs, seed=self.seed,
+            logprobs_mode=self.logprobs_mode,
+        )
+        return {**{k: v for k, v in explicit.items() if v is not None}, **self.engine_args}

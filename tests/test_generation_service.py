@@ -1,0 +1,281 @@
+"""GenerationService end to end: a real server process running vLLM on the tiny policy, real gRPC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_mesh.clients.generation import GenerationClient, generate_request
+from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+from support import PYTHON, ROOT, ChildServer
+
+MAX_MODEL_LEN = 256
+PROMPTS = ["Hello there", [5, 6, 7, 8, 9], [{"role": "user", "content": "What is the capital of France?"}]]
+# float32 on both sides; vLLM's CPU kernels and the HF forward differ by ~1e-6 in a log-softmax over 615 logits.
+LOGPROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    server = ChildServer(
+        [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(tiny_models["policy"]),
+         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN)],
+        tmp_path_factory.mktemp("generation") / "server.log",
+    )
+    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with GenerationClient(server.address, timeout_s=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_models):
+    return AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).eval()
+
+
+def _logits(policy, sample: generation_pb2.Sample) -> torch.Tensor:
+    """The policy's logits at every completion position, from one forward pass."""
+    ids = [*sample.prompt_token_ids, *sample.completion_token_ids]
+    with torch.no_grad():
+        return policy(torch.tensor([ids])).logits[0, len(sample.prompt_token_ids) - 1 : -1]
+
+
+def _metrics(server: ChildServer) -> str:
+    return urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics", timeout=5).read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric over its label sets that carry `labels`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith((f"{name}{{", f"{name} ")) and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
+def _greedy(policy, prompt_ids: list[int], steps: int) -> list[int]:
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(policy(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+def test_greedy_output_equals_transformers_greedy(client, policy, tiny_models):
+    samples = sorted(client.generate(PROMPTS, max_tokens=24, temperature=0, ignore_eos=True),
+                     key=lambda s: s.prompt_index)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    assert list(samples[0].prompt_token_ids) == tokenizer("Hello there")["input_ids"]
+    assert list(samples[1].prompt_token_ids) == PROMPTS[1]
+    assert list(samples[2].prompt_token_ids) == list(
+        tokenizer.apply_chat_template(PROMPTS[2], add_generation_prompt=True, tokenize=True, return_dict=False))
+    for sample in samples:
+        assert list(sample.completion_token_ids) == _greedy(policy, sample.prompt_token_ids, 24)
+        assert sample.text == tokenizer.decode(sample.completion_token_ids, skip_special_tokens=True)
+        assert sample.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+        assert (sample.policy_version_start, sample.policy_version_end) == (0, 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_a_forward_pass(client, policy, temperature):
+    """completion_logprobs are under the sampling distribution: log_softmax(logits / temperature)."""
+    for sample in client.generate(PROMPTS, n=2, max_tokens=32, temperature=temperature, seed=11, ignore_eos=True):
+        logprobs = torch.log_softmax(_logits(policy, sample) / temperature, dim=-1)
+        expected = logprobs[torch.arange(len(sample.completion_token_ids)), list(sample.completion_token_ids)]
+        assert torch.allclose(torch.tensor(list(sample.completion_logprobs)), expected, atol=LOGPROB_TOLERANCE)
+
+
+def test_seeded_samples_are_reproducible_and_distinct(client):
+    def run(seed: int) -> dict[tuple[int, int], list[int]]:
+        samples = client.generate(PROMPTS[:2], n=4, max_tokens=16, temperature=1.0, seed=seed)
+        return {(s.prompt_index, s.sample_index): list(s.completion_token_ids) for s in samples}
+
+    first, again, other = run(5), run(5), run(6)
+    assert len(first) == 8
+    assert first == again
+    assert first != other
+    assert len({tuple(tokens) for tokens in first.values()}) == 8  # every sample drew its own noise
+
+
+def test_samples_stream_as_they_finish(client):
+    """A sample that stops after two tokens arrives while a long one of the same request still runs."""
+    greedy = {s.prompt_index: list(s.completion_token_ids)
+              for s in client.generate(PROMPTS[:2], max_tokens=160, temperature=0, ignore_eos=True)}
+    stop = next(t for t in greedy[0][1:] if t not in greedy[1])
+    stop_at = greedy[0].index(stop) + 1
+    events = list(client.generate(PROMPTS[:2], max_tokens=160, temperature=0, ignore_eos=True,
+                                  stop_token_ids=[stop], stream_tokens=True))
+    samples = [(i, e.sample) for i, e in enumerate(events) if e.HasField("sample")]
+    assert [s.prompt_index for _, s in samples] == [0, 1]
+    short_at, short = samples[0]
+    assert len(short.completion_token_ids) == stop_at
+    assert short.finish_reason == generation_pb2.FINISH_REASON_STOP
+    later_deltas = [e.delta for e in events[short_at:] if e.HasField("delta") and e.delta.prompt_index == 1]
+    assert sum(len(d.token_ids) for d in later_deltas) > 100  # the long sample was mostly still to come
+    deltas = [t for e in events if e.HasField("delta") and e.delta.prompt_index == 1 for t in e.delta.token_ids]
+    assert deltas == list(samples[1][1].completion_token_ids) == greedy[1]
+
+
+def test_stop_strings_end_the_text(client):
+    greedy = next(client.generate(PROMPTS[:1], max_tokens=24, temperature=0, ignore_eos=True))
+    stop = greedy.text[len(greedy.text) // 2 :][:3]
+    stopped = next(client.generate(PROMPTS[:1], max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))
+    assert stopped.finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert stopped.text == greedy.text[: greedy.text.index(stop)]
+
+
+def _wait_for_engine_requests(server: ChildServer, count: int, timeout_s: float = 15) -> str:
+    """Metrics once vLLM reports `count` requests running or waiting."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = _metrics(server)
+        if _metric(text, "vllm:num_requests_running") + _metric(text, "vllm:num_requests_waiting") == count:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"vLLM never had {count} requests")
+
+
+def test_cancel_and_deadline_abort_engine_requests(server, client):
+    _wait_for_engine_requests(server, 0)
+    stub = client.stub
+    # 48 samples of 192 tokens: seconds of work on two CPU cores
+    request = generate_request(PROMPTS, n=16, max_tokens=MAX_MODEL_LEN - 64, ignore_eos=True, stream_tokens=True)
+    call = stub.Generate(request, timeout=60)
+    next(call)  # generating
+    _wait_for_engine_requests(server, 48)
+    call.cancel()
+    after_cancel = _wait_for_engine_requests(server, 0)
+    assert _metric(after_cancel, "rlhf_mesh_generation_queued_samples") == 0
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(generate_request(PROMPTS, n=16, max_tokens=MAX_MODEL_LEN - 64, ignore_eos=True),
+                           timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    idle = _wait_for_engine_requests(server, 0)
+    time.sleep(1)
+    # Nothing keeps generating for nobody: the token count stands still once idle.
+    assert _metric(_metrics(server), "vllm:generation_tokens_total") == _metric(idle, "vllm:generation_tokens_total")
+    assert _metric(idle, "rlhf_mesh_generation_queued_samples") == 0
+
+
+def test_min_policy_version_waits_until_the_deadline_then_fails(client):
+    assert next(client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=0)).policy_version_end == 0
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=1, timeout_s=2.0))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "min_policy_version 1" in err.value.details()
+    assert 1.5 <= time.monotonic() - started < 2.0
+
+
+def _prompt(**kind) -> common_pb2.Prompt:
+    return common_pb2.Prompt(**kind)
+
+
+TEXT = [_prompt(text="Hi")]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "sampling", "message"),
+    [
+        ([], {}, "prompts is empty"),
+        ([_prompt(text="")], {}, "prompts[0]: empty prompt"),
+        ([*TEXT, _prompt()], {}, "prompts[1]: no prompt given"),
+        ([*TEXT, _prompt(token_ids=common_pb2.TokenIds())], {}, "prompts[1]: empty prompt"),
+        ([*TEXT, _prompt(chat=common_pb2.Conversation())], {}, "prompts[1]: empty chat"),
+        ([*TEXT, _prompt(token_ids=common_pb2.TokenIds(ids=[1] * MAX_MODEL_LEN))], {},
+         "prompts[1]: 256 prompt tokens + max_tokens 16 exceed max_model_len 256"),
+        ([*TEXT, _prompt(token_ids=common_pb2.TokenIds(ids=[3, 615]))], {},
+         "prompts[1].token_ids[1]: 615 is outside the vocabulary"),
+        (TEXT, {"max_tokens": 0}, "sampling.max_tokens must be >= 1"),
+        (TEXT, {"max_tokens": MAX_MODEL_LEN}, "sampling.max_tokens 256 leaves no room"),
+        (TEXT, {"n": 0}, "sampling.n must be in [1, 64]"),
+        (TEXT, {"n": 65}, "sampling.n must be in [1, 64]"),
+        (TEXT, {"temperature": -0.5}, "sampling.temperature must be a finite number >= 0"),
+        (TEXT, {"temperature": float("nan")}, "sampling.temperature must be a finite number >= 0"),
+        (TEXT, {"top_p": 0.0}, "sampling.top_p must be in (0, 1]"),
+        (TEXT, {"top_p": 1.5}, "sampling.top_p must be in (0, 1]"),
+        (TEXT, {"top_k": -2}, "sampling.top_k must be -1, 0 or positive"),
+        (TEXT, {"stop_token_ids": [9999]}, "sampling.stop_token_ids[0]: 9999 is outside the vocabulary"),
+        (TEXT, {"stop": [""]}, "sampling.stop: empty stop string"),
+    ],
+)
+def test_bad_input_is_refused_before_the_engine(server, client, prompts, sampling, message):
+    before = _metric(_metrics(server), "vllm:prompt_tokens_total")
+    request = generation_pb2.GenerateRequest(prompts=prompts, sampling=generation_pb2.SamplingParams(**sampling))
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stub.Generate(request, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    assert _metric(_metrics(server), "vllm:prompt_tokens_total") == before
+
+
+def test_more_samples_than_the_queue_holds_are_refused(server, client):
+    before = _metric(_metrics(server), "vllm:prompt_tokens_total")
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.generate(["Hi"] * 200, n=64, max_tokens=4))  # 12800 samples > max_queued_samples 8192
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queued_samples=8192" in err.value.details()
+    assert _metric(_metrics(server), "vllm:prompt_tokens_total") == before
+    assert next(client.generate(["Hi"], max_tokens=2)).completion_token_ids  # still serving
+
+
+def test_model_info_describes_the_served_model(client, tiny_models):
+    info = client.model_info()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    assert info.model_id == str(tiny_models["policy"])
+    assert (info.policy_version, info.max_model_len_tokens, info.dtype) == (0, MAX_MODEL_LEN, "float32")
+    assert info.vocab_size == len(tokenizer) == 615
+    assert list(info.eos_token_ids) == [tokenizer.eos_token_id]
+    assert (info.pad_token_id, info.bos_token_id) == (tokenizer.pad_token_id, tokenizer.bos_token_id)
+    assert info.has_chat_template and info.max_samples_per_prompt == 64
+
+
+def test_metrics_count_requests_tokens_and_version(server, client):
+    before = _metrics(server)
+    samples = list(client.generate(["Hi", "Hello"], n=3, max_tokens=5, ignore_eos=True))
+    after = _metrics(server)
+    assert len(samples) == 6
+
+    def grew(name: str, **labels: str) -> float:
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert grew("rlhf_mesh_generation_requests_total", status="ok") == 1
+    assert grew("rlhf_mesh_generation_samples_total", finish_reason="length") == 6
+    assert grew("rlhf_mesh_generation_generated_tokens_total") == 30
+    assert grew("rlhf_mesh_generation_prompt_tokens_total") == sum(len(s.prompt_token_ids) for s in samples)
+    assert _metric(after, "rlhf_mesh_generation_time_to_first_sample_seconds_count") >= 1
+    assert _metric(after, "rlhf_mesh_generation_policy_version") == 0
+    assert "vllm:generation_tokens_total" in after
+
+
+def test_generate_cli_prints_samples(server):
+    out = subprocess.run(
+        [PYTHON, "-m", "rlhf_mesh", "generate", "--addr", server.address, "--prompt", "Hello there",
+         "--prompt", "Bye", "-n", "2", "--max-tokens", "4", "--seed", "1", "--json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=True,
+    ).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    indexes = sorted((r.get("prompt_index", 0), r.get("sample_index", 0)) for r in rows)
+    assert indexes == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(len(r["completion_token_ids"]) == 4 == len(r["completion_logprobs"]) for r in rows)
+
+
+def test_stub_without_client_library(server):
+    """Any gRPC stub works: the contract is the proto, not the Python client."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        reply = list(stub.Generate(generation_pb2.GenerateRequest(prompts=TEXT), timeout=30))
+    assert len(reply) == 1 and len(reply[0].sample.completion_token_ids) <= 16
