@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import grpc
 
-from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.v1 import reward_pb2, reward_pb2_grpc
+
+from common import server
 
 MAX_BATCH_TOKENS = 4096  # the service's default
 
@@ -106,23 +106,9 @@ async def serve_naive(model_path: str, port: int) -> None:
     await server.wait_for_termination()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def measure_server(args: list[str], samples: list[list[int]], concurrency: int) -> tuple[float, list[float]]:
-    port = free_port()
-    process = subprocess.Popen([*args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_serving(f"localhost:{port}", timeout_s=300, alive=lambda: process.poll() is None)
-        return asyncio.run(load(f"localhost:{port}", samples, concurrency))
-    finally:
-        process.terminate()
-        process.wait(60)
+    with server(args) as address:
+        return asyncio.run(load(address, samples, concurrency))
 
 
 def summary(name: str, rate: float, latencies: list[float] | None = None) -> str:

@@ -1,0 +1,34 @@
+"""What the benchmarks share: free ports and server processes that wait until they serve."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rlhf_mesh.clients.health import wait_until_serving
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def server(args: list[str], ready: Callable[[str, Callable[[], bool]], None] | None = None) -> Iterator[str]:
+    """Run `args --port PORT` until the block ends; yields HOST:PORT once `ready` (gRPC health by default)."""
+    port = free_port()
+    process = subprocess.Popen([*args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"localhost:{port}"
+    try:
+        (ready or (lambda a, alive: wait_until_serving(a, timeout_s=300, alive=alive)))(
+            address, lambda: process.poll() is None)
+        yield address
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
