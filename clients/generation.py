@@ -76,6 +76,23 @@ class GenerationClient(Client):
     def model_info(self, timeout_s: float | None = None) -> generation_pb2.GetModelInfoResponse:
         return self.stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s))
 
+    def push_weights(self, weights, version: int, *, transport: str = "grpc", sender=None,
+                     timeout_s: float = 600.0):
+        """Make this replica serve `weights` (a module or state dict) as `version`.
+
+        transport "grpc" streams the bytes in-band; "collective" broadcasts them through
+        `sender`, a `rlhf_mesh.clients.weights.CollectiveSender` this client joined.
+        """
+        from rlhf_mesh.clients import weights as push  # torch only for callers that push
+
+        if transport == "grpc":
+            return push.push_weights(self, weights, version, timeout_s)
+        if transport == "collective":
+            if sender is None or self not in sender.clients:
+                raise ValueError("transport='collective' needs a CollectiveSender that includes this client")
+            return sender.push(weights, version)[sender.clients.index(self)]
+        raise ValueError(f"transport must be 'grpc' or 'collective', not {transport!r}")
+
 
 class AsyncGenerationClient(AsyncClient):
     """asyncio client; use with `async with` or await close()."""

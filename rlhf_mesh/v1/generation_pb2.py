@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from rlhf_mesh.v1 import common_pb2 as rlhf__mesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drlhf_mesh/v1/generation.proto\x12\x0crlhf_mesh.v1\x1a\x19rlhf_mesh/v1/common.proto\"\x8a\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x04\n\x02_nB\x07\n\x05_seed\"\x9b\x01\n\x0fGenerateRequest\x12%\n\x07prompts\x18\x01 \x03(\x0b\x32\x14.rlhf_mesh.v1.Prompt\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.rlhf_mesh.v1.SamplingParams\x12\x1a\n\x12min_policy_version\x18\x03 \x01(\x04\x12\x15\n\rstream_tokens\x18\x04 \x01(\x08\"\x84\x02\n\x06Sample\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\x04 \x03(\r\x12\x1b\n\x13\x63ompletion_logprobs\x18\x05 \x03(\x02\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x31\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1a.rlhf_mesh.v1.FinishReason\x12\x1c\n\x14policy_version_start\x18\x08 \x01(\x04\x12\x1a\n\x12policy_version_end\x18\t \x01(\x04\"Y\n\nTokenDelta\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\"n\n\x10GenerateResponse\x12&\n\x06sample\x18\x01 \x01(\x0b\x32\x14.rlhf_mesh.v1.SampleH\x00\x12)\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.rlhf_mesh.v1.TokenDeltaH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\xab\x02\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x1c\n\x14max_model_len_tokens\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0cpad_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0c\x62os_token_id\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x1e\n\x16max_samples_per_prompt\x18\n \x01(\rB\x0f\n\r_pad_token_idB\x0f\n\r_bos_token_id\"~\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.rlhf_mesh.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x15\n\rblake3_digest\x18\x05 \x01(\x0c\"S\n\x0eWeightManifest\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.rlhf_mesh.v1.TensorSpec\"G\n\x0bWeightChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"z\n\x12PushWeightsRequest\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.rlhf_mesh.v1.WeightManifestH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.rlhf_mesh.v1.WeightChunkH\x00\x42\x06\n\x04part\"b\n\x13WeightUpdateTimings\x12\x13\n\x0btransfer_ms\x18\x01 \x01(\x01\x12\x11\n\tverify_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x61pply_ms\x18\x03 \x01(\x01\x12\x11\n\tpaused_ms\x18\x04 \x01(\x01\"y\n\x13PushWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x32\n\x07timings\x18\x03 \x01(\x0b\x32!.rlhf_mesh.v1.WeightUpdateTimings\"\xb7\x01\n\x19InitWeightTransferRequest\x12\x16\n\x0emaster_address\x18\x01 \x01(\t\x12\x13\n\x0bmaster_port\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x13\n\x0brank_offset\x18\x04 \x01(\r\x12\x30\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x1f.rlhf_mesh.v1.CollectiveBackend\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"2\n\x1aInitWeightTransferResponse\x12\x14\n\x0cworker_count\x18\x01 \x01(\r\"N\n\x1cPushWeightsCollectiveRequest\x12.\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.rlhf_mesh.v1.WeightManifest\"\x83\x01\n\x1dPushWeightsCollectiveResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x32\n\x07timings\x18\x03 \x01(\x0b\x32!.rlhf_mesh.v1.WeightUpdateTimings*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*z\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03*q\n\x11\x43ollectiveBackend\x12\"\n\x1e\x43OLLECTIVE_BACKEND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_GLOO\x10\x01\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_NCCL\x10\x02\x32\xe8\x03\n\x11GenerationService\x12K\n\x08Generate\x12\x1d.rlhf_mesh.v1.GenerateRequest\x1a\x1e.rlhf_mesh.v1.GenerateResponse0\x01\x12U\n\x0cGetModelInfo\x12!.rlhf_mesh.v1.GetModelInfoRequest\x1a\".rlhf_mesh.v1.GetModelInfoResponse\x12T\n\x0bPushWeights\x12 .rlhf_mesh.v1.PushWeightsRequest\x1a!.rlhf_mesh.v1.PushWeightsResponse(\x01\x12g\n\x12InitWeightTransfer\x12\'.rlhf_mesh.v1.InitWeightTransferRequest\x1a(.rlhf_mesh.v1.InitWeightTransferResponse\x12p\n\x15PushWeightsCollective\x12*.rlhf_mesh.v1.PushWeightsCollectiveRequest\x1a+.rlhf_mesh.v1.PushWeightsCollectiveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drlhf_mesh/v1/generation.proto\x12\x0crlhf_mesh.v1\x1a\x19rlhf_mesh/v1/common.proto\"\x8a\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x04\n\x02_nB\x07\n\x05_seed\"\x9b\x01\n\x0fGenerateRequest\x12%\n\x07prompts\x18\x01 \x03(\x0b\x32\x14.rlhf_mesh.v1.Prompt\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.rlhf_mesh.v1.SamplingParams\x12\x1a\n\x12min_policy_version\x18\x03 \x01(\x04\x12\x15\n\rstream_tokens\x18\x04 \x01(\x08\"\x84\x02\n\x06Sample\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\x04 \x03(\r\x12\x1b\n\x13\x63ompletion_logprobs\x18\x05 \x03(\x02\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x31\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1a.rlhf_mesh.v1.FinishReason\x12\x1c\n\x14policy_version_start\x18\x08 \x01(\x04\x12\x1a\n\x12policy_version_end\x18\t \x01(\x04\"Y\n\nTokenDelta\x12\x14\n\x0cprompt_index\x18\x01 \x01(\r\x12\x14\n\x0csample_index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\"n\n\x10GenerateResponse\x12&\n\x06sample\x18\x01 \x01(\x0b\x32\x14.rlhf_mesh.v1.SampleH\x00\x12)\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x18.rlhf_mesh.v1.TokenDeltaH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\xc1\x02\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12\x1c\n\x14max_model_len_tokens\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0cpad_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0c\x62os_token_id\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x08 \x01(\x08\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x1e\n\x16max_samples_per_prompt\x18\n \x01(\r\x12\x14\n\x0cworker_count\x18\x0b \x01(\rB\x0f\n\r_pad_token_idB\x0f\n\r_bos_token_id\"~\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.rlhf_mesh.v1.TensorDtype\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x15\n\rblake3_digest\x18\x05 \x01(\x0c\"S\n\x0eWeightManifest\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.rlhf_mesh.v1.TensorSpec\"G\n\x0bWeightChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"z\n\x12PushWeightsRequest\x12\x30\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.rlhf_mesh.v1.WeightManifestH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.rlhf_mesh.v1.WeightChunkH\x00\x42\x06\n\x04part\"b\n\x13WeightUpdateTimings\x12\x13\n\x0btransfer_ms\x18\x01 \x01(\x01\x12\x11\n\tverify_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x61pply_ms\x18\x03 \x01(\x01\x12\x11\n\tpaused_ms\x18\x04 \x01(\x01\"y\n\x13PushWeightsResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x32\n\x07timings\x18\x03 \x01(\x0b\x32!.rlhf_mesh.v1.WeightUpdateTimings\"\xb7\x01\n\x19InitWeightTransferRequest\x12\x16\n\x0emaster_address\x18\x01 \x01(\t\x12\x13\n\x0bmaster_port\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x13\n\x0brank_offset\x18\x04 \x01(\r\x12\x30\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x1f.rlhf_mesh.v1.CollectiveBackend\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"2\n\x1aInitWeightTransferResponse\x12\x14\n\x0cworker_count\x18\x01 \x01(\r\"N\n\x1cPushWeightsCollectiveRequest\x12.\n\x08manifest\x18\x01 \x01(\x0b\x32\x1c.rlhf_mesh.v1.WeightManifest\"\x83\x01\n\x1dPushWeightsCollectiveResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x04\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\x12\x32\n\x07timings\x18\x03 \x01(\x0b\x32!.rlhf_mesh.v1.WeightUpdateTimings*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*z\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03*q\n\x11\x43ollectiveBackend\x12\"\n\x1e\x43OLLECTIVE_BACKEND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_GLOO\x10\x01\x12\x1b\n\x17\x43OLLECTIVE_BACKEND_NCCL\x10\x02\x32\xe8\x03\n\x11GenerationService\x12K\n\x08Generate\x12\x1d.rlhf_mesh.v1.GenerateRequest\x1a\x1e.rlhf_mesh.v1.GenerateResponse0\x01\x12U\n\x0cGetModelInfo\x12!.rlhf_mesh.v1.GetModelInfoRequest\x1a\".rlhf_mesh.v1.GetModelInfoResponse\x12T\n\x0bPushWeights\x12 .rlhf_mesh.v1.PushWeightsRequest\x1a!.rlhf_mesh.v1.PushWeightsResponse(\x01\x12g\n\x12InitWeightTransfer\x12\'.rlhf_mesh.v1.InitWeightTransferRequest\x1a(.rlhf_mesh.v1.InitWeightTransferResponse\x12p\n\x15PushWeightsCollective\x12*.rlhf_mesh.v1.PushWeightsCollectiveRequest\x1a+.rlhf_mesh.v1.PushWeightsCollectiveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf_mesh.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2377
-  _globals['_FINISHREASON']._serialized_end=2497
-  _globals['_TENSORDTYPE']._serialized_start=2499
-  _globals['_TENSORDTYPE']._serialized_end=2621
-  _globals['_COLLECTIVEBACKEND']._serialized_start=2623
-  _globals['_COLLECTIVEBACKEND']._serialized_end=2736
+  _globals['_FINISHREASON']._serialized_start=2399
+  _globals['_FINISHREASON']._serialized_end=2519
+  _globals['_TENSORDTYPE']._serialized_start=2521
+  _globals['_TENSORDTYPE']._serialized_end=2643
+  _globals['_COLLECTIVEBACKEND']._serialized_start=2645
+  _globals['_COLLECTIVEBACKEND']._serialized_end=2758
   _globals['_SAMPLINGPARAMS']._serialized_start=75
   _globals['_SAMPLINGPARAMS']._serialized_end=341
   _globals['_GENERATEREQUEST']._serialized_start=344
@@ -51,27 +51,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=967
   _globals['_GETMODELINFOREQUEST']._serialized_end=988
   _globals['_GETMODELINFORESPONSE']._serialized_start=991
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1290
-  _globals['_TENSORSPEC']._serialized_start=1292
-  _globals['_TENSORSPEC']._serialized_end=1418
-  _globals['_WEIGHTMANIFEST']._serialized_start=1420
-  _globals['_WEIGHTMANIFEST']._serialized_end=1503
-  _globals['_WEIGHTCHUNK']._serialized_start=1505
-  _globals['_WEIGHTCHUNK']._serialized_end=1576
-  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=1578
-  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=1700
-  _globals['_WEIGHTUPDATETIMINGS']._serialized_start=1702
-  _globals['_WEIGHTUPDATETIMINGS']._serialized_end=1800
-  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=1802
-  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=1923
-  _globals['_INITWEIGHTTRANSFERREQUEST']._serialized_start=1926
-  _globals['_INITWEIGHTTRANSFERREQUEST']._serialized_end=2109
-  _globals['_INITWEIGHTTRANSFERRESPONSE']._serialized_start=2111
-  _globals['_INITWEIGHTTRANSFERRESPONSE']._serialized_end=2161
-  _globals['_PUSHWEIGHTSCOLLECTIVEREQUEST']._serialized_start=2163
-  _globals['_PUSHWEIGHTSCOLLECTIVEREQUEST']._serialized_end=2241
-  _globals['_PUSHWEIGHTSCOLLECTIVERESPONSE']._serialized_start=2244
-  _globals['_PUSHWEIGHTSCOLLECTIVERESPONSE']._serialized_end=2375
-  _globals['_GENERATIONSERVICE']._serialized_start=2739
-  _globals['_GENERATIONSERVICE']._serialized_end=3227
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1312
+  _globals['_TENSORSPEC']._serialized_start=1314
+  _globals['_TENSORSPEC']._serialized_end=1440
+  _globals['_WEIGHTMANIFEST']._serialized_start=1442
+  _globals['_WEIGHTMANIFEST']._serialized_end=1525
+  _globals['_WEIGHTCHUNK']._serialized_start=1527
+  _globals['_WEIGHTCHUNK']._serialized_end=1598
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_start=1600
+  _globals['_PUSHWEIGHTSREQUEST']._serialized_end=1722
+  _globals['_WEIGHTUPDATETIMINGS']._serialized_start=1724
+  _globals['_WEIGHTUPDATETIMINGS']._serialized_end=1822
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_start=1824
+  _globals['_PUSHWEIGHTSRESPONSE']._serialized_end=1945
+  _globals['_INITWEIGHTTRANSFERREQUEST']._serialized_start=1948
+  _globals['_INITWEIGHTTRANSFERREQUEST']._serialized_end=2131
+  _globals['_INITWEIGHTTRANSFERRESPONSE']._serialized_start=2133
+  _globals['_INITWEIGHTTRANSFERRESPONSE']._serialized_end=2183
+  _globals['_PUSHWEIGHTSCOLLECTIVEREQUEST']._serialized_start=2185
+  _globals['_PUSHWEIGHTSCOLLECTIVEREQUEST']._serialized_end=2263
+  _globals['_PUSHWEIGHTSCOLLECTIVERESPONSE']._serialized_start=2266
+  _globals['_PUSHWEIGHTSCOLLECTIVERESPONSE']._serialized_end=2397
+  _globals['_GENERATIONSERVICE']._serialized_start=2761
+  _globals['_GENERATIONSERVICE']._serialized_end=3249
 # @@protoc_insertion_point(module_scope)

@@ -380,6 +380,7 @@ class GetModelInfoResponse(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     MAX_SAMPLES_PER_PROMPT_FIELD_NUMBER: _builtins.int
+    WORKER_COUNT_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Model path or name as loaded."""
     policy_version: _builtins.int
@@ -398,6 +399,8 @@ class GetModelInfoResponse(_message.Message):
     """Weight dtype, e.g. "bfloat16"."""
     max_samples_per_prompt: _builtins.int
     """Largest n (samples per prompt) the server accepts."""
+    worker_count: _builtins.int
+    """Engine workers (tensor x pipeline parallel) that join a collective weight-transfer group."""
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """End-of-sequence token ids."""
@@ -415,10 +418,11 @@ class GetModelInfoResponse(_message.Message):
         has_chat_template: _builtins.bool = ...,
         dtype: _builtins.str = ...,
         max_samples_per_prompt: _builtins.int = ...,
+        worker_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "pad_token_id", b"pad_token_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "has_chat_template", b"has_chat_template", "max_model_len_tokens", b"max_model_len_tokens", "max_samples_per_prompt", b"max_samples_per_prompt", "model_id", b"model_id", "pad_token_id", b"pad_token_id", "policy_version", b"policy_version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "has_chat_template", b"has_chat_template", "max_model_len_tokens", b"max_model_len_tokens", "max_samples_per_prompt", b"max_samples_per_prompt", "model_id", b"model_id", "pad_token_id", b"pad_token_id", "policy_version", b"policy_version", "vocab_size", b"vocab_size", "worker_count", b"worker_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bos_token_id: _TypeAlias = _typing.Literal["bos_token_id"]  # noqa: Y015
     _WhichOneofArgType__bos_token_id: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id"]  # noqa: Y015

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from prometheus_client import Counter, Gauge, Histogram
 from vllm import SamplingParams
+from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import CompletionOutput
 from vllm.utils.async_utils import merge_async_iterators
@@ -23,6 +25,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from rlhf_mesh.services.generation.prompts import Limits, Plan
 from rlhf_mesh.services.generation.settings import GenerationSettings
+from rlhf_mesh.services.generation.weight_transfer import REJECTED
+from rlhf_mesh.services.generation.weights import WeightRejected, checkpoint_layout
 from rlhf_mesh.v1 import generation_pb2
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,8 @@ class PolicyEngine:
         self.version = 0
         self.version_changed = asyncio.Condition()
         self.queued = 0
+        self.update_lock = asyncio.Lock()  # one weight update at a time
+        self.broken = ""  # why the weights can no longer be trusted (a failed apply)
 
     async def start(self) -> None:
         """Start the engine (in a thread: it blocks for the whole load) and run one warm-up generation."""
@@ -65,6 +71,9 @@ class PolicyEngine:
         await self.llm.update_weight_version(str(self.version))
         POLICY_VERSION.set(self.version)
         config = self.llm.model_config
+        self.dtype = config.dtype
+        self.workers = self.llm.vllm_config.parallel_config.world_size
+        self.layout = checkpoint_layout(self.settings.model) if os.path.isdir(self.settings.model) else None
         self.tokenizer = self.llm.get_tokenizer()
         self.limits = Limits(
             max_model_len=config.max_model_len, vocab_size=config.get_vocab_size(),
@@ -90,7 +99,7 @@ class PolicyEngine:
             eos_token_ids=sorted(eos), pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id, has_chat_template=bool(getattr(tok, "chat_template", None)),
             dtype=str(self.llm.model_config.dtype).removeprefix("torch."),
-            max_samples_per_prompt=self.settings.max_samples_per_prompt,
+            max_samples_per_prompt=self.settings.max_samples_per_prompt, worker_count=self.workers,
         )
 
     async def wait_for_version(self, version: int, timeout_s: float) -> bool:
@@ -101,6 +110,42 @@ class PolicyEngine:
             except TimeoutError:
                 return False
         return True
+
+    async def update(self, update_info: dict, version: int) -> tuple[float, float, float]:
+        """Stage an update in the workers, then pause, apply, label it `version` and resume.
+
+        Hold `update_lock`. Staging can fail (WeightRejected for the caller's tensors) and
+        leaves the served weights as they were; the commit after it is shielded from
+        cancellation, so a push that got that far always completes.
+        Returns (stage_ms, apply_ms, paused_ms).
+        """
+        started = time.perf_counter()
+        await self.llm.start_weight_update()
+        try:
+            await self.llm.update_weights(WeightTransferUpdateRequest(update_info))
+        except Exception as err:
+            if REJECTED in str(err):
+                raise WeightRejected(str(err).split(REJECTED, 1)[1].splitlines()[0]) from None
+            raise
+        staged = time.perf_counter()
+        paused_ms = await asyncio.shield(self._commit(version))
+        return (staged - started) * 1000, (time.perf_counter() - staged) * 1000, paused_ms
+
+    async def _commit(self, version: int) -> float:
+        """In-flight samples freeze and resume on the new weights (their KV cache is recomputed)."""
+        await self.llm.pause_generation(mode="keep", clear_cache=True)
+        paused = time.perf_counter()
+        try:
+            await self.llm.finish_weight_update(str(version))
+        except Exception as err:  # the model may be half-written: stay paused, refuse generation
+            self.broken = f"applying policy version {version} failed: {err}"
+            raise
+        await self.llm.resume_generation()
+        async with self.version_changed:
+            self.version = version
+            self.version_changed.notify_all()
+        POLICY_VERSION.set(version)
+        return (time.perf_counter() - paused) * 1000
 
     def admit(self, plan: Plan) -> None:
         """Reserve queue room for the plan's samples (released by generate); raises QueueFull."""

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator
 
 import grpc
 from prometheus_client import Counter
+from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
 from rlhf_mesh.services.generation import prompts
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull
 from rlhf_mesh.services.generation.settings import GenerationSettings
+from rlhf_mesh.services.generation.weights import StagingFile, StaleVersion, WeightRejected, check_manifest
 from rlhf_mesh.v1 import generation_pb2, generation_pb2_grpc
+from rlhf_mesh.weights import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             REQUESTS.labels(code.name.lower()).inc()
             await context.abort(code, message)
 
+        if self.engine.broken:
+            await refuse(grpc.StatusCode.UNAVAILABLE, f"not serving: {self.engine.broken}")
         try:
             plan = await asyncio.to_thread(prompts.plan, request, self.engine.tokenizer, self.engine.limits)
         except prompts.InvalidRequest as err:
@@ -59,6 +67,83 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if remaining is None:
             return self.settings.max_version_wait_s
         return max(0.0, min(remaining - min(0.25, remaining / 10), self.settings.max_version_wait_s))
+
+    async def PushWeights(self, request_iterator: AsyncIterator[generation_pb2.PushWeightsRequest],
+                          context: grpc.aio.ServicerContext):
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("manifest"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest")
+        manifest = first.manifest
+        async with self._updating(context, manifest):
+            started = time.perf_counter()
+            staging = await asyncio.to_thread(StagingFile, self.settings.weight_staging_dir, manifest)
+            try:
+                async for message in request_iterator:
+                    if not message.HasField("chunk"):
+                        raise WeightRejected("only chunks may follow the manifest")
+                    staging.write(message.chunk)
+                received = time.perf_counter()
+                await asyncio.to_thread(staging.verify)
+                verified = time.perf_counter()
+                _, apply_ms, paused_ms = await self.engine.update({"path": staging.path}, manifest.policy_version)
+            finally:
+                staging.close()
+            timings = generation_pb2.WeightUpdateTimings(
+                transfer_ms=(received - started) * 1000, verify_ms=(verified - received) * 1000,
+                apply_ms=apply_ms, paused_ms=paused_ms)
+            return generation_pb2.PushWeightsResponse(
+                policy_version=self.engine.version, received_bytes=staging.received_bytes, timings=timings)
+
+    async def InitWeightTransfer(self, request: generation_pb2.InitWeightTransferRequest,
+                                 context: grpc.aio.ServicerContext):
+        if request.backend != generation_pb2.COLLECTIVE_BACKEND_GLOO:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "backend: only COLLECTIVE_BACKEND_GLOO is served by this build")
+        if not request.master_address or not request.master_port or request.world_size < 2:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "master_address, master_port and world_size >= 2 are required")
+        workers = self.engine.workers
+        if request.rank_offset < 1 or request.rank_offset + workers > request.world_size:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"rank_offset {request.rank_offset} with {workers} workers does not fit "
+                                f"world_size {request.world_size} after the sender's rank 0")
+        timeout_s = (request.timeout_ms or 60_000) / 1000
+        await self.engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
+            master_address=request.master_address, master_port=request.master_port,
+            world_size=request.world_size, rank_offset=request.rank_offset, timeout_s=timeout_s)))
+        return generation_pb2.InitWeightTransferResponse(worker_count=workers)
+
+    async def PushWeightsCollective(self, request: generation_pb2.PushWeightsCollectiveRequest,
+                                    context: grpc.aio.ServicerContext):
+        manifest = request.manifest
+        async with self._updating(context, manifest):
+            specs = manifest.tensors
+            update_info = dict(
+                names=[t.name for t in specs], shapes=[list(t.shape) for t in specs],
+                dtypes=[str(TORCH_DTYPES[t.dtype]).removeprefix("torch.") for t in specs],
+                digests=[t.blake3_digest.hex() for t in specs])
+            transfer_ms, apply_ms, paused_ms = await self.engine.update(update_info, manifest.policy_version)
+            timings = generation_pb2.WeightUpdateTimings(  # digests are checked as tensors arrive
+                transfer_ms=transfer_ms, verify_ms=0, apply_ms=apply_ms, paused_ms=paused_ms)
+            return generation_pb2.PushWeightsCollectiveResponse(
+                policy_version=self.engine.version, received_bytes=sum(t.size_bytes for t in specs), timings=timings)
+
+    @contextlib.asynccontextmanager
+    async def _updating(self, context: grpc.aio.ServicerContext, manifest: generation_pb2.WeightManifest):
+        """One update at a time, a manifest that fits the policy, and the right status for each refusal."""
+        if self.engine.layout is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "weight pushes need the policy loaded from a local folder")
+        if self.engine.update_lock.locked():
+            await context.abort(grpc.StatusCode.ABORTED, "another weight update is in progress; retry after it")
+        async with self.engine.update_lock:
+            try:
+                check_manifest(manifest, self.engine.layout, self.engine.dtype, self.engine.version)
+                yield
+            except StaleVersion as err:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+            except WeightRejected as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         return self.engine.info()

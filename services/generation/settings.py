@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -37,6 +39,10 @@ class GenerationSettings(ServiceSettings):
     max_request_prompts: int = Field(4096, ge=1, description="prompts in one Generate call")
     max_queued_samples: int = Field(
         8192, ge=1, description="samples admitted and unfinished; beyond: RESOURCE_EXHAUSTED"
+    )
+    weight_staging_dir: str = Field(
+        "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+        description="where in-band pushes are staged before they are applied (memory-backed is fastest)",
     )
     max_version_wait_s: float = Field(
         300.0, ge=0, description="longest a call waits for its min_policy_version (or until its deadline)"
@@ -76,5 +82,6 @@ class GenerationSettings(ServiceSettings):
             tensor_parallel_size=self.tensor_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager, max_num_seqs=self.max_num_seqs, seed=self.seed,
             logprobs_mode=self.logprobs_mode,
+            weight_transfer_config={"backend": "rlhf_mesh"},  # services/generation/weight_transfer.py
         )
         return {**{k: v for k, v in explicit.items() if v is not None}, **self.engine_args}

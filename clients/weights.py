@@ -1,0 +1,119 @@
+"""Pushing a learner's weights into running GenerationServices.
+
+- `push_weights(client, weights, version)`: in-band over gRPC (a manifest, then chunks of
+  at most 4 MiB); works anywhere gRPC does.
+- `CollectiveSender`: gRPC carries the control and the manifest while the bytes travel by
+  torch.distributed (gloo) broadcast from this process (rank 0) to every engine worker of
+  every replica at once.
+- `push_to_replicas(addresses, weights, version)`: in-band to many replicas in parallel (a
+  headless Service's DNS name resolves to all of them); every replica gets its own result.
+
+`weights` is a module or a state dict with the policy's Hugging Face parameter names, in the
+dtype the service serves. Versions only go up: a push at a version not above the served one
+gets FAILED_PRECONDITION, so retrying a push is harmless.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from rlhf_mesh.clients.generation import GenerationClient
+from rlhf_mesh.v1 import generation_pb2
+from rlhf_mesh.weights import chunks, gloo_group, manifest, state_dict_of
+
+
+def _requests(tensors: dict[str, torch.Tensor], version: int) -> Iterator[generation_pb2.PushWeightsRequest]:
+    yield generation_pb2.PushWeightsRequest(manifest=manifest(tensors, version))
+    for chunk in chunks(tensors.values()):
+        yield generation_pb2.PushWeightsRequest(chunk=chunk)
+
+
+def push_weights(client: GenerationClient, weights: torch.nn.Module | dict[str, torch.Tensor], version: int,
+                 timeout_s: float = 600.0) -> generation_pb2.PushWeightsResponse:
+    """In-band push; the replica serves `version` when this returns."""
+    return client.stub.PushWeights(_requests(state_dict_of(weights), version), timeout=timeout_s)
+
+
+@dataclass
+class ReplicaResult:
+    """The outcome of a push to one replica: a response, or the error it got."""
+
+    address: str
+    response: generation_pb2.PushWeightsResponse | None = None
+    error: grpc.RpcError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def resolve(target: str) -> list[str]:
+    """HOST:PORT for every address of a DNS name (a headless Service), or the list given."""
+    host, _, port = target.rpartition(":")
+    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    return sorted({f"[{i[4][0]}]:{port}" if ":" in i[4][0] else f"{i[4][0]}:{port}" for i in infos})
+
+
+def push_to_replicas(targets: str | Sequence[str], weights: torch.nn.Module | dict[str, torch.Tensor],
+                     version: int, timeout_s: float = 600.0) -> list[ReplicaResult]:
+    """In-band push to every replica in parallel; a replica that fails is reported, never skipped."""
+    addresses = resolve(targets) if isinstance(targets, str) else list(targets)
+    tensors = state_dict_of(weights)
+
+    def one(address: str) -> ReplicaResult:
+        with GenerationClient(address) as client:
+            try:
+                return ReplicaResult(address, response=push_weights(client, tensors, version, timeout_s))
+            except grpc.RpcError as err:
+                return ReplicaResult(address, error=err)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
+        return list(pool.map(one, addresses))
+
+
+class CollectiveSender:
+    """Rank 0 of a gloo group that every worker of `clients`' replicas joins.
+
+    After a failed push (a refused manifest, a timeout) the group may be out of step:
+    make a new sender (on a new port) before pushing again.
+    """
+
+    def __init__(self, clients: Sequence[GenerationClient], master_address: str, master_port: int,
+                 timeout_s: float = 60.0) -> None:
+        self.clients = list(clients)
+        self.timeout_s = timeout_s
+        workers = [c.model_info().worker_count for c in self.clients]
+        world_size = 1 + sum(workers)
+        offsets = [1 + sum(workers[:i]) for i in range(len(workers))]
+        self._pool = ThreadPoolExecutor(max_workers=len(self.clients))
+        joins = [
+            self._pool.submit(client.stub.InitWeightTransfer, generation_pb2.InitWeightTransferRequest(
+                master_address=master_address, master_port=master_port, world_size=world_size,
+                rank_offset=offset, backend=generation_pb2.COLLECTIVE_BACKEND_GLOO, timeout_ms=int(timeout_s * 1000),
+            ), timeout=timeout_s * 2)
+            for client, offset in zip(self.clients, offsets, strict=True)
+        ]
+        # Workers wait in the rendezvous for this rank; both sides must meet.
+        self.group = gloo_group(master_address, master_port, 0, world_size, timeout_s)
+        for join in joins:
+            join.result()
+
+    def push(self, weights: torch.nn.Module | dict[str, torch.Tensor],
+             version: int) -> list[generation_pb2.PushWeightsCollectiveResponse]:
+        """Broadcast every tensor while each replica receives, verifies and applies them."""
+        tensors = state_dict_of(weights)
+        request = generation_pb2.PushWeightsCollectiveRequest(manifest=manifest(tensors, version))
+        calls = [self._pool.submit(c.stub.PushWeightsCollective, request, timeout=self.timeout_s * 2)
+                 for c in self.clients]
+        for tensor in tensors.values():
+            self.group.broadcast(tensor.contiguous(), 0).wait()
+        return [call.result() for call in calls]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,73 @@
+"""Weight-update pieces both ends share: dtypes, digests, manifests and the gloo group.
+
+Torch only (no vLLM), so a learner can import it anywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+
+import blake3
+import torch
+import torch.distributed as dist
+
+from rlhf_mesh.v1 import generation_pb2
+
+# proto dtype <-> torch dtype <-> safetensors dtype
+TORCH_DTYPES = {
+    generation_pb2.TENSOR_DTYPE_FLOAT32: torch.float32,
+    generation_pb2.TENSOR_DTYPE_FLOAT16: torch.float16,
+    generation_pb2.TENSOR_DTYPE_BFLOAT16: torch.bfloat16,
+}
+PROTO_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+CHUNK_BYTES = 4 << 20  # the in-band chunk limit of the contract
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in C order (little-endian on every platform torch runs on)."""
+    return memoryview(tensor.detach().contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def digest(data: torch.Tensor | memoryview | bytes) -> bytes:
+    """BLAKE3-256 of a tensor's raw bytes."""
+    if isinstance(data, torch.Tensor):
+        data = raw_bytes(data)
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+
+
+def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face parameter names -> tensors, on CPU."""
+    tensors = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    return {name: t.detach().to("cpu") for name, t in tensors.items()}
+
+
+def manifest(tensors: dict[str, torch.Tensor], version: int) -> generation_pb2.WeightManifest:
+    """The manifest of a full push of `tensors` becoming `version`."""
+    specs = []
+    for name, tensor in tensors.items():
+        if tensor.dtype not in PROTO_DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} cannot be pushed (float32, float16 or bfloat16)")
+        specs.append(generation_pb2.TensorSpec(
+            name=name, dtype=PROTO_DTYPES[tensor.dtype], shape=list(tensor.shape),
+            size_bytes=tensor.numel() * tensor.element_size(), blake3_digest=digest(tensor),
+        ))
+    return generation_pb2.WeightManifest(policy_version=version, tensors=specs)
+
+
+def chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterable[generation_pb2.WeightChunk]:
+    """Every tensor's bytes as chunks of at most `chunk_bytes`, in manifest order."""
+    for index, tensor in enumerate(tensors):
+        data = raw_bytes(tensor)
+        for offset in range(0, max(len(data), 1), chunk_bytes):
+            yield generation_pb2.WeightChunk(
+                tensor_index=index, offset_bytes=offset, data=bytes(data[offset : offset + chunk_bytes]))
+
+
+def gloo_group(master_address: str, master_port: int, rank: int, world_size: int,
+               timeout_s: float) -> dist.ProcessGroup:
+    """A gloo group of its own (the default process group is left alone); rank 0 hosts the store."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    return dist.ProcessGroupGloo(dist.PrefixStore("rlhf_mesh_weights", store), rank, world_size, timeout)

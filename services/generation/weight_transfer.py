@@ -1,0 +1,115 @@
+"""vLLM weight-transfer engine "rlhf_mesh": stage a whole update, verify it, then apply it at once.
+
+Runs inside every vLLM worker (registered through the `vllm.general_plugins` entry point,
+which vLLM loads in each of its processes). vLLM's own engines load each tensor into the
+model as it arrives; this one keeps the served weights untouched until every tensor of the
+update is in and verified, so a rejected or interrupted update changes nothing.
+
+- `update_weights({"path": ...})`: the service already received and verified the tensors
+  (in-band push) and wrote them to a safetensors file; the worker reads them.
+- `update_weights({"names", "dtypes", "shapes", "digests"})`: the worker receives each tensor
+  by gloo broadcast from the sender (rank 0) and checks its BLAKE3 digest.
+- `finish_weight_update()`: loads the staged tensors into the model (vLLM's layerwise
+  reload, so fused and processed parameters come out right).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+from rlhf_mesh.weights import digest, gloo_group
+
+BACKEND = "rlhf_mesh"
+REJECTED = "weight update rejected: "  # marks a refusal of the caller's tensors, as opposed to a fault
+
+
+@dataclass
+class InitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    world_size: int
+    rank_offset: int
+    timeout_s: float
+
+
+@dataclass
+class UpdateInfo(WeightTransferUpdateInfo):
+    path: str = ""
+    names: list[str] = field(default_factory=list)
+    dtypes: list[str] = field(default_factory=list)
+    shapes: list[list[int]] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)  # hex
+
+
+class StagedWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
+    init_info_cls = InitInfo
+    update_info_cls = UpdateInfo
+    supports_draft_weight_update = False
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.group: torch.distributed.ProcessGroup | None = None
+        self.timeout_s = 60.0
+        self.staged: list[tuple[str, torch.Tensor]] = []
+
+    def init_transfer_engine(self, init_info: InitInfo) -> None:
+        rank = (self.parallel_config.data_parallel_index * self.parallel_config.world_size
+                + self.parallel_config.rank + init_info.rank_offset)
+        self.timeout_s = init_info.timeout_s
+        self.group = gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                                init_info.timeout_s)
+
+    def start_weight_update(self) -> None:
+        self.staged = []
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.receive_weights(self.parse_update_info(update_info))  # CPU or not, nothing to synchronize
+
+    def receive_weights(self, update_info: UpdateInfo) -> None:
+        self.staged = []
+        if update_info.path:
+            from safetensors.torch import load_file
+
+            self.staged = list(load_file(update_info.path).items())
+            return
+        if self.group is None:
+            raise RuntimeError("collective weight transfer not initialized: call InitWeightTransfer first")
+        for name, dtype, shape, expected in zip(
+            update_info.names, update_info.dtypes, update_info.shapes, update_info.digests, strict=True
+        ):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+            self.group.broadcast(tensor, 0).wait()
+            if digest(tensor).hex() != expected:
+                self.staged = []
+                raise ValueError(f"{REJECTED}tensor {name!r}: BLAKE3 digest of the received bytes does not match")
+            self.staged.append((name, tensor))
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        staged, self.staged = self.staged, []
+        device = next(self.model.parameters()).device
+        initialize_layerwise_reload(self.model)
+        self.model.load_weights((name, tensor.to(device)) for name, tensor in staged)
+        finalize_layerwise_reload(self.model, self.model_config)
+
+    def shutdown(self) -> None:
+        self.group = None
+        self.staged = []
+
+
+def register() -> None:
+    """vLLM general plugin: make the engine available in this process (vLLM calls it in each)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    with contextlib.suppress(ValueError):  # registered already in this process
+        WeightTransferEngineFactory.register_engine(BACKEND, StagedWeightTransferEngine)
