@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rlhf_mesh.clients.health import wait_until_serving
+
+# vLLM on CPU: its default KV-cache reservation does not fit these machines' NUMA node 0.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
 def free_port() -> int:

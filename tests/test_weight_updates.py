@@ -1,0 +1,242 @@
+"""Weight updates end to end: pushes into a running GenerationService, checked by what it generates."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_mesh.clients.generation import GenerationClient
+from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.clients.weights import CollectiveSender, _requests, push_to_replicas
+from rlhf_mesh.v1 import generation_pb2
+from rlhf_mesh.weights import chunks, manifest
+
+from support import PYTHON, ChildServer, free_port
+
+PROMPTS = ["Hello there", [5, 6, 7, 8, 9]]
+LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
+GREEDY = dict(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    server = ChildServer(
+        [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(tiny_models["policy"]),
+         "--dtype", "float32", "--max-model-len", "256"],
+        tmp_path_factory.mktemp("weights") / "server.log",
+    )
+    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with GenerationClient(server.address, timeout_s=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def policies(tiny_models):
+    """Perturbed copies of the tiny policy: make(k) is W_k, a different set of weights for every k."""
+    def make(k: int) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).eval()
+        noise = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=noise) * 0.05)
+        return model
+
+    return make
+
+
+def _greedy(model, prompt_ids, steps: int) -> list[int]:
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+def _serves(client: GenerationClient, model, version: int) -> None:
+    """The service generates exactly what `model` generates greedily, and its log-probabilities."""
+    assert client.model_info().policy_version == version
+    for sample in client.generate(PROMPTS, **GREEDY):
+        assert list(sample.completion_token_ids) == _greedy(model, sample.prompt_token_ids, 16)
+        assert (sample.policy_version_start, sample.policy_version_end) == (version, version)
+        ids = [*sample.prompt_token_ids, *sample.completion_token_ids]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, len(sample.prompt_token_ids) - 1 : -1]
+        expected = torch.log_softmax(logits, -1)[torch.arange(16), list(sample.completion_token_ids)]
+        assert torch.allclose(torch.tensor(list(sample.completion_logprobs)), expected, atol=LOGPROB_TOLERANCE)
+
+
+def test_in_band_push_serves_the_new_weights(client, policies):
+    w1 = policies(1)
+    reply = client.push_weights(w1, 1)
+    assert reply.policy_version == 1
+    assert reply.received_bytes == sum(t.numel() * 4 for t in w1.state_dict().values())
+    assert reply.timings.transfer_ms > 0 and reply.timings.verify_ms > 0 and reply.timings.apply_ms > 0
+    _serves(client, w1, 1)
+
+
+def test_collective_push_serves_the_new_weights(client, policies):
+    w2 = policies(2)
+    sender = CollectiveSender([client], "127.0.0.1", free_port(), timeout_s=30)
+    try:
+        reply = client.push_weights(w2, 2, transport="collective", sender=sender)
+    finally:
+        sender.close()
+    assert reply.policy_version == 2 and reply.timings.paused_ms > 0
+    _serves(client, w2, 2)
+
+
+def _push(client: GenerationClient, messages) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.PushWeights(iter(messages), timeout=60)
+    return err.value
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_bad_pushes_change_nothing(client, policies):
+    version = client.model_info().policy_version
+    current = policies(version)
+    tensors = _tensors(policies(9))
+    good = list(_requests(tensors, version + 1))
+    name = "model.layers.1.mlp.up_proj.weight"
+    index = list(tensors).index(name)
+
+    corrupted = [good[0], *(
+        generation_pb2.PushWeightsRequest(chunk=generation_pb2.WeightChunk(
+            tensor_index=m.chunk.tensor_index, offset_bytes=m.chunk.offset_bytes,
+            data=bytes([m.chunk.data[0] ^ 1]) + m.chunk.data[1:] if m.chunk.tensor_index == index else m.chunk.data))
+        for m in good[1:]
+    )]
+    missing = dict(tensors)
+    del missing[name]
+    unknown = {**tensors, "model.layers.7.mlp.up_proj.weight": tensors[name]}
+    wrong_shape = {**tensors, name: tensors[name][:, :-1]}
+    wrong_dtype = {**tensors, name: tensors[name].to(torch.bfloat16)}
+    partial = [m for m in good if not (m.HasField("chunk") and m.chunk.tensor_index == index)]
+
+    cases = [
+        (corrupted, grpc.StatusCode.INVALID_ARGUMENT, f"tensor {name!r}: BLAKE3 digest"),
+        (list(_requests(missing, version + 1)), grpc.StatusCode.INVALID_ARGUMENT, f"missing tensors: [{name!r}]"),
+        (list(_requests(unknown, version + 1)), grpc.StatusCode.INVALID_ARGUMENT, "not a parameter of the served"),
+        (list(_requests(wrong_shape, version + 1)), grpc.StatusCode.INVALID_ARGUMENT, f"{name!r}: shape"),
+        (list(_requests(wrong_dtype, version + 1)), grpc.StatusCode.INVALID_ARGUMENT,
+         f"{name!r}: dtype TENSOR_DTYPE_BFLOAT16, the served policy is float32"),
+        (partial, grpc.StatusCode.INVALID_ARGUMENT, f"tensor {name!r}: received 0 of"),
+        (list(_requests(tensors, version)), grpc.StatusCode.FAILED_PRECONDITION,
+         f"policy_version {version} is not above the served version {version}"),
+        (good[1:], grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest"),
+    ]
+    for messages, code, message in cases:
+        err = _push(client, messages)
+        assert err.code() == code, err.details()
+        assert message in err.details()
+    _serves(client, current, version)
+
+
+def test_interrupted_push_changes_nothing(client, policies):
+    version = client.model_info().policy_version
+    messages = list(_requests(_tensors(policies(9)), version + 1))
+    sent = threading.Event()
+
+    def stall():
+        yield from messages[: len(messages) // 2]
+        sent.set()
+        time.sleep(30)  # the client gives up long before this
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.PushWeights(stall(), timeout=2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and sent.is_set()
+    _serves(client, policies(version), version)
+
+
+def test_concurrent_push_is_refused_while_one_runs(client, policies):
+    version = client.model_info().policy_version
+    tensors = _tensors(policies(version + 1))
+    messages = list(_requests(tensors, version + 1))
+    halfway = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def slow():
+        for i, message in enumerate(messages):
+            if i == len(messages) // 2:
+                halfway.set()
+                time.sleep(2)
+            yield message
+
+    def first() -> None:
+        outcome["reply"] = client.stub.PushWeights(slow(), timeout=60)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert halfway.wait(30)
+    err = _push(client, list(_requests(_tensors(policies(8)), version + 2)))
+    thread.join()
+    assert err.code() == grpc.StatusCode.ABORTED and "in progress" in err.details()
+    assert outcome["reply"].policy_version == version + 1
+    _serves(client, policies(version + 1), version + 1)
+
+
+def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(client, policies):
+    """A sample spanning an update: old-weight tokens, then the new weights' greedy continuation."""
+    version = client.model_info().policy_version
+    old, new = policies(version), policies(version + 1)
+    events = client.generate(PROMPTS[:1], max_tokens=200, temperature=0, ignore_eos=True, stream_tokens=True)
+    first = next(events)  # generating on the old weights
+    assert first.HasField("delta")
+    client.push_weights(new, version + 1)
+    sample = next(e.sample for e in events if e.HasField("sample"))
+    assert (sample.policy_version_start, sample.policy_version_end) == (version, version + 1)
+    tokens = list(sample.completion_token_ids)
+    old_greedy = _greedy(old, sample.prompt_token_ids, len(tokens))
+    switch = next(i for i, (a, b) in enumerate(zip(tokens, old_greedy, strict=True)) if a != b)
+    assert 0 < switch < len(tokens)
+    context = [*sample.prompt_token_ids, *tokens[:switch]]
+    assert tokens[switch:] == _greedy(new, context, len(tokens) - switch)
+
+
+def test_min_policy_version_waits_for_a_push(client, policies):
+    version = client.model_info().policy_version
+    waiting: dict[str, generation_pb2.Sample] = {}
+
+    def wait() -> None:
+        waiting["sample"] = next(client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=version + 1,
+                                                 timeout_s=60))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(1)
+    assert thread.is_alive()  # still waiting for the version
+    client.push_weights(policies(version + 1), version + 1)
+    thread.join(30)
+    assert waiting["sample"].policy_version_start == version + 1
+
+
+def test_push_to_replicas_reports_each_replica(server, client, policies):
+    version = client.model_info().policy_version
+    dead = f"localhost:{free_port()}"
+    results = push_to_replicas([server.address, dead], policies(version + 1), version + 1, timeout_s=20)
+    assert [r.address for r in results] == [server.address, dead]
+    assert results[0].ok and results[0].response.policy_version == version + 1
+    assert not results[1].ok and results[1].error.code() == grpc.StatusCode.UNAVAILABLE
+    _serves(client, policies(version + 1), version + 1)
+
+
+def test_chunks_stay_within_the_contract():
+    tensors = {"a": torch.zeros(3 << 20), "b": torch.ones(5)}  # 12 MiB and 20 bytes
+    pieces = list(chunks(tensors.values()))
+    assert max(len(c.data) for c in pieces) == 4 << 20
+    assert [(c.tensor_index, c.offset_bytes) for c in pieces] == [(0, 0), (0, 4 << 20), (0, 8 << 20), (1, 0)]
+    assert [s.size_bytes for s in manifest(tensors, 1).tensors] == [12 << 20, 20]
