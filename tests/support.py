@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +49,40 @@ class ChildServer:
             code = self.process.wait()
         self._log.close()
         return code
+
+
+def scrape(server: ChildServer) -> str:
+    """The server's Prometheus metrics, as text."""
+    return urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics", timeout=5).read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric over its label sets that carry `labels`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith((f"{name}{{", f"{name} ")) and all(f'{k}="{v}"' in line for k, v in labels.items())
+    )
+
+
+def start_generation_server(policy: Path, log_path: Path, max_model_len: int) -> ChildServer:
+    """`rlhf-mesh serve generation` on `policy` in float32, once it is SERVING."""
+    from rlhf_mesh.clients.health import wait_until_serving
+
+    server = ChildServer(
+        [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(policy),
+         "--dtype", "float32", "--max-model-len", str(max_model_len)],
+        log_path,
+    )
+    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    return server
+
+
+def greedy(model, prompt_ids, steps: int) -> list[int]:
+    """`steps` greedy tokens of a transformers causal LM, one full forward per token."""
+    import torch
+
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -13,10 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_mesh.clients.generation import GenerationClient, generate_request
-from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
-from support import PYTHON, ROOT, ChildServer
+from support import PYTHON, ROOT, ChildServer, greedy, metric, scrape, start_generation_server
 
 MAX_MODEL_LEN = 256
 PROMPTS = ["Hello there", [5, 6, 7, 8, 9], [{"role": "user", "content": "What is the capital of France?"}]]
@@ -26,12 +24,8 @@ LOGPROB_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
-    server = ChildServer(
-        [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(tiny_models["policy"]),
-         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN)],
-        tmp_path_factory.mktemp("generation") / "server.log",
-    )
-    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    server = start_generation_server(
+        tiny_models["policy"], tmp_path_factory.mktemp("generation") / "server.log", MAX_MODEL_LEN)
     yield server
     assert server.stop() == 0
 
@@ -54,27 +48,7 @@ def _logits(policy, sample: generation_pb2.Sample) -> torch.Tensor:
         return policy(torch.tensor([ids])).logits[0, len(sample.prompt_token_ids) - 1 : -1]
 
 
-def _metrics(server: ChildServer) -> str:
-    return urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics", timeout=5).read().decode()
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    """Sum of a metric over its label sets that carry `labels`."""
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-        if line.startswith((f"{name}{{", f"{name} ")) and all(f'{k}="{v}"' in line for k, v in labels.items())
-    )
-
-
-def _greedy(policy, prompt_ids: list[int], steps: int) -> list[int]:
-    ids = list(prompt_ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(policy(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt_ids):]
-
-
-def test_greedy_output_equals_transformers_greedy(client, policy, tiny_models):
+def test_greedy_output_equals_transformersgreedy(client, policy, tiny_models):
     samples = sorted(client.generate(PROMPTS, max_tokens=24, temperature=0, ignore_eos=True),
                      key=lambda s: s.prompt_index)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
@@ -83,7 +57,7 @@ def test_greedy_output_equals_transformers_greedy(client, policy, tiny_models):
     assert list(samples[2].prompt_token_ids) == list(
         tokenizer.apply_chat_template(PROMPTS[2], add_generation_prompt=True, tokenize=True, return_dict=False))
     for sample in samples:
-        assert list(sample.completion_token_ids) == _greedy(policy, sample.prompt_token_ids, 24)
+        assert list(sample.completion_token_ids) == greedy(policy, sample.prompt_token_ids, 24)
         assert sample.text == tokenizer.decode(sample.completion_token_ids, skip_special_tokens=True)
         assert sample.finish_reason == generation_pb2.FINISH_REASON_LENGTH
         assert (sample.policy_version_start, sample.policy_version_end) == (0, 0)
@@ -141,8 +115,8 @@ def _wait_for_engine_requests(server: ChildServer, count: int, timeout_s: float 
     """Metrics once vLLM reports `count` requests running or waiting."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        text = _metrics(server)
-        if _metric(text, "vllm:num_requests_running") + _metric(text, "vllm:num_requests_waiting") == count:
+        text = scrape(server)
+        if metric(text, "vllm:num_requests_running") + metric(text, "vllm:num_requests_waiting") == count:
             return text
         time.sleep(0.1)
     raise AssertionError(f"vLLM never had {count} requests")
@@ -158,7 +132,7 @@ def test_cancel_and_deadline_abort_engine_requests(server, client):
     _wait_for_engine_requests(server, 48)
     call.cancel()
     after_cancel = _wait_for_engine_requests(server, 0)
-    assert _metric(after_cancel, "rlhf_mesh_generation_queued_samples") == 0
+    assert metric(after_cancel, "rlhf_mesh_generation_queued_samples") == 0
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(generate_request(PROMPTS, n=16, max_tokens=MAX_MODEL_LEN - 64, ignore_eos=True),
                            timeout=0.5))
@@ -166,8 +140,8 @@ def test_cancel_and_deadline_abort_engine_requests(server, client):
     idle = _wait_for_engine_requests(server, 0)
     time.sleep(1)
     # Nothing keeps generating for nobody: the token count stands still once idle.
-    assert _metric(_metrics(server), "vllm:generation_tokens_total") == _metric(idle, "vllm:generation_tokens_total")
-    assert _metric(idle, "rlhf_mesh_generation_queued_samples") == 0
+    assert metric(scrape(server), "vllm:generation_tokens_total") == metric(idle, "vllm:generation_tokens_total")
+    assert metric(idle, "rlhf_mesh_generation_queued_samples") == 0
 
 
 def test_min_policy_version_waits_until_the_deadline_then_fails(client):
@@ -213,22 +187,22 @@ TEXT = [_prompt(text="Hi")]
     ],
 )
 def test_bad_input_is_refused_before_the_engine(server, client, prompts, sampling, message):
-    before = _metric(_metrics(server), "vllm:prompt_tokens_total")
+    before = metric(scrape(server), "vllm:prompt_tokens_total")
     request = generation_pb2.GenerateRequest(prompts=prompts, sampling=generation_pb2.SamplingParams(**sampling))
     with pytest.raises(grpc.RpcError) as err:
         list(client.stub.Generate(request, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
-    assert _metric(_metrics(server), "vllm:prompt_tokens_total") == before
+    assert metric(scrape(server), "vllm:prompt_tokens_total") == before
 
 
 def test_more_samples_than_the_queue_holds_are_refused(server, client):
-    before = _metric(_metrics(server), "vllm:prompt_tokens_total")
+    before = metric(scrape(server), "vllm:prompt_tokens_total")
     with pytest.raises(grpc.RpcError) as err:
         list(client.generate(["Hi"] * 200, n=64, max_tokens=4))  # 12800 samples > max_queued_samples 8192
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_queued_samples=8192" in err.value.details()
-    assert _metric(_metrics(server), "vllm:prompt_tokens_total") == before
+    assert metric(scrape(server), "vllm:prompt_tokens_total") == before
     assert next(client.generate(["Hi"], max_tokens=2)).completion_token_ids  # still serving
 
 
@@ -244,20 +218,20 @@ def test_model_info_describes_the_served_model(client, tiny_models):
 
 
 def test_metrics_count_requests_tokens_and_version(server, client):
-    before = _metrics(server)
+    before = scrape(server)
     samples = list(client.generate(["Hi", "Hello"], n=3, max_tokens=5, ignore_eos=True))
-    after = _metrics(server)
+    after = scrape(server)
     assert len(samples) == 6
 
     def grew(name: str, **labels: str) -> float:
-        return _metric(after, name, **labels) - _metric(before, name, **labels)
+        return metric(after, name, **labels) - metric(before, name, **labels)
 
     assert grew("rlhf_mesh_generation_requests_total", status="ok") == 1
     assert grew("rlhf_mesh_generation_samples_total", finish_reason="length") == 6
     assert grew("rlhf_mesh_generation_generated_tokens_total") == 30
     assert grew("rlhf_mesh_generation_prompt_tokens_total") == sum(len(s.prompt_token_ids) for s in samples)
-    assert _metric(after, "rlhf_mesh_generation_time_to_first_sample_seconds_count") >= 1
-    assert _metric(after, "rlhf_mesh_generation_policy_version") == 0
+    assert metric(after, "rlhf_mesh_generation_time_to_first_sample_seconds_count") >= 1
+    assert metric(after, "rlhf_mesh_generation_policy_version") == 0
     assert "vllm:generation_tokens_total" in after
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,7 @@ from rlhf_mesh.clients.reward import RewardClient, score_request, to_sample
 from rlhf_mesh.services.reward.model import weights_version
 from rlhf_mesh.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
-from support import PYTHON, ROOT, ChildServer
+from support import PYTHON, ROOT, ChildServer, metric, scrape
 
 MAX_LENGTH = 96
 SERVE = [PYTHON, "-m", "rlhf_mesh", "serve", "reward"]
@@ -64,18 +63,6 @@ def reference(tiny_models):
     return score, render, tokenizer
 
 
-def _metrics(server: ChildServer) -> str:
-    return urllib.request.urlopen(f"http://localhost:{server.metrics_port}/metrics", timeout=5).read().decode()
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_scores_equal_the_models_own_forward_pass(reward_server, reference):
     score, render, _ = reference
     chat = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
@@ -94,7 +81,7 @@ def test_concurrent_callers_are_batched_and_scores_are_batch_invariant(reward_se
     texts = [(f"Question number {i}: " + "tell me more " * (i % 7), "An answer. " * (1 + i % 5)) for i in range(64)]
     with RewardClient(reward_server.address) as client:
         alone = [client.scores([t])[0] for t in texts[:8]]
-        before = _metrics(reward_server)
+        before = scrape(reward_server)
         together: dict[int, float] = {}
 
         def call(i: int) -> None:
@@ -105,16 +92,16 @@ def test_concurrent_callers_are_batched_and_scores_are_batch_invariant(reward_se
             t.start()
         for t in threads:
             t.join()
-    after = _metrics(reward_server)
-    batches = _metric(after, "rlhf_mesh_reward_batch_size_samples_count", model="tiny") - _metric(
+    after = scrape(reward_server)
+    batches = metric(after, "rlhf_mesh_reward_batch_size_samples_count", model="tiny") - metric(
         before, "rlhf_mesh_reward_batch_size_samples_count", model="tiny")
-    samples = _metric(after, "rlhf_mesh_reward_batch_size_samples_sum", model="tiny") - _metric(
+    samples = metric(after, "rlhf_mesh_reward_batch_size_samples_sum", model="tiny") - metric(
         before, "rlhf_mesh_reward_batch_size_samples_sum", model="tiny")
     assert samples == len(texts)
     assert batches < len(texts), "concurrent single-sample calls were never batched together"
     for i, score in enumerate(alone):
         assert together[i] == pytest.approx(score, abs=1e-5)
-    assert _metric(after, "rlhf_mesh_reward_tokens_total", model="tiny", kind="real") > 0
+    assert metric(after, "rlhf_mesh_reward_tokens_total", model="tiny", kind="real") > 0
 
 
 def test_over_long_prompt_is_truncated_from_the_left(reward_server, reference):
@@ -216,9 +203,9 @@ def test_cancelled_samples_are_not_computed_and_a_full_queue_refuses(tiny_models
                 client.score([PAIRS[0], PAIRS[1]], timeout_s=0.5)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             time.sleep(3.5)  # past max_wait_ms: a batch would have been cut by now
-            metrics = _metrics(server)
-            assert _metric(metrics, "rlhf_mesh_reward_tokens_total", model="tiny", kind="real") == 0
-            assert _metric(metrics, "rlhf_mesh_reward_dropped_samples_total", model="tiny") == 2
+            metrics = scrape(server)
+            assert metric(metrics, "rlhf_mesh_reward_tokens_total", model="tiny", kind="real") == 0
+            assert metric(metrics, "rlhf_mesh_reward_dropped_samples_total", model="tiny") == 2
 
             waiting = client.stub.Score.future(client_request := reward_pb2.ScoreRequest(
                 samples=[to_sample(p) for p in PAIRS]), timeout=30)

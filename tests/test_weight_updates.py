@@ -11,12 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_mesh.clients.generation import GenerationClient
-from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.weights import CollectiveSender, _requests, push_to_replicas
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import chunks, manifest
 
-from support import PYTHON, ChildServer, free_port
+from support import free_port, greedy, start_generation_server
 
 PROMPTS = ["Hello there", [5, 6, 7, 8, 9]]
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
@@ -25,12 +24,8 @@ GREEDY = dict(max_tokens=16, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
-    server = ChildServer(
-        [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(tiny_models["policy"]),
-         "--dtype", "float32", "--max-model-len", "256"],
-        tmp_path_factory.mktemp("weights") / "server.log",
-    )
-    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    server = start_generation_server(
+        tiny_models["policy"], tmp_path_factory.mktemp("weights") / "server.log", 256)
     yield server
     assert server.stop() == 0
 
@@ -55,19 +50,11 @@ def policies(tiny_models):
     return make
 
 
-def _greedy(model, prompt_ids, steps: int) -> list[int]:
-    ids = list(prompt_ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt_ids):]
-
-
 def _serves(client: GenerationClient, model, version: int) -> None:
     """The service generates exactly what `model` generates greedily, and its log-probabilities."""
     assert client.model_info().policy_version == version
     for sample in client.generate(PROMPTS, **GREEDY):
-        assert list(sample.completion_token_ids) == _greedy(model, sample.prompt_token_ids, 16)
+        assert list(sample.completion_token_ids) == greedy(model, sample.prompt_token_ids, 16)
         assert (sample.policy_version_start, sample.policy_version_end) == (version, version)
         ids = [*sample.prompt_token_ids, *sample.completion_token_ids]
         with torch.no_grad():
@@ -200,11 +187,11 @@ def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(client, pol
     sample = next(e.sample for e in events if e.HasField("sample"))
     assert (sample.policy_version_start, sample.policy_version_end) == (version, version + 1)
     tokens = list(sample.completion_token_ids)
-    old_greedy = _greedy(old, sample.prompt_token_ids, len(tokens))
+    old_greedy = greedy(old, sample.prompt_token_ids, len(tokens))
     switch = next(i for i, (a, b) in enumerate(zip(tokens, old_greedy, strict=True)) if a != b)
     assert 0 < switch < len(tokens)
     context = [*sample.prompt_token_ids, *tokens[:switch]]
-    assert tokens[switch:] == _greedy(new, context, len(tokens) - switch)
+    assert tokens[switch:] == greedy(new, context, len(tokens) - switch)
 
 
 def test_min_policy_version_waits_for_a_push(client, policies):
