@@ -78,7 +78,8 @@ class _Client:
     service: str  # full proto name, e.g. "rlhf_mesh.v1.RewardService"
     stub_class: type
 
-    def __init__(self, channel: grpc.Channel | grpc.aio.Channel, timeout_s: float) -> None:
+    def __init__(self, address: str, channel: grpc.Channel | grpc.aio.Channel, timeout_s: float) -> None:
+        self.address = address
         self.channel = channel
         self.stub = self.stub_class(channel)
         self.timeout_s = timeout_s
@@ -92,7 +93,7 @@ class Client(_Client):
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(open_channel(address, self.service, tls=tls, max_message_bytes=max_message_bytes),
+        super().__init__(address, open_channel(address, self.service, tls=tls, max_message_bytes=max_message_bytes),
                          timeout_s)
 
     def close(self) -> None:
@@ -110,8 +111,9 @@ class AsyncClient(_Client):
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(open_aio_channel(address, self.service, tls=tls, max_message_bytes=max_message_bytes),
-                         timeout_s)
+        super().__init__(
+            address, open_aio_channel(address, self.service, tls=tls, max_message_bytes=max_message_bytes), timeout_s
+        )
 
     async def close(self) -> None:
         await self.channel.close()

@@ -81,11 +81,15 @@ class CollectiveSender:
     """Rank 0 of a gloo group that every worker of `clients`' replicas joins.
 
     After a failed push (a refused manifest, a timeout) the group may be out of step:
-    make a new sender (on a new port) before pushing again.
+    make a new sender (on a new port) before pushing again. `master_port` 0 picks a free one.
     """
 
-    def __init__(self, clients: Sequence[GenerationClient], master_address: str, master_port: int,
+    def __init__(self, clients: Sequence[GenerationClient], master_address: str, master_port: int = 0,
                  timeout_s: float = 60.0) -> None:
+        if master_port == 0:
+            with socket.socket(socket.AF_INET6 if ":" in master_address else socket.AF_INET) as probe:
+                probe.bind((master_address, 0))
+                master_port = probe.getsockname()[1]
         self.clients = list(clients)
         self.timeout_s = timeout_s
         workers = [c.model_info().worker_count for c in self.clients]

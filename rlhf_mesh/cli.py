@@ -9,7 +9,11 @@ from collections.abc import Callable
 
 SERVICES = ("generation", "reward", "learner", "feedback")
 # service -> module with its `Settings` and `Service` classes
-SERVICE_MODULES = {"generation": "rlhf_mesh.services.generation", "reward": "rlhf_mesh.services.reward"}
+SERVICE_MODULES = {
+    "generation": "rlhf_mesh.services.generation",
+    "reward": "rlhf_mesh.services.reward",
+    "learner": "rlhf_mesh.services.learner",
+}
 
 
 def _not_implemented(what: str) -> Callable[[argparse.Namespace], int]:
@@ -36,6 +40,28 @@ def _serve(args: argparse.Namespace) -> int:
 
     module = importlib.import_module(SERVICE_MODULES[args.service])
     return run(module.Settings, module.Service, args.args, f"rlhf-mesh serve {args.service}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rlhf_mesh.server import configure_logging
+    from rlhf_mesh.services.learner import Settings
+    from rlhf_mesh.services.learner.errors import LearnerError
+    from rlhf_mesh.services.learner.run import train
+    from rlhf_mesh.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(Settings, args.args, "rlhf-mesh train")
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(train(settings))
+    except LearnerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -102,8 +128,15 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("args", nargs=argparse.REMAINDER, help="settings of the service")
     serve.set_defaults(run=_serve)
 
+    train = sub.add_parser(
+        "train", help="run the PPO learner", add_help=False,
+        description="Run PPO against running generation and reward services. Settings as for "
+        "`rlhf-mesh serve learner` (`--config ppo.yaml`, flags override it).",
+    )
+    train.add_argument("args", nargs=argparse.REMAINDER, help="settings of the learner")
+    train.set_defaults(run=_train)
+
     for name, help_ in (
-        ("train", "run the PPO learner"),
         ("train-rm", "train a reward model from preference pairs"),
         ("demo", "run the whole RLHF loop on this machine"),
     ):
@@ -144,6 +177,15 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+# Commands whose flags are the settings of a service, parsed by pydantic-settings.
+SETTINGS_COMMANDS = ("train",)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra and args.command not in SETTINGS_COMMANDS:
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.args = extra + args.args
     raise SystemExit(args.run(args))

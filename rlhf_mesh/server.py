@@ -52,6 +52,9 @@ class Service(Protocol):
     async def close(self) -> None:
         """Release what start() acquired; called after the server drained."""
 
+    # Optional: a service whose work ends (the learner) sets `finished: asyncio.Event` to stop
+    # the server and gives the process's `exit_code: int`.
+
 
 @dataclass
 class Running:
@@ -213,7 +216,12 @@ async def serve(service: Service, settings: ServiceSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, running.stopping.set)
-    await running.stopping.wait()
+    waits = [running.stopping.wait()]
+    if getattr(service, "finished", None) is not None:
+        waits.append(service.finished.wait())
+    _, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], return_when=asyncio.FIRST_COMPLETED)
+    for waiting in pending:
+        waiting.cancel()
     await drain(running, service, settings.drain_grace_s)
 
 
@@ -229,5 +237,6 @@ def run(settings_cls: type[ServiceSettings], make_service: Callable[[Any], Servi
         print(f"error: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    asyncio.run(serve(make_service(settings), settings))
-    return 0
+    service = make_service(settings)
+    asyncio.run(serve(service, settings))
+    return getattr(service, "exit_code", 0)

@@ -81,6 +81,11 @@ def corpus() -> list[str]:
     return lines + _EXTRA * 20
 
 
+def prompts() -> list[str]:
+    """Sentence starts the tiny policy can continue: the prompts of the demo and the tests."""
+    return [f"{s.capitalize()} {v}" for s, v in itertools.product(_SUBJECTS, _VERBS)]
+
+
 MAX_VOCAB_SIZE = 4096  # the BPE merges stop earlier on this corpus (about 600 tokens)
 
 
@@ -109,7 +114,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> dict[str, Path]:
     """Write `policy/` (LlamaForCausalLM) and `reward/` (LlamaForSequenceClassification,
-    one label) with the same tokenizer under `out_dir`; the same seed gives the same files."""
+    one label) with the same tokenizer, and `prompts.jsonl`, under `out_dir`; the same seed
+    gives the same files."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -138,6 +144,8 @@ def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> dict[str,
     for name, model in (("policy", policy), ("reward", reward)):
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
+    paths["prompts"] = out / "prompts.jsonl"
+    paths["prompts"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts()))
     (out / "models.json").write_text(json.dumps(
         {"seed": seed, "preset": preset, "parameters": {
             "policy": sum(p.numel() for p in policy.parameters()),

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable
+from pathlib import Path
 
 import blake3
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from rlhf_mesh.v1 import generation_pb2
 
@@ -35,6 +37,19 @@ def digest(data: torch.Tensor | memoryview | bytes) -> bytes:
     if isinstance(data, torch.Tensor):
         data = raw_bytes(data)
     return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+
+
+def checkpoint_layout(model_dir: str) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a Hugging Face checkpoint folder (tied weights appear once)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors checkpoint to take parameter names from")
+    layout = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                layout[name] = tuple(f.get_slice(name).get_shape())
+    return layout
 
 
 def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

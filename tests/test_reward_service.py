@@ -31,6 +31,7 @@ PAIRS = [
     ("Please explain why the sky is blue in simple words.", "Because air scatters blue light more."),
     ("What is 2 + 2?", "The answer is 4. Thank you, that is very helpful and kind of you."),
     ("", "A response to an empty prompt."),
+    ("A prompt whose sampled response was EOS at once.", ""),
 ]
 
 
@@ -120,7 +121,6 @@ def test_over_long_prompt_is_truncated_from_the_left(reward_server, reference):
     [
         ([], "", grpc.StatusCode.INVALID_ARGUMENT, "samples is empty"),
         ([("a", "b"), reward_pb2.ScoreSample()], "", grpc.StatusCode.INVALID_ARGUMENT, "samples[1]: has no input"),
-        ([("a", "b"), ("c", "")], "", grpc.StatusCode.INVALID_ARGUMENT, "samples[1]: response is empty"),
         ([[1, 2], [3, 10**6]], "", grpc.StatusCode.INVALID_ARGUMENT,
          "samples[1]: token id 1000000 is outside the vocabulary"),
         ([reward_pb2.ScoreSample(token_ids=common_pb2.TokenIds())], "", grpc.StatusCode.INVALID_ARGUMENT,
@@ -131,7 +131,7 @@ def test_over_long_prompt_is_truncated_from_the_left(reward_server, reference):
         ([("a", "b")], "nope", grpc.StatusCode.NOT_FOUND, "no reward model named 'nope'"),
         ([("a", "x" * (70 << 20))], "", grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     ],
-    ids=["empty", "no-input", "no-response", "oov", "empty-ids", "empty-chat", "too-many", "unknown-model",
+    ids=["empty", "no-input", "oov", "empty-ids", "empty-chat", "too-many", "unknown-model",
          "too-large"],
 )
 def test_bad_input_gets_a_precise_status(reward_server, samples, model, code, message):
@@ -208,7 +208,7 @@ def test_cancelled_samples_are_not_computed_and_a_full_queue_refuses(tiny_models
             assert metric(metrics, "rlhf_mesh_reward_dropped_samples_total", model="tiny") == 2
 
             waiting = client.stub.Score.future(client_request := reward_pb2.ScoreRequest(
-                samples=[to_sample(p) for p in PAIRS]), timeout=30)
+                samples=[to_sample(p) for p in PAIRS[:4]]), timeout=30)  # fills the queue of 4
             time.sleep(0.3)
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:

@@ -26,8 +26,9 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from rlhf_mesh.services.generation.prompts import Limits, Plan
 from rlhf_mesh.services.generation.settings import GenerationSettings
 from rlhf_mesh.services.generation.weight_transfer import REJECTED
-from rlhf_mesh.services.generation.weights import WeightRejected, checkpoint_layout
+from rlhf_mesh.services.generation.weights import WeightRejected
 from rlhf_mesh.v1 import generation_pb2
+from rlhf_mesh.weights import checkpoint_layout
 
 log = logging.getLogger(__name__)
 

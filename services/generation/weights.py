@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import SAFETENSORS_DTYPES, TORCH_DTYPES, digest
@@ -28,19 +27,6 @@ class WeightRejected(ValueError):
 
 class StaleVersion(ValueError):
     """The push's version is not above the served one (FAILED_PRECONDITION)."""
-
-
-def checkpoint_layout(model_dir: str) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of the Hugging Face checkpoint the service loaded."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors checkpoint to take parameter names from")
-    layout = {}
-    for path in files:
-        with safe_open(path, "pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                layout[name] = tuple(f.get_slice(name).get_shape())
-    return layout
 
 
 def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tuple[int, ...]],

@@ -87,9 +87,8 @@ class Tokenization:
             if any(not m["role"] for m in messages):
                 raise InvalidSample(index, "every chat message needs a role")
             return self._fit(index, self._render(messages), protected=0)
+        # An empty response is a real outcome of sampling (EOS first) and gets a score.
         prompt, response = sample.text.prompt, sample.text.response
-        if not response:
-            raise InvalidSample(index, "response is empty")
         if self.has_chat_template:
             turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             ids = self._render(turns)
@@ -99,6 +98,8 @@ class Tokenization:
             head = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
             tail = self.tokenizer(response, add_special_tokens=False)["input_ids"]
             ids, protected = head + tail, len(tail)
+            if not ids:
+                raise InvalidSample(index, "prompt and response are both empty")
         return self._fit(index, ids, protected)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:

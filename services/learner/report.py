@@ -1,0 +1,85 @@
+"""What a run shows: a progress bar or log lines, TensorBoard scalars, a PNG plot, a summary."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The columns of the progress line and the summary table: (scalar, short name).
+HEADLINE = (("charts/reward_mean", "reward"), ("objective/kl", "kl"), ("time/step_s", "step_s"))
+PLOTTED = ("charts/reward_mean", "objective/kl", "losses/policy_loss", "losses/value_loss", "objective/entropy",
+           "losses/approx_kl")
+
+
+def _headline(scalars: dict[str, float]) -> str:
+    return " ".join(f"{short}={scalars[name]:.4g}" for name, short in HEADLINE if name in scalars)
+
+
+class Reporter:
+    """TensorBoard under `log_dir`; a tqdm bar on a terminal, one log line per step otherwise."""
+
+    def __init__(self, log_dir: Path, total_steps: int, first_step: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+        self.bar = None
+        self.total_steps = total_steps
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, desc="ppo", unit="step")
+
+    def step(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        if self.bar is not None:
+            self.bar.set_postfix_str(_headline(scalars), refresh=False)
+            self.bar.update(1)
+        else:
+            log.info("step %d/%d %s", step, self.total_steps, _headline(scalars))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+
+
+def plot(history: list[dict[str, float]], path: Path) -> Path:
+    """One panel per plotted scalar against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in PLOTTED if any(n in h for h in history)]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        points = [(h["step"], h[name]) for h in history if name in h]
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary(history: list[dict[str, float]]) -> str:
+    """A table: the first and last step, and the mean step time per phase."""
+    if not history:
+        return "no steps ran"
+    first, last = history[0], history[-1]
+    rows = [("", "first step", "last step")]
+    for name, _ in HEADLINE[:2]:
+        rows.append((name, f"{first.get(name, float('nan')):.4f}", f"{last.get(name, float('nan')):.4f}"))
+    phases = sorted(k for k in last if k.startswith("time/"))
+    for name in phases:
+        mean = sum(h.get(name, 0.0) for h in history) / len(history)
+        rows.append((f"{name} (mean)", f"{mean:.3f}", ""))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}" for r in rows)

@@ -1,0 +1,98 @@
+"""LearnerService: a PPO run that trains while it answers GetStatus, WatchMetrics,
+SaveCheckpoint, Pause and Resume. The server stops by itself `linger_s` after the run ends
+(a Kubernetes Job completes), so watchers see the last step and the final state first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from rlhf_mesh.services.learner.run import Run
+from rlhf_mesh.services.learner.settings import LearnerSettings
+from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
+
+
+class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    async def GetStatus(self, request, context):
+        run = self.run
+        checkpoint = run.last_checkpoint
+        return learner_pb2.GetStatusResponse(
+            state=run.state, step=run.step, total_steps=run.settings.steps, policy_version=run.step,
+            last_checkpoint_path=str(checkpoint[0]) if checkpoint else "",
+            last_checkpoint_step=checkpoint[1] if checkpoint else 0, world_size=1, message=run.message,
+        )
+
+    async def WatchMetrics(self, request, context):
+        """Replay from `from_step` (0: only new steps), then follow until the run ends."""
+        run = self.run
+        sent = len(run.metrics) if request.from_step == 0 else request.from_step - 1
+        while True:
+            while sent < len(run.metrics):
+                yield run.metrics[sent]
+                sent += 1
+            if run.done:
+                return
+            async with run.changed:
+                await run.changed.wait_for(lambda sent=sent: sent < len(run.metrics) or run.done)
+
+    async def SaveCheckpoint(self, request, context):
+        if self.run.trainer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the learner has not loaded its models yet")
+        path, step = await self.run.checkpoint()
+        return learner_pb2.SaveCheckpointResponse(path=str(path), step=step)
+
+    async def Pause(self, request, context):
+        if self.run.done:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run has ended")
+        self.run.running.clear()
+        return learner_pb2.PauseResponse(state=learner_pb2.LEARNER_STATE_PAUSED)
+
+    async def Resume(self, request, context):
+        if self.run.done:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run has ended")
+        self.run.running.set()
+        return learner_pb2.ResumeResponse(state=learner_pb2.LEARNER_STATE_RUNNING)
+
+
+class LearnerService:
+    name = "learner"
+
+    def __init__(self, settings: LearnerSettings) -> None:
+        self.settings = settings
+        self.run = Run(settings)
+        self.finished = asyncio.Event()  # the bootstrap stops the server when set
+        self.exit_code = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(self.run), server)
+        return [SERVICE]
+
+    async def start(self) -> None:
+        await self.run.start()
+        self._task = asyncio.create_task(self._train())
+
+    async def _train(self) -> None:
+        try:
+            await self.run.loop()
+        except Exception:  # logged and reported as FAILED by the run
+            self.exit_code = 1
+        await asyncio.sleep(self.settings.linger_s)
+        self.finished.set()
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.run.close()

@@ -1,0 +1,116 @@
+"""Settings of the PPO learner (env prefix RLHF_MESH_LEARNER_): one flat set, TRL's names.
+
+`rlhf-mesh train --config ppo.yaml` and `rlhf-mesh serve learner --config ppo.yaml` read
+the same file; flags override it (`--kl-coef 0.1`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from rlhf_mesh.settings import ServiceSettings
+
+
+class LearnerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_MESH_LEARNER_")
+
+    port: int = Field(50053, ge=0, le=65535, description="gRPC port of the LearnerService (0 picks a free one)")
+
+    # Models.
+    policy: str = Field(description="Hugging Face causal LM folder: the initial policy")
+    reference: str | None = Field(None, description="reference model folder; default: a frozen copy of the policy")
+    critic: str | None = Field(
+        None, description="value model folder (*ForSequenceClassification weights, one label; e.g. the reward "
+        "model's); default: initialised from the policy"
+    )
+    value_head: bool = Field(False, description="critic as a linear head on the policy instead of a separate model")
+    device: str = Field("cpu", description="torch device of the learner, e.g. cpu or cuda")
+
+    # Services.
+    generation: list[str] = Field(min_length=1, description="GenerationService HOST:PORT; repeat for replicas")
+    reward: str = Field(description="RewardService HOST:PORT")
+    reward_model: str = Field("", description="reward model name on the RewardService (default: its default)")
+    weight_transport: Literal["grpc", "collective"] = Field(
+        "grpc", description="weight pushes in-band over gRPC, or by gloo broadcast with gRPC control"
+    )
+    collective_address: str = Field("127.0.0.1", description="this host as the generation workers reach it")
+    rpc_timeout_s: float = Field(600.0, gt=0, description="deadline of each Generate, Score and push call")
+
+    # Prompts.
+    prompts: Path = Field(description="prompt dataset: .jsonl or .parquet")
+    prompt_field: str = Field("prompt", description="column with the prompt text")
+    messages_field: str | None = Field(None, description="column with chat messages; used instead of prompt_field")
+
+    # Rollouts.
+    steps: int = Field(10, ge=1, description="PPO steps (policy versions 1..steps)")
+    batch_size: int = Field(16, ge=1, description="prompts per step")
+    num_samples_per_prompt: int = Field(1, ge=1, description="responses per prompt (the group of GRPO/RLOO)")
+    response_length: int = Field(32, ge=1, description="most tokens per response")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; the learner's log-probs use it too")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the score of a response cut at response_length without EOS"
+    )
+
+    # PPO (TRL names).
+    advantage_estimator: Literal["gae", "grpo", "rloo"] = Field(
+        "gae", description="gae: critic + GAE; grpo / rloo: critic-free group baselines"
+    )
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (policy and critic)")
+    num_ppo_epochs: int = Field(4, ge=1, description="passes over each step's rollouts")
+    num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per mini-batch")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial value when adaptive)")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL estimator")
+    target_kl: float | None = Field(None, gt=0, description="adapt kl_coef towards this KL per response; None: fixed")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive KL horizon, in samples")
+    cliprange: float = Field(0.2, gt=0, description="policy ratio clip")
+    cliprange_value: float = Field(0.2, gt=0, description="value clip")
+    vf_coef: float = Field(0.1, ge=0, description="value loss coefficient")
+    ent_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    whiten_rewards: bool = Field(False, description="whiten token rewards (scale only) before GAE")
+    whiten_advantages: bool = Field(True, description="whiten advantages over the step's tokens")
+    tis_cap: float | None = Field(
+        None, gt=0, description="truncated importance sampling: weight tokens by min(p_learner/p_sampler, cap)"
+    )
+    seed: int = Field(0, description="prompt order, sampling seeds and torch")
+
+    # Output.
+    output_dir: Path = Field(Path("runs/learner"), description="TensorBoard logs, checkpoints, plot and summary")
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end and on request)")
+    linger_s: float = Field(
+        10.0, ge=0, description="serve learner: how long the server keeps answering after the run ends"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LearnerSettings:
+        rollouts = self.batch_size * self.num_samples_per_prompt
+        micro = self.num_mini_batches * self.gradient_accumulation_steps
+        if rollouts % micro:
+            raise ValueError(
+                f"batch_size * num_samples_per_prompt ({rollouts}) must be divisible by "
+                f"num_mini_batches * gradient_accumulation_steps ({micro})"
+            )
+        if self.advantage_estimator != "gae" and self.num_samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator {self.advantage_estimator} needs num_samples_per_prompt >= 2")
+        if self.advantage_estimator != "gae" and (self.critic or self.value_head):
+            raise ValueError(f"advantage_estimator {self.advantage_estimator} is critic-free: drop critic/value_head")
+        if self.critic and self.value_head:
+            raise ValueError("critic and value_head exclude each other: a separate value model or a head")
+        if self.prompts.suffix not in (".jsonl", ".parquet"):
+            raise ValueError(f"prompts: {self.prompts} is neither .jsonl nor .parquet")
+        return self
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.batch_size * self.num_samples_per_prompt
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.rollouts_per_step // (self.num_mini_batches * self.gradient_accumulation_steps)

@@ -1,0 +1,310 @@
+"""The PPO learner: one step is rollouts -> reference and values -> advantages -> PPO epochs -> push.
+
+`Trainer.run()` loops over the steps; `Trainer.train(rollouts)` is the PPO update itself and
+needs no service. Policy version k is the policy after step k; version 0 is the initial
+policy every generation replica loaded at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
+from rlhf_mesh.clients.reward import AsyncRewardClient
+from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas
+from rlhf_mesh.services.learner import ppo
+from rlhf_mesh.services.learner.data import PromptDataset
+from rlhf_mesh.services.learner.errors import LearnerError
+from rlhf_mesh.services.learner.models import Batch, forward, load_models, make_batch
+from rlhf_mesh.services.learner.report import plot, summary
+from rlhf_mesh.services.learner.rollouts import Rollout, collect
+from rlhf_mesh.services.learner.settings import LearnerSettings
+from rlhf_mesh.weights import TORCH_DTYPES, checkpoint_layout
+
+log = logging.getLogger(__name__)
+
+
+def _padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def _mean(values: list[torch.Tensor]) -> float:
+    return float(torch.stack(values).mean())
+
+
+class Trainer:
+    """Models, optimizer and KL controller of one PPO run, and the loop that drives it."""
+
+    def __init__(self, settings: LearnerSettings) -> None:
+        self.settings = s = settings
+        self._seed_everything(s.seed)
+        self.dataset = PromptDataset.load(s.prompts, s.prompt_field, s.messages_field, s.seed)
+        self.device = torch.device(s.device)
+        self.models = load_models(s.policy, s.reference, s.critic, s.value_head,
+                                  with_critic=s.advantage_estimator == "gae", device=s.device)
+        self.parameters = [p for m in (self.models.policy, self.models.critic) if m is not None
+                           for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=s.learning_rate, eps=1e-5)
+        self.kl_ctl = ppo.KLController(s.kl_coef, s.target_kl, s.kl_horizon)
+        self.pad_id = self.models.policy.config.pad_token_id or 0
+        self.pushed_names = set(checkpoint_layout(s.policy))
+        self.step = 0  # steps done = the policy version the replicas serve
+        self.history: list[dict[str, float]] = []
+        self._generators: list[AsyncGenerationClient] = []
+        self._reward: AsyncRewardClient | None = None
+        self._sender: CollectiveSender | None = None
+        self._push_dtype = torch.float32
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # --- services -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the clients and check that every replica serves the learner's version."""
+        s = self.settings
+        self._generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s) for a in s.generation]
+        self._reward = AsyncRewardClient(s.reward, timeout_s=s.rpc_timeout_s)
+        try:
+            infos = await asyncio.gather(*(g.model_info() for g in self._generators))
+            await self._reward.list_models()
+        except grpc.aio.AioRpcError as err:
+            raise LearnerError(f"cannot use the services {s.generation} and {s.reward}: "
+                               f"{err.code().name}: {err.details()}") from None
+        dtypes = {info.dtype for info in infos}
+        if len(dtypes) != 1:
+            raise LearnerError(f"generation replicas serve different dtypes: {sorted(dtypes)}")
+        self._push_dtype = getattr(torch, dtypes.pop())
+        if self._push_dtype not in TORCH_DTYPES.values():
+            raise LearnerError(f"generation replicas serve {self._push_dtype}, which cannot be pushed")
+        for address, info in zip(s.generation, infos, strict=True):
+            if info.policy_version != self.step:
+                raise LearnerError(
+                    f"generation replica {address} serves policy version {info.policy_version}, the learner is at "
+                    f"{self.step}: restart the replica so it serves the initial policy"
+                )
+        if s.weight_transport == "collective":
+            clients = [GenerationClient(a) for a in s.generation]
+            self._sender = await asyncio.to_thread(
+                CollectiveSender, clients, s.collective_address, 0, min(s.rpc_timeout_s, 300.0)
+            )
+
+    async def close(self) -> None:
+        for client in (*self._generators, self._reward):
+            if client is not None:
+                await client.close()
+        if self._sender is not None:
+            for client in self._sender.clients:
+                client.close()
+            self._sender.close()
+
+    def _push(self, version: int) -> None:
+        """Every replica serves `version` = the current policy when this returns."""
+        tensors = {name: t.detach().to("cpu", self._push_dtype)
+                   for name, t in self.models.policy.state_dict().items() if name in self.pushed_names}
+        if self._sender is not None:
+            self._sender.push(tensors, version)
+            return
+        failed = [r for r in push_to_replicas(self.settings.generation, tensors, version, self.settings.rpc_timeout_s)
+                  if not r.ok]
+        if failed:
+            raise LearnerError("weight push failed: " + "; ".join(
+                f"{r.address}: {r.error.code().name} {r.error.details()}" for r in failed))
+
+    # --- one step ---------------------------------------------------------------------------
+
+    async def run_step(self) -> dict[str, float]:
+        """Generate and score, train, push version step+1; returns the step's scalars."""
+        s = self.settings
+        started = time.perf_counter()
+        prompts = self.dataset.batch(self.step, s.batch_size)
+        collected = await collect(
+            self._generators, self._reward, prompts, n=s.num_samples_per_prompt, max_tokens=s.response_length,
+            temperature=s.temperature, seed=s.seed * 1_000_003 + self.step * s.rollouts_per_step,
+            min_policy_version=self.step, reward_model=s.reward_model, timeout_s=s.rpc_timeout_s,
+        )
+        stale = [r for r in collected.rollouts if r.policy_version_start != self.step]
+        if stale:
+            raise LearnerError(f"{len(stale)} rollouts were not generated by policy version {self.step}")
+        scalars = await asyncio.to_thread(self.train, collected.rollouts)
+        pushed = time.perf_counter()
+        await asyncio.to_thread(self._push, self.step + 1)
+        self.step += 1
+        done = time.perf_counter()
+        scalars.update({
+            "time/generate_s": collected.generate_s, "time/score_s": collected.score_tail_s,
+            "time/push_s": done - pushed, "time/step_s": done - started,
+            "charts/samples_per_s": len(collected.rollouts) / (done - started),
+            "policy/version": float(self.step),
+        })
+        self.history.append({"step": float(self.step), **scalars})
+        return scalars
+
+    def train(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """The PPO update on one step's rollouts (in prompt, sample order)."""
+        s = self.settings
+        began = time.perf_counter()
+        batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
+                           self.pad_id).to(self.device)
+        mask = batch.mask
+        scores = torch.tensor([r.score for r in rollouts], device=self.device)
+        finished = torch.tensor([r.finished for r in rollouts], device=self.device)
+        if s.missing_eos_penalty is not None:
+            scores = scores - s.missing_eos_penalty * (~finished).float()
+        sampler_logprobs = _padded([r.sampler_logprobs for r in rollouts], mask.shape[1]).to(self.device)
+
+        # Log-probs of the learner's own policy anchor the ratio; the reference gives the KL.
+        with torch.no_grad():
+            parts = [self._score_rows(batch.select(rows)) for rows in self._micro_batches(len(batch))]
+            old_logprobs, ref_logprobs, values = (
+                torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(3)
+            )
+        scored = time.perf_counter()
+
+        kl = ppo.kl_penalty(old_logprobs, ref_logprobs, s.kl_estimator) * mask
+        kl_sum = kl.sum(1)
+        kl_coef = self.kl_ctl.value
+        if s.advantage_estimator == "gae":
+            rewards = ppo.token_rewards(scores, kl, kl_coef, mask)
+            if s.whiten_rewards:
+                rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = ppo.gae(rewards, values, mask, s.gamma, s.lam)
+        else:
+            sequence = ppo.group_advantages(scores - kl_coef * kl_sum, s.num_samples_per_prompt,
+                                            s.advantage_estimator)
+            advantages, returns = sequence[:, None] * mask, None
+        if s.whiten_advantages:
+            advantages = ppo.masked_whiten(advantages, mask)
+        weights = None
+        if s.tis_cap is not None:
+            weights = torch.clamp(torch.exp(old_logprobs - sampler_logprobs), max=s.tis_cap)
+        mismatch = (old_logprobs - sampler_logprobs).abs() * mask
+
+        stats = self._ppo_epochs(batch, old_logprobs, values, advantages, returns, weights)
+        self.kl_ctl.update(float(kl_sum.mean()), len(rollouts))
+        lengths = mask.sum(1)
+        return {
+            "charts/reward_mean": float(scores.mean()), "charts/reward_std": float(scores.std()),
+            "charts/response_length": float(lengths.mean()), "charts/eos_rate": float(finished.float().mean()),
+            "objective/kl": float(kl_sum.mean()), "objective/kl_coef": kl_coef,
+            "objective/rlhf_reward": float((scores - kl_coef * kl_sum).mean()),
+            "sampling/logprob_diff_mean": float(ppo.masked_mean(mismatch, mask)),
+            "sampling/logprob_diff_max": float(mismatch.max()),
+            **stats,
+            "time/reference_values_s": scored - began, "time/train_s": time.perf_counter() - scored,
+        }
+
+    def _micro_batches(self, count: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
+        rows = torch.arange(count) if order is None else order
+        return list(rows.split(self.settings.micro_batch_size))
+
+    def _score_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Policy log-probs, reference log-probs and values of a micro-batch (no gradients)."""
+        t, critic = self.settings.temperature, self.models.critic
+        _, logprobs, hidden = forward(self.models.policy, batch, t, hidden=critic is not None and critic.is_head)
+        _, ref_logprobs, _ = forward(self.models.reference, batch, t)
+        values = critic(batch, hidden) if critic is not None else None
+        return logprobs, ref_logprobs, values
+
+    def _ppo_epochs(self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor | None,
+                    advantages: torch.Tensor, returns: torch.Tensor | None,
+                    weights: torch.Tensor | None) -> dict[str, float]:
+        s, policy, critic = self.settings, self.models.policy, self.models.critic
+        generator = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
+        record: dict[str, list[torch.Tensor]] = {}
+
+        def note(name: str, value: torch.Tensor) -> None:
+            record.setdefault(name, []).append(value.detach())
+
+        for _ in range(s.num_ppo_epochs):
+            order = torch.randperm(len(batch), generator=generator)
+            for mini in order.split(len(batch) // s.num_mini_batches):
+                self.optimizer.zero_grad(set_to_none=True)
+                for rows in self._micro_batches(len(batch), mini):
+                    micro = batch.select(rows.to(self.device))
+                    mask = micro.mask
+                    logits, logprobs, hidden = forward(policy, micro, s.temperature,
+                                                       hidden=critic is not None and critic.is_head)
+                    pg_loss, pg = ppo.policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask,
+                                                  s.cliprange, None if weights is None else weights[rows])
+                    entropy = ppo.masked_mean(ppo.entropy(logits), mask)
+                    loss = pg_loss - s.ent_coef * entropy
+                    if critic is not None:
+                        vf_loss, vf = ppo.value_loss(critic(micro, hidden), old_values[rows], returns[rows], mask,
+                                                     s.cliprange_value)
+                        loss = loss + s.vf_coef * vf_loss
+                        note("losses/value_loss", vf_loss)
+                        note("losses/value_clipfrac", vf["clipfrac"])
+                    (loss / s.gradient_accumulation_steps).backward()
+                    note("losses/policy_loss", pg_loss)
+                    note("losses/approx_kl", pg["approx_kl"])
+                    note("losses/clipfrac", pg["clipfrac"])
+                    note("losses/ratio", pg["ratio"])
+                    note("objective/entropy", entropy)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, s.max_grad_norm)
+                note("losses/grad_norm", grad_norm)
+                self.optimizer.step()
+        return {name: _mean(values) for name, values in record.items()}
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write the run's state under output_dir/checkpoints/step-N, atomically (write, fsync, rename)."""
+        from transformers import AutoTokenizer
+
+        root = self.settings.output_dir / "checkpoints"
+        final = root / f"step-{self.step:06d}"
+        partial = root / f".{final.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self.models.policy.save_pretrained(partial / "policy")
+        AutoTokenizer.from_pretrained(self.settings.policy).save_pretrained(partial / "policy")
+        critic = self.models.critic
+        if critic is not None and critic.is_head:
+            torch.save(critic.state_dict(), partial / "value_head.pt")
+        elif critic is not None:
+            critic.model.save_pretrained(partial / "critic")
+        torch.save({
+            "step": self.step, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }, partial / "trainer.pt")
+        (partial / "history.json").write_text(json.dumps(self.history))
+        for path in partial.rglob("*"):
+            if path.is_file():
+                with path.open("rb") as f:
+                    os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        directory = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return final
+
+    # --- the run ----------------------------------------------------------------------------
+
+    def finish(self) -> tuple[Path | None, str]:
+        """Plot and summary of the run so far, written under output_dir."""
+        out = self.settings.output_dir
+        table = summary(self.history)
+        (out / "summary.txt").write_text(table + "\n")
+        (out / "history.json").write_text(json.dumps(self.history, indent=1))
+        return (plot(self.history, out / "ppo.png") if self.history else None), table

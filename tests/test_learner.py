@@ -1,0 +1,143 @@
+"""The PPO learner against the real services: vLLM generation, a transformers reward model,
+gRPC on localhost. The reward model is the tiny one with its score head scaled x20: a random
+but learnable preference whose scores are of order 1, so a few steps move them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_mesh.clients.generation import GenerationClient
+from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.services.learner.settings import LearnerSettings
+from rlhf_mesh.services.learner.trainer import Trainer
+from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
+
+from support import PYTHON, ChildServer, greedy, start_generation_server
+
+pytestmark = pytest.mark.slow
+
+MAX_MODEL_LEN = 256
+PROBE = "The teacher explains"
+
+
+@pytest.fixture(scope="module")
+def sharp_reward(tiny_models, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sharp") / "reward"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"])
+    with torch.no_grad():
+        model.score.weight.mul_(20)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_models["reward"]).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_server(sharp_reward, tmp_path_factory):
+    server = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"sharp={sharp_reward}"],
+                         tmp_path_factory.mktemp("logs") / "reward.log")
+    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    yield server
+    server.stop()
+
+
+def _served_greedy(client: GenerationClient, steps: int) -> tuple[list[int], list[int]]:
+    sample = next(client.generate([PROBE], temperature=0.0, max_tokens=steps, ignore_eos=True))
+    return list(sample.prompt_token_ids), list(sample.completion_token_ids)
+
+
+async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
+        tiny_models, reward_server, tmp_path):
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", MAX_MODEL_LEN)
+    settings = LearnerSettings(
+        policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward_server.address,
+        prompts=tiny_models["prompts"], steps=12, batch_size=16, num_samples_per_prompt=4, response_length=24,
+        learning_rate=3e-3, kl_coef=0.1, seed=0, output_dir=tmp_path / "run",
+    )
+    trainer = Trainer(settings)
+    history = []
+    try:
+        await trainer.connect()
+        with GenerationClient(generation.address) as client:
+            for step in range(1, settings.steps + 1):
+                history.append(await trainer.run_step())
+                assert client.model_info().policy_version == step
+                prompt_ids, served = _served_greedy(client, 12)
+                assert served == greedy(trainer.models.policy, prompt_ids, 12), f"step {step}"
+    finally:
+        await trainer.close()
+        generation.stop()
+    rewards = [h["charts/reward_mean"] for h in history]
+    kls = [h["objective/kl"] for h in history]
+    print(f"reward per step {rewards}\nkl per step {kls}")
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 1.0, rewards
+    assert max(kls) < 12.0, kls
+    # The learner's recomputed log-probs and vLLM's (both float32) agree.
+    assert max(h["sampling/logprob_diff_mean"] for h in history) < 1e-3
+    for name in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "losses/clipfrac",
+                 "objective/entropy", "time/generate_s", "time/train_s", "time/push_s"):
+        assert all(name in h for h in history), name
+
+
+def _status(stub) -> learner_pb2.GetStatusResponse:
+    return stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=10)
+
+
+def test_serve_learner_trains_two_replicas_and_answers_its_controls(
+        tiny_models, reward_server, tmp_path):
+    replicas = [start_generation_server(tiny_models["policy"], tmp_path / f"generation{i}.log", MAX_MODEL_LEN)
+                for i in range(2)]
+    out = tmp_path / "run"
+    learner = ChildServer(
+        [PYTHON, "-m", "rlhf_mesh", "serve", "learner", "--policy", str(tiny_models["policy"]),
+         "--generation", replicas[0].address, "--generation", replicas[1].address,
+         "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", "4",
+         "--batch-size", "4", "--num-samples-per-prompt", "2", "--response-length", "8", "--num-ppo-epochs", "1",
+         "--learning-rate", "1e-3", "--output-dir", str(out), "--linger-s", "3"],
+        tmp_path / "learner.log",
+    )
+    try:
+        wait_until_serving(learner.address, timeout_s=300, alive=learner.alive)
+        with grpc.insecure_channel(learner.address) as channel:
+            stub = learner_pb2_grpc.LearnerServiceStub(channel)
+            watch = stub.WatchMetrics(learner_pb2.WatchMetricsRequest(from_step=1), timeout=300)
+            first = next(watch)
+            assert first.step == 1 and first.policy_version == 1
+            assert {"charts/reward_mean", "objective/kl", "losses/policy_loss"} <= set(first.scalars)
+
+            assert stub.Pause(learner_pb2.PauseRequest(), timeout=10).state == learner_pb2.LEARNER_STATE_PAUSED
+            deadline = time.monotonic() + 120
+            while _status(stub).state != learner_pb2.LEARNER_STATE_PAUSED:
+                assert time.monotonic() < deadline, "the learner did not pause"
+                time.sleep(0.2)
+            paused_at = _status(stub).step
+            time.sleep(2)
+            assert _status(stub).step == paused_at < 4
+            saved = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(), timeout=120)
+            assert saved.step == paused_at and (Path(saved.path) / "policy" / "config.json").is_file()
+
+            stub.Resume(learner_pb2.ResumeRequest(), timeout=10)
+            steps = [first.step, *(m.step for m in watch)]  # the stream ends with the run
+            assert steps == [1, 2, 3, 4]
+            status = _status(stub)
+            assert status.state == learner_pb2.LEARNER_STATE_FINISHED and status.policy_version == 4
+            assert status.last_checkpoint_step == 4
+        assert learner.process.wait(60) == 0  # the server stops by itself after linger_s
+        final = AutoModelForCausalLM.from_pretrained(status.last_checkpoint_path + "/policy", dtype=torch.float32)
+        for replica in replicas:
+            with GenerationClient(replica.address) as client:
+                assert client.model_info().policy_version == 4
+                prompt_ids, served = _served_greedy(client, 12)
+                assert served == greedy(final.eval(), prompt_ids, 12)
+        assert (out / "ppo.png").stat().st_size > 0 and (out / "summary.txt").is_file()
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    finally:
+        learner.stop()
+        for replica in replicas:
+            replica.stop()

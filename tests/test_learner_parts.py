@@ -1,0 +1,98 @@
+"""The learner's parts that need no service: prompts, batching, log-probs, settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_mesh.services.learner.data import DatasetError, PromptDataset
+from rlhf_mesh.services.learner.models import forward, make_batch, token_logprobs
+
+from support import PYTHON, ROOT
+
+ROWS = [{"prompt": f"prompt {i}", "messages": [{"role": "user", "content": f"chat {i}"}]} for i in range(5)]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_and_parquet_give_the_same_prompts(tmp_path):
+    jsonl = _write_jsonl(tmp_path / "p.jsonl", ROWS)
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), parquet)
+    assert PromptDataset.load(jsonl).prompts == PromptDataset.load(parquet).prompts == [r["prompt"] for r in ROWS]
+    chats = PromptDataset.load(parquet, messages_field="messages").prompts
+    assert chats == [r["messages"] for r in ROWS]
+
+
+def test_each_pass_is_a_seeded_permutation(tmp_path):
+    data = PromptDataset.load(_write_jsonl(tmp_path / "p.jsonl", ROWS), seed=3)
+    steps = [data.batch(step, 2) for step in range(5)]  # 10 prompts: exactly two passes over 5
+    flat = [p for batch in steps for p in batch]
+    assert sorted(flat[:5]) == sorted(flat[5:]) == sorted(r["prompt"] for r in ROWS)
+    assert flat[:5] != flat[5:]  # each pass has its own order
+    again = PromptDataset.load(_write_jsonl(tmp_path / "q.jsonl", ROWS), seed=3)
+    assert [again.batch(step, 2) for step in (4, 0)] == [steps[4], steps[0]]  # a pure function of the step
+
+
+@pytest.mark.parametrize(
+    ("rows", "field", "message"),
+    [
+        ([{"text": "x"}], None, "row 0: no field 'prompt'"),
+        ([{"prompt": "a"}, {"prompt": ""}], None, "row 1: 'prompt' must be a non-empty string"),
+        ([{"messages": [{"role": "user"}]}], "messages", "row 0: 'messages' must be a non-empty list"),
+        ([], None, "the prompt dataset is empty"),
+    ],
+)
+def test_bad_datasets_are_refused_naming_the_row(tmp_path, rows, field, message):
+    with pytest.raises(DatasetError, match=message):
+        PromptDataset.load(_write_jsonl(tmp_path / "p.jsonl", rows), messages_field=field)
+
+
+def test_padded_batch_log_probs_equal_each_sequence_alone(tiny_models):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32).eval()
+    prompts, responses = [[1, 7, 9], [1, 20, 21, 22, 23, 24]], [[30, 31, 32, 33], [40, 2]]
+    batch = make_batch(prompts, responses, pad_id=0)
+    assert batch.mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    with torch.no_grad():
+        _, logprobs, _ = forward(policy, batch, temperature=0.7)
+        for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            logits = policy(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1] / 0.7
+            alone = token_logprobs(logits, torch.tensor(response))
+            torch.testing.assert_close(logprobs[row, : len(response)], alone, atol=1e-5, rtol=1e-5)
+            expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+            torch.testing.assert_close(alone, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--kl-estimator", "k7"], "kl_estimator"),
+        (["--batch-size", "3", "--num-mini-batches", "2"], "must be divisible by num_mini_batches"),
+        (["--advantage-estimator", "grpo"], "grpo needs num_samples_per_prompt >= 2"),
+        (["--prompts", "p.csv"], "prompts: p.csv is neither .jsonl nor .parquet"),
+    ],
+)
+def test_a_config_that_does_not_validate_fails_at_start_naming_the_key(tmp_path, flags, message):
+    config = tmp_path / "ppo.yaml"
+    config.write_text("policy: /nowhere\ngeneration: [localhost:1]\nreward: localhost:2\nprompts: p.jsonl\n")
+    result = subprocess.run([PYTHON, "-m", "rlhf_mesh", "train", "--config", str(config), *flags],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    config = tmp_path / "ppo.yaml"
+    config.write_text("policy: p\ngeneration: [a:1]\nreward: b:2\nprompts: p.jsonl\nkl_coeff: 0.1\n")
+    result = subprocess.run([PYTHON, "-m", "rlhf_mesh", "train", "--config", str(config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "kl_coeff" in result.stderr
