@@ -1,11 +1,12 @@
 """Python clients of the rlhf-mesh services (installed as `rlhf_mesh.clients`)."""
 
 from rlhf_mesh.clients.channel import TlsConfig
+from rlhf_mesh.clients.feedback import FeedbackClient, feedback
 from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import AsyncRewardClient, RewardClient
 
 __all__ = [
-    "AsyncGenerationClient", "AsyncRewardClient", "GenerationClient", "RewardClient", "TlsConfig",
-    "wait_until_serving",
+    "AsyncGenerationClient", "AsyncRewardClient", "FeedbackClient", "GenerationClient", "RewardClient", "TlsConfig",
+    "feedback", "wait_until_serving",
 ]

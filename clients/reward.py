@@ -54,6 +54,10 @@ class RewardClient(Client):
     def list_models(self, timeout_s: float | None = None) -> list[reward_pb2.RewardModelInfo]:
         return list(self.stub.ListModels(reward_pb2.ListModelsRequest(), timeout=self._timeout(timeout_s)).models)
 
+    def reload_model(self, name: str, path: str, timeout_s: float = 600.0) -> reward_pb2.RewardModelInfo:
+        """Serve the model at `path` (a folder the server can read) as `name` from now on."""
+        return self.stub.ReloadModel(reward_pb2.ReloadModelRequest(name=name, path=path), timeout=timeout_s).model
+
 
 class AsyncRewardClient(AsyncClient):
     """asyncio client; use with `async with` or await close()."""

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 SERVICES = ("generation", "reward", "learner", "feedback")
 # service -> module with its `Settings` and `Service` classes
@@ -13,6 +14,7 @@ SERVICE_MODULES = {
     "generation": "rlhf_mesh.services.generation",
     "reward": "rlhf_mesh.services.reward",
     "learner": "rlhf_mesh.services.learner",
+    "feedback": "rlhf_mesh.services.feedback",
 }
 
 
@@ -62,6 +64,65 @@ def _train(args: argparse.Namespace) -> int:
     except LearnerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def _train_rm(args: argparse.Namespace) -> int:
+    from rlhf_mesh.server import configure_logging
+    from rlhf_mesh.services.reward.training import train
+
+    configure_logging("INFO")
+    try:
+        metrics = train(args.pairs, args.base, args.output, epochs=args.epochs, learning_rate=args.learning_rate,
+                        batch_size=args.batch_size, eval_fraction=args.eval_fraction, max_length=args.max_length,
+                        seed=args.seed)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{metrics['pairs']} pairs ({metrics['held_out_pairs']} held out): train accuracy "
+          f"{metrics['train_accuracy']:.3f}, held-out accuracy {metrics['held_out_accuracy']:.3f}, "
+          f"{metrics['seconds']:.1f} s\nreward model: {args.output}")
+    return 0
+
+
+def _feedback_export(args: argparse.Namespace) -> int:
+    import json
+
+    from rlhf_mesh.clients.feedback import FeedbackClient
+
+    with FeedbackClient(args.addr, timeout_s=args.timeout_s) as client:
+        pairs, summary = client.export_preferences(args.min_rating_margin)
+    with open(args.output, "w") as out:
+        for pair in pairs:
+            out.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+                                  "feedback_id": pair.feedback_id}) + "\n")
+    print(f"{summary.pairs} pairs from {summary.used_feedback} feedback items ({summary.skipped_feedback} "
+          f"skipped: ties, single ratings) -> {args.output}")
+    return 0
+
+
+def _feedback_sample(args: argparse.Namespace) -> int:
+    import json
+
+    from rlhf_mesh.clients.feedback import FeedbackClient
+    from rlhf_mesh.clients.generation import GenerationClient
+    from rlhf_mesh.v1 import feedback_pb2
+
+    with open(args.prompts) as f:
+        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    responses: dict[int, list[str]] = {}
+    with GenerationClient(args.generation, timeout_s=args.timeout_s) as generator:
+        info = generator.model_info()
+        for sample in generator.generate(prompts, n=args.n, max_tokens=args.max_tokens,
+                                         temperature=args.temperature, seed=args.seed):
+            responses.setdefault(sample.prompt_index, []).append(sample.text)
+    items = [feedback_pb2.RatingItem(prompt=p, responses=responses[i], model_id=info.model_id,
+                                     policy_version=info.policy_version)
+             for i, p in enumerate(prompts) if len(set(responses[i])) > 1 and all(r.strip() for r in responses[i])]
+    with FeedbackClient(args.feedback, timeout_s=args.timeout_s) as client:
+        reply = client.add_rating_items(items)
+    print(f"queued {reply.added} of {len(prompts)} prompts (skipped: identical or empty responses); "
+          f"{reply.pending} waiting for raters")
+    return 0
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -136,13 +197,41 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER, help="settings of the learner")
     train.set_defaults(run=_train)
 
-    for name, help_ in (
-        ("train-rm", "train a reward model from preference pairs"),
-        ("demo", "run the whole RLHF loop on this machine"),
-    ):
-        cmd = sub.add_parser(name, help=help_, add_help=False)
-        cmd.add_argument("args", nargs=argparse.REMAINDER)
-        cmd.set_defaults(run=_not_implemented(name))
+    train_rm = sub.add_parser("train-rm", help="train a reward model from preference pairs (Bradley-Terry)")
+    train_rm.add_argument("--pairs", type=Path, required=True, help="JSONL of {prompt, chosen, rejected}")
+    train_rm.add_argument("--base", required=True, help="model folder to start from (a reward model or a causal LM)")
+    train_rm.add_argument("--output", type=Path, required=True, help="folder for the trained reward model")
+    train_rm.add_argument("--epochs", type=int, default=3)
+    train_rm.add_argument("--learning-rate", type=float, default=1e-4)
+    train_rm.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step")
+    train_rm.add_argument("--eval-fraction", type=float, default=0.1, help="share of pairs held out")
+    train_rm.add_argument("--max-length", type=int, help="longest input in tokens; default: the model's")
+    train_rm.add_argument("--seed", type=int, default=0)
+    train_rm.set_defaults(run=_train_rm)
+
+    feedback = sub.add_parser("feedback", help="work with a FeedbackService").add_subparsers(
+        dest="action", required=True)
+    export = feedback.add_parser("export", help="write the preference pairs of all feedback as JSONL")
+    export.add_argument("--addr", required=True, help="HOST:PORT of the FeedbackService")
+    export.add_argument("--output", required=True, help="JSONL file of {prompt, chosen, rejected, feedback_id}")
+    export.add_argument("--min-rating-margin", type=float, default=0.0,
+                        help="smallest rating difference that makes a pair")
+    export.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the call")
+    export.set_defaults(run=_feedback_export)
+    sample = feedback.add_parser("sample", help="generate responses to prompts and queue them for the rater page")
+    sample.add_argument("--prompts", required=True, help='JSONL with a "prompt" per line')
+    sample.add_argument("--generation", required=True, help="HOST:PORT of a GenerationService")
+    sample.add_argument("--feedback", required=True, help="HOST:PORT of the FeedbackService")
+    sample.add_argument("-n", type=int, default=2, help="responses per prompt")
+    sample.add_argument("--max-tokens", type=int, default=48)
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--timeout-s", type=float, default=300.0, help="deadline of each call")
+    sample.set_defaults(run=_feedback_sample)
+
+    demo = sub.add_parser("demo", help="run the whole RLHF loop on this machine", add_help=False)
+    demo.add_argument("args", nargs=argparse.REMAINDER)
+    demo.set_defaults(run=_not_implemented("demo"))
 
     score = sub.add_parser("score", help="score prompt/response pairs with a RewardService")
     score.add_argument("--addr", required=True, help="HOST:PORT of the RewardService")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -239,4 +240,10 @@ def run(settings_cls: type[ServiceSettings], make_service: Callable[[Any], Servi
     configure_logging(settings.log_level)
     service = make_service(settings)
     asyncio.run(serve(service, settings))
-    return getattr(service, "exit_code", 0)
+    code = getattr(service, "exit_code", 0)
+    # Everything is drained and closed; skip interpreter finalization, where native threads
+    # (vLLM's, torch's) can abort the process and turn a clean stop into a crash code.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -23,7 +23,7 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("command", [["train-rm"], ["demo"]])
+@pytest.mark.parametrize("command", [["demo"]])
 def test_unimplemented_subcommands_say_so_and_fail(command):
     result = _run(*command)
     assert result.returncode != 0

@@ -23,6 +23,7 @@ from support import PYTHON, ChildServer, greedy, start_generation_server
 pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 256
+STEPS = 6  # of the service test
 PROBE = "The teacher explains"
 
 
@@ -89,6 +90,13 @@ def _status(stub) -> learner_pb2.GetStatusResponse:
     return stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=10)
 
 
+def _wait_for_state(stub, state: learner_pb2.LearnerState, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _status(stub).state != state:
+        assert time.monotonic() < deadline, f"the learner did not reach {learner_pb2.LearnerState.Name(state)}"
+        time.sleep(0.1)
+
+
 def test_serve_learner_trains_two_replicas_and_answers_its_controls(
         tiny_models, reward_server, tmp_path):
     replicas = [start_generation_server(tiny_models["policy"], tmp_path / f"generation{i}.log", MAX_MODEL_LEN)
@@ -97,42 +105,42 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
     learner = ChildServer(
         [PYTHON, "-m", "rlhf_mesh", "serve", "learner", "--policy", str(tiny_models["policy"]),
          "--generation", replicas[0].address, "--generation", replicas[1].address,
-         "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", "4",
+         "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", str(STEPS),
          "--batch-size", "4", "--num-samples-per-prompt", "2", "--response-length", "8", "--num-ppo-epochs", "1",
-         "--learning-rate", "1e-3", "--output-dir", str(out), "--linger-s", "3"],
+         "--learning-rate", "1e-3", "--output-dir", str(out), "--linger-s", "5", "--start-paused"],
         tmp_path / "learner.log",
     )
     try:
         wait_until_serving(learner.address, timeout_s=300, alive=learner.alive)
         with grpc.insecure_channel(learner.address) as channel:
             stub = learner_pb2_grpc.LearnerServiceStub(channel)
+            _wait_for_state(stub, learner_pb2.LEARNER_STATE_PAUSED)  # --start-paused
+            assert _status(stub).step == 0
             watch = stub.WatchMetrics(learner_pb2.WatchMetricsRequest(from_step=1), timeout=300)
+            assert stub.Resume(learner_pb2.ResumeRequest(), timeout=10).state == learner_pb2.LEARNER_STATE_RUNNING
             first = next(watch)
             assert first.step == 1 and first.policy_version == 1
             assert {"charts/reward_mean", "objective/kl", "losses/policy_loss"} <= set(first.scalars)
 
             assert stub.Pause(learner_pb2.PauseRequest(), timeout=10).state == learner_pb2.LEARNER_STATE_PAUSED
-            deadline = time.monotonic() + 120
-            while _status(stub).state != learner_pb2.LEARNER_STATE_PAUSED:
-                assert time.monotonic() < deadline, "the learner did not pause"
-                time.sleep(0.2)
+            _wait_for_state(stub, learner_pb2.LEARNER_STATE_PAUSED)
             paused_at = _status(stub).step
             time.sleep(2)
-            assert _status(stub).step == paused_at < 4
+            assert _status(stub).step == paused_at < STEPS
             saved = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(), timeout=120)
             assert saved.step == paused_at and (Path(saved.path) / "policy" / "config.json").is_file()
 
             stub.Resume(learner_pb2.ResumeRequest(), timeout=10)
             steps = [first.step, *(m.step for m in watch)]  # the stream ends with the run
-            assert steps == [1, 2, 3, 4]
+            assert steps == list(range(1, STEPS + 1))
             status = _status(stub)
-            assert status.state == learner_pb2.LEARNER_STATE_FINISHED and status.policy_version == 4
-            assert status.last_checkpoint_step == 4
+            assert status.state == learner_pb2.LEARNER_STATE_FINISHED and status.policy_version == STEPS
+            assert status.last_checkpoint_step == STEPS
         assert learner.process.wait(60) == 0  # the server stops by itself after linger_s
         final = AutoModelForCausalLM.from_pretrained(status.last_checkpoint_path + "/policy", dtype=torch.float32)
         for replica in replicas:
             with GenerationClient(replica.address) as client:
-                assert client.model_info().policy_version == 4
+                assert client.model_info().policy_version == STEPS
                 prompt_ids, served = _served_greedy(client, 12)
                 assert served == greedy(final.eval(), prompt_ids, 12)
         assert (out / "ppo.png").stat().st_size > 0 and (out / "summary.txt").is_file()

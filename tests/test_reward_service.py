@@ -271,3 +271,55 @@ def test_vllm_backend_returns_raw_logits_equal_to_transformers(tiny_models, tmp_
     for result, ids in zip(reply.results, [*expected, [5, 6, 7, 8, 9]], strict=True):
         # A sigmoid would map every logit into (0, 1); raw logits of this model are spread around 0.
         assert result.score == pytest.approx(score(ids), abs=1e-5)
+
+
+def test_reload_swaps_the_model_without_failing_a_call(tiny_models, tmp_path, reference):
+    score_a, render, _ = reference
+    flipped = tmp_path / "flipped"
+    model_b = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"]).eval()
+    with torch.no_grad():
+        model_b.score.weight.mul_(-3)
+    model_b.save_pretrained(flipped)
+    AutoTokenizer.from_pretrained(tiny_models["reward"]).save_pretrained(flipped)
+    ids = render([{"role": "user", "content": PAIRS[1][0]}, {"role": "assistant", "content": PAIRS[1][1]}])
+    with torch.no_grad():
+        score_b = model_b(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    version_a, version_b = weights_version(tiny_models["reward"]), weights_version(flipped)
+    expected = {version_a: score_a(ids), version_b: score_b}
+
+    server = _start(tmp_path, tiny_models["reward"])
+    results, errors, stop = [], [], threading.Event()
+
+    def call_continuously() -> None:
+        with RewardClient(server.address) as client:
+            while not stop.is_set():
+                try:
+                    results.append(client.score([PAIRS[1]]).results[0])
+                except grpc.RpcError as err:
+                    errors.append(err)
+
+    callers = [threading.Thread(target=call_continuously) for _ in range(4)]
+    try:
+        for caller in callers:
+            caller.start()
+        time.sleep(0.5)
+        with RewardClient(server.address) as client:
+            info = client.reload_model("tiny", str(flipped))
+            assert info.version == version_b and info.path == str(flipped)
+            with pytest.raises(grpc.RpcError) as err:
+                client.reload_model("tiny", str(tmp_path / "missing"))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "missing" in err.value.details()
+            time.sleep(0.5)
+            stop.set()
+            for caller in callers:
+                caller.join()
+            after = client.score([PAIRS[1]]).results[0]
+            assert [m.version for m in client.list_models()] == [version_b]
+    finally:
+        stop.set()
+        server.stop()
+    assert not errors
+    assert {r.model_version for r in results} == {version_a, version_b}
+    for result in results:  # every score is the forward pass of the version it reports
+        assert result.score == pytest.approx(expected[result.model_version], abs=1e-5)
+    assert after.model_version == version_b and after.score == pytest.approx(score_b, abs=1e-5)

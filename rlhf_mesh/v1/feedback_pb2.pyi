@@ -443,3 +443,89 @@ class ExportPreferencesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportPreferencesResponse: _TypeAlias = ExportPreferencesResponse  # noqa: Y015
+
+@_typing.final
+class RatingItem(_message.Message):
+    """A prompt and the responses a rater is asked to judge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """The prompt."""
+    model_id: _builtins.str
+    """Model that produced the responses."""
+    policy_version: _builtins.int
+    """Policy version that produced the responses."""
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The responses, two or more."""
+
+    def __init__(
+        self,
+        *,
+        prompt: _builtins.str = ...,
+        responses: _abc.Iterable[_builtins.str] | None = ...,
+        model_id: _builtins.str = ...,
+        policy_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "policy_version", b"policy_version", "prompt", b"prompt", "responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RatingItem: _TypeAlias = RatingItem  # noqa: Y015
+
+@_typing.final
+class AddRatingItemsRequest(_message.Message):
+    """Items for the rating queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RatingItem]:
+        """The items, in the order raters should see them."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___RatingItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddRatingItemsRequest: _TypeAlias = AddRatingItemsRequest  # noqa: Y015
+
+@_typing.final
+class AddRatingItemsResponse(_message.Message):
+    """The rating queue after the items were added."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    added: _builtins.int
+    """Items added."""
+    pending: _builtins.int
+    """Items waiting for a rater, the new ones included."""
+    def __init__(
+        self,
+        *,
+        added: _builtins.int = ...,
+        pending: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "pending", b"pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddRatingItemsResponse: _TypeAlias = AddRatingItemsResponse  # noqa: Y015

@@ -50,6 +50,11 @@ class FeedbackServiceStub:
                 request_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ExportPreferencesRequest.SerializeToString,
                 response_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ExportPreferencesResponse.FromString,
                 _registered_method=True)
+        self.AddRatingItems = channel.unary_unary(
+                '/rlhf_mesh.v1.FeedbackService/AddRatingItems',
+                request_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsRequest.SerializeToString,
+                response_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
@@ -77,6 +82,13 @@ class FeedbackServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddRatingItems(self, request, context):
+        """Queues prompts with responses for people to judge on the rater page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.ExportPreferences,
                     request_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ExportPreferencesRequest.FromString,
                     response_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ExportPreferencesResponse.SerializeToString,
+            ),
+            'AddRatingItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRatingItems,
+                    request_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsRequest.FromString,
+                    response_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class FeedbackService:
             '/rlhf_mesh.v1.FeedbackService/ExportPreferences',
             rlhf__mesh_dot_v1_dot_feedback__pb2.ExportPreferencesRequest.SerializeToString,
             rlhf__mesh_dot_v1_dot_feedback__pb2.ExportPreferencesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRatingItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf_mesh.v1.FeedbackService/AddRatingItems',
+            rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsRequest.SerializeToString,
+            rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class FeedbackServiceStub:
     """Lists stored feedback, filtered and paginated."""
     ExportPreferences: _grpc.UnaryStreamMultiCallable[_feedback_pb2.ExportPreferencesRequest, _feedback_pb2.ExportPreferencesResponse]
     """Streams (prompt, chosen, rejected) pairs derived from stored feedback, then a summary."""
+    AddRatingItems: _grpc.UnaryUnaryMultiCallable[_feedback_pb2.AddRatingItemsRequest, _feedback_pb2.AddRatingItemsResponse]
+    """Queues prompts with responses for people to judge on the rater page."""
 
 @_typing.type_check_only
 class FeedbackServiceAsyncStub(FeedbackServiceStub):
@@ -51,6 +53,8 @@ class FeedbackServiceAsyncStub(FeedbackServiceStub):
     """Lists stored feedback, filtered and paginated."""
     ExportPreferences: _aio.UnaryStreamMultiCallable[_feedback_pb2.ExportPreferencesRequest, _feedback_pb2.ExportPreferencesResponse]  # type: ignore[assignment]
     """Streams (prompt, chosen, rejected) pairs derived from stored feedback, then a summary."""
+    AddRatingItems: _aio.UnaryUnaryMultiCallable[_feedback_pb2.AddRatingItemsRequest, _feedback_pb2.AddRatingItemsResponse]  # type: ignore[assignment]
+    """Queues prompts with responses for people to judge on the rater page."""
 
 class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
     """Durable collection of human feedback and its export as preference pairs."""
@@ -78,5 +82,13 @@ class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_feedback_pb2.ExportPreferencesResponse], _abc.AsyncIterator[_feedback_pb2.ExportPreferencesResponse]]:
         """Streams (prompt, chosen, rejected) pairs derived from stored feedback, then a summary."""
+
+    @_abc_1.abstractmethod
+    def AddRatingItems(
+        self,
+        request: _feedback_pb2.AddRatingItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedback_pb2.AddRatingItemsResponse, _abc.Awaitable[_feedback_pb2.AddRatingItemsResponse]]:
+        """Queues prompts with responses for people to judge on the rater page."""
 
 def add_FeedbackServiceServicer_to_server(servicer: FeedbackServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -33,7 +33,8 @@ class Run:
         self.last_checkpoint: tuple[Path, int] | None = None
         self.changed = asyncio.Condition()  # notified on every new step and state change
         self.running = asyncio.Event()  # cleared while paused
-        self.running.set()
+        if not settings.start_paused:
+            self.running.set()
         self._lock = asyncio.Lock()
 
     @property

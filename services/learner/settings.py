@@ -84,6 +84,7 @@ class LearnerSettings(ServiceSettings):
     # Output.
     output_dir: Path = Field(Path("runs/learner"), description="TensorBoard logs, checkpoints, plot and summary")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end and on request)")
+    start_paused: bool = Field(False, description="serve learner: load, connect, then wait for Resume")
     linger_s: float = Field(
         10.0, ge=0, description="serve learner: how long the server keeps answering after the run ends"
     )

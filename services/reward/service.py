@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import Counter
@@ -28,33 +30,65 @@ class _Abort(Exception):
         self.code = code
 
 
+@dataclass
+class Served:
+    """A model and its batcher; counts the calls using them so a replaced one is closed only
+    after its last call finished."""
+
+    model: RewardModel
+    batcher: Batcher
+    calls: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Served]:
+        self.calls += 1
+        self.idle.clear()
+        try:
+            yield self
+        finally:
+            self.calls -= 1
+            if self.calls == 0:
+                self.idle.set()
+
+    async def retire(self) -> None:
+        if self.calls:
+            await self.idle.wait()
+        await self.batcher.close()
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     """Validates, queues samples on the model's batcher, answers in request order."""
 
-    def __init__(self, settings: RewardSettings) -> None:
+    def __init__(self, settings: RewardSettings, load: Callable[[str, str], RewardModel]) -> None:
         self.settings = settings
-        self.models: dict[str, RewardModel] = {}
-        self.batchers: dict[str, Batcher] = {}
+        self.load = load
+        self.served: dict[str, Served] = {}
         self.default = ""
+        self._reloading: set[str] = set()
 
-    def add(self, model: RewardModel) -> None:
+    def add(self, model: RewardModel) -> Served | None:
+        """Serve `model` under its name; returns the one it replaces."""
         batcher = Batcher(
             model.name, model.score, max_batch_tokens=self.settings.max_batch_tokens,
             max_wait_ms=self.settings.max_wait_ms, max_queue_samples=self.settings.max_queue_samples,
         )
         batcher.start()
-        self.models[model.name], self.batchers[model.name] = model, batcher
+        replaced = self.served.get(model.name)
+        self.served[model.name] = Served(model, batcher)
         self.default = self.default or model.name
+        return replaced
 
-    def _model(self, name: str) -> RewardModel:
-        model = self.models.get(name or self.default)
-        if model is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, f"no reward model named {name!r}; loaded: {sorted(self.models)}")
-        return model
+    def _served(self, name: str) -> Served:
+        served = self.served.get(name or self.default)
+        if served is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"no reward model named {name!r}; loaded: {sorted(self.served)}")
+        return served
 
-    async def _score(self, model: RewardModel, encoded: list[Encoded]) -> list[reward_pb2.ScoreResult]:
+    async def _score(self, served: Served, encoded: list[Encoded]) -> list[reward_pb2.ScoreResult]:
+        model = served.model
         try:
-            futures = self.batchers[model.name].submit([e.ids for e in encoded])
+            futures = served.batcher.submit([e.ids for e in encoded])
         except QueueFull as err:
             SAMPLES.labels(model.name, "rejected").inc(len(encoded))
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"reward queue is full ({err}); retry later") from None
@@ -73,21 +107,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
         name = request.model or self.default
-        label = name if name in self.models else "<unknown>"  # callers must not grow the label set
+        label = name if name in self.served else "<unknown>"  # callers must not grow the label set
         try:
-            model = self._model(request.model)
-            count = len(request.samples)
-            if count == 0:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "samples is empty")
-            if count > self.settings.max_request_samples:
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{count} samples, more than max_request_samples={self.settings.max_request_samples}",
-                )
-            encoded = await asyncio.to_thread(
-                lambda: [model.tokenization.encode(i, s) for i, s in enumerate(request.samples)]
-            )
-            results = await self._score(model, encoded)
+            with self._served(request.model).lease() as served:
+                results = await self._score_request(served, request)
         except InvalidSample as err:
             REQUESTS.labels(label, "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -95,7 +118,23 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             REQUESTS.labels(label, err.code.name.lower()).inc()
             await context.abort(err.code, str(err))
         REQUESTS.labels(label, "ok").inc()
-        return reward_pb2.ScoreResponse(results=results, model=model.name)
+        return reward_pb2.ScoreResponse(results=results, model=served.model.name)
+
+    async def _score_request(self, served: Served,
+                             request: reward_pb2.ScoreRequest) -> list[reward_pb2.ScoreResult]:
+        model = served.model
+        count = len(request.samples)
+        if count == 0:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "samples is empty")
+        if count > self.settings.max_request_samples:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{count} samples, more than max_request_samples={self.settings.max_request_samples}",
+            )
+        encoded = await asyncio.to_thread(
+            lambda: [model.tokenization.encode(i, s) for i, s in enumerate(request.samples)]
+        )
+        return await self._score(served, encoded)
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[reward_pb2.ScoreStreamRequest], context: grpc.aio.ServicerContext
@@ -109,10 +148,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         async def one(request: reward_pb2.ScoreStreamRequest) -> None:
             reply = reward_pb2.ScoreStreamResponse(request_id=request.request_id)
             try:
-                model = self._model(request.model)
-                reply.model = model.name
-                encoded = model.tokenization.encode(0, request.sample)
-                reply.result.CopyFrom((await self._score(model, [encoded]))[0])
+                with self._served(request.model).lease() as served:
+                    reply.model = served.model.name
+                    encoded = served.model.tokenization.encode(0, request.sample)
+                    reply.result.CopyFrom((await self._score(served, [encoded]))[0])
             except InvalidSample as err:
                 reply.error.CopyFrom(common_pb2.ItemError(
                     code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"sample: {err.problem}"))
@@ -143,8 +182,32 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def ListModels(self, request: reward_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
         return reward_pb2.ListModelsResponse(
-            models=[m.info(is_default=name == self.default) for name, m in self.models.items()]
+            models=[s.model.info(is_default=name == self.default) for name, s in self.served.items()]
         )
+
+    async def ReloadModel(self, request: reward_pb2.ReloadModelRequest, context: grpc.aio.ServicerContext):
+        """Load `path` as `name` beside the serving model, warm it, swap; calls already queued
+        finish on the old one, which is then closed. A failed load changes nothing."""
+        if not request.name or not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give the model's name and path")
+        if request.name in self._reloading:
+            await context.abort(grpc.StatusCode.ABORTED, f"model {request.name!r} is being reloaded already")
+        self._reloading.add(request.name)
+        try:
+            try:
+                model = await asyncio.to_thread(self.load, request.name, request.path)
+                await asyncio.to_thread(model.score, [[0] * 8, [0] * 16])  # warm-up
+            except Exception as err:  # whatever the loader raises, the old model keeps serving
+                log.warning("reload of %s from %s failed: %s", request.name, request.path, err)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"cannot load {request.path!r} as {request.name!r}: {err}")
+            replaced = self.add(model)
+            log.info("reloaded reward model %s from %s (version %s)", model.name, model.path, model.version)
+            if replaced is not None:
+                asyncio.create_task(replaced.retire())  # noqa: RUF006 - runs until its last call ends
+        finally:
+            self._reloading.discard(request.name)
+        return reward_pb2.ReloadModelResponse(model=model.info(is_default=request.name == self.default))
 
 
 class RewardService:
@@ -154,7 +217,7 @@ class RewardService:
 
     def __init__(self, settings: RewardSettings) -> None:
         self.settings = settings
-        self.servicer = RewardServicer(settings)
+        self.servicer = RewardServicer(settings, self._load)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.servicer, server)
@@ -178,5 +241,5 @@ class RewardService:
                            truncation=s.truncation)
 
     async def close(self) -> None:
-        for batcher in self.servicer.batchers.values():
-            await batcher.close()
+        for served in self.servicer.served.values():
+            await served.batcher.close()

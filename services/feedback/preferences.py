@@ -1,0 +1,139 @@
+"""Feedback rules: what a valid piece of feedback is, and the preference pairs it yields.
+
+- choice: the chosen response beats every other response (n - 1 pairs);
+- rating: response i beats response j when score_i - score_j > min_rating_margin (ties and
+  single ratings yield nothing);
+- correction: the corrected text beats the response it corrects (unless they are equal).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from rlhf_mesh.services.feedback.store import FeedbackRow
+from rlhf_mesh.v1 import feedback_pb2
+
+KINDS = {"rating": feedback_pb2.FEEDBACK_KIND_RATING, "choice": feedback_pb2.FEEDBACK_KIND_CHOICE,
+         "correction": feedback_pb2.FEEDBACK_KIND_CORRECTION}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+
+class InvalidFeedback(ValueError):
+    """Feedback that cannot be stored (INVALID_ARGUMENT), with what is wrong."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_responses: int
+    max_text_bytes: int
+
+
+def validate(feedback: feedback_pb2.Feedback, limits: Limits) -> None:
+    """Raise InvalidFeedback naming the field at fault."""
+    if not feedback.rater_id:
+        raise InvalidFeedback("rater_id is empty")
+    if len(feedback.feedback_id) > 128:
+        raise InvalidFeedback("feedback_id is longer than 128 characters")
+    if not feedback.prompt.strip():
+        raise InvalidFeedback("prompt is empty")
+    if not feedback.responses:
+        raise InvalidFeedback("responses is empty: give at least one")
+    if len(feedback.responses) > limits.max_responses:
+        raise InvalidFeedback(f"{len(feedback.responses)} responses, more than max_responses={limits.max_responses}")
+    for name, text in [("prompt", feedback.prompt), *((f"responses[{i}]", r) for i, r in
+                                                       enumerate(feedback.responses))]:
+        if len(text.encode()) > limits.max_text_bytes:
+            raise InvalidFeedback(f"{name} is longer than max_text_bytes={limits.max_text_bytes}")
+    for i, response in enumerate(feedback.responses):
+        if not response.strip():
+            raise InvalidFeedback(f"responses[{i}] is empty")
+    kind = feedback.WhichOneof("judgement")
+    count = len(feedback.responses)
+    if kind is None:
+        raise InvalidFeedback("no judgement: set rating, choice or correction")
+    if kind == "rating":
+        rating = feedback.rating
+        if not rating.scale_max > rating.scale_min:
+            raise InvalidFeedback(f"rating scale [{rating.scale_min}, {rating.scale_max}] is empty")
+        if len(rating.scores) != count:
+            raise InvalidFeedback(f"rating has {len(rating.scores)} scores for {count} responses")
+        for i, score in enumerate(rating.scores):
+            if not rating.scale_min <= score <= rating.scale_max:
+                raise InvalidFeedback(
+                    f"rating.scores[{i}] = {score} is outside the scale [{rating.scale_min}, {rating.scale_max}]")
+    elif kind == "choice":
+        if count < 2:
+            raise InvalidFeedback("a choice needs two or more responses")
+        if feedback.choice.chosen_index >= count:
+            raise InvalidFeedback(f"choice.chosen_index {feedback.choice.chosen_index} is not a response index "
+                                  f"(there are {count})")
+    else:
+        correction = feedback.correction
+        if correction.response_index >= count:
+            raise InvalidFeedback(f"correction.response_index {correction.response_index} is not a response index "
+                                  f"(there are {count})")
+        if not correction.corrected_response.strip():
+            raise InvalidFeedback("correction.corrected_response is empty")
+        if len(correction.corrected_response.encode()) > limits.max_text_bytes:
+            raise InvalidFeedback(
+                f"correction.corrected_response is longer than max_text_bytes={limits.max_text_bytes}")
+
+
+def to_row(feedback: feedback_pb2.Feedback) -> FeedbackRow:
+    kind = feedback.WhichOneof("judgement")
+    if kind == "rating":
+        r = feedback.rating
+        judgement = {"scores": list(r.scores), "scale_min": r.scale_min, "scale_max": r.scale_max}
+    elif kind == "choice":
+        judgement = {"chosen_index": feedback.choice.chosen_index}
+    else:
+        c = feedback.correction
+        judgement = {"response_index": c.response_index, "corrected_response": c.corrected_response}
+    return FeedbackRow(
+        feedback_id=feedback.feedback_id, rater_id=feedback.rater_id, prompt=feedback.prompt,
+        responses=list(feedback.responses), model_id=feedback.model_id, policy_version=feedback.policy_version,
+        kind=kind, judgement=judgement,
+    )
+
+
+def timestamp(row: FeedbackRow) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(row.created_at)
+    return stamp
+
+
+def to_proto(row: FeedbackRow) -> feedback_pb2.Feedback:
+    j = row.judgement
+    judgement = {
+        "rating": lambda: {"rating": feedback_pb2.Rating(**j)},
+        "choice": lambda: {"choice": feedback_pb2.Choice(**j)},
+        "correction": lambda: {"correction": feedback_pb2.Correction(**j)},
+    }[row.kind]()
+    return feedback_pb2.Feedback(
+        feedback_id=row.feedback_id, rater_id=row.rater_id, prompt=row.prompt, responses=row.responses,
+        model_id=row.model_id, policy_version=row.policy_version, created_at=timestamp(row), **judgement,
+    )
+
+
+def pairs(row: FeedbackRow, min_rating_margin: float = 0.0) -> list[feedback_pb2.PreferencePair]:
+    """The (prompt, chosen, rejected) pairs of one stored piece of feedback."""
+    j, responses = row.judgement, row.responses
+
+    def pair(chosen: str, rejected: str) -> feedback_pb2.PreferencePair:
+        return feedback_pb2.PreferencePair(prompt=row.prompt, chosen=chosen, rejected=rejected,
+                                           feedback_id=row.feedback_id)
+
+    if row.kind == "choice":
+        best = j["chosen_index"]
+        return [pair(responses[best], r) for i, r in enumerate(responses) if i != best and r != responses[best]]
+    if row.kind == "rating":
+        scored = list(zip(j["scores"], responses, strict=True))
+        return [pair(a, b) if sa > sb else pair(b, a)
+                for (sa, a), (sb, b) in itertools.combinations(scored, 2)
+                if abs(sa - sb) > min_rating_margin and a != b]
+    original = responses[j["response_index"]]
+    corrected = j["corrected_response"]
+    return [pair(corrected, original)] if corrected != original else []

@@ -1,0 +1,92 @@
+"""The rater page: a small HTTP app beside the gRPC server, on the same store.
+
+GET /            the page (rater.html)
+GET /api/next    the oldest unjudged item and how many are left
+POST /api/feedback  {item_id, rater_id, choice | scores | correction} -> stored feedback
+
+Feedback from the page goes through the same validation as SubmitFeedback; its id is
+`item-<item_id>-<rater_id>`, so a double submit is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from rlhf_mesh.services.feedback.preferences import InvalidFeedback, Limits, to_row, validate
+from rlhf_mesh.services.feedback.store import FeedbackStore
+from rlhf_mesh.v1 import feedback_pb2
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("rater.html")
+RATING_SCALE = (1.0, 5.0)
+
+
+def _bad(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=400)
+
+
+def _feedback(body: dict, item) -> feedback_pb2.Feedback:
+    rater = str(body.get("rater_id") or "")
+    judgement = {}
+    if "choice" in body:
+        judgement["choice"] = feedback_pb2.Choice(chosen_index=int(body["choice"]))
+    elif "scores" in body:
+        judgement["rating"] = feedback_pb2.Rating(scores=[float(s) for s in body["scores"]],
+                                                  scale_min=RATING_SCALE[0], scale_max=RATING_SCALE[1])
+    elif "correction" in body:
+        c = body["correction"]
+        judgement["correction"] = feedback_pb2.Correction(response_index=int(c["response_index"]),
+                                                          corrected_response=str(c["corrected_response"]))
+    return feedback_pb2.Feedback(
+        feedback_id=f"item-{item.item_id}-{rater}"[:128], rater_id=rater, prompt=item.prompt,
+        responses=item.responses, model_id=item.model_id, policy_version=item.policy_version, **judgement,
+    )
+
+
+def app(store: FeedbackStore, limits: Limits) -> web.Application:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=PAGE.read_text(), content_type="text/html")
+
+    async def next_item(request: web.Request) -> web.Response:
+        item, remaining = await asyncio.to_thread(lambda: (store.next_item(), store.pending()))
+        body = {"remaining": remaining}
+        if item is not None:
+            body["item"] = {"item_id": item.item_id, "prompt": item.prompt, "responses": item.responses}
+        return web.json_response(body)
+
+    async def submit(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            item = await asyncio.to_thread(store.item, int(body["item_id"]))
+            if item is None:
+                return _bad(f"no rating item {body['item_id']}")
+            feedback = _feedback(body, item)
+            validate(feedback, limits)
+        except InvalidFeedback as err:
+            return _bad(f"feedback: {err}")
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+            return _bad(f"not a feedback object: {err}")
+        stored = await asyncio.to_thread(store.judge, item.item_id, to_row(feedback))
+        return web.json_response({"feedback_id": stored.row.feedback_id, "already_stored": stored.already_stored,
+                                  "remaining": await asyncio.to_thread(store.pending)})
+
+    application = web.Application(client_max_size=limits.max_text_bytes * (limits.max_responses + 2))
+    application.add_routes([web.get("/", page), web.get("/api/next", next_item), web.post("/api/feedback", submit)])
+    return application
+
+
+async def start(store: FeedbackStore, limits: Limits, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve the page; returns the runner (to clean up) and the bound port."""
+    runner = web.AppRunner(app(store, limits), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    log.info("rater page on http://localhost:%d/", bound)
+    return runner, bound

@@ -1,0 +1,22 @@
+"""Settings of the FeedbackService (env prefix RLHF_MESH_FEEDBACK_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from rlhf_mesh.settings import ServiceSettings
+
+
+class FeedbackSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_MESH_FEEDBACK_")
+
+    port: int = Field(50054, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    db: str = Field(
+        "sqlite:///feedback.db",
+        description="SQLAlchemy URL: sqlite:///PATH, or postgresql://USER:PASSWORD@HOST/DB for shared deployments",
+    )
+    max_responses: int = Field(16, ge=2, description="responses in one piece of feedback")
+    max_text_bytes: int = Field(64 << 10, gt=0, description="longest prompt, response or correction, UTF-8 bytes")
+    rater_page: bool = Field(True, description="serve the rater page (HTTP) beside the gRPC port")
+    rater_port: int = Field(8054, ge=0, le=65535, description="HTTP port of the rater page (0 picks a free one)")

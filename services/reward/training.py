@@ -1,0 +1,120 @@
+"""`rlhf-mesh train-rm`: a reward model from (prompt, chosen, rejected) pairs.
+
+Bradley–Terry, as TRL's RewardTrainer: loss = -log sigmoid(r(chosen) - r(rejected)) on a
+`*ForSequenceClassification` model with one label, initialised from `--base` (a reward
+model, or a causal LM whose new score head starts at random). Inputs are tokenized by the
+RewardService's own rule (services/reward/model.py), so the model is trained on exactly
+what it will score. A seeded share of the pairs is held out; the accuracy on it (chosen
+scored above rejected) is printed and written beside the model in `train_rm.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_mesh.services.reward.model import InvalidSample, Tokenization
+from rlhf_mesh.v1 import reward_pb2
+
+log = logging.getLogger(__name__)
+
+
+def read_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) per JSONL line, as `rlhf-mesh feedback export` writes them."""
+    pairs = []
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append((row["prompt"], row["chosen"], row["rejected"]))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a {{prompt, chosen, rejected}} object ({err})") from None
+    if not pairs:
+        raise ValueError(f"{path}: no preference pairs")
+    return pairs
+
+
+def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _margins(model, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """r(chosen) - r(rejected) for each pair, in one forward over both."""
+    ids, mask = _padded([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    return scores[: len(pairs)] - scores[len(pairs):]
+
+
+def accuracy(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
+    if not pairs:
+        return float("nan")
+    with torch.no_grad():
+        wins = sum(int((_margins(model, pairs[i : i + batch_size], pad_id) > 0).sum())
+                   for i in range(0, len(pairs), batch_size))
+    return wins / len(pairs)
+
+
+def train(pairs_path: Path, base: str, output: Path, *, epochs: int, learning_rate: float, batch_size: int,
+          eval_fraction: float, max_length: int | None, seed: int) -> dict[str, float]:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = model.config.pad_token_id
+    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    tokenization = Tokenization(tokenizer, min(max_length or limit, limit), "left")
+
+    def encode(prompt: str, response: str) -> list[int]:
+        sample = reward_pb2.ScoreSample(text=reward_pb2.PromptResponse(prompt=prompt, response=response))
+        return tokenization.encode(0, sample).ids
+
+    try:
+        encoded = [(encode(p, c), encode(p, r)) for p, c, r in read_pairs(pairs_path)]
+    except InvalidSample as err:
+        raise ValueError(f"{pairs_path}: {err.problem}") from None
+    random.shuffle(encoded)
+    held = int(len(encoded) * eval_fraction)
+    held_out, train_pairs = encoded[:held], encoded[held:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    started = time.perf_counter()
+    losses = []
+    for epoch in range(epochs):
+        random.shuffle(train_pairs)
+        for i in range(0, len(train_pairs), batch_size):
+            loss = -torch.nn.functional.logsigmoid(_margins(model, train_pairs[i : i + batch_size], pad_id)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, sum(losses[-10:]) / len(losses[-10:]))
+    model.eval()
+    metrics = {
+        "pairs": len(encoded), "train_pairs": len(train_pairs), "held_out_pairs": len(held_out),
+        "train_accuracy": accuracy(model, train_pairs, pad_id, batch_size),
+        "held_out_accuracy": accuracy(model, held_out, pad_id, batch_size),
+        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "seconds": time.perf_counter() - started,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    (output / "train_rm.json").write_text(json.dumps({**metrics, "base": base, "pairs_file": str(pairs_path),
+                                                      "epochs": epochs, "learning_rate": learning_rate,
+                                                      "seed": seed}, indent=2) + "\n")
+    return metrics
