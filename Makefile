@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements/lock.txt pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/rlhf-mesh models build $(DEMO_OUT)/models
+	$(BIN)/rlhf-mesh demo --out $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -ra

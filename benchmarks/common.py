@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.server import free_port
+
+__all__ = ["free_port", "server"]
 
 # vLLM on CPU: its default KV-cache reservation does not fit these machines' NUMA node 0.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from rlhf_mesh.clients.generation import GenerationClient
+from rlhf_mesh.server import free_port
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import chunks, gloo_group, manifest, state_dict_of
 
@@ -87,9 +88,7 @@ class CollectiveSender:
     def __init__(self, clients: Sequence[GenerationClient], master_address: str, master_port: int = 0,
                  timeout_s: float = 60.0) -> None:
         if master_port == 0:
-            with socket.socket(socket.AF_INET6 if ":" in master_address else socket.AF_INET) as probe:
-                probe.bind((master_address, 0))
-                master_port = probe.getsockname()[1]
+            master_port = free_port(master_address)
         self.clients = list(clients)
         self.timeout_s = timeout_s
         workers = [c.model_info().worker_count for c in self.clients]

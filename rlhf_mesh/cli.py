@@ -66,6 +66,12 @@ def _train(args: argparse.Namespace) -> int:
         return 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from rlhf_mesh.demo import main
+
+    return main(args.args)
+
+
 def _train_rm(args: argparse.Namespace) -> int:
     from rlhf_mesh.server import configure_logging
     from rlhf_mesh.services.reward.training import train
@@ -231,7 +237,7 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole RLHF loop on this machine", add_help=False)
     demo.add_argument("args", nargs=argparse.REMAINDER)
-    demo.set_defaults(run=_not_implemented("demo"))
+    demo.set_defaults(run=_demo)
 
     score = sub.add_parser("score", help="score prompt/response pairs with a RewardService")
     score.add_argument("--addr", required=True, help="HOST:PORT of the RewardService")
@@ -267,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # Commands whose flags are the settings of a service, parsed by pydantic-settings.
-SETTINGS_COMMANDS = ("train",)
+SETTINGS_COMMANDS = ("train", "demo")
 
 
 def main(argv: list[str] | None = None) -> None:

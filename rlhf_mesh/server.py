@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -153,6 +154,14 @@ def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
     if handler.request_streaming:
         return "stream_stream" if handler.response_streaming else "stream_unary"
     return "unary_stream" if handler.response_streaming else "unary_unary"
+
+
+def free_port(host: str = "localhost") -> int:
+    """A TCP port nothing listens on right now (for child servers and collective groups)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:

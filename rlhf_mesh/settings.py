@@ -18,26 +18,17 @@ from pydantic_settings import (
 
 _yaml_file: ContextVar[Path | None] = ContextVar("_yaml_file", default=None)
 
-S = TypeVar("S", bound="ServiceSettings")
+S = TypeVar("S", bound="FileSettings")
 
 
 class SettingsError(ValueError):
     """Settings that do not validate, with a message naming the offending keys."""
 
 
-class ServiceSettings(BaseSettings):
-    """What every gRPC server shares; each service subclasses it with its own env prefix."""
+class FileSettings(BaseSettings):
+    """Settings from defaults, a YAML file (--config), the environment and flags; unknown keys refused."""
 
     model_config = SettingsConfigDict(extra="forbid", env_prefix="RLHF_MESH_")
-
-    host: str = Field("[::]", description="address to listen on")
-    port: int = Field(50050, ge=0, le=65535, description="gRPC port (0 picks a free one)")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus HTTP port (0 picks a free one)")
-    drain_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, time in-flight calls get to finish")
-    max_message_bytes: int = Field(64 << 20, gt=0, description="largest gRPC message received or sent")
-    max_concurrent_rpcs: int = Field(1024, gt=0, description="calls served at once; more get RESOURCE_EXHAUSTED")
-    reflection: bool = Field(False, description="enable gRPC server reflection")
-    log_level: str = Field("INFO", description="logging level")
 
     @classmethod
     def settings_customise_sources(
@@ -51,6 +42,19 @@ class ServiceSettings(BaseSettings):
         yaml_file = _yaml_file.get()
         yaml = (YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),) if yaml_file else ()
         return (init_settings, env_settings, *yaml)
+
+
+class ServiceSettings(FileSettings):
+    """What every gRPC server shares; each service subclasses it with its own env prefix."""
+
+    host: str = Field("[::]", description="address to listen on")
+    port: int = Field(50050, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus HTTP port (0 picks a free one)")
+    drain_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, time in-flight calls get to finish")
+    max_message_bytes: int = Field(64 << 20, gt=0, description="largest gRPC message received or sent")
+    max_concurrent_rpcs: int = Field(1024, gt=0, description="calls served at once; more get RESOURCE_EXHAUSTED")
+    reflection: bool = Field(False, description="enable gRPC server reflection")
+    log_level: str = Field("INFO", description="logging level")
 
 
 def load_settings(cls: type[S], argv: list[str], prog: str) -> S:

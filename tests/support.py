@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+from rlhf_mesh.server import free_port
+
+__all__ = ["PYTHON", "ROOT", "ChildServer", "free_port", "greedy", "metric", "scrape", "start_generation_server"]
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 class ChildServer:

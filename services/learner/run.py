@@ -49,6 +49,11 @@ class Run:
         """Load the models and connect to the services."""
         self.settings.output_dir.mkdir(parents=True, exist_ok=True)
         self.trainer = await asyncio.to_thread(Trainer, self.settings)
+        self.metrics = [  # a resumed run replays the steps of its checkpoint too
+            learner_pb2.WatchMetricsResponse(step=int(h["step"]), policy_version=int(h["step"]),
+                                             scalars={k: v for k, v in h.items() if k != "step"})
+            for h in self.trainer.history
+        ]
         await self.trainer.connect()
 
     async def loop(self) -> None:

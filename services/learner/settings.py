@@ -28,6 +28,10 @@ class LearnerSettings(ServiceSettings):
         "model's); default: initialised from the policy"
     )
     value_head: bool = Field(False, description="critic as a linear head on the policy instead of a separate model")
+    resume_from: Path | None = Field(
+        None, description="checkpoint folder (output_dir/checkpoints/step-N) to go on from: its policy, critic, "
+        "optimizer, KL coefficient, step and history; the replicas must serve its step as their version"
+    )
     device: str = Field("cpu", description="torch device of the learner, e.g. cpu or cuda")
 
     # Services.
@@ -104,6 +108,8 @@ class LearnerSettings(ServiceSettings):
             raise ValueError(f"advantage_estimator {self.advantage_estimator} is critic-free: drop critic/value_head")
         if self.critic and self.value_head:
             raise ValueError("critic and value_head exclude each other: a separate value model or a head")
+        if self.resume_from is not None and not (self.resume_from / "trainer.pt").is_file():
+            raise ValueError(f"resume_from: {self.resume_from} is not a checkpoint (no trainer.pt)")
         if self.prompts.suffix not in (".jsonl", ".parquet"):
             raise ValueError(f"prompts: {self.prompts} is neither .jsonl nor .parquet")
         return self

@@ -54,8 +54,13 @@ class Trainer:
         self._seed_everything(s.seed)
         self.dataset = PromptDataset.load(s.prompts, s.prompt_field, s.messages_field, s.seed)
         self.device = torch.device(s.device)
-        self.models = load_models(s.policy, s.reference, s.critic, s.value_head,
-                                  with_critic=s.advantage_estimator == "gae", device=s.device)
+        resume = s.resume_from
+        critic = resume / "critic" if resume is not None and (resume / "critic").is_dir() else s.critic
+        self.models = load_models(
+            str(resume / "policy") if resume is not None else s.policy,
+            s.reference or (s.policy if resume is not None else None),  # the reference stays the initial policy
+            critic, s.value_head, with_critic=s.advantage_estimator == "gae", device=s.device,
+        )
         self.parameters = [p for m in (self.models.policy, self.models.critic) if m is not None
                            for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=s.learning_rate, eps=1e-5)
@@ -68,6 +73,22 @@ class Trainer:
         self._reward: AsyncRewardClient | None = None
         self._sender: CollectiveSender | None = None
         self._push_dtype = torch.float32
+        if resume is not None:
+            self._restore(resume)
+
+    def _restore(self, checkpoint: Path) -> None:
+        """Optimizer, KL coefficient, step, history and RNG states of a checkpoint (its models are loaded)."""
+        state = torch.load(checkpoint / "trainer.pt", weights_only=False)
+        if self.models.critic is not None and self.models.critic.is_head:
+            self.models.critic.load_state_dict(torch.load(checkpoint / "value_head.pt"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.value = state["kl_coef"]
+        self.step = state["step"]
+        self.history = json.loads((checkpoint / "history.json").read_text())
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        log.info("resumed from %s at step %d", checkpoint, self.step)
 
     @staticmethod
     def _seed_everything(seed: int) -> None:

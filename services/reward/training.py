@@ -102,7 +102,7 @@ def train(pairs_path: Path, base: str, output: Path, *, epochs: int, learning_ra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, sum(losses[-10:]) / len(losses[-10:]))
     model.eval()
     metrics = {

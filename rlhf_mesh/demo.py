@@ -1,0 +1,376 @@
+"""`rlhf-mesh demo`: the whole RLHF loop on this machine, through the real services.
+
+It builds the tiny models (unless given its own), starts the GenerationService (vLLM), the
+RewardService and the FeedbackService as separate processes, then runs rounds of:
+feedback from a scripted rater on the policy's own samples -> export -> train-rm -> hot
+reload -> PPO (the learner as its own process, its WatchMetrics on the console) -> fresh
+samples judged by the rater. The rater's taste is one a person can check: it prefers the
+response with more polite words (POLITE_WORDS). It ends with a summary table, a plot and
+the paths of the logs, TensorBoard runs and checkpoints, and stops every process it
+started, also on Ctrl-C or when a step fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from rlhf_mesh.settings import FileSettings
+
+POLITE_WORDS = ("please", "thank", "kind", "glad", "good", "great", "happy", "lovely", "helpful", "wonderful",
+                "excellent")
+_POLITE = re.compile("|".join(POLITE_WORDS), re.IGNORECASE)
+
+
+class DemoSettings(FileSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_MESH_DEMO_")
+
+    out: Path = Field(Path("runs/demo"), description="everything the demo writes: models, logs, round outputs, plot")
+    policy: str | None = Field(None, description="initial policy folder; default: the tiny one, built under out/models")
+    reward: str | None = Field(None, description="reward model each round's train-rm starts from; default: tiny")
+    prompts: Path | None = Field(None, description="prompts (.jsonl with a prompt field); default: the tiny ones")
+    seed: int = Field(0, description="models, sampling, rater order, PPO")
+    rounds: int = Field(2, ge=1, description="feedback -> reward model -> PPO rounds")
+    steps: int = Field(12, ge=1, description="PPO steps per round")
+    feedback_prompts: int = Field(160, ge=2, description="prompts the rater judges per round (two responses each)")
+    eval_prompts: int = Field(64, ge=1, description="prompts of the fresh samples that measure the rater's preference")
+    eval_samples: int = Field(4, ge=1, description="fresh samples per evaluation prompt")
+    batch_size: int = Field(16, ge=1, description="PPO prompts per step")
+    num_samples_per_prompt: int = Field(4, ge=1, description="PPO responses per prompt")
+    response_length: int = Field(24, ge=1, description="tokens per response")
+    learning_rate: float = Field(3e-3, gt=0, description="PPO learning rate")
+    kl_coef: float = Field(0.15, ge=0, description="PPO KL penalty coefficient")
+    rm_epochs: int = Field(4, ge=1, description="train-rm epochs per round")
+    rm_learning_rate: float = Field(1e-3, gt=0, description="train-rm learning rate")
+    device: str = Field("cpu", description="torch device of the learner and the reward model")
+    timeout_s: float = Field(300.0, gt=0, description="longest wait for a service to start or a call to end")
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message names the service and its log."""
+
+
+def politeness(text: str) -> int:
+    """How many polite words the text holds: the scripted rater's whole taste."""
+    return len(_POLITE.findall(text))
+
+
+def judge(responses: list[str]) -> int | None:
+    """The rater's choice: the response with the most polite words, None when that is a tie."""
+    counts = [politeness(r) for r in responses]
+    best = max(counts)
+    return counts.index(best) if counts.count(best) == 1 else None
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen
+    log: Path
+    address: str
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+@dataclass
+class Processes:
+    """Every process the demo started; all are stopped on exit, whatever happens."""
+
+    logs: Path
+    started: list[Service] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str]) -> Service:
+        from rlhf_mesh.server import free_port
+
+        port = free_port()
+        log = self.logs / f"{name}.log"
+        process = subprocess.Popen([sys.executable, "-m", "rlhf_mesh", *args, "--port", str(port)],
+                                   stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        service = Service(name, process, log, f"localhost:{port}")
+        self.started.append(service)
+        return service
+
+    def wait_serving(self, service: Service, timeout_s: float) -> None:
+        from rlhf_mesh.clients.health import wait_until_serving
+
+        try:
+            wait_until_serving(service.address, timeout_s=timeout_s, alive=service.alive)
+        except Exception as err:
+            raise DemoError(f"the {service.name} service did not start ({err}); see {service.log}") from None
+
+    def stop(self, service: Service, timeout_s: float = 30) -> int:
+        if service.alive():
+            service.process.send_signal(signal.SIGTERM)
+        try:
+            return service.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.process.pid, signal.SIGKILL)
+            return service.process.wait()
+
+    def stop_all(self) -> None:
+        for service in reversed(self.started):
+            self.stop(service)
+
+
+@contextlib.contextmanager
+def _phase(times: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    times[name] = times.get(name, 0.0) + time.perf_counter() - started
+
+
+class Demo:
+    def __init__(self, settings: DemoSettings) -> None:
+        self.s = settings
+        self.out = settings.out.resolve()
+        self.processes = Processes(self.out / "logs")
+        self.rounds: list[dict[str, float]] = []
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def models(self) -> tuple[str, str, Path]:
+        s = self.s
+        if s.policy and s.reward and s.prompts:
+            return s.policy, s.reward, s.prompts
+        from rlhf_mesh.tiny_models import build
+
+        folder = self.out / "models"
+        if not (folder / "models.json").is_file() or json.loads((folder / "models.json").read_text())["seed"] != s.seed:
+            self.say(f"building the tiny models in {folder}")
+            build(folder, seed=s.seed)
+        return (s.policy or str(folder / "policy"), s.reward or str(folder / "reward"),
+                s.prompts or folder / "prompts.jsonl")
+
+    def start_services(self, policy: str, reward: str) -> dict[str, Service]:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        services = {
+            "generation": self.processes.start("generation", [
+                "serve", "generation", "--model", policy, "--dtype", "float32", "--max-model-len", "512",
+                "--seed", str(self.s.seed)]),
+            "reward": self.processes.start("reward", [
+                "serve", "reward", "--model", f"reward={reward}", "--device", self.s.device]),
+            "feedback": self.processes.start("feedback", [
+                "serve", "feedback", "--db", f"sqlite:///{self.out / 'feedback.db'}", "--rater-port", "0"]),
+        }
+        for service in services.values():
+            self.say(f"  {service.name:<10} {service.address:<16} log {service.log}")
+        for service in services.values():
+            self.processes.wait_serving(service, self.s.timeout_s)
+        self.say("  all SERVING")
+        return services
+
+    # --- one round ------------------------------------------------------------------------
+
+    def sample(self, address: str, prompts: list[str], n: int, seed: int) -> list[tuple[int, str]]:
+        from rlhf_mesh.clients.generation import GenerationClient
+
+        with GenerationClient(address, timeout_s=self.s.timeout_s) as client:
+            return [(x.prompt_index, x.text) for x in client.generate(
+                prompts, n=n, max_tokens=self.s.response_length, temperature=1.0, seed=seed)]
+
+    def evaluate(self, services: dict[str, Service], prompts: list[str], seed: int) -> dict[str, float]:
+        """The rater's verdict on fresh samples of the served policy, and their reward."""
+        from rlhf_mesh.clients.reward import RewardClient
+
+        samples = self.sample(services["generation"].address, prompts, self.s.eval_samples, seed)
+        with RewardClient(services["reward"].address, timeout_s=self.s.timeout_s) as client:
+            scores = client.scores([(prompts[i], text) for i, text in samples], model="reward")
+        return {
+            "polite_rate": sum(politeness(t) > 0 for _, t in samples) / len(samples),
+            "polite_words": sum(politeness(t) for _, t in samples) / len(samples),
+            "reward_mean": sum(scores) / len(scores),
+        }
+
+    def collect_feedback(self, services: dict[str, Service], prompts: list[str], round_: int) -> int:
+        """The rater judges two fresh responses per prompt; returns how many judgements it gave."""
+        from rlhf_mesh.clients.feedback import FeedbackClient, feedback
+
+        samples = self.sample(services["generation"].address, prompts, 2, seed=self.s.seed * 7919 + round_)
+        responses: dict[int, list[str]] = {}
+        for index, text in samples:
+            responses.setdefault(index, []).append(text)
+        given = 0
+        with FeedbackClient(services["feedback"].address, timeout_s=self.s.timeout_s) as client:
+            for index, pair in sorted(responses.items()):
+                choice = judge(pair)
+                if choice is None or not all(r.strip() for r in pair):
+                    continue
+                client.submit(feedback(prompts[index], pair, rater_id="polite-rater", choice=choice,
+                                       feedback_id=f"round{round_}-{index}", model_id="policy",
+                                       policy_version=(round_ - 1) * self.s.steps))
+                given += 1
+        return given
+
+    def train_reward_model(self, services: dict[str, Service], base: str, folder: Path) -> dict[str, float]:
+        from rlhf_mesh.clients.feedback import FeedbackClient
+        from rlhf_mesh.clients.reward import RewardClient
+        from rlhf_mesh.services.reward.training import train
+
+        with FeedbackClient(services["feedback"].address, timeout_s=self.s.timeout_s) as client:
+            pairs, _ = client.export_preferences()
+        folder.mkdir(parents=True, exist_ok=True)
+        pairs_file = folder / "pairs.jsonl"
+        pairs_file.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
+                                      + "\n" for p in pairs))
+        metrics = train(pairs_file, base, folder / "reward", epochs=self.s.rm_epochs,
+                        learning_rate=self.s.rm_learning_rate, batch_size=16, eval_fraction=0.2, max_length=None,
+                        seed=self.s.seed)
+        with RewardClient(services["reward"].address) as client:
+            client.reload_model("reward", str(folder / "reward"), timeout_s=self.s.timeout_s)
+        return metrics
+
+    def ppo(self, services: dict[str, Service], policy: str, prompts_file: Path, round_: int) -> dict[str, float]:
+        """Run the learner process until it has done round_ * steps steps; its metrics go to the console."""
+        import grpc
+
+        from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
+
+        s = self.s
+        run_dir = self.out / "ppo"
+        args = ["serve", "learner", "--policy", policy, "--generation", services["generation"].address,
+                "--reward", services["reward"].address, "--reward-model", "reward", "--prompts", str(prompts_file),
+                "--steps", str(round_ * s.steps), "--batch-size", str(s.batch_size),
+                "--num-samples-per-prompt", str(s.num_samples_per_prompt), "--response-length", str(s.response_length),
+                "--learning-rate", str(s.learning_rate), "--kl-coef", str(s.kl_coef), "--seed", str(s.seed),
+                "--device", s.device, "--output-dir", str(run_dir), "--linger-s", "1", "--metrics-port", "0"]
+        if round_ > 1:
+            args += ["--resume-from", str(run_dir / "checkpoints" / f"step-{(round_ - 1) * s.steps:06d}")]
+        learner = self.processes.start(f"learner-round{round_}", args)
+        self.processes.wait_serving(learner, s.timeout_s)
+        last: dict[str, float] = {}
+        with grpc.insecure_channel(learner.address) as channel:
+            stub = learner_pb2_grpc.LearnerServiceStub(channel)
+            request = learner_pb2.WatchMetricsRequest(from_step=(round_ - 1) * s.steps + 1)
+            with contextlib.suppress(grpc.RpcError):  # the stream ends when the learner exits
+                for step in stub.WatchMetrics(request, timeout=s.timeout_s * 10):
+                    last = dict(step.scalars)
+                    self.say(f"  ppo step {step.step:>3}  reward {last['charts/reward_mean']:+.3f}  "
+                             f"kl {last['objective/kl']:.3f}  {last['time/step_s']:.2f}s")
+        if learner.process.wait(s.timeout_s) != 0 or not last:
+            raise DemoError(f"the learner failed in round {round_}; see {learner.log}")
+        return last
+
+    # --- the run ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        s = self.s
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        policy, reward, prompts_file = self.models()
+        prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines() if line.strip()]
+        eval_prompts = prompts[: s.eval_prompts]
+        self.say("starting the services")
+        services = self.start_services(policy, reward)
+        times: dict[str, float] = {}
+        with _phase(times, "eval_s"):
+            before = self.evaluate(services, eval_prompts, seed=s.seed * 104729)
+        self.rounds.append({"round": 0, **before, **times})
+        self.say(f"round 0: the rater likes {before['polite_rate']:.0%} of fresh samples")
+        for round_ in range(1, s.rounds + 1):
+            times = {}
+            start = (round_ - 1) * s.feedback_prompts
+            feedback_prompts = [prompts[(start + i) % len(prompts)] for i in range(s.feedback_prompts)]
+            with _phase(times, "feedback_s"):
+                given = self.collect_feedback(services, feedback_prompts, round_)
+            self.say(f"round {round_}: {given} judgements from the rater; training the reward model")
+            with _phase(times, "reward_model_s"):
+                rm = self.train_reward_model(services, reward, self.out / f"round{round_}")
+            self.say(f"  reward model: held-out accuracy {rm['held_out_accuracy']:.2f} on {rm['held_out_pairs']} "
+                     f"pairs; reloaded")
+            with _phase(times, "ppo_s"):
+                last = self.ppo(services, policy, prompts_file, round_)
+            with _phase(times, "eval_s"):
+                after = self.evaluate(services, eval_prompts, seed=s.seed * 104729)
+            self.say(f"round {round_}: the rater likes {after['polite_rate']:.0%} of fresh samples")
+            self.rounds.append({"round": round_, "judgements": given, "rm_accuracy": rm["held_out_accuracy"],
+                                "kl": last["objective/kl"], **after, **times})
+        self.report(time.perf_counter() - started)
+        return 0
+
+    def report(self, seconds: float) -> None:
+        columns = [("round", "round", "{:.0f}"), ("judgements", "judgements", "{:.0f}"),
+                   ("rm_accuracy", "RM held-out acc", "{:.2f}"), ("polite_rate", "rater likes", "{:.0%}"),
+                   ("polite_words", "polite words/resp", "{:.2f}"), ("reward_mean", "reward (that RM)", "{:+.3f}"),
+                   ("kl", "KL to reference", "{:.3f}"), ("feedback_s", "feedback s", "{:.1f}"),
+                   ("reward_model_s", "train-rm s", "{:.1f}"), ("ppo_s", "PPO s", "{:.1f}"),
+                   ("eval_s", "eval s", "{:.1f}")]
+        rows = [[title for _, title, _ in columns]]
+        rows += [[fmt.format(r[key]) if key in r else "-" for key, _, fmt in columns] for r in self.rounds]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+        table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+        (self.out / "summary.txt").write_text(table + "\n")
+        (self.out / "rounds.json").write_text(json.dumps(self.rounds, indent=1) + "\n")
+        plot = self.plot()
+        self.say(f"\n{table}\n\nthe rater liked {self.rounds[0]['polite_rate']:.0%} of fresh samples before RLHF and "
+                 f"{self.rounds[-1]['polite_rate']:.0%} after {self.s.rounds} rounds ({seconds / 60:.1f} min)")
+        self.say(f"plot: {plot}\ntensorboard: {self.out / 'ppo' / 'tensorboard'}\n"
+                 f"checkpoints: {self.out / 'ppo' / 'checkpoints'}\nlogs: {self.out / 'logs'}")
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        history = json.loads((self.out / "ppo" / "history.json").read_text())
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        rounds = [r["round"] for r in self.rounds]
+        axes[0].plot(rounds, [r["polite_rate"] for r in self.rounds], marker="o")
+        axes[0].set(title="rater likes (fresh samples)", xlabel="round", ylim=(0, 1), xticks=rounds)
+        steps = [h["step"] for h in history]
+        axes[1].plot(steps, [h["charts/reward_mean"] for h in history], marker=".")
+        axes[1].set(title="PPO reward (current RM)", xlabel="step")
+        axes[2].plot(steps, [h["objective/kl"] for h in history], marker=".")
+        axes[2].set(title="KL to reference", xlabel="step")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        for boundary in range(1, self.s.rounds):
+            for ax in axes[1:]:
+                ax.axvline(boundary * self.s.steps + 0.5, color="grey", linestyle=":")
+        fig.tight_layout()
+        path = self.out / "demo.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> int:
+    from rlhf_mesh.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(DemoSettings, argv, "rlhf-mesh demo")
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    demo = Demo(settings)
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: every process goes too
+    try:
+        return demo.run()
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; stopping the services", file=sys.stderr)
+        return 130
+    finally:
+        demo.processes.stop_all()
