@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-SERVICES = ("generation", "reward", "learner", "feedback")
 # service -> module with its `Settings` and `Service` classes
 SERVICE_MODULES = {
     "generation": "rlhf_mesh.services.generation",
@@ -16,14 +14,6 @@ SERVICE_MODULES = {
     "learner": "rlhf_mesh.services.learner",
     "feedback": "rlhf_mesh.services.feedback",
 }
-
-
-def _not_implemented(what: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"rlhf-mesh {what}: not implemented yet", file=sys.stderr)
-        return 1
-
-    return run
 
 
 def _models_build(args: argparse.Namespace) -> int:
@@ -36,8 +26,6 @@ def _models_build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.service not in SERVICE_MODULES:
-        return _not_implemented(f"serve {args.service}")(args)
     from rlhf_mesh.server import run
 
     module = importlib.import_module(SERVICE_MODULES[args.service])
@@ -191,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
         "variables and an optional YAML file (--config FILE), flags first. "
         "`rlhf-mesh serve SERVICE --help` lists them.",
     )
-    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("service", choices=sorted(SERVICE_MODULES))
     serve.add_argument("args", nargs=argparse.REMAINDER, help="settings of the service")
     serve.set_defaults(run=_serve)
 

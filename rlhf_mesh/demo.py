@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -268,8 +269,16 @@ class Demo:
 
     # --- the run ----------------------------------------------------------------------------
 
+    def clear(self) -> None:
+        """Remove a previous run's outputs (the built models stay)."""
+        for stale in ("logs", "ppo", *(p.name for p in self.out.glob("round*"))):
+            shutil.rmtree(self.out / stale, ignore_errors=True)
+        for stale in self.out.glob("feedback.db*"):
+            stale.unlink()
+
     def run(self) -> int:
         s = self.s
+        self.clear()
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         policy, reward, prompts_file = self.models()
@@ -355,6 +364,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str]) -> int:
+    import grpc
+
     from rlhf_mesh.settings import SettingsError, load_settings
 
     try:
@@ -368,6 +379,10 @@ def main(argv: list[str]) -> int:
         return demo.run()
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as err:  # a service refused or failed a call
+        print(f"error: {err.code().name}: {err.details()}; the services' logs are in {demo.out / 'logs'}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; stopping the services", file=sys.stderr)

@@ -37,7 +37,9 @@ def test_every_service_has_its_rpcs():
         ),
         "rlhf_mesh.v1.RewardService": sorted(["Score", "ScoreStream", "ListModels", "ReloadModel"]),
         "rlhf_mesh.v1.LearnerService": sorted(["GetStatus", "WatchMetrics", "SaveCheckpoint", "Pause", "Resume"]),
-        "rlhf_mesh.v1.FeedbackService": sorted(["SubmitFeedback", "ListFeedback", "ExportPreferences"]),
+        "rlhf_mesh.v1.FeedbackService": sorted(
+            ["SubmitFeedback", "ListFeedback", "ExportPreferences", "AddRatingItems"]
+        ),
     }
     generate = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].methods_by_name["Generate"]
     assert generate.server_streaming and not generate.client_streaming
