@@ -66,15 +66,16 @@ def _train_rm(args: argparse.Namespace) -> int:
 
     configure_logging("INFO")
     try:
-        metrics = train(args.pairs, args.base, args.output, epochs=args.epochs, learning_rate=args.learning_rate,
+        metrics = train(args.preferences, args.base, args.out, epochs=args.epochs, learning_rate=args.learning_rate,
                         batch_size=args.batch_size, eval_fraction=args.eval_fraction, max_length=args.max_length,
                         seed=args.seed)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{metrics['pairs']} pairs ({metrics['held_out_pairs']} held out): train accuracy "
-          f"{metrics['train_accuracy']:.3f}, held-out accuracy {metrics['held_out_accuracy']:.3f}, "
-          f"{metrics['seconds']:.1f} s\nreward model: {args.output}")
+    print(f"{'':<10}{'pairs':>8}{'accuracy':>10}\n"
+          f"{'train':<10}{metrics['train_pairs']:>8}{metrics['train_accuracy']:>10.3f}\n"
+          f"{'held out':<10}{metrics['held_out_pairs']:>8}{metrics['held_out_accuracy']:>10.3f}\n"
+          f"reward model: {args.out} ({metrics['seconds']:.1f} s; TensorBoard: {args.out / 'tensorboard'})")
     return 0
 
 
@@ -192,9 +193,10 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     train_rm = sub.add_parser("train-rm", help="train a reward model from preference pairs (Bradley-Terry)")
-    train_rm.add_argument("--pairs", type=Path, required=True, help="JSONL of {prompt, chosen, rejected}")
+    train_rm.add_argument("--preferences", type=Path, required=True,
+                          help="JSONL of {prompt, chosen, rejected[, margin]} (`rlhf-mesh feedback export`)")
     train_rm.add_argument("--base", required=True, help="model folder to start from (a reward model or a causal LM)")
-    train_rm.add_argument("--output", type=Path, required=True, help="folder for the trained reward model")
+    train_rm.add_argument("--out", type=Path, required=True, help="folder for the trained reward model")
     train_rm.add_argument("--epochs", type=int, default=3)
     train_rm.add_argument("--learning-rate", type=float, default=1e-4)
     train_rm.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step")

@@ -373,6 +373,9 @@ def main(argv: list[str]) -> int:
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # The console is for the loop's story: no download-style progress bars or load reports.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     demo = Demo(settings)
     signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: every process goes too
     try:

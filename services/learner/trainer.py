@@ -119,7 +119,7 @@ class Trainer:
             if info.policy_version != self.step:
                 raise LearnerError(
                     f"generation replica {address} serves policy version {info.policy_version}, the learner is at "
-                    f"{self.step}: restart the replica so it serves the initial policy"
+                    f"{self.step}: restart the replica (version 0) or resume from the checkpoint of that step"
                 )
         if s.weight_transport == "collective":
             clients = [GenerationClient(a) for a in s.generation]

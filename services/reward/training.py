@@ -1,11 +1,14 @@
 """`rlhf-mesh train-rm`: a reward model from (prompt, chosen, rejected) pairs.
 
-Bradley–Terry, as TRL's RewardTrainer: loss = -log sigmoid(r(chosen) - r(rejected)) on a
-`*ForSequenceClassification` model with one label, initialised from `--base` (a reward
-model, or a causal LM whose new score head starts at random). Inputs are tokenized by the
+Bradley–Terry, as TRL's RewardTrainer: loss = -log sigmoid(r(chosen) - r(rejected) - margin)
+(margin: a pair's optional "margin" field, else 0) on a `*ForSequenceClassification` model
+with one label, initialised from `--base` (a reward model, or a causal LM whose new score
+head starts at random). The output is that standard format (pad_token_id set, tokenizer and
+chat template saved), loadable by transformers, TRL and the RewardService. Inputs are tokenized by the
 RewardService's own rule (services/reward/model.py), so the model is trained on exactly
 what it will score. A seeded share of the pairs is held out; the accuracy on it (chosen
-scored above rejected) is printed and written beside the model in `train_rm.json`.
+scored above rejected) is printed and written beside the model in `train_rm.json`. Loss and
+accuracy go to TensorBoard under `OUT/tensorboard`; a progress bar shows on a terminal.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_mesh.services.reward.model import InvalidSample, Tokenization
@@ -25,8 +31,8 @@ from rlhf_mesh.v1 import reward_pb2
 log = logging.getLogger(__name__)
 
 
-def read_pairs(path: Path) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) per JSONL line, as `rlhf-mesh feedback export` writes them."""
+def read_pairs(path: Path) -> list[tuple[str, str, str, float]]:
+    """(prompt, chosen, rejected, margin) per JSONL line, as `rlhf-mesh feedback export` writes them."""
     pairs = []
     with path.open() as f:
         for number, line in enumerate(f, 1):
@@ -34,7 +40,7 @@ def read_pairs(path: Path) -> list[tuple[str, str, str]]:
                 continue
             try:
                 row = json.loads(line)
-                pairs.append((row["prompt"], row["chosen"], row["rejected"]))
+                pairs.append((row["prompt"], row["chosen"], row["rejected"], float(row.get("margin", 0.0))))
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{number}: not a {{prompt, chosen, rejected}} object ({err})") from None
     if not pairs:
@@ -52,14 +58,17 @@ def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _margins(model, pairs: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+Pair = tuple[list[int], list[int], float]  # chosen ids, rejected ids, margin
+
+
+def _margins(model, pairs: list[Pair], pad_id: int) -> torch.Tensor:
     """r(chosen) - r(rejected) for each pair, in one forward over both."""
-    ids, mask = _padded([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    ids, mask = _padded([c for c, _, _ in pairs] + [r for _, r, _ in pairs], pad_id)
     scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
     return scores[: len(pairs)] - scores[len(pairs):]
 
 
-def accuracy(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
+def accuracy(model, pairs: list[Pair], pad_id: int, batch_size: int) -> float:
     if not pairs:
         return float("nan")
     with torch.no_grad():
@@ -85,7 +94,7 @@ def train(pairs_path: Path, base: str, output: Path, *, epochs: int, learning_ra
         return tokenization.encode(0, sample).ids
 
     try:
-        encoded = [(encode(p, c), encode(p, r)) for p, c, r in read_pairs(pairs_path)]
+        encoded = [(encode(p, c), encode(p, r), m) for p, c, r, m in read_pairs(pairs_path)]
     except InvalidSample as err:
         raise ValueError(f"{pairs_path}: {err.problem}") from None
     random.shuffle(encoded)
@@ -94,16 +103,31 @@ def train(pairs_path: Path, base: str, output: Path, *, epochs: int, learning_ra
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
     started = time.perf_counter()
-    losses = []
+    writer = SummaryWriter(str(output / "tensorboard"))
+    batches = epochs * -(-len(train_pairs) // batch_size)
+    bar = tqdm(total=batches, desc="train-rm", unit="batch", disable=not sys.stderr.isatty())
+    losses: list[float] = []
     for epoch in range(epochs):
         random.shuffle(train_pairs)
         for i in range(0, len(train_pairs), batch_size):
-            loss = -torch.nn.functional.logsigmoid(_margins(model, train_pairs[i : i + batch_size], pad_id)).mean()
+            batch = train_pairs[i : i + batch_size]
+            margins = _margins(model, batch, pad_id) - torch.tensor([m for _, _, m in batch])
+            loss = -torch.nn.functional.logsigmoid(margins).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, sum(losses[-10:]) / len(losses[-10:]))
+            writer.add_scalar("train/loss", losses[-1], len(losses))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}", refresh=False)
+            bar.update(1)
+        model.eval()
+        held_out_accuracy = accuracy(model, held_out, pad_id, batch_size)
+        model.train()
+        writer.add_scalar("eval/accuracy", held_out_accuracy, epoch + 1)
+        log.info("epoch %d/%d: loss %.4f, held-out accuracy %.3f", epoch + 1, epochs,
+                 sum(losses[-10:]) / len(losses[-10:]), held_out_accuracy)
+    bar.close()
+    writer.close()
     model.eval()
     metrics = {
         "pairs": len(encoded), "train_pairs": len(train_pairs), "held_out_pairs": len(held_out),
@@ -114,7 +138,7 @@ def train(pairs_path: Path, base: str, output: Path, *, epochs: int, learning_ra
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
-    (output / "train_rm.json").write_text(json.dumps({**metrics, "base": base, "pairs_file": str(pairs_path),
+    (output / "train_rm.json").write_text(json.dumps({**metrics, "base": base, "preferences": str(pairs_path),
                                                       "epochs": epochs, "learning_rate": learning_rate,
                                                       "seed": seed}, indent=2) + "\n")
     return metrics
