@@ -98,8 +98,9 @@ class Processes:
 
         port = free_port()
         log = self.logs / f"{name}.log"
-        process = subprocess.Popen([sys.executable, "-m", "rlhf_mesh", *args, "--port", str(port)],
-                                   stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        with log.open("w") as output:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen([sys.executable, "-m", "rlhf_mesh", *args, "--port", str(port)],
+                                       stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         service = Service(name, process, log, f"localhost:{port}")
         self.started.append(service)
         return service
@@ -113,6 +114,7 @@ class Processes:
             raise DemoError(f"the {service.name} service did not start ({err}); see {service.log}") from None
 
     def stop(self, service: Service, timeout_s: float = 30) -> int:
+        """SIGTERM (the service drains), then SIGKILL to its whole process group."""
         if service.alive():
             service.process.send_signal(signal.SIGTERM)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 
@@ -52,4 +53,22 @@ def test_a_service_that_fails_is_named_with_its_log_and_nothing_is_left_running(
     assert "the generation service did not start" in result.stderr
     assert str(out / "logs" / "generation.log") in result.stderr
     addresses = _addresses(result.stdout)
+    assert len(addresses) == 3 and all(_closed(*a) for a in addresses)
+
+
+def test_ctrl_c_stops_every_service(tmp_path, tiny_models):
+    out = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [PYTHON, "-m", "rlhf_mesh", "demo", "--out", str(out), "--policy", str(tiny_models["policy"]),
+         "--reward", str(tiny_models["reward"]), "--prompts", str(tiny_models["prompts"])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    lines = []
+    for line in demo.stdout:  # wait until the services serve and the first round begins
+        lines.append(line)
+        if line.startswith("round 0"):
+            break
+    demo.send_signal(signal.SIGINT)
+    _, stderr = demo.communicate(timeout=120)
+    assert demo.returncode == 130 and "interrupted; stopping the services" in stderr
+    addresses = _addresses("".join(lines))
     assert len(addresses) == 3 and all(_closed(*a) for a in addresses)

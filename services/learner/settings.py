@@ -36,6 +36,9 @@ class LearnerSettings(ServiceSettings):
 
     # Services.
     generation: list[str] = Field(min_length=1, description="GenerationService HOST:PORT; repeat for replicas")
+    resolve_replicas: bool = Field(
+        False, description="take every address a generation name resolves to as a replica (a headless Service)"
+    )
     reward: str = Field(description="RewardService HOST:PORT")
     reward_model: str = Field("", description="reward model name on the RewardService (default: its default)")
     weight_transport: Literal["grpc", "collective"] = Field(

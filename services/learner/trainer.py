@@ -22,7 +22,7 @@ import torch
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
-from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas
+from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas, resolve
 from rlhf_mesh.services.learner import ppo
 from rlhf_mesh.services.learner.data import PromptDataset
 from rlhf_mesh.services.learner.errors import LearnerError
@@ -69,6 +69,7 @@ class Trainer:
         self.pushed_names = set(checkpoint_layout(s.policy))
         self.step = 0  # steps done = the policy version the replicas serve
         self.history: list[dict[str, float]] = []
+        self.replicas = list(s.generation)  # one address per generation replica
         self._generators: list[AsyncGenerationClient] = []
         self._reward: AsyncRewardClient | None = None
         self._sender: CollectiveSender | None = None
@@ -101,13 +102,16 @@ class Trainer:
     async def connect(self) -> None:
         """Open the clients and check that every replica serves the learner's version."""
         s = self.settings
-        self._generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s) for a in s.generation]
+        if s.resolve_replicas:  # the replicas behind a headless Service, as they are now
+            self.replicas = sorted({a for name in s.generation for a in resolve(name)})
+            log.info("generation replicas: %s", ", ".join(self.replicas))
+        self._generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s) for a in self.replicas]
         self._reward = AsyncRewardClient(s.reward, timeout_s=s.rpc_timeout_s)
         try:
             infos = await asyncio.gather(*(g.model_info() for g in self._generators))
             await self._reward.list_models()
         except grpc.aio.AioRpcError as err:
-            raise LearnerError(f"cannot use the services {s.generation} and {s.reward}: "
+            raise LearnerError(f"cannot use the services {self.replicas} and {s.reward}: "
                                f"{err.code().name}: {err.details()}") from None
         dtypes = {info.dtype for info in infos}
         if len(dtypes) != 1:
@@ -115,14 +119,14 @@ class Trainer:
         self._push_dtype = getattr(torch, dtypes.pop())
         if self._push_dtype not in TORCH_DTYPES.values():
             raise LearnerError(f"generation replicas serve {self._push_dtype}, which cannot be pushed")
-        for address, info in zip(s.generation, infos, strict=True):
+        for address, info in zip(self.replicas, infos, strict=True):
             if info.policy_version != self.step:
                 raise LearnerError(
                     f"generation replica {address} serves policy version {info.policy_version}, the learner is at "
                     f"{self.step}: restart the replica (version 0) or resume from the checkpoint of that step"
                 )
         if s.weight_transport == "collective":
-            clients = [GenerationClient(a) for a in s.generation]
+            clients = [GenerationClient(a) for a in self.replicas]
             self._sender = await asyncio.to_thread(
                 CollectiveSender, clients, s.collective_address, 0, min(s.rpc_timeout_s, 300.0)
             )
@@ -143,7 +147,7 @@ class Trainer:
         if self._sender is not None:
             self._sender.push(tensors, version)
             return
-        failed = [r for r in push_to_replicas(self.settings.generation, tensors, version, self.settings.rpc_timeout_s)
+        failed = [r for r in push_to_replicas(self.replicas, tensors, version, self.settings.rpc_timeout_s)
                   if not r.ok]
         if failed:
             raise LearnerError("weight push failed: " + "; ".join(
