@@ -86,6 +86,29 @@ async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
         assert all(name in h for h in history), name
 
 
+async def test_async_mode_trains_on_rollouts_at_most_one_version_old(tiny_models, reward_server, tmp_path):
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", MAX_MODEL_LEN)
+    settings = LearnerSettings(
+        policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward_server.address,
+        prompts=tiny_models["prompts"], steps=4, batch_size=8, num_samples_per_prompt=2, response_length=16,
+        learning_rate=1e-3, async_generation=True, max_policy_lag=1, output_dir=tmp_path / "run",
+    )
+    trainer = Trainer(settings)
+    history = []
+    try:
+        await trainer.connect()
+        with GenerationClient(generation.address) as client:
+            for step in range(1, settings.steps + 1):
+                history.append(await trainer.run_step())
+                assert client.model_info().policy_version == step
+    finally:
+        await trainer.close()
+        generation.stop()
+    # Step 0 trains on version 0; every later step on rollouts started under the version before it.
+    assert [h["async/lag_max"] for h in history] == [0.0, 1.0, 1.0, 1.0]
+    assert all(h["async/lag_1_share"] > 0 for h in history[1:])
+
+
 def _status(stub) -> learner_pb2.GetStatusResponse:
     return stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=10)
 

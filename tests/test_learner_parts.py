@@ -96,3 +96,42 @@ def test_unknown_config_keys_are_refused(tmp_path):
     result = subprocess.run([PYTHON, "-m", "rlhf_mesh", "train", "--config", str(config)],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and "kl_coeff" in result.stderr
+
+
+def _rollout(version: int, prompt_index: int):
+    from rlhf_mesh.services.learner.rollouts import Rollout
+
+    return Rollout(prompt_index=prompt_index, sample_index=0, prompt_ids=[1, 7, 9], response_ids=[30, 31],
+                   sampler_logprobs=[-6.0, -6.0], text="x", finished=True, policy_version_start=version,
+                   policy_version_end=version)
+
+
+async def test_rollouts_older_than_the_staleness_bound_are_never_trained_on(tiny_models, tmp_path, monkeypatch):
+    from rlhf_mesh.services.learner import trainer as trainer_module
+    from rlhf_mesh.services.learner.errors import LearnerError
+    from rlhf_mesh.services.learner.rollouts import Collected
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+
+    settings = LearnerSettings(policy=str(tiny_models["policy"]), generation=["localhost:1"], reward="localhost:2",
+                               prompts=tiny_models["prompts"], batch_size=2, steps=4, async_generation=True,
+                               max_policy_lag=1, output_dir=tmp_path)
+    trainer = trainer_module.Trainer(settings)
+    trainer.step = 3  # the last step: nothing is prefetched after it
+    served_versions = iter([1, 2])  # step 3 may use version 2 (lag 1), never version 1 (lag 2)
+
+    async def fake_collect(generators, reward, prompts, *, min_policy_version, **_):
+        assert min_policy_version == 2  # the generator is told the bound too
+        version = next(served_versions)
+        return Collected([_rollout(version, i) for i in range(len(prompts))], generate_s=0.0, score_tail_s=0.0)
+
+    trained = []
+    monkeypatch.setattr(trainer_module, "collect", fake_collect)
+    monkeypatch.setattr(trainer, "train", lambda rollouts: trained.append(rollouts) or {})
+    monkeypatch.setattr(trainer, "_push", lambda version: None)
+    with pytest.raises(LearnerError, match=r"policy versions \[1\] at step 3: outside max_policy_lag=1"):
+        await trainer.run_step()
+    assert trained == [] and trainer.step == 3
+    scalars = await trainer.run_step()
+    assert [r.policy_version_start for r in trained[0]] == [2, 2] and trainer.step == 4
+    assert scalars["async/lag_max"] == 1 and scalars["async/lag_1_share"] == 1.0
+    await trainer.close()

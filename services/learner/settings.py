@@ -58,6 +58,12 @@ class LearnerSettings(ServiceSettings):
     num_samples_per_prompt: int = Field(1, ge=1, description="responses per prompt (the group of GRPO/RLOO)")
     response_length: int = Field(32, ge=1, description="most tokens per response")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; the learner's log-probs use it too")
+    async_generation: bool = Field(
+        False, description="generate the next step's rollouts while this step trains (off-policy by one version)"
+    )
+    max_policy_lag: int = Field(
+        1, ge=1, description="async: rollouts are at most this many policy versions older than the step using them"
+    )
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="subtracted from the score of a response cut at response_length without EOS"
     )
