@@ -44,6 +44,17 @@ class Encoded:
     truncated: bool
 
 
+def right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the right to the longest sequence, and their attention mask."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 def weights_version(path: str | Path) -> str:
     """Content hash of a model folder's weight files: the model's version."""
     digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -160,11 +171,6 @@ class RewardModel:
     @torch.inference_mode()
     def score(self, batch: list[list[int]]) -> list[float]:
         """Raw logits of right-padded sequences; the head pools each at its last real token."""
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = right_padded(batch, self.pad_token_id)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         return logits[:, 0].float().cpu().tolist()

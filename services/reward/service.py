@@ -186,7 +186,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     async def ReloadModel(self, request: reward_pb2.ReloadModelRequest, context: grpc.aio.ServicerContext):
-        """Load `path` as `name` beside the serving model, warm it, swap; calls already queued
+        """Load and warm `path` as `name` beside the serving model, then swap; calls already queued
         finish on the old one, which is then closed. A failed load changes nothing."""
         if not request.name or not request.path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give the model's name and path")
@@ -196,7 +196,6 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         try:
             try:
                 model = await asyncio.to_thread(self.load, request.name, request.path)
-                await asyncio.to_thread(model.score, [[0] * 8, [0] * 16])  # warm-up
             except Exception as err:  # whatever the loader raises, the old model keeps serving
                 log.warning("reload of %s from %s failed: %s", request.name, request.path, err)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -226,19 +225,22 @@ class RewardService:
     async def start(self) -> None:
         for name, path in self.settings.named_models():
             model = await asyncio.to_thread(self._load, name, path)
-            await asyncio.to_thread(model.score, [[0] * 8, [0] * 16])  # warm-up
             self.servicer.add(model)
             log.info("loaded reward model %s from %s (version %s, max length %d, %s)",
                      name, path, model.version, model.max_length, model.backend)
 
     def _load(self, name: str, path: str) -> RewardModel:
+        """Load and warm a model (at start and on ReloadModel)."""
         s = self.settings
         if s.backend == "vllm":
             from rlhf_mesh.services.reward.vllm_backend import VllmRewardModel
 
-            return VllmRewardModel(name, path, dtype=s.dtype, max_length=s.max_length, truncation=s.truncation)
-        return RewardModel(name, path, dtype=s.dtype, device=s.device, max_length=s.max_length,
-                           truncation=s.truncation)
+            model = VllmRewardModel(name, path, dtype=s.dtype, max_length=s.max_length, truncation=s.truncation)
+        else:
+            model = RewardModel(name, path, dtype=s.dtype, device=s.device, max_length=s.max_length,
+                                truncation=s.truncation)
+        model.score([[0] * 8, [0] * 16])  # warm-up
+        return model
 
     async def close(self) -> None:
         for served in self.servicer.served.values():

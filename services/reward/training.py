@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_mesh.services.reward.model import InvalidSample, Tokenization
+from rlhf_mesh.services.reward.model import InvalidSample, Tokenization, right_padded
 from rlhf_mesh.v1 import reward_pb2
 
 log = logging.getLogger(__name__)
@@ -48,22 +48,12 @@ def read_pairs(path: Path) -> list[tuple[str, str, str, float]]:
     return pairs
 
 
-def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 Pair = tuple[list[int], list[int], float]  # chosen ids, rejected ids, margin
 
 
 def _margins(model, pairs: list[Pair], pad_id: int) -> torch.Tensor:
     """r(chosen) - r(rejected) for each pair, in one forward over both."""
-    ids, mask = _padded([c for c, _, _ in pairs] + [r for _, r, _ in pairs], pad_id)
+    ids, mask = right_padded([c for c, _, _ in pairs] + [r for _, r, _ in pairs], pad_id)
     scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
     return scores[: len(pairs)] - scores[len(pairs):]
 
