@@ -4,8 +4,8 @@ GET /            the page (rater.html)
 GET /api/next    the oldest unjudged item and how many are left
 POST /api/feedback  {item_id, rater_id, choice | scores | correction} -> stored feedback
 
-Feedback from the page goes through the same validation as SubmitFeedback; its id is
-`item-<item_id>-<rater_id>`, so a double submit is stored once.
+Feedback from the page goes through the same validation and storage as SubmitFeedback; its
+id is `item-<item_id>-<rater_id>`, so a double submit is stored once.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from rlhf_mesh.clients.feedback import feedback
 from rlhf_mesh.services.feedback.preferences import InvalidFeedback, Limits, to_row, validate
-from rlhf_mesh.services.feedback.store import FeedbackStore
+from rlhf_mesh.services.feedback.store import ConflictingResubmission, FeedbackStore
 from rlhf_mesh.v1 import feedback_pb2
 
 log = logging.getLogger(__name__)
@@ -32,20 +33,15 @@ def _bad(message: str) -> web.Response:
 
 
 def _feedback(body: dict, item) -> feedback_pb2.Feedback:
+    """The page's JSON as a Feedback on `item` (ValueError for anything but one judgement)."""
     rater = str(body.get("rater_id") or "")
-    judgement = {}
-    if "choice" in body:
-        judgement["choice"] = feedback_pb2.Choice(chosen_index=int(body["choice"]))
-    elif "scores" in body:
-        judgement["rating"] = feedback_pb2.Rating(scores=[float(s) for s in body["scores"]],
-                                                  scale_min=RATING_SCALE[0], scale_max=RATING_SCALE[1])
-    elif "correction" in body:
-        c = body["correction"]
-        judgement["correction"] = feedback_pb2.Correction(response_index=int(c["response_index"]),
-                                                          corrected_response=str(c["corrected_response"]))
-    return feedback_pb2.Feedback(
-        feedback_id=f"item-{item.item_id}-{rater}"[:128], rater_id=rater, prompt=item.prompt,
-        responses=item.responses, model_id=item.model_id, policy_version=item.policy_version, **judgement,
+    correction = body.get("correction")
+    return feedback(
+        item.prompt, item.responses, rater_id=rater, feedback_id=f"item-{item.item_id}-{rater}"[:128],
+        model_id=item.model_id, policy_version=item.policy_version, scale=RATING_SCALE,
+        choice=int(body["choice"]) if "choice" in body else None,
+        scores=[float(x) for x in body["scores"]] if "scores" in body else None,
+        correction=(int(correction["response_index"]), str(correction["corrected_response"])) if correction else None,
     )
 
 
@@ -72,7 +68,10 @@ def app(store: FeedbackStore, limits: Limits) -> web.Application:
             return _bad(f"feedback: {err}")
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
             return _bad(f"not a feedback object: {err}")
-        stored = await asyncio.to_thread(store.judge, item.item_id, to_row(feedback))
+        try:
+            stored = await asyncio.to_thread(store.submit, to_row(feedback), item.item_id)
+        except ConflictingResubmission as err:  # this rater judged this item differently before
+            return web.json_response({"error": str(err)}, status=409)
         return web.json_response({"feedback_id": stored.row.feedback_id, "already_stored": stored.already_stored,
                                   "remaining": await asyncio.to_thread(store.pending)})
 

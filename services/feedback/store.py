@@ -110,20 +110,24 @@ class FeedbackStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    def submit(self, row: FeedbackRow) -> Stored:
-        """Store `row` (feedback_id assigned when empty); durable on return."""
+    def submit(self, row: FeedbackRow, item_id: int | None = None) -> Stored:
+        """Store `row` (feedback_id assigned when empty); durable on return. With `item_id`, the
+        rating item it judges leaves the queue in the same transaction."""
         row.feedback_id = row.feedback_id or uuid.uuid4().hex
         row.created_at = datetime.datetime.now(datetime.timezone.utc)
         with Session(self.engine, expire_on_commit=False) as session:
             session.add(row)
+            if item_id is not None:
+                session.get(RatingItemRow, item_id).feedback_id = row.feedback_id
             try:
                 session.commit()
                 return Stored(row, already_stored=False)
-            except IntegrityError:
+            except IntegrityError as err:
                 session.rollback()
+                conflict = err
         existing = self.get(row.feedback_id)
         if existing is None:  # the conflict was not on feedback_id
-            raise
+            raise conflict
         if _content(existing) != _content(row):
             raise ConflictingResubmission(f"feedback_id {row.feedback_id!r} was stored with different content")
         return Stored(existing, already_stored=True)
@@ -175,18 +179,6 @@ class FeedbackStore:
     def item(self, item_id: int) -> RatingItemRow | None:
         with Session(self.engine, expire_on_commit=False) as session:
             return session.get(RatingItemRow, item_id)
-
-    def judge(self, item_id: int, row: FeedbackRow) -> Stored:
-        """Store the feedback on a queued item and take the item off the queue, in one transaction."""
-        row.created_at = datetime.datetime.now(datetime.timezone.utc)
-        with Session(self.engine, expire_on_commit=False) as session:
-            existing = session.scalars(select(FeedbackRow).where(FeedbackRow.feedback_id == row.feedback_id)).first()
-            if existing is not None:
-                return Stored(existing, already_stored=True)
-            session.add(row)
-            session.get(RatingItemRow, item_id).feedback_id = row.feedback_id
-            session.commit()
-            return Stored(row, already_stored=False)
 
 
 def _sqlite_durable(connection, _record) -> None:
