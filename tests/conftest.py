@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from support import ChildServer
+from rlhf_mesh.clients.generation import GenerationClient
+
+from support import ChildServer, start_generation_server
 
 # vLLM on CPU: the default KV-cache reservation does not fit NUMA node 0 of these machines.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -35,3 +37,17 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from rlhf_mesh.tiny_models import build
 
     return build(tmp_path_factory.mktemp("models"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def generation_server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildServer]:
+    """A GenerationService on the tiny policy (float32, support.MAX_MODEL_LEN), one per test module."""
+    server = start_generation_server(tiny_models["policy"], tmp_path_factory.mktemp("generation") / "server.log")
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def generation_client(generation_server: ChildServer) -> Iterator[GenerationClient]:
+    with GenerationClient(generation_server.address, timeout_s=120) as client:
+        yield client

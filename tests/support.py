@@ -10,10 +10,12 @@ from pathlib import Path
 
 from rlhf_mesh.server import free_port
 
-__all__ = ["PYTHON", "ROOT", "ChildServer", "free_port", "greedy", "metric", "scrape", "start_generation_server"]
+__all__ = ["MAX_MODEL_LEN", "PYTHON", "ROOT", "ChildServer", "free_port", "greedy", "metric", "scrape",
+           "start_generation_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+MAX_MODEL_LEN = 256  # of the test generation servers
 
 
 class ChildServer:
@@ -61,13 +63,13 @@ def metric(text: str, name: str, **labels: str) -> float:
     )
 
 
-def start_generation_server(policy: Path, log_path: Path, max_model_len: int) -> ChildServer:
+def start_generation_server(policy: Path, log_path: Path) -> ChildServer:
     """`rlhf-mesh serve generation` on `policy` in float32, once it is SERVING."""
     from rlhf_mesh.clients.health import wait_until_serving
 
     server = ChildServer(
         [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(policy),
-         "--dtype", "float32", "--max-model-len", str(max_model_len)],
+         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN)],
         log_path,
     )
     wait_until_serving(server.address, timeout_s=300, alive=server.alive)

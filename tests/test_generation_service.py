@@ -11,29 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_mesh.clients.generation import GenerationClient, generate_request
+from rlhf_mesh.clients.generation import generate_request
 from rlhf_mesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
-from support import PYTHON, ROOT, ChildServer, greedy, metric, scrape, start_generation_server
+from support import MAX_MODEL_LEN, PYTHON, ROOT, ChildServer, greedy, metric, scrape
 
-MAX_MODEL_LEN = 256
 PROMPTS = ["Hello there", [5, 6, 7, 8, 9], [{"role": "user", "content": "What is the capital of France?"}]]
 # float32 on both sides; vLLM's CPU kernels and the HF forward differ by ~1e-6 in a log-softmax over 615 logits.
 LOGPROB_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models, tmp_path_factory):
-    server = start_generation_server(
-        tiny_models["policy"], tmp_path_factory.mktemp("generation") / "server.log", MAX_MODEL_LEN)
-    yield server
-    assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with GenerationClient(server.address, timeout_s=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +33,8 @@ def _logits(policy, sample: generation_pb2.Sample) -> torch.Tensor:
         return policy(torch.tensor([ids])).logits[0, len(sample.prompt_token_ids) - 1 : -1]
 
 
-def test_greedy_output_equals_transformersgreedy(client, policy, tiny_models):
-    samples = sorted(client.generate(PROMPTS, max_tokens=24, temperature=0, ignore_eos=True),
+def test_greedy_output_equals_transformersgreedy(generation_client, policy, tiny_models):
+    samples = sorted(generation_client.generate(PROMPTS, max_tokens=24, temperature=0, ignore_eos=True),
                      key=lambda s: s.prompt_index)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
     assert list(samples[0].prompt_token_ids) == tokenizer("Hello there")["input_ids"]
@@ -64,17 +49,19 @@ def test_greedy_output_equals_transformersgreedy(client, policy, tiny_models):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_match_a_forward_pass(client, policy, temperature):
+def test_logprobs_match_a_forward_pass(generation_client, policy, temperature):
     """completion_logprobs are under the sampling distribution: log_softmax(logits / temperature)."""
-    for sample in client.generate(PROMPTS, n=2, max_tokens=32, temperature=temperature, seed=11, ignore_eos=True):
+    samples = generation_client.generate(PROMPTS, n=2, max_tokens=32, temperature=temperature, seed=11,
+                                         ignore_eos=True)
+    for sample in samples:
         logprobs = torch.log_softmax(_logits(policy, sample) / temperature, dim=-1)
         expected = logprobs[torch.arange(len(sample.completion_token_ids)), list(sample.completion_token_ids)]
         assert torch.allclose(torch.tensor(list(sample.completion_logprobs)), expected, atol=LOGPROB_TOLERANCE)
 
 
-def test_seeded_samples_are_reproducible_and_distinct(client):
+def test_seeded_samples_are_reproducible_and_distinct(generation_client):
     def run(seed: int) -> dict[tuple[int, int], list[int]]:
-        samples = client.generate(PROMPTS[:2], n=4, max_tokens=16, temperature=1.0, seed=seed)
+        samples = generation_client.generate(PROMPTS[:2], n=4, max_tokens=16, temperature=1.0, seed=seed)
         return {(s.prompt_index, s.sample_index): list(s.completion_token_ids) for s in samples}
 
     first, again, other = run(5), run(5), run(6)
@@ -84,13 +71,13 @@ def test_seeded_samples_are_reproducible_and_distinct(client):
     assert len({tuple(tokens) for tokens in first.values()}) == 8  # every sample drew its own noise
 
 
-def test_samples_stream_as_they_finish(client):
+def test_samples_stream_as_they_finish(generation_client):
     """A sample that stops after two tokens arrives while a long one of the same request still runs."""
     greedy = {s.prompt_index: list(s.completion_token_ids)
-              for s in client.generate(PROMPTS[:2], max_tokens=160, temperature=0, ignore_eos=True)}
+              for s in generation_client.generate(PROMPTS[:2], max_tokens=160, temperature=0, ignore_eos=True)}
     stop = next(t for t in greedy[0][1:] if t not in greedy[1])
     stop_at = greedy[0].index(stop) + 1
-    events = list(client.generate(PROMPTS[:2], max_tokens=160, temperature=0, ignore_eos=True,
+    events = list(generation_client.generate(PROMPTS[:2], max_tokens=160, temperature=0, ignore_eos=True,
                                   stop_token_ids=[stop], stream_tokens=True))
     samples = [(i, e.sample) for i, e in enumerate(events) if e.HasField("sample")]
     assert [s.prompt_index for _, s in samples] == [0, 1]
@@ -103,52 +90,53 @@ def test_samples_stream_as_they_finish(client):
     assert deltas == list(samples[1][1].completion_token_ids) == greedy[1]
 
 
-def test_stop_strings_end_the_text(client):
-    greedy = next(client.generate(PROMPTS[:1], max_tokens=24, temperature=0, ignore_eos=True))
+def test_stop_strings_end_the_text(generation_client):
+    greedy = next(generation_client.generate(PROMPTS[:1], max_tokens=24, temperature=0, ignore_eos=True))
     stop = greedy.text[len(greedy.text) // 2 :][:3]
-    stopped = next(client.generate(PROMPTS[:1], max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))
+    stopped = next(generation_client.generate(PROMPTS[:1], max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))
     assert stopped.finish_reason == generation_pb2.FINISH_REASON_STOP
     assert stopped.text == greedy.text[: greedy.text.index(stop)]
 
 
-def _wait_for_engine_requests(server: ChildServer, count: int, timeout_s: float = 15) -> str:
+def _wait_for_engine_requests(generation_server: ChildServer, count: int, timeout_s: float = 15) -> str:
     """Metrics once vLLM reports `count` requests running or waiting."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        text = scrape(server)
+        text = scrape(generation_server)
         if metric(text, "vllm:num_requests_running") + metric(text, "vllm:num_requests_waiting") == count:
             return text
         time.sleep(0.1)
     raise AssertionError(f"vLLM never had {count} requests")
 
 
-def test_cancel_and_deadline_abort_engine_requests(server, client):
-    _wait_for_engine_requests(server, 0)
-    stub = client.stub
+def test_cancel_and_deadline_abort_engine_requests(generation_server, generation_client):
+    _wait_for_engine_requests(generation_server, 0)
+    stub = generation_client.stub
     # 48 samples of 192 tokens: seconds of work on two CPU cores
     request = generate_request(PROMPTS, n=16, max_tokens=MAX_MODEL_LEN - 64, ignore_eos=True, stream_tokens=True)
     call = stub.Generate(request, timeout=60)
     next(call)  # generating
-    _wait_for_engine_requests(server, 48)
+    _wait_for_engine_requests(generation_server, 48)
     call.cancel()
-    after_cancel = _wait_for_engine_requests(server, 0)
+    after_cancel = _wait_for_engine_requests(generation_server, 0)
     assert metric(after_cancel, "rlhf_mesh_generation_queued_samples") == 0
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(generate_request(PROMPTS, n=16, max_tokens=MAX_MODEL_LEN - 64, ignore_eos=True),
                            timeout=0.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    idle = _wait_for_engine_requests(server, 0)
+    idle = _wait_for_engine_requests(generation_server, 0)
     time.sleep(1)
     # Nothing keeps generating for nobody: the token count stands still once idle.
-    assert metric(scrape(server), "vllm:generation_tokens_total") == metric(idle, "vllm:generation_tokens_total")
+    tokens = "vllm:generation_tokens_total"
+    assert metric(scrape(generation_server), tokens) == metric(idle, tokens)
     assert metric(idle, "rlhf_mesh_generation_queued_samples") == 0
 
 
-def test_min_policy_version_waits_until_the_deadline_then_fails(client):
-    assert next(client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=0)).policy_version_end == 0
+def test_min_policy_version_waits_until_the_deadline_then_fails(generation_client):
+    assert next(generation_client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=0)).policy_version_end == 0
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
-        list(client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=1, timeout_s=2.0))
+        list(generation_client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=1, timeout_s=2.0))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "min_policy_version 1" in err.value.details()
     assert 1.5 <= time.monotonic() - started < 2.0
@@ -186,28 +174,28 @@ TEXT = [_prompt(text="Hi")]
         (TEXT, {"stop": [""]}, "sampling.stop: empty stop string"),
     ],
 )
-def test_bad_input_is_refused_before_the_engine(server, client, prompts, sampling, message):
-    before = metric(scrape(server), "vllm:prompt_tokens_total")
+def test_bad_input_is_refused_before_the_engine(generation_server, generation_client, prompts, sampling, message):
+    before = metric(scrape(generation_server), "vllm:prompt_tokens_total")
     request = generation_pb2.GenerateRequest(prompts=prompts, sampling=generation_pb2.SamplingParams(**sampling))
     with pytest.raises(grpc.RpcError) as err:
-        list(client.stub.Generate(request, timeout=10))
+        list(generation_client.stub.Generate(request, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
-    assert metric(scrape(server), "vllm:prompt_tokens_total") == before
+    assert metric(scrape(generation_server), "vllm:prompt_tokens_total") == before
 
 
-def test_more_samples_than_the_queue_holds_are_refused(server, client):
-    before = metric(scrape(server), "vllm:prompt_tokens_total")
+def test_more_samples_than_the_queue_holds_are_refused(generation_server, generation_client):
+    before = metric(scrape(generation_server), "vllm:prompt_tokens_total")
     with pytest.raises(grpc.RpcError) as err:
-        list(client.generate(["Hi"] * 200, n=64, max_tokens=4))  # 12800 samples > max_queued_samples 8192
+        list(generation_client.generate(["Hi"] * 200, n=64, max_tokens=4))  # 12800 samples > max_queued_samples 8192
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_queued_samples=8192" in err.value.details()
-    assert metric(scrape(server), "vllm:prompt_tokens_total") == before
-    assert next(client.generate(["Hi"], max_tokens=2)).completion_token_ids  # still serving
+    assert metric(scrape(generation_server), "vllm:prompt_tokens_total") == before
+    assert next(generation_client.generate(["Hi"], max_tokens=2)).completion_token_ids  # still serving
 
 
-def test_model_info_describes_the_served_model(client, tiny_models):
-    info = client.model_info()
+def test_model_info_describes_the_served_model(generation_client, tiny_models):
+    info = generation_client.model_info()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
     assert info.model_id == str(tiny_models["policy"])
     assert (info.policy_version, info.max_model_len_tokens, info.dtype) == (0, MAX_MODEL_LEN, "float32")
@@ -217,10 +205,10 @@ def test_model_info_describes_the_served_model(client, tiny_models):
     assert info.has_chat_template and info.max_samples_per_prompt == 64
 
 
-def test_metrics_count_requests_tokens_and_version(server, client):
-    before = scrape(server)
-    samples = list(client.generate(["Hi", "Hello"], n=3, max_tokens=5, ignore_eos=True))
-    after = scrape(server)
+def test_metrics_count_requests_tokens_and_version(generation_server, generation_client):
+    before = scrape(generation_server)
+    samples = list(generation_client.generate(["Hi", "Hello"], n=3, max_tokens=5, ignore_eos=True))
+    after = scrape(generation_server)
     assert len(samples) == 6
 
     def grew(name: str, **labels: str) -> float:
@@ -235,9 +223,9 @@ def test_metrics_count_requests_tokens_and_version(server, client):
     assert "vllm:generation_tokens_total" in after
 
 
-def test_generate_cli_prints_samples(server):
+def test_generate_cli_prints_samples(generation_server):
     out = subprocess.run(
-        [PYTHON, "-m", "rlhf_mesh", "generate", "--addr", server.address, "--prompt", "Hello there",
+        [PYTHON, "-m", "rlhf_mesh", "generate", "--addr", generation_server.address, "--prompt", "Hello there",
          "--prompt", "Bye", "-n", "2", "--max-tokens", "4", "--seed", "1", "--json"],
         capture_output=True, text=True, timeout=60, cwd=ROOT, check=True,
     ).stdout
@@ -247,9 +235,9 @@ def test_generate_cli_prints_samples(server):
     assert all(len(r["completion_token_ids"]) == 4 == len(r["completion_logprobs"]) for r in rows)
 
 
-def test_stub_without_client_library(server):
+def test_stub_without_client_library(generation_server):
     """Any gRPC stub works: the contract is the proto, not the Python client."""
-    with grpc.insecure_channel(server.address) as channel:
+    with grpc.insecure_channel(generation_server.address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         reply = list(stub.Generate(generation_pb2.GenerateRequest(prompts=TEXT), timeout=30))
     assert len(reply) == 1 and len(reply[0].sample.completion_token_ids) <= 16

@@ -22,7 +22,6 @@ from support import PYTHON, ChildServer, greedy, start_generation_server
 
 pytestmark = pytest.mark.slow
 
-MAX_MODEL_LEN = 256
 STEPS = 6  # of the service test
 PROBE = "The teacher explains"
 
@@ -52,27 +51,38 @@ def _served_greedy(client: GenerationClient, steps: int) -> tuple[list[int], lis
     return list(sample.prompt_token_ids), list(sample.completion_token_ids)
 
 
-async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
-        tiny_models, reward_server, tmp_path):
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", MAX_MODEL_LEN)
-    settings = LearnerSettings(
+async def _train(tiny_models, reward_server, tmp_path, each_step=None, **settings) -> list[dict[str, float]]:
+    """The learner in this process against a fresh generation server; after every step the
+    generator serves version = step, and `each_step(trainer, client, step)` checks the rest."""
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
+    trainer = Trainer(LearnerSettings(
         policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward_server.address,
-        prompts=tiny_models["prompts"], steps=12, batch_size=16, num_samples_per_prompt=4, response_length=24,
-        learning_rate=3e-3, kl_coef=0.1, seed=0, output_dir=tmp_path / "run",
-    )
-    trainer = Trainer(settings)
+        prompts=tiny_models["prompts"], output_dir=tmp_path / "run", **settings,
+    ))
     history = []
     try:
         await trainer.connect()
         with GenerationClient(generation.address) as client:
-            for step in range(1, settings.steps + 1):
+            for step in range(1, trainer.settings.steps + 1):
                 history.append(await trainer.run_step())
                 assert client.model_info().policy_version == step
-                prompt_ids, served = _served_greedy(client, 12)
-                assert served == greedy(trainer.models.policy, prompt_ids, 12), f"step {step}"
+                if each_step is not None:
+                    each_step(trainer, client, step)
     finally:
         await trainer.close()
         generation.stop()
+    return history
+
+
+async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
+        tiny_models, reward_server, tmp_path):
+    def serves_the_learners_policy(trainer, client, step):
+        prompt_ids, served = _served_greedy(client, 12)
+        assert served == greedy(trainer.models.policy, prompt_ids, 12), f"step {step}"
+
+    history = await _train(tiny_models, reward_server, tmp_path, serves_the_learners_policy, steps=12,
+                           batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=3e-3,
+                           kl_coef=0.1, seed=0)
     rewards = [h["charts/reward_mean"] for h in history]
     kls = [h["objective/kl"] for h in history]
     print(f"reward per step {rewards}\nkl per step {kls}")
@@ -87,23 +97,8 @@ async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
 
 
 async def test_async_mode_trains_on_rollouts_at_most_one_version_old(tiny_models, reward_server, tmp_path):
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", MAX_MODEL_LEN)
-    settings = LearnerSettings(
-        policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward_server.address,
-        prompts=tiny_models["prompts"], steps=4, batch_size=8, num_samples_per_prompt=2, response_length=16,
-        learning_rate=1e-3, async_generation=True, max_policy_lag=1, output_dir=tmp_path / "run",
-    )
-    trainer = Trainer(settings)
-    history = []
-    try:
-        await trainer.connect()
-        with GenerationClient(generation.address) as client:
-            for step in range(1, settings.steps + 1):
-                history.append(await trainer.run_step())
-                assert client.model_info().policy_version == step
-    finally:
-        await trainer.close()
-        generation.stop()
+    history = await _train(tiny_models, reward_server, tmp_path, steps=4, batch_size=8, num_samples_per_prompt=2,
+                           response_length=16, learning_rate=1e-3, async_generation=True, max_policy_lag=1)
     # Step 0 trains on version 0; every later step on rollouts started under the version before it.
     assert [h["async/lag_max"] for h in history] == [0.0, 1.0, 1.0, 1.0]
     assert all(h["async/lag_1_share"] > 0 for h in history[1:])
@@ -122,7 +117,7 @@ def _wait_for_state(stub, state: learner_pb2.LearnerState, timeout_s: float = 12
 
 def test_serve_learner_trains_two_replicas_and_answers_its_controls(
         tiny_models, reward_server, tmp_path):
-    replicas = [start_generation_server(tiny_models["policy"], tmp_path / f"generation{i}.log", MAX_MODEL_LEN)
+    replicas = [start_generation_server(tiny_models["policy"], tmp_path / f"generation{i}.log")
                 for i in range(2)]
     out = tmp_path / "run"
     learner = ChildServer(

@@ -40,7 +40,7 @@ def chromium():
 
 
 def test_a_rater_picks_and_rates_in_the_browser_and_the_store_has_it(chromium, tiny_models, tmp_path):
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", 256)
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
     page_port = free_port()
     store = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", f"sqlite:///{tmp_path / 'fb.db'}",
                          "--rater-port", str(page_port)], tmp_path / "feedback.log")

@@ -15,25 +15,11 @@ from rlhf_mesh.clients.weights import CollectiveSender, _requests, push_to_repli
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import chunks, manifest
 
-from support import free_port, greedy, start_generation_server
+from support import free_port, greedy
 
 PROMPTS = ["Hello there", [5, 6, 7, 8, 9]]
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
 GREEDY = dict(max_tokens=16, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models, tmp_path_factory):
-    server = start_generation_server(
-        tiny_models["policy"], tmp_path_factory.mktemp("weights") / "server.log", 256)
-    yield server
-    assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with GenerationClient(server.address, timeout_s=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +36,10 @@ def policies(tiny_models):
     return make
 
 
-def _serves(client: GenerationClient, model, version: int) -> None:
+def _serves(generation_client: GenerationClient, model, version: int) -> None:
     """The service generates exactly what `model` generates greedily, and its log-probabilities."""
-    assert client.model_info().policy_version == version
-    for sample in client.generate(PROMPTS, **GREEDY):
+    assert generation_client.model_info().policy_version == version
+    for sample in generation_client.generate(PROMPTS, **GREEDY):
         assert list(sample.completion_token_ids) == greedy(model, sample.prompt_token_ids, 16)
         assert (sample.policy_version_start, sample.policy_version_end) == (version, version)
         ids = [*sample.prompt_token_ids, *sample.completion_token_ids]
@@ -63,29 +49,29 @@ def _serves(client: GenerationClient, model, version: int) -> None:
         assert torch.allclose(torch.tensor(list(sample.completion_logprobs)), expected, atol=LOGPROB_TOLERANCE)
 
 
-def test_in_band_push_serves_the_new_weights(client, policies):
+def test_in_band_push_serves_the_new_weights(generation_client, policies):
     w1 = policies(1)
-    reply = client.push_weights(w1, 1)
+    reply = generation_client.push_weights(w1, 1)
     assert reply.policy_version == 1
     assert reply.received_bytes == sum(t.numel() * 4 for t in w1.state_dict().values())
     assert reply.timings.transfer_ms > 0 and reply.timings.verify_ms > 0 and reply.timings.apply_ms > 0
-    _serves(client, w1, 1)
+    _serves(generation_client, w1, 1)
 
 
-def test_collective_push_serves_the_new_weights(client, policies):
+def test_collective_push_serves_the_new_weights(generation_client, policies):
     w2 = policies(2)
-    sender = CollectiveSender([client], "127.0.0.1", free_port(), timeout_s=30)
+    sender = CollectiveSender([generation_client], "127.0.0.1", free_port(), timeout_s=30)
     try:
-        reply = client.push_weights(w2, 2, transport="collective", sender=sender)
+        reply = generation_client.push_weights(w2, 2, transport="collective", sender=sender)
     finally:
         sender.close()
     assert reply.policy_version == 2 and reply.timings.paused_ms > 0
-    _serves(client, w2, 2)
+    _serves(generation_client, w2, 2)
 
 
-def _push(client: GenerationClient, messages) -> grpc.RpcError:
+def _push(generation_client: GenerationClient, messages) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
-        client.stub.PushWeights(iter(messages), timeout=60)
+        generation_client.stub.PushWeights(iter(messages), timeout=60)
     return err.value
 
 
@@ -93,8 +79,8 @@ def _tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_bad_pushes_change_nothing(client, policies):
-    version = client.model_info().policy_version
+def test_bad_pushes_change_nothing(generation_client, policies):
+    version = generation_client.model_info().policy_version
     current = policies(version)
     tensors = _tensors(policies(9))
     good = list(_requests(tensors, version + 1))
@@ -127,14 +113,14 @@ def test_bad_pushes_change_nothing(client, policies):
         (good[1:], grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest"),
     ]
     for messages, code, message in cases:
-        err = _push(client, messages)
+        err = _push(generation_client, messages)
         assert err.code() == code, err.details()
         assert message in err.details()
-    _serves(client, current, version)
+    _serves(generation_client, current, version)
 
 
-def test_interrupted_push_changes_nothing(client, policies):
-    version = client.model_info().policy_version
+def test_interrupted_push_changes_nothing(generation_client, policies):
+    version = generation_client.model_info().policy_version
     messages = list(_requests(_tensors(policies(9)), version + 1))
     sent = threading.Event()
 
@@ -144,13 +130,13 @@ def test_interrupted_push_changes_nothing(client, policies):
         time.sleep(30)  # the client gives up long before this
 
     with pytest.raises(grpc.RpcError) as err:
-        client.stub.PushWeights(stall(), timeout=2)
+        generation_client.stub.PushWeights(stall(), timeout=2)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and sent.is_set()
-    _serves(client, policies(version), version)
+    _serves(generation_client, policies(version), version)
 
 
-def test_concurrent_push_is_refused_while_one_runs(client, policies):
-    version = client.model_info().policy_version
+def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
+    version = generation_client.model_info().policy_version
     tensors = _tensors(policies(version + 1))
     messages = list(_requests(tensors, version + 1))
     halfway = threading.Event()
@@ -164,26 +150,26 @@ def test_concurrent_push_is_refused_while_one_runs(client, policies):
             yield message
 
     def first() -> None:
-        outcome["reply"] = client.stub.PushWeights(slow(), timeout=60)
+        outcome["reply"] = generation_client.stub.PushWeights(slow(), timeout=60)
 
     thread = threading.Thread(target=first)
     thread.start()
     assert halfway.wait(30)
-    err = _push(client, list(_requests(_tensors(policies(8)), version + 2)))
+    err = _push(generation_client, list(_requests(_tensors(policies(8)), version + 2)))
     thread.join()
     assert err.code() == grpc.StatusCode.ABORTED and "in progress" in err.details()
     assert outcome["reply"].policy_version == version + 1
-    _serves(client, policies(version + 1), version + 1)
+    _serves(generation_client, policies(version + 1), version + 1)
 
 
-def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(client, policies):
+def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(generation_client, policies):
     """A sample spanning an update: old-weight tokens, then the new weights' greedy continuation."""
-    version = client.model_info().policy_version
+    version = generation_client.model_info().policy_version
     old, new = policies(version), policies(version + 1)
-    events = client.generate(PROMPTS[:1], max_tokens=200, temperature=0, ignore_eos=True, stream_tokens=True)
+    events = generation_client.generate(PROMPTS[:1], max_tokens=200, temperature=0, ignore_eos=True, stream_tokens=True)
     first = next(events)  # generating on the old weights
     assert first.HasField("delta")
-    client.push_weights(new, version + 1)
+    generation_client.push_weights(new, version + 1)
     sample = next(e.sample for e in events if e.HasField("sample"))
     assert (sample.policy_version_start, sample.policy_version_end) == (version, version + 1)
     tokens = list(sample.completion_token_ids)
@@ -194,31 +180,31 @@ def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(client, pol
     assert tokens[switch:] == greedy(new, context, len(tokens) - switch)
 
 
-def test_min_policy_version_waits_for_a_push(client, policies):
-    version = client.model_info().policy_version
+def test_min_policy_version_waits_for_a_push(generation_client, policies):
+    version = generation_client.model_info().policy_version
     waiting: dict[str, generation_pb2.Sample] = {}
 
     def wait() -> None:
-        waiting["sample"] = next(client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=version + 1,
+        waiting["sample"] = next(generation_client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=version + 1,
                                                  timeout_s=60))
 
     thread = threading.Thread(target=wait)
     thread.start()
     time.sleep(1)
     assert thread.is_alive()  # still waiting for the version
-    client.push_weights(policies(version + 1), version + 1)
+    generation_client.push_weights(policies(version + 1), version + 1)
     thread.join(30)
     assert waiting["sample"].policy_version_start == version + 1
 
 
-def test_push_to_replicas_reports_each_replica(server, client, policies):
-    version = client.model_info().policy_version
+def test_push_to_replicas_reports_each_replica(generation_server, generation_client, policies):
+    version = generation_client.model_info().policy_version
     dead = f"localhost:{free_port()}"
-    results = push_to_replicas([server.address, dead], policies(version + 1), version + 1, timeout_s=20)
-    assert [r.address for r in results] == [server.address, dead]
+    results = push_to_replicas([generation_server.address, dead], policies(version + 1), version + 1, timeout_s=20)
+    assert [r.address for r in results] == [generation_server.address, dead]
     assert results[0].ok and results[0].response.policy_version == version + 1
     assert not results[1].ok and results[1].error.code() == grpc.StatusCode.UNAVAILABLE
-    _serves(client, policies(version + 1), version + 1)
+    _serves(generation_client, policies(version + 1), version + 1)
 
 
 def test_chunks_stay_within_the_contract():
