@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import grpc
 
@@ -21,12 +22,22 @@ class TlsConfig:
     root_cert: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    server_name: str | None = None  # the name the server's certificate must carry, when not the address's host
 
     def credentials(self) -> grpc.ChannelCredentials:
         def read(path: Path | None) -> bytes | None:
             return Path(path).read_bytes() if path else None
 
         return grpc.ssl_channel_credentials(read(self.root_cert), read(self.client_key), read(self.client_cert))
+
+
+def client_credentials(token_file: Path | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
+                       tls_key: Path | None = None, tls_server_name: str | None = None) -> dict[str, Any]:
+    """The `tls` and `token` arguments of the clients, from file paths (TLS when a CA or cert is given)."""
+    tls = None
+    if tls_ca or tls_cert:
+        tls = TlsConfig(root_cert=tls_ca, client_cert=tls_cert, client_key=tls_key, server_name=tls_server_name)
+    return {"tls": tls, "token": Path(token_file).read_text().strip() if token_file else None}
 
 
 def service_config(service: str, max_attempts: int = 5) -> str:
@@ -46,30 +57,92 @@ def service_config(service: str, max_attempts: int = 5) -> str:
     })
 
 
-def _options(service: str, max_message_bytes: int) -> list[tuple[str, int | str]]:
-    return [
+def _options(service: str, max_message_bytes: int, tls: TlsConfig | None) -> list[tuple[str, int | str]]:
+    options: list[tuple[str, int | str]] = [
         *channel_options(max_message_bytes),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config(service)),
     ]
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
 
 
-def open_channel(address: str, service: str, *, tls: TlsConfig | None = None,
+def _with_token(details: Any, token: str) -> tuple[tuple[str, str], ...]:
+    return (*(details.metadata or ()), ("authorization", f"Bearer {token}"))
+
+
+class _SyncCallDetails(
+    namedtuple("_SyncCallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call of a blocking channel."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _SyncCallDetails(details.method, details.timeout, _with_token(details, self._token),
+                                details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+    intercept_stream_unary = intercept_unary_unary
+    intercept_stream_stream = intercept_unary_unary
+
+
+class _AsyncBearerToken(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor,
+):
+    """The asyncio twin of _BearerToken."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return details._replace(metadata=grpc.aio.Metadata(*_with_token(details, self._token)))
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+    intercept_stream_unary = intercept_unary_unary
+    intercept_stream_stream = intercept_unary_unary
+
+
+def open_channel(address: str, service: str, *, tls: TlsConfig | None = None, token: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
-    """A blocking channel to `address` configured for `service` (its full proto name)."""
-    options = _options(service, max_message_bytes)
+    """A blocking channel to `address` configured for `service` (its full proto name).
+
+    `token` goes with every call as `authorization: Bearer <token>`; give `tls` with it, a
+    token sent in plaintext can be read on the way.
+    """
+    options = _options(service, max_message_bytes, tls)
     if tls is not None:
-        return grpc.secure_channel(address, tls.credentials(), options=options)
-    return grpc.insecure_channel(address, options=options)
+        channel = grpc.secure_channel(address, tls.credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
 
 
-def open_aio_channel(address: str, service: str, *, tls: TlsConfig | None = None,
+def open_aio_channel(address: str, service: str, *, tls: TlsConfig | None = None, token: str | None = None,
                      max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
     """The asyncio twin of open_channel."""
-    options = _options(service, max_message_bytes)
+    options = _options(service, max_message_bytes, tls)
+    interceptors = [_AsyncBearerToken(token)] if token else None
     if tls is not None:
-        return grpc.aio.secure_channel(address, tls.credentials(), options=options)
-    return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, tls.credentials(), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
 class _Client:
@@ -92,9 +165,9 @@ class Client(_Client):
     """Base of the blocking clients; use as a context manager or call close()."""
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(address, open_channel(address, self.service, tls=tls, max_message_bytes=max_message_bytes),
-                         timeout_s)
+                 token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        channel = open_channel(address, self.service, tls=tls, token=token, max_message_bytes=max_message_bytes)
+        super().__init__(address, channel, timeout_s)
 
     def close(self) -> None:
         self.channel.close()
@@ -110,10 +183,9 @@ class AsyncClient(_Client):
     """Base of the asyncio clients; use with `async with` or await close()."""
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(
-            address, open_aio_channel(address, self.service, tls=tls, max_message_bytes=max_message_bytes), timeout_s
-        )
+                 token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        channel = open_aio_channel(address, self.service, tls=tls, token=token, max_message_bytes=max_message_bytes)
+        super().__init__(address, channel, timeout_s)
 
     async def close(self) -> None:
         await self.channel.close()

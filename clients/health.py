@@ -8,20 +8,23 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rlhf_mesh.clients.channel import TlsConfig, open_channel
+
 
 def wait_until_serving(
     address: str,
     timeout_s: float,
     service: str = "",
     alive: Callable[[], bool] | None = None,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Block until `address` reports SERVING for `service` ("" is the whole server).
 
     Raises TimeoutError after `timeout_s`, or RuntimeError as soon as `alive()` is false
-    (for a server started as a child process that exited).
+    (for a server started as a child process that exited). Health needs no token.
     """
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, tls=tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         status = "unreachable"
         while time.monotonic() < deadline:

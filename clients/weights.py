@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from rlhf_mesh.clients.channel import TlsConfig
 from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.server import free_port
 from rlhf_mesh.v1 import generation_pb2
@@ -62,13 +63,17 @@ def resolve(target: str) -> list[str]:
 
 
 def push_to_replicas(targets: str | Sequence[str], weights: torch.nn.Module | dict[str, torch.Tensor],
-                     version: int, timeout_s: float = 600.0) -> list[ReplicaResult]:
-    """In-band push to every replica in parallel; a replica that fails is reported, never skipped."""
+                     version: int, timeout_s: float = 600.0, *, tls: TlsConfig | None = None,
+                     token: str | None = None) -> list[ReplicaResult]:
+    """In-band push to every replica in parallel; a replica that fails is reported, never skipped.
+
+    `token` needs the admin role where the replicas check tokens.
+    """
     addresses = resolve(targets) if isinstance(targets, str) else list(targets)
     tensors = state_dict_of(weights)
 
     def one(address: str) -> ReplicaResult:
-        with GenerationClient(address) as client:
+        with GenerationClient(address, tls=tls, token=token) as client:
             try:
                 return ReplicaResult(address, response=push_weights(client, tensors, version, timeout_s))
             except grpc.RpcError as err:

@@ -79,12 +79,23 @@ def _train_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _credentials(args: argparse.Namespace) -> dict:
+    """The `tls` and `token` arguments of a client from the security flags and RLHF_MESH_TOKEN."""
+    import os
+
+    from rlhf_mesh.clients.channel import client_credentials
+
+    credentials = client_credentials(args.token_file, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    credentials["token"] = credentials["token"] or os.environ.get("RLHF_MESH_TOKEN") or None
+    return credentials
+
+
 def _feedback_export(args: argparse.Namespace) -> int:
     import json
 
     from rlhf_mesh.clients.feedback import FeedbackClient
 
-    with FeedbackClient(args.addr, timeout_s=args.timeout_s) as client:
+    with FeedbackClient(args.addr, timeout_s=args.timeout_s, **_credentials(args)) as client:
         pairs, summary = client.export_preferences(args.min_rating_margin)
     with open(args.output, "w") as out:
         for pair in pairs:
@@ -105,7 +116,7 @@ def _feedback_sample(args: argparse.Namespace) -> int:
     with open(args.prompts) as f:
         prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
     responses: dict[int, list[str]] = {}
-    with GenerationClient(args.generation, timeout_s=args.timeout_s) as generator:
+    with GenerationClient(args.generation, timeout_s=args.timeout_s, **_credentials(args)) as generator:
         info = generator.model_info()
         for sample in generator.generate(prompts, n=args.n, max_tokens=args.max_tokens,
                                          temperature=args.temperature, seed=args.seed):
@@ -113,7 +124,7 @@ def _feedback_sample(args: argparse.Namespace) -> int:
     items = [feedback_pb2.RatingItem(prompt=p, responses=responses[i], model_id=info.model_id,
                                      policy_version=info.policy_version)
              for i, p in enumerate(prompts) if len(set(responses[i])) > 1 and all(r.strip() for r in responses[i])]
-    with FeedbackClient(args.feedback, timeout_s=args.timeout_s) as client:
+    with FeedbackClient(args.feedback, timeout_s=args.timeout_s, **_credentials(args)) as client:
         reply = client.add_rating_items(items)
     print(f"queued {reply.added} of {len(prompts)} prompts (skipped: identical or empty responses); "
           f"{reply.pending} waiting for raters")
@@ -136,7 +147,7 @@ def _score(args: argparse.Namespace) -> int:
     samples = [r["messages"] if "messages" in r else (r["prompt"], r["response"]) for r in rows]
     out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 - closed below
     try:
-        with RewardClient(args.addr, timeout_s=args.timeout_s) as client:
+        with RewardClient(args.addr, timeout_s=args.timeout_s, **_credentials(args)) as client:
             for start in range(0, len(samples), args.batch_size):
                 reply = client.score(samples[start : start + args.batch_size], model=args.model)
                 for row, result in zip(rows[start : start + args.batch_size], reply.results, strict=True):
@@ -159,7 +170,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = [[{"role": "user", "content": p}] for p in args.prompt] if args.chat else args.prompt
     sampling = dict(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                     min_policy_version=args.min_policy_version)
-    with GenerationClient(args.addr, timeout_s=args.timeout_s) as client:
+    with GenerationClient(args.addr, timeout_s=args.timeout_s, **_credentials(args)) as client:
         for sample in client.generate(prompts, **sampling):
             if args.json:
                 print(json.dumps(MessageToDict(sample, preserving_proto_field_name=True)), flush=True)
@@ -173,6 +184,15 @@ def parser() -> argparse.ArgumentParser:
 
     top = argparse.ArgumentParser(prog="rlhf-mesh", description="RLHF as gRPC microservices.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # The flags of every command that calls a service.
+    secured = argparse.ArgumentParser(add_help=False)
+    security = secured.add_argument_group("security", "TLS and the bearer token (default: $RLHF_MESH_TOKEN)")
+    security.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    security.add_argument("--tls-ca", type=Path, help="PEM CA bundle that signed the server certificate; turns TLS on")
+    security.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS")
+    security.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    security.add_argument("--tls-server-name", help="name in the server certificate, when not the address's host")
 
     serve = sub.add_parser(
         "serve", help="run a service",
@@ -207,14 +227,16 @@ def parser() -> argparse.ArgumentParser:
 
     feedback = sub.add_parser("feedback", help="work with a FeedbackService").add_subparsers(
         dest="action", required=True)
-    export = feedback.add_parser("export", help="write the preference pairs of all feedback as JSONL")
+    export = feedback.add_parser("export", parents=[secured],
+                                 help="write the preference pairs of all feedback as JSONL")
     export.add_argument("--addr", required=True, help="HOST:PORT of the FeedbackService")
     export.add_argument("--output", required=True, help="JSONL file of {prompt, chosen, rejected, feedback_id}")
     export.add_argument("--min-rating-margin", type=float, default=0.0,
                         help="smallest rating difference that makes a pair")
     export.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the call")
     export.set_defaults(run=_feedback_export)
-    sample = feedback.add_parser("sample", help="generate responses to prompts and queue them for the rater page")
+    sample = feedback.add_parser("sample", parents=[secured],
+                                 help="generate responses to prompts and queue them for the rater page")
     sample.add_argument("--prompts", required=True, help='JSONL with a "prompt" per line')
     sample.add_argument("--generation", required=True, help="HOST:PORT of a GenerationService")
     sample.add_argument("--feedback", required=True, help="HOST:PORT of the FeedbackService")
@@ -229,7 +251,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("args", nargs=argparse.REMAINDER)
     demo.set_defaults(run=_demo)
 
-    score = sub.add_parser("score", help="score prompt/response pairs with a RewardService")
+    score = sub.add_parser("score", parents=[secured], help="score prompt/response pairs with a RewardService")
     score.add_argument("--addr", required=True, help="HOST:PORT of the RewardService")
     score.add_argument("--model", default="", help="reward model name (default: the server's default)")
     score.add_argument("--prompt", help="prompt text")
@@ -240,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call")
     score.set_defaults(run=_score)
 
-    generate = sub.add_parser("generate", help="sample from a GenerationService")
+    generate = sub.add_parser("generate", parents=[secured], help="sample from a GenerationService")
     generate.add_argument("--addr", required=True, help="HOST:PORT of the GenerationService")
     generate.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several")
     generate.add_argument("--chat", action="store_true", help="send each prompt as a user chat turn")
@@ -273,4 +295,11 @@ def main(argv: list[str] | None = None) -> None:
         top.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.args = extra + args.args
-    raise SystemExit(args.run(args))
+    import grpc
+
+    try:
+        code = args.run(args)
+    except grpc.RpcError as err:  # a call the service refused: its status, not a traceback
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        code = 1
+    raise SystemExit(code)

@@ -1,9 +1,11 @@
 """The one bootstrap every rlhf-mesh gRPC server runs on.
 
-`grpc.aio` server with bounded concurrency and message sizes, `grpc.health.v1` (SERVING only
-once the service has loaded and warmed its model), optional reflection, an interceptor that
-turns unexpected exceptions into INTERNAL (logged, never sent to the client), Prometheus
-metrics on their own HTTP port, and SIGTERM/SIGINT -> NOT_SERVING -> drain -> stop.
+`grpc.aio` server with bounded concurrency and message sizes, optional TLS / mutual TLS and
+bearer tokens with roles (rlhf_mesh.security), `grpc.health.v1` (SERVING only once the service
+has loaded and warmed its model; optionally also on a plaintext health-only port), optional
+reflection, an interceptor that turns unexpected exceptions into INTERNAL (logged, never sent
+to the client), Prometheus metrics on their own HTTP port, and SIGTERM/SIGINT -> NOT_SERVING
+-> drain -> stop.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
+from rlhf_mesh.security import TokenAuth, server_credentials
 from rlhf_mesh.settings import ServiceSettings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class Running:
     port: int
     metrics: HTTPServer
     stopping: asyncio.Event
+    health_server: grpc.aio.Server | None = None  # the plaintext health-only port, when configured
 
     @property
     def metrics_port(self) -> int:
@@ -74,11 +78,14 @@ class Running:
 
 
 class _Guard(grpc.aio.ServerInterceptor):
-    """Unavailable until ready, exceptions -> INTERNAL, and RPC metrics."""
+    """Tokens and roles, unavailable until ready, stream time limit, exceptions -> INTERNAL, RPC metrics."""
 
-    def __init__(self, service: str, ready: Callable[[], bool]) -> None:
+    def __init__(self, service: str, ready: Callable[[], bool], auth: TokenAuth | None,
+                 max_stream_s: float | None) -> None:
         self._service = service
         self._ready = ready
+        self._auth = auth
+        self._max_stream_s = max_stream_s
 
     async def intercept_service(
         self,
@@ -91,8 +98,11 @@ class _Guard(grpc.aio.ServerInterceptor):
             return handler
         kind = _handler_kind(handler)
         behavior = getattr(handler, kind)
-        streaming_out = kind.endswith("_stream")
-        wrap = self._wrap_stream(method, behavior) if streaming_out else self._wrap_unary(method, behavior)
+        limit_s = self._max_stream_s if kind != "unary_unary" else None
+        if kind.endswith("_stream"):
+            wrap = self._wrap_stream(method, behavior, limit_s)
+        else:
+            wrap = self._wrap_unary(method, behavior, limit_s)
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(
             wrap,
@@ -100,7 +110,11 @@ class _Guard(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if self._auth is not None:
+            denied = self._auth.check(method, context.invocation_metadata() or ())
+            if denied is not None:
+                await context.abort(*denied)
         if not self._ready():
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._service} service is not ready yet")
 
@@ -109,6 +123,11 @@ class _Guard(grpc.aio.ServerInterceptor):
         log.exception("unexpected error in %s (ref %s)", method, ref)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log")
 
+    async def _too_long(self, context: grpc.aio.ServicerContext, limit_s: float) -> None:
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"the call ran past this server's max_stream_s={limit_s:g}"
+        )
+
     def _observe(self, method: str, context: grpc.aio.ServicerContext, started: float) -> None:
         code = context.code() or grpc.StatusCode.OK
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -116,12 +135,19 @@ class _Guard(grpc.aio.ServerInterceptor):
         RPCS.labels(self._service, short, name).inc()
         RPC_SECONDS.labels(self._service, short).observe(time.perf_counter() - started)
 
-    def _wrap_unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap_unary(
+        self, method: str, behavior: Callable[..., Awaitable[Any]], limit_s: float | None
+    ) -> Callable[..., Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             try:
-                await self._admit(context)
-                return await behavior(request, context)
+                await self._admit(method, context)
+                async with asyncio.timeout(limit_s) as budget:
+                    return await behavior(request, context)
+            except TimeoutError:
+                if not budget.expired():
+                    await self._fail(method, context)
+                await self._too_long(context, limit_s)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception:
@@ -132,19 +158,32 @@ class _Guard(grpc.aio.ServerInterceptor):
         return guarded
 
     def _wrap_stream(
-        self, method: str, behavior: Callable[..., AsyncIterator[Any]]
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]], limit_s: float | None
     ) -> Callable[..., AsyncIterator[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            responses = behavior(request, context)
+            deadline = None if limit_s is None else time.monotonic() + limit_s
             try:
-                await self._admit(context)
-                async for response in behavior(request, context):
+                await self._admit(method, context)
+                while True:
+                    # No `async with timeout` here: it must not span a yield of a generator.
+                    remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    try:
+                        response = await asyncio.wait_for(anext(responses), remaining)
+                    except StopAsyncIteration:
+                        break
                     yield response
+            except TimeoutError:
+                if deadline is None or time.monotonic() < deadline:
+                    await self._fail(method, context)
+                await self._too_long(context, limit_s)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception:
                 await self._fail(method, context)
             finally:
+                await responses.aclose()
                 self._observe(method, context, started)
 
         return guarded
@@ -179,8 +218,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 async def start(service: Service, settings: ServiceSettings) -> Running:
     """Bind, start and load `service`; health turns SERVING once `service.start()` returns."""
     ready = False
+    auth = TokenAuth(settings.tokens_file) if settings.tokens_file else None
     server = grpc.aio.server(
-        interceptors=[_Guard(service.name, lambda: ready)],
+        interceptors=[_Guard(service.name, lambda: ready, auth, settings.max_stream_s)],
         options=[
             *channel_options(settings.max_message_bytes),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -196,18 +236,33 @@ async def start(service: Service, settings: ServiceSettings) -> Running:
         reflection.enable_server_reflection(
             (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert is not None:
+        port = server.add_secure_port(
+            address, server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        )
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+        raise OSError(f"cannot bind {address}")
+    health_server = None
+    if settings.health_port is not None:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        if health_server.add_insecure_port(f"{settings.host}:{settings.health_port}") == 0:
+            raise OSError(f"cannot bind {settings.host}:{settings.health_port}")
+        await health_server.start()
     metrics, _ = start_http_server(settings.metrics_port)
     await server.start()
-    log.info("%s: gRPC on port %d, metrics on http port %d; loading", service.name, port, metrics.server_port)
+    log.info("%s: gRPC on port %d (%s%s), metrics on http port %d; loading", service.name, port,
+             "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
+             ", tokens" if auth else "", metrics.server_port)
     await service.start()
     ready = True
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s: SERVING", service.name)
-    return Running(server, health_servicer, port, metrics, asyncio.Event())
+    return Running(server, health_servicer, port, metrics, asyncio.Event(), health_server)
 
 
 async def drain(running: Running, service: Service, grace_s: float) -> None:
@@ -215,6 +270,8 @@ async def drain(running: Running, service: Service, grace_s: float) -> None:
     log.info("%s: draining (grace %.1fs)", service.name, grace_s)
     await running.health.enter_graceful_shutdown()
     await running.server.stop(grace_s)
+    if running.health_server is not None:
+        await running.health_server.stop(None)
     running.metrics.shutdown()
     await service.close()
     log.info("%s: stopped", service.name)

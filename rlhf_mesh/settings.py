@@ -7,7 +7,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, FilePath, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -53,8 +53,33 @@ class ServiceSettings(FileSettings):
     drain_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, time in-flight calls get to finish")
     max_message_bytes: int = Field(64 << 20, gt=0, description="largest gRPC message received or sent")
     max_concurrent_rpcs: int = Field(1024, gt=0, description="calls served at once; more get RESOURCE_EXHAUSTED")
+    max_stream_s: float | None = Field(
+        None, gt=0, description="longest a streaming call may last before DEADLINE_EXCEEDED (default: no limit)"
+    )
     reflection: bool = Field(False, description="enable gRPC server reflection")
     log_level: str = Field("INFO", description="logging level")
+
+    # Security (README, Security): TLS when tls_cert is set, mutual TLS when tls_client_ca is too.
+    tls_cert: FilePath | None = Field(None, description="PEM server certificate chain; turns TLS on")
+    tls_key: FilePath | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: FilePath | None = Field(
+        None, description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)"
+    )
+    tokens_file: FilePath | None = Field(
+        None, description="YAML file of bearer tokens and their roles; turns token checks on"
+    )
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="plaintext port serving only grpc.health.v1, for probes that cannot "
+        "speak TLS (kubelet); health on the main port needs no token either"
+    )
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServiceSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
 
 
 def load_settings(cls: type[S], argv: list[str], prog: str) -> S:

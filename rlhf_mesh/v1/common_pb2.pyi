@@ -5,8 +5,11 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf.internal import extension_dict as _extension_dict
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +20,42 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Role:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    """No role named: only admin tokens may call (fails closed)."""
+    ROLE_SCORE: _Role.ValueType  # 1
+    """Scoring with reward models."""
+    ROLE_GENERATE: _Role.ValueType  # 2
+    """Generation with the policy."""
+    ROLE_FEEDBACK: _Role.ValueType  # 3
+    """Submitting and reading human feedback."""
+    ROLE_MONITOR: _Role.ValueType  # 4
+    """Following a training run."""
+    ROLE_ADMIN: _Role.ValueType  # 5
+    """Weight pushes, model reloads, rating queues, pause/resume and checkpoints; admin may call every RPC."""
+
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """What a token must be allowed to do to call an RPC, when the server checks tokens."""
+
+ROLE_UNSPECIFIED: Role.ValueType  # 0
+"""No role named: only admin tokens may call (fails closed)."""
+ROLE_SCORE: Role.ValueType  # 1
+"""Scoring with reward models."""
+ROLE_GENERATE: Role.ValueType  # 2
+"""Generation with the policy."""
+ROLE_FEEDBACK: Role.ValueType  # 3
+"""Submitting and reading human feedback."""
+ROLE_MONITOR: Role.ValueType  # 4
+"""Following a training run."""
+ROLE_ADMIN: Role.ValueType  # 5
+"""Weight pushes, model reloads, rating queues, pause/resume and checkpoints; admin may call every RPC."""
+Global___Role: _TypeAlias = Role  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):
@@ -153,3 +192,7 @@ class ItemError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ItemError: _TypeAlias = ItemError  # noqa: Y015
+
+REQUIRED_ROLE_FIELD_NUMBER: _builtins.int
+required_role: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Role.ValueType]
+"""The role a caller's token must hold for this RPC; health checks need none."""

@@ -23,47 +23,56 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from rlhf_mesh.v1 import common_pb2 as rlhf__mesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlhf_mesh/v1/feedback.proto\x12\x0crlhf_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x06Rating\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12\x11\n\tscale_min\x18\x02 \x01(\x01\x12\x11\n\tscale_max\x18\x03 \x01(\x01\"\x1e\n\x06\x43hoice\x12\x14\n\x0c\x63hosen_index\x18\x01 \x01(\r\"@\n\nCorrection\x12\x16\n\x0eresponse_index\x18\x01 \x01(\r\x12\x1a\n\x12\x63orrected_response\x18\x02 \x01(\t\"\xbb\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x10\n\x08rater_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tresponses\x18\x04 \x03(\t\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12&\n\x06rating\x18\x07 \x01(\x0b\x32\x14.rlhf_mesh.v1.RatingH\x00\x12&\n\x06\x63hoice\x18\x08 \x01(\x0b\x32\x14.rlhf_mesh.v1.ChoiceH\x00\x12.\n\ncorrection\x18\t \x01(\x0b\x32\x18.rlhf_mesh.v1.CorrectionH\x00\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0b\n\tjudgement\"A\n\x15SubmitFeedbackRequest\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x16.rlhf_mesh.v1.Feedback\"u\n\x16SubmitFeedbackResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_stored\x18\x02 \x01(\x08\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xab\x01\n\x13ListFeedbackRequest\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.rlhf_mesh.v1.FeedbackKind\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"Y\n\x14ListFeedbackResponse\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x16.rlhf_mesh.v1.Feedback\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x18\x45xportPreferencesRequest\x12\x31\n\rcreated_after\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11min_rating_margin\x18\x02 \x01(\x01\"W\n\x0ePreferencePair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\t\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x04 \x01(\t\"O\n\rExportSummary\x12\r\n\x05pairs\x18\x01 \x01(\x04\x12\x15\n\rused_feedback\x18\x02 \x01(\x04\x12\x18\n\x10skipped_feedback\x18\x03 \x01(\x04\"v\n\x19\x45xportPreferencesResponse\x12+\n\x05pairs\x18\x01 \x03(\x0b\x32\x1c.rlhf_mesh.v1.PreferencePair\x12,\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.rlhf_mesh.v1.ExportSummary\"Y\n\nRatingItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\"@\n\x15\x41\x64\x64RatingItemsRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.rlhf_mesh.v1.RatingItem\"8\n\x16\x41\x64\x64RatingItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\r*\x7f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_RATING\x10\x01\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_CHOICE\x10\x02\x12\x1c\n\x18\x46\x45\x45\x44\x42\x41\x43K_KIND_CORRECTION\x10\x03\x32\x8a\x03\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12[\n\x0eSubmitFeedback\x12#.rlhf_mesh.v1.SubmitFeedbackRequest\x1a$.rlhf_mesh.v1.SubmitFeedbackResponse\x12U\n\x0cListFeedback\x12!.rlhf_mesh.v1.ListFeedbackRequest\x1a\".rlhf_mesh.v1.ListFeedbackResponse\x12\x66\n\x11\x45xportPreferences\x12&.rlhf_mesh.v1.ExportPreferencesRequest\x1a\'.rlhf_mesh.v1.ExportPreferencesResponse0\x01\x12[\n\x0e\x41\x64\x64RatingItems\x12#.rlhf_mesh.v1.AddRatingItemsRequest\x1a$.rlhf_mesh.v1.AddRatingItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlhf_mesh/v1/feedback.proto\x12\x0crlhf_mesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19rlhf_mesh/v1/common.proto\">\n\x06Rating\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12\x11\n\tscale_min\x18\x02 \x01(\x01\x12\x11\n\tscale_max\x18\x03 \x01(\x01\"\x1e\n\x06\x43hoice\x12\x14\n\x0c\x63hosen_index\x18\x01 \x01(\r\"@\n\nCorrection\x12\x16\n\x0eresponse_index\x18\x01 \x01(\r\x12\x1a\n\x12\x63orrected_response\x18\x02 \x01(\t\"\xbb\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x10\n\x08rater_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tresponses\x18\x04 \x03(\t\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x04\x12&\n\x06rating\x18\x07 \x01(\x0b\x32\x14.rlhf_mesh.v1.RatingH\x00\x12&\n\x06\x63hoice\x18\x08 \x01(\x0b\x32\x14.rlhf_mesh.v1.ChoiceH\x00\x12.\n\ncorrection\x18\t \x01(\x0b\x32\x18.rlhf_mesh.v1.CorrectionH\x00\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0b\n\tjudgement\"A\n\x15SubmitFeedbackRequest\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x16.rlhf_mesh.v1.Feedback\"u\n\x16SubmitFeedbackResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lready_stored\x18\x02 \x01(\x08\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xab\x01\n\x13ListFeedbackRequest\x12\x10\n\x08rater_id\x18\x01 \x01(\t\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.rlhf_mesh.v1.FeedbackKind\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"Y\n\x14ListFeedbackResponse\x12(\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x16.rlhf_mesh.v1.Feedback\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x18\x45xportPreferencesRequest\x12\x31\n\rcreated_after\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11min_rating_margin\x18\x02 \x01(\x01\"W\n\x0ePreferencePair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\t\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x04 \x01(\t\"O\n\rExportSummary\x12\r\n\x05pairs\x18\x01 \x01(\x04\x12\x15\n\rused_feedback\x18\x02 \x01(\x04\x12\x18\n\x10skipped_feedback\x18\x03 \x01(\x04\"v\n\x19\x45xportPreferencesResponse\x12+\n\x05pairs\x18\x01 \x03(\x0b\x32\x1c.rlhf_mesh.v1.PreferencePair\x12,\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.rlhf_mesh.v1.ExportSummary\"Y\n\nRatingItem\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\"@\n\x15\x41\x64\x64RatingItemsRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.rlhf_mesh.v1.RatingItem\"8\n\x16\x41\x64\x64RatingItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\r*\x7f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_RATING\x10\x01\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_CHOICE\x10\x02\x12\x1c\n\x18\x46\x45\x45\x44\x42\x41\x43K_KIND_CORRECTION\x10\x03\x32\xa2\x03\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x61\n\x0eSubmitFeedback\x12#.rlhf_mesh.v1.SubmitFeedbackRequest\x1a$.rlhf_mesh.v1.SubmitFeedbackResponse\"\x04\x98\xb8\x18\x03\x12[\n\x0cListFeedback\x12!.rlhf_mesh.v1.ListFeedbackRequest\x1a\".rlhf_mesh.v1.ListFeedbackResponse\"\x04\x98\xb8\x18\x03\x12l\n\x11\x45xportPreferences\x12&.rlhf_mesh.v1.ExportPreferencesRequest\x1a\'.rlhf_mesh.v1.ExportPreferencesResponse\"\x04\x98\xb8\x18\x03\x30\x01\x12\x61\n\x0e\x41\x64\x64RatingItems\x12#.rlhf_mesh.v1.AddRatingItemsRequest\x1a$.rlhf_mesh.v1.AddRatingItemsResponse\"\x04\x98\xb8\x18\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf_mesh.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEEDBACKKIND']._serialized_start=1620
-  _globals['_FEEDBACKKIND']._serialized_end=1747
-  _globals['_RATING']._serialized_start=78
-  _globals['_RATING']._serialized_end=140
-  _globals['_CHOICE']._serialized_start=142
-  _globals['_CHOICE']._serialized_end=172
-  _globals['_CORRECTION']._serialized_start=174
-  _globals['_CORRECTION']._serialized_end=238
-  _globals['_FEEDBACK']._serialized_start=241
-  _globals['_FEEDBACK']._serialized_end=556
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=558
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=623
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=625
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=742
-  _globals['_LISTFEEDBACKREQUEST']._serialized_start=745
-  _globals['_LISTFEEDBACKREQUEST']._serialized_end=916
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=918
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1007
-  _globals['_EXPORTPREFERENCESREQUEST']._serialized_start=1009
-  _globals['_EXPORTPREFERENCESREQUEST']._serialized_end=1113
-  _globals['_PREFERENCEPAIR']._serialized_start=1115
-  _globals['_PREFERENCEPAIR']._serialized_end=1202
-  _globals['_EXPORTSUMMARY']._serialized_start=1204
-  _globals['_EXPORTSUMMARY']._serialized_end=1283
-  _globals['_EXPORTPREFERENCESRESPONSE']._serialized_start=1285
-  _globals['_EXPORTPREFERENCESRESPONSE']._serialized_end=1403
-  _globals['_RATINGITEM']._serialized_start=1405
-  _globals['_RATINGITEM']._serialized_end=1494
-  _globals['_ADDRATINGITEMSREQUEST']._serialized_start=1496
-  _globals['_ADDRATINGITEMSREQUEST']._serialized_end=1560
-  _globals['_ADDRATINGITEMSRESPONSE']._serialized_start=1562
-  _globals['_ADDRATINGITEMSRESPONSE']._serialized_end=1618
-  _globals['_FEEDBACKSERVICE']._serialized_start=1750
-  _globals['_FEEDBACKSERVICE']._serialized_end=2144
+  _globals['_FEEDBACKSERVICE'].methods_by_name['SubmitFeedback']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['SubmitFeedback']._serialized_options = b'\230\270\030\003'
+  _globals['_FEEDBACKSERVICE'].methods_by_name['ListFeedback']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['ListFeedback']._serialized_options = b'\230\270\030\003'
+  _globals['_FEEDBACKSERVICE'].methods_by_name['ExportPreferences']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['ExportPreferences']._serialized_options = b'\230\270\030\003'
+  _globals['_FEEDBACKSERVICE'].methods_by_name['AddRatingItems']._loaded_options = None
+  _globals['_FEEDBACKSERVICE'].methods_by_name['AddRatingItems']._serialized_options = b'\230\270\030\005'
+  _globals['_FEEDBACKKIND']._serialized_start=1647
+  _globals['_FEEDBACKKIND']._serialized_end=1774
+  _globals['_RATING']._serialized_start=105
+  _globals['_RATING']._serialized_end=167
+  _globals['_CHOICE']._serialized_start=169
+  _globals['_CHOICE']._serialized_end=199
+  _globals['_CORRECTION']._serialized_start=201
+  _globals['_CORRECTION']._serialized_end=265
+  _globals['_FEEDBACK']._serialized_start=268
+  _globals['_FEEDBACK']._serialized_end=583
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=585
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=650
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=652
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=769
+  _globals['_LISTFEEDBACKREQUEST']._serialized_start=772
+  _globals['_LISTFEEDBACKREQUEST']._serialized_end=943
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=945
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1034
+  _globals['_EXPORTPREFERENCESREQUEST']._serialized_start=1036
+  _globals['_EXPORTPREFERENCESREQUEST']._serialized_end=1140
+  _globals['_PREFERENCEPAIR']._serialized_start=1142
+  _globals['_PREFERENCEPAIR']._serialized_end=1229
+  _globals['_EXPORTSUMMARY']._serialized_start=1231
+  _globals['_EXPORTSUMMARY']._serialized_end=1310
+  _globals['_EXPORTPREFERENCESRESPONSE']._serialized_start=1312
+  _globals['_EXPORTPREFERENCESRESPONSE']._serialized_end=1430
+  _globals['_RATINGITEM']._serialized_start=1432
+  _globals['_RATINGITEM']._serialized_end=1521
+  _globals['_ADDRATINGITEMSREQUEST']._serialized_start=1523
+  _globals['_ADDRATINGITEMSREQUEST']._serialized_end=1587
+  _globals['_ADDRATINGITEMSRESPONSE']._serialized_start=1589
+  _globals['_ADDRATINGITEMSRESPONSE']._serialized_end=1645
+  _globals['_FEEDBACKSERVICE']._serialized_start=1777
+  _globals['_FEEDBACKSERVICE']._serialized_end=2195
 # @@protoc_insertion_point(module_scope)

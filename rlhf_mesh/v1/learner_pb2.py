@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rlhf_mesh.v1 import common_pb2 as rlhf__mesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arlhf_mesh/v1/learner.proto\x12\x0crlhf_mesh.v1\"\x12\n\x10GetStatusRequest\"\xda\x01\n\x11GetStatusResponse\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.rlhf_mesh.v1.LearnerState\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x1c\n\x14last_checkpoint_path\x18\x05 \x01(\t\x12\x1c\n\x14last_checkpoint_step\x18\x06 \x01(\x04\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x0f\n\x07message\x18\x08 \x01(\t\"(\n\x13WatchMetricsRequest\x12\x11\n\tfrom_step\x18\x01 \x01(\x04\"\xc8\x01\n\x14WatchMetricsResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12@\n\x07scalars\x18\x03 \x03(\x0b\x32/.rlhf_mesh.v1.WatchMetricsResponse.ScalarsEntry\x12\x18\n\x10wall_time_unix_s\x18\x04 \x01(\x01\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15SaveCheckpointRequest\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\x0e\n\x0cPauseRequest\":\n\rPauseResponse\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.rlhf_mesh.v1.LearnerState\"\x0f\n\rResumeRequest\";\n\x0eResumeResponse\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.rlhf_mesh.v1.LearnerState*\xb4\x01\n\x0cLearnerState\x12\x1d\n\x19LEARNER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16LEARNER_STATE_STARTING\x10\x01\x12\x19\n\x15LEARNER_STATE_RUNNING\x10\x02\x12\x18\n\x14LEARNER_STATE_PAUSED\x10\x03\x12\x1a\n\x16LEARNER_STATE_FINISHED\x10\x04\x12\x18\n\x14LEARNER_STATE_FAILED\x10\x05\x32\x9b\x03\n\x0eLearnerService\x12L\n\tGetStatus\x12\x1e.rlhf_mesh.v1.GetStatusRequest\x1a\x1f.rlhf_mesh.v1.GetStatusResponse\x12W\n\x0cWatchMetrics\x12!.rlhf_mesh.v1.WatchMetricsRequest\x1a\".rlhf_mesh.v1.WatchMetricsResponse0\x01\x12[\n\x0eSaveCheckpoint\x12#.rlhf_mesh.v1.SaveCheckpointRequest\x1a$.rlhf_mesh.v1.SaveCheckpointResponse\x12@\n\x05Pause\x12\x1a.rlhf_mesh.v1.PauseRequest\x1a\x1b.rlhf_mesh.v1.PauseResponse\x12\x43\n\x06Resume\x12\x1b.rlhf_mesh.v1.ResumeRequest\x1a\x1c.rlhf_mesh.v1.ResumeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arlhf_mesh/v1/learner.proto\x12\x0crlhf_mesh.v1\x1a\x19rlhf_mesh/v1/common.proto\"\x12\n\x10GetStatusRequest\"\xda\x01\n\x11GetStatusResponse\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.rlhf_mesh.v1.LearnerState\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x1c\n\x14last_checkpoint_path\x18\x05 \x01(\t\x12\x1c\n\x14last_checkpoint_step\x18\x06 \x01(\x04\x12\x12\n\nworld_size\x18\x07 \x01(\r\x12\x0f\n\x07message\x18\x08 \x01(\t\"(\n\x13WatchMetricsRequest\x12\x11\n\tfrom_step\x18\x01 \x01(\x04\"\xc8\x01\n\x14WatchMetricsResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12@\n\x07scalars\x18\x03 \x03(\x0b\x32/.rlhf_mesh.v1.WatchMetricsResponse.ScalarsEntry\x12\x18\n\x10wall_time_unix_s\x18\x04 \x01(\x01\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15SaveCheckpointRequest\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\x0e\n\x0cPauseRequest\":\n\rPauseResponse\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.rlhf_mesh.v1.LearnerState\"\x0f\n\rResumeRequest\";\n\x0eResumeResponse\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.rlhf_mesh.v1.LearnerState*\xb4\x01\n\x0cLearnerState\x12\x1d\n\x19LEARNER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16LEARNER_STATE_STARTING\x10\x01\x12\x19\n\x15LEARNER_STATE_RUNNING\x10\x02\x12\x18\n\x14LEARNER_STATE_PAUSED\x10\x03\x12\x1a\n\x16LEARNER_STATE_FINISHED\x10\x04\x12\x18\n\x14LEARNER_STATE_FAILED\x10\x05\x32\xb9\x03\n\x0eLearnerService\x12R\n\tGetStatus\x12\x1e.rlhf_mesh.v1.GetStatusRequest\x1a\x1f.rlhf_mesh.v1.GetStatusResponse\"\x04\x98\xb8\x18\x04\x12]\n\x0cWatchMetrics\x12!.rlhf_mesh.v1.WatchMetricsRequest\x1a\".rlhf_mesh.v1.WatchMetricsResponse\"\x04\x98\xb8\x18\x04\x30\x01\x12\x61\n\x0eSaveCheckpoint\x12#.rlhf_mesh.v1.SaveCheckpointRequest\x1a$.rlhf_mesh.v1.SaveCheckpointResponse\"\x04\x98\xb8\x18\x05\x12\x46\n\x05Pause\x12\x1a.rlhf_mesh.v1.PauseRequest\x1a\x1b.rlhf_mesh.v1.PauseResponse\"\x04\x98\xb8\x18\x05\x12I\n\x06Resume\x12\x1b.rlhf_mesh.v1.ResumeRequest\x1a\x1c.rlhf_mesh.v1.ResumeResponse\"\x04\x98\xb8\x18\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WATCHMETRICSRESPONSE_SCALARSENTRY']._loaded_options = None
   _globals['_WATCHMETRICSRESPONSE_SCALARSENTRY']._serialized_options = b'8\001'
-  _globals['_LEARNERSTATE']._serialized_start=764
-  _globals['_LEARNERSTATE']._serialized_end=944
-  _globals['_GETSTATUSREQUEST']._serialized_start=44
-  _globals['_GETSTATUSREQUEST']._serialized_end=62
-  _globals['_GETSTATUSRESPONSE']._serialized_start=65
-  _globals['_GETSTATUSRESPONSE']._serialized_end=283
-  _globals['_WATCHMETRICSREQUEST']._serialized_start=285
-  _globals['_WATCHMETRICSREQUEST']._serialized_end=325
-  _globals['_WATCHMETRICSRESPONSE']._serialized_start=328
-  _globals['_WATCHMETRICSRESPONSE']._serialized_end=528
-  _globals['_WATCHMETRICSRESPONSE_SCALARSENTRY']._serialized_start=482
-  _globals['_WATCHMETRICSRESPONSE_SCALARSENTRY']._serialized_end=528
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=530
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=553
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=555
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=607
-  _globals['_PAUSEREQUEST']._serialized_start=609
-  _globals['_PAUSEREQUEST']._serialized_end=623
-  _globals['_PAUSERESPONSE']._serialized_start=625
-  _globals['_PAUSERESPONSE']._serialized_end=683
-  _globals['_RESUMEREQUEST']._serialized_start=685
-  _globals['_RESUMEREQUEST']._serialized_end=700
-  _globals['_RESUMERESPONSE']._serialized_start=702
-  _globals['_RESUMERESPONSE']._serialized_end=761
-  _globals['_LEARNERSERVICE']._serialized_start=947
-  _globals['_LEARNERSERVICE']._serialized_end=1358
+  _globals['_LEARNERSERVICE'].methods_by_name['GetStatus']._loaded_options = None
+  _globals['_LEARNERSERVICE'].methods_by_name['GetStatus']._serialized_options = b'\230\270\030\004'
+  _globals['_LEARNERSERVICE'].methods_by_name['WatchMetrics']._loaded_options = None
+  _globals['_LEARNERSERVICE'].methods_by_name['WatchMetrics']._serialized_options = b'\230\270\030\004'
+  _globals['_LEARNERSERVICE'].methods_by_name['SaveCheckpoint']._loaded_options = None
+  _globals['_LEARNERSERVICE'].methods_by_name['SaveCheckpoint']._serialized_options = b'\230\270\030\005'
+  _globals['_LEARNERSERVICE'].methods_by_name['Pause']._loaded_options = None
+  _globals['_LEARNERSERVICE'].methods_by_name['Pause']._serialized_options = b'\230\270\030\005'
+  _globals['_LEARNERSERVICE'].methods_by_name['Resume']._loaded_options = None
+  _globals['_LEARNERSERVICE'].methods_by_name['Resume']._serialized_options = b'\230\270\030\005'
+  _globals['_LEARNERSTATE']._serialized_start=791
+  _globals['_LEARNERSTATE']._serialized_end=971
+  _globals['_GETSTATUSREQUEST']._serialized_start=71
+  _globals['_GETSTATUSREQUEST']._serialized_end=89
+  _globals['_GETSTATUSRESPONSE']._serialized_start=92
+  _globals['_GETSTATUSRESPONSE']._serialized_end=310
+  _globals['_WATCHMETRICSREQUEST']._serialized_start=312
+  _globals['_WATCHMETRICSREQUEST']._serialized_end=352
+  _globals['_WATCHMETRICSRESPONSE']._serialized_start=355
+  _globals['_WATCHMETRICSRESPONSE']._serialized_end=555
+  _globals['_WATCHMETRICSRESPONSE_SCALARSENTRY']._serialized_start=509
+  _globals['_WATCHMETRICSRESPONSE_SCALARSENTRY']._serialized_end=555
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=557
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=580
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=582
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=634
+  _globals['_PAUSEREQUEST']._serialized_start=636
+  _globals['_PAUSEREQUEST']._serialized_end=650
+  _globals['_PAUSERESPONSE']._serialized_start=652
+  _globals['_PAUSERESPONSE']._serialized_end=710
+  _globals['_RESUMEREQUEST']._serialized_start=712
+  _globals['_RESUMEREQUEST']._serialized_end=727
+  _globals['_RESUMERESPONSE']._serialized_start=729
+  _globals['_RESUMERESPONSE']._serialized_end=788
+  _globals['_LEARNERSERVICE']._serialized_start=974
+  _globals['_LEARNERSERVICE']._serialized_end=1415
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, FilePath, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.settings import ServiceSettings
@@ -46,6 +46,12 @@ class LearnerSettings(ServiceSettings):
     )
     collective_address: str = Field("127.0.0.1", description="this host as the generation workers reach it")
     rpc_timeout_s: float = Field(600.0, gt=0, description="deadline of each Generate, Score and push call")
+    client_token_file: FilePath | None = Field(
+        None, description="bearer token of the learner's calls (roles generate + admin on generation, score on reward)"
+    )
+    client_tls_ca: FilePath | None = Field(None, description="PEM CA of the services' certificates; turns TLS on")
+    client_tls_cert: FilePath | None = Field(None, description="PEM client certificate, for mutual TLS")
+    client_tls_key: FilePath | None = Field(None, description="PEM private key of client_tls_cert")
 
     # Prompts.
     prompts: Path = Field(description="prompt dataset: .jsonl or .parquet")

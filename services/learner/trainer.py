@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import torch
 
+from rlhf_mesh.clients.channel import client_credentials
 from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas, resolve
@@ -74,6 +75,8 @@ class Trainer:
         self._generators: list[AsyncGenerationClient] = []
         self._reward: AsyncRewardClient | None = None
         self._sender: CollectiveSender | None = None
+        self._credentials = client_credentials(s.client_token_file, s.client_tls_ca, s.client_tls_cert,
+                                               s.client_tls_key)
         self._push_dtype = torch.float32
         self.max_lag = s.max_policy_lag if s.async_generation else 0
         self._prefetched: asyncio.Task[Collected] | None = None  # next step's rollouts, in async mode
@@ -108,8 +111,9 @@ class Trainer:
         if s.resolve_replicas:  # the replicas behind a headless Service, as they are now
             self.replicas = sorted({a for name in s.generation for a in resolve(name)})
             log.info("generation replicas: %s", ", ".join(self.replicas))
-        self._generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s) for a in self.replicas]
-        self._reward = AsyncRewardClient(s.reward, timeout_s=s.rpc_timeout_s)
+        credentials = self._credentials
+        self._generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s, **credentials) for a in self.replicas]
+        self._reward = AsyncRewardClient(s.reward, timeout_s=s.rpc_timeout_s, **credentials)
         try:
             infos = await asyncio.gather(*(g.model_info() for g in self._generators))
             await self._reward.list_models()
@@ -129,7 +133,7 @@ class Trainer:
                     f"{self.step}: restart the replica (version 0) or resume from the checkpoint of that step"
                 )
         if s.weight_transport == "collective":
-            clients = [GenerationClient(a) for a in self.replicas]
+            clients = [GenerationClient(a, **credentials) for a in self.replicas]
             self._sender = await asyncio.to_thread(
                 CollectiveSender, clients, s.collective_address, 0, min(s.rpc_timeout_s, 300.0)
             )
@@ -154,8 +158,8 @@ class Trainer:
         if self._sender is not None:
             self._sender.push(tensors, version)
             return
-        failed = [r for r in push_to_replicas(self.replicas, tensors, version, self.settings.rpc_timeout_s)
-                  if not r.ok]
+        pushed = push_to_replicas(self.replicas, tensors, version, self.settings.rpc_timeout_s, **self._credentials)
+        failed = [r for r in pushed if not r.ok]
         if failed:
             raise LearnerError("weight push failed: " + "; ".join(
                 f"{r.address}: {r.error.code().name} {r.error.details()}" for r in failed))
