@@ -10,25 +10,34 @@ from contextlib import contextmanager
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.server import free_port
 
-__all__ = ["free_port", "server"]
+__all__ = ["free_port", "server", "server_process"]
 
 # vLLM on CPU: its default KV-cache reservation does not fit these machines' NUMA node 0.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 
 @contextmanager
-def server(args: list[str], ready: Callable[[str, Callable[[], bool]], None] | None = None) -> Iterator[str]:
-    """Run `args --port PORT` until the block ends; yields HOST:PORT once `ready` (gRPC health by default)."""
+def server_process(args: list[str], ready: Callable[[str, Callable[[], bool]], None] | None = None,
+                   ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run `args --port PORT` until the block ends; yields HOST:PORT and the process once `ready`
+    (gRPC health by default)."""
     port = free_port()
     process = subprocess.Popen([*args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"localhost:{port}"
     try:
         (ready or (lambda a, alive: wait_until_serving(a, timeout_s=300, alive=alive)))(
             address, lambda: process.poll() is None)
-        yield address
+        yield address, process
     finally:
         process.terminate()
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextmanager
+def server(args: list[str], ready: Callable[[str, Callable[[], bool]], None] | None = None) -> Iterator[str]:
+    """server_process, yielding only HOST:PORT."""
+    with server_process(args, ready) as (address, _):
+        yield address

@@ -40,10 +40,16 @@ def client_credentials(token_file: Path | None = None, tls_ca: Path | None = Non
     return {"tls": tls, "token": Path(token_file).read_text().strip() if token_file else None}
 
 
-def service_config(service: str, max_attempts: int = 5) -> str:
-    """round_robin over every resolved address (headless Services) and retries of UNAVAILABLE."""
+def service_config(service: str, max_attempts: int = 5, health_checked: bool = True) -> str:
+    """round_robin over every resolved address (headless Services) and retries of UNAVAILABLE.
+
+    With `health_checked`, only replicas whose grpc.health.v1 reports `service` SERVING get
+    calls: one that drains or still loads its model is skipped until it serves.
+    """
+    health = {"healthCheckConfig": {"serviceName": service}} if health_checked else {}
     return json.dumps({
         "loadBalancingConfig": [{"round_robin": {}}],
+        **health,
         "methodConfig": [{
             "name": [{"service": service}],
             "retryPolicy": {
@@ -57,11 +63,15 @@ def service_config(service: str, max_attempts: int = 5) -> str:
     })
 
 
-def _options(service: str, max_message_bytes: int, tls: TlsConfig | None) -> list[tuple[str, int | str]]:
+def _options(service: str, max_message_bytes: int, tls: TlsConfig | None,
+             health_checked: bool) -> list[tuple[str, int | str]]:
     options: list[tuple[str, int | str]] = [
         *channel_options(max_message_bytes),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", service_config(service)),
+        ("grpc.service_config", service_config(service, health_checked=health_checked)),
+        # A restarted replica is found again within 2 s (gRPC's default backoff grows to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -121,13 +131,13 @@ class _AsyncBearerToken(
 
 
 def open_channel(address: str, service: str, *, tls: TlsConfig | None = None, token: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_checked: bool = True) -> grpc.Channel:
     """A blocking channel to `address` configured for `service` (its full proto name).
 
     `token` goes with every call as `authorization: Bearer <token>`; give `tls` with it, a
-    token sent in plaintext can be read on the way.
+    token sent in plaintext can be read on the way. `health_checked`: see service_config.
     """
-    options = _options(service, max_message_bytes, tls)
+    options = _options(service, max_message_bytes, tls, health_checked)
     if tls is not None:
         channel = grpc.secure_channel(address, tls.credentials(), options=options)
     else:
@@ -138,7 +148,7 @@ def open_channel(address: str, service: str, *, tls: TlsConfig | None = None, to
 def open_aio_channel(address: str, service: str, *, tls: TlsConfig | None = None, token: str | None = None,
                      max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
     """The asyncio twin of open_channel."""
-    options = _options(service, max_message_bytes, tls)
+    options = _options(service, max_message_bytes, tls, health_checked=True)
     interceptors = [_AsyncBearerToken(token)] if token else None
     if tls is not None:
         return grpc.aio.secure_channel(address, tls.credentials(), options=options, interceptors=interceptors)

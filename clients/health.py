@@ -24,7 +24,8 @@ def wait_until_serving(
     (for a server started as a child process that exited). Health needs no token.
     """
     deadline = time.monotonic() + timeout_s
-    with open_channel(address, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, tls=tls) as channel:
+    health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    with open_channel(address, health, tls=tls, health_checked=False) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         status = "unreachable"
         while time.monotonic() < deadline:

@@ -106,17 +106,23 @@ class _Guard(grpc.aio.ServerInterceptor):
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(
             wrap,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The request to hand on (a checked stream for request streams), or abort."""
         if self._auth is not None:
             denied = self._auth.check(method, context.invocation_metadata() or ())
             if denied is not None:
                 await context.abort(*denied)
         if not self._ready():
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._service} service is not ready yet")
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if hasattr(request, "__aiter__"):
+            return _checked(request)
+        return request
 
     async def _fail(self, method: str, context: grpc.aio.ServicerContext) -> None:
         ref = uuid.uuid4().hex[:12]
@@ -141,9 +147,11 @@ class _Guard(grpc.aio.ServerInterceptor):
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             try:
-                await self._admit(method, context)
+                request = await self._admit(method, request, context)
                 async with asyncio.timeout(limit_s) as budget:
                     return await behavior(request, context)
+            except _BadStream as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             except TimeoutError:
                 if not budget.expired():
                     await self._fail(method, context)
@@ -162,10 +170,10 @@ class _Guard(grpc.aio.ServerInterceptor):
     ) -> Callable[..., AsyncIterator[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            responses = behavior(request, context)
+            responses = None
             deadline = None if limit_s is None else time.monotonic() + limit_s
             try:
-                await self._admit(method, context)
+                responses = behavior(await self._admit(method, request, context), context)
                 while True:
                     # No `async with timeout` here: it must not span a yield of a generator.
                     remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -174,6 +182,8 @@ class _Guard(grpc.aio.ServerInterceptor):
                     except StopAsyncIteration:
                         break
                     yield response
+            except _BadStream as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
             except TimeoutError:
                 if deadline is None or time.monotonic() < deadline:
                     await self._fail(method, context)
@@ -183,10 +193,51 @@ class _Guard(grpc.aio.ServerInterceptor):
             except Exception:
                 await self._fail(method, context)
             finally:
-                await responses.aclose()
+                if responses is not None:
+                    await responses.aclose()
                 self._observe(method, context, started)
 
         return guarded
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request message that did not parse; the call gets INVALID_ARGUMENT instead of grpc's INTERNAL."""
+
+    message: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+    name = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    expected = name.full_name if name is not None else "request message"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as err:  # any parse failure: the caller's bad bytes
+            return _Undecodable(f"request is not a valid {expected}: {err}")
+
+    return parse
+
+
+class _BadStream(Exception):
+    """A request stream message did not parse; the guard turns it into INVALID_ARGUMENT."""
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that raises _BadStream at the first message that did not parse.
+
+    It raises rather than aborting: a servicer may read its requests in another task than the
+    one writing replies, and an abort there would race the write on the same call.
+    """
+    index = 0
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise _BadStream(f"stream message {index}: {request.message}")
+        yield request
+        index += 1
 
 
 def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
@@ -265,10 +316,12 @@ async def start(service: Service, settings: ServiceSettings) -> Running:
     return Running(server, health_servicer, port, metrics, asyncio.Event(), health_server)
 
 
-async def drain(running: Running, service: Service, grace_s: float) -> None:
-    """NOT_SERVING, let in-flight calls finish for up to `grace_s`, then stop and close."""
-    log.info("%s: draining (grace %.1fs)", service.name, grace_s)
+async def drain(running: Running, service: Service, grace_s: float, notice_s: float = 0.0) -> None:
+    """NOT_SERVING; `notice_s` later stop taking calls; let in-flight ones finish for up to `grace_s`; close."""
+    log.info("%s: draining (notice %.1fs, grace %.1fs)", service.name, notice_s, grace_s)
     await running.health.enter_graceful_shutdown()
+    # Clients that watch health (ours do) send new calls elsewhere once they see NOT_SERVING.
+    await asyncio.sleep(notice_s)
     await running.server.stop(grace_s)
     if running.health_server is not None:
         await running.health_server.stop(None)
@@ -289,7 +342,7 @@ async def serve(service: Service, settings: ServiceSettings) -> None:
     _, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], return_when=asyncio.FIRST_COMPLETED)
     for waiting in pending:
         waiting.cancel()
-    await drain(running, service, settings.drain_grace_s)
+    await drain(running, service, settings.drain_grace_s, settings.drain_notice_s)
 
 
 def configure_logging(level: str) -> None:

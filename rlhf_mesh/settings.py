@@ -50,7 +50,10 @@ class ServiceSettings(FileSettings):
     host: str = Field("[::]", description="address to listen on")
     port: int = Field(50050, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus HTTP port (0 picks a free one)")
-    drain_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, time in-flight calls get to finish")
+    drain_notice_s: float = Field(
+        1.0, ge=0, description="on SIGTERM, how long health reports NOT_SERVING before new calls are refused"
+    )
+    drain_grace_s: float = Field(30.0, gt=0, description="then, the time in-flight calls get to finish")
     max_message_bytes: int = Field(64 << 20, gt=0, description="largest gRPC message received or sent")
     max_concurrent_rpcs: int = Field(1024, gt=0, description="calls served at once; more get RESOURCE_EXHAUSTED")
     max_stream_s: float | None = Field(

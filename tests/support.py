@@ -21,12 +21,13 @@ MAX_MODEL_LEN = 256  # of the test generation servers
 class ChildServer:
     """A server process started by a test, with its log file."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.address = f"localhost:{self.port}"
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "a")  # noqa: SIM115 - closed in stop(); a restart appends
         self.process = subprocess.Popen(
             [*args, "--port", str(self.port), "--metrics-port", str(self.metrics_port)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
@@ -63,13 +64,13 @@ def metric(text: str, name: str, **labels: str) -> float:
     )
 
 
-def start_generation_server(policy: Path, log_path: Path) -> ChildServer:
-    """`rlhf-mesh serve generation` on `policy` in float32, once it is SERVING."""
+def start_generation_server(policy: Path, log_path: Path, *flags: str) -> ChildServer:
+    """`rlhf-mesh serve generation` on `policy` in float32 with `flags`, once it is SERVING."""
     from rlhf_mesh.clients.health import wait_until_serving
 
     server = ChildServer(
         [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(policy),
-         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN)],
+         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), *flags],
         log_path,
     )
     wait_until_serving(server.address, timeout_s=300, alive=server.alive)

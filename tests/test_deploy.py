@@ -19,7 +19,8 @@ from support import PYTHON, ROOT
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ["cpu-dev", "gpu"]
 KUBERNETES_VERSION = "1.30.0"
-EXTERNAL_SECRETS = {"gpu": {"rlhf-mesh-feedback-db"}}  # created by the operator (deploy/README.md)
+# Created by the operator (deploy/README.md).
+EXTERNAL_SECRETS = {"gpu": {"rlhf-mesh-feedback-db", "rlhf-mesh-tls", "rlhf-mesh-tokens", "rlhf-mesh-learner-token"}}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 
@@ -88,7 +89,8 @@ def test_rlhf_mesh_pods_drain_gracefully(rendered):
         for container in template["spec"]["containers"]:
             if container["image"].startswith("rlhf-mesh:") and workload["kind"] != "Job":
                 assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
-                assert template["spec"]["terminationGracePeriodSeconds"] > 30 + 5  # drain_grace_s + preStop
+                # preStop + drain_notice_s + drain_grace_s
+                assert template["spec"]["terminationGracePeriodSeconds"] > 5 + 1 + 30
                 assert container["readinessProbe"]["grpc"]["service"].startswith("rlhf_mesh.v1.")
 
 
@@ -99,12 +101,38 @@ def test_every_configmap_and_secret_used_is_defined(rendered):
         for volume in template["spec"].get("volumes", []):
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in config_maps, workload["metadata"]["name"]
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets, workload["metadata"]["name"]
             if "persistentVolumeClaim" in volume:
                 assert volume["persistentVolumeClaim"]["claimName"] in _named(docs, "PersistentVolumeClaim")
         for container in template["spec"]["containers"]:
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 assert ref is None or ref["name"] in secrets, f"{workload['metadata']['name']}: {ref}"
+
+
+def test_secured_overlay_turns_on_mutual_tls_and_tokens_for_every_service(rendered):
+    overlay, _, docs = rendered
+    if overlay != "gpu":
+        pytest.skip("cpu-dev runs without TLS and tokens")
+    for _, template in _pods(docs):
+        container = template["spec"]["containers"][0]
+        assert container["image"].startswith("rlhf-mesh:")
+        service = container["args"][1]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        settings = importlib.import_module(SERVICE_MODULES[service]).Settings
+        prefix = settings.model_config["env_prefix"]
+        for key in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file"):
+            value = env[f"{prefix}{key.upper()}"]
+            assert key in settings.model_fields and Path(value).parent.as_posix() in mounts, (service, key)
+        health = int(env[f"{prefix}HEALTH_PORT"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in container:  # kubelet cannot speak TLS: every probe uses the plaintext health port
+                assert container[probe]["grpc"]["port"] == health, (service, probe)
+        if service == "learner":
+            assert Path(env[f"{prefix}CLIENT_TOKEN_FILE"]).parent.as_posix() in mounts
+            assert env[f"{prefix}CLIENT_TLS_SERVER_NAME"] and "client_tls_server_name" in settings.model_fields
 
 
 def test_commands_are_cli_commands_and_configs_validate_with_their_settings(rendered):

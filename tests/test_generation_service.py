@@ -161,6 +161,7 @@ TEXT = [_prompt(text="Hi")]
          "prompts[1]: 256 prompt tokens + max_tokens 16 exceed max_model_len 256"),
         ([*TEXT, _prompt(token_ids=common_pb2.TokenIds(ids=[3, 615]))], {},
          "prompts[1].token_ids[1]: 615 is outside the vocabulary"),
+        ([*TEXT, _prompt(text="é" * (1 << 19))], {}, "prompts[1]: 1048580 bytes, more than max_prompt_bytes=1048576"),
         (TEXT, {"max_tokens": 0}, "sampling.max_tokens must be >= 1"),
         (TEXT, {"max_tokens": MAX_MODEL_LEN}, "sampling.max_tokens 256 leaves no room"),
         (TEXT, {"n": 0}, "sampling.n must be in [1, 64]"),

@@ -130,9 +130,11 @@ def test_over_long_prompt_is_truncated_from_the_left(reward_server, reference):
         ([("a", "b")] * 1025, "", grpc.StatusCode.INVALID_ARGUMENT, "more than max_request_samples=1024"),
         ([("a", "b")], "nope", grpc.StatusCode.NOT_FOUND, "no reward model named 'nope'"),
         ([("a", "x" * (70 << 20))], "", grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        ([("a", "b"), [{"role": "user", "content": "é" * 5000}] * 200], "", grpc.StatusCode.INVALID_ARGUMENT,
+         "samples[1]: is 2002404 bytes, more than max_sample_bytes=1048576"),
     ],
     ids=["empty", "no-input", "oov", "empty-ids", "empty-chat", "too-many", "unknown-model",
-         "too-large"],
+         "too-large", "huge-sample"],
 )
 def test_bad_input_gets_a_precise_status(reward_server, samples, model, code, message):
     # A raw channel that may send more than the server accepts: the server must refuse it.

@@ -67,6 +67,12 @@ def test_unexpected_error_is_internal_logged_and_not_leaked(child_server):
         assert err.value.code() == grpc.StatusCode.INTERNAL
         assert SECRET not in err.value.details()
         assert "ref " in err.value.details()
+        # Bytes that are no protobuf message: INVALID_ARGUMENT naming the expected type, not INTERNAL.
+        raw = channel.unary_unary(f"/{LEARNER}/GetStatus")
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff\xff\xff", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid rlhf_mesh.v1.GetStatusRequest" in err.value.details()
         # The server goes on serving.
         assert learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=5).step == 7
         # Reflection is off unless enabled.

@@ -62,7 +62,7 @@ def test_tls_settings_must_be_complete(tmp_path):
     cert.write_text("not read at validation")
     with pytest.raises(SettingsError, match="tls_cert and tls_key go together"):
         load_settings(DemoSettings, ["--tls-cert", str(cert)], "x")
-    with pytest.raises(SettingsError, match="tls_client_ca .* needs tls_cert"):
+    with pytest.raises(SettingsError, match=r"tls_client_ca .* needs tls_cert"):
         load_settings(DemoSettings, ["--tls-client-ca", str(cert)], "x")
     with pytest.raises(SettingsError, match="tokens_file: Path does not point to a file"):
         load_settings(DemoSettings, ["--tokens-file", str(tmp_path / "missing.yaml")], "x")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 
 import grpc
 from prometheus_client import Counter
@@ -38,8 +39,13 @@ EXPORT_PAGE_ROWS = 500  # rows read per query while exporting, so memory stays f
 MAX_PAGE_SIZE = 1000
 
 
-def _created_after(request) -> datetime.datetime | None:
-    return request.created_after.ToDatetime(tzinfo=datetime.timezone.utc) if request.HasField("created_after") else None
+async def _created_after(request, context: grpc.aio.ServicerContext) -> datetime.datetime | None:
+    if not request.HasField("created_after"):
+        return None
+    try:
+        return request.created_after.ToDatetime(tzinfo=datetime.timezone.utc)
+    except (ValueError, OverflowError) as err:  # seconds or nanos out of the Timestamp's range
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"created_after: {err}")
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
@@ -73,18 +79,19 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             after = parse_page_token(request.page_token) if request.page_token else 0
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        created_after = await _created_after(request, context)
         rows, last = await asyncio.to_thread(
             self.store.list, rater_id=request.rater_id, kind=KIND_NAMES.get(request.kind, ""),
-            created_after=_created_after(request), after_seq=after, limit=page_size,
+            created_after=created_after, after_seq=after, limit=page_size,
         )
         return feedback_pb2.ListFeedbackResponse(
             feedback=[to_proto(r) for r in rows], next_page_token=page_token(last) if last is not None else "",
         )
 
     async def ExportPreferences(self, request, context):
-        if request.min_rating_margin < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "min_rating_margin must not be negative")
-        created_after = _created_after(request)
+        if not request.min_rating_margin >= 0 or math.isinf(request.min_rating_margin):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "min_rating_margin must be a finite number >= 0")
+        created_after = await _created_after(request, context)
         summary = feedback_pb2.ExportSummary()
         after = 0
         while True:

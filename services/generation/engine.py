@@ -80,6 +80,7 @@ class PolicyEngine:
             max_model_len=config.max_model_len, vocab_size=config.get_vocab_size(),
             max_samples_per_prompt=self.settings.max_samples_per_prompt,
             max_request_prompts=self.settings.max_request_prompts,
+            max_prompt_bytes=self.settings.max_prompt_bytes,
         )
         warm = Plan([[self.tokenizer.bos_token_id or 0] * 4], 1, 0, SamplingParams(max_tokens=4, logprobs=0))
         self.admit(warm)

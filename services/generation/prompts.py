@@ -32,6 +32,7 @@ class Limits:
     vocab_size: int
     max_samples_per_prompt: int
     max_request_prompts: int
+    max_prompt_bytes: int
 
 
 @dataclass
@@ -117,6 +118,9 @@ def plan(request: generation_pb2.GenerateRequest, tokenizer: Any, limits: Limits
 def _tokenize(index: int, prompt: Any, tokenizer: Any, limits: Limits) -> list[int]:
     kind = prompt.WhichOneof("kind")
     where = f"prompts[{index}]"
+    size = prompt.ByteSize()
+    if size > limits.max_prompt_bytes:  # refused before the tokenizer's memory grows with it
+        raise InvalidRequest(f"{where}: {size} bytes, more than max_prompt_bytes={limits.max_prompt_bytes}")
     if kind == "text":
         ids = list(tokenizer.encode(prompt.text, add_special_tokens=True)) if prompt.text else []
     elif kind == "token_ids":

@@ -37,6 +37,9 @@ class GenerationSettings(ServiceSettings):
     # Limits of the service itself.
     max_samples_per_prompt: int = Field(64, ge=1, description="largest n; more is INVALID_ARGUMENT")
     max_request_prompts: int = Field(4096, ge=1, description="prompts in one Generate call")
+    max_prompt_bytes: int = Field(
+        1 << 20, ge=1, description="largest prompt (text, chat or ids) in protobuf bytes; more is INVALID_ARGUMENT"
+    )
     max_queued_samples: int = Field(
         8192, ge=1, description="samples admitted and unfinished; beyond: RESOURCE_EXHAUSTED"
     )

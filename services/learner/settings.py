@@ -52,6 +52,10 @@ class LearnerSettings(ServiceSettings):
     client_tls_ca: FilePath | None = Field(None, description="PEM CA of the services' certificates; turns TLS on")
     client_tls_cert: FilePath | None = Field(None, description="PEM client certificate, for mutual TLS")
     client_tls_key: FilePath | None = Field(None, description="PEM private key of client_tls_cert")
+    client_tls_server_name: str | None = Field(
+        None, description="name the services' certificates carry, when not the address's host (resolve_replicas "
+        "dials IPs)"
+    )
 
     # Prompts.
     prompts: Path = Field(description="prompt dataset: .jsonl or .parquet")

@@ -76,7 +76,7 @@ class Trainer:
         self._reward: AsyncRewardClient | None = None
         self._sender: CollectiveSender | None = None
         self._credentials = client_credentials(s.client_token_file, s.client_tls_ca, s.client_tls_cert,
-                                               s.client_tls_key)
+                                               s.client_tls_key, s.client_tls_server_name)
         self._push_dtype = torch.float32
         self.max_lag = s.max_policy_lag if s.async_generation else 0
         self._prefetched: asyncio.Task[Collected] | None = None  # next step's rollouts, in async mode

@@ -131,10 +131,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{count} samples, more than max_request_samples={self.settings.max_request_samples}",
             )
-        encoded = await asyncio.to_thread(
-            lambda: [model.tokenization.encode(i, s) for i, s in enumerate(request.samples)]
-        )
+        encoded = await asyncio.to_thread(lambda: [self._encode(model, i, s) for i, s in enumerate(request.samples)])
         return await self._score(served, encoded)
+
+    def _encode(self, model: RewardModel, index: int, sample: reward_pb2.ScoreSample) -> Encoded:
+        """Token ids of one sample; an oversized one is refused before the tokenizer's memory grows with it."""
+        size = sample.ByteSize()
+        if size > self.settings.max_sample_bytes:
+            raise InvalidSample(index, f"is {size} bytes, more than max_sample_bytes={self.settings.max_sample_bytes}")
+        return model.tokenization.encode(index, sample)
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[reward_pb2.ScoreStreamRequest], context: grpc.aio.ServicerContext
@@ -150,7 +155,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             try:
                 with self._served(request.model).lease() as served:
                     reply.model = served.model.name
-                    encoded = served.model.tokenization.encode(0, request.sample)
+                    encoded = await asyncio.to_thread(self._encode, served.model, 0, request.sample)
                     reply.result.CopyFrom((await self._score(served, [encoded]))[0])
             except InvalidSample as err:
                 reply.error.CopyFrom(common_pb2.ItemError(
@@ -162,13 +167,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             await replies.put(reply)
 
         async def read() -> None:
-            async for request in request_iterator:
-                await slots.acquire()
-                task = asyncio.create_task(one(request))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            await asyncio.gather(*list(pending))
-            await replies.put(None)
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                await asyncio.gather(*list(pending))
+            finally:  # also when the request stream fails, so the replies below end
+                replies.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:

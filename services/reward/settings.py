@@ -32,6 +32,9 @@ class RewardSettings(ServiceSettings):
     max_wait_ms: float = Field(5.0, ge=0, description="longest a sample waits for batch-mates")
     max_queue_samples: int = Field(8192, gt=0, description="queued samples per model; beyond: RESOURCE_EXHAUSTED")
     max_request_samples: int = Field(1024, gt=0, description="samples in one Score call")
+    max_sample_bytes: int = Field(
+        1 << 20, gt=0, description="largest sample (text, chat or ids) in protobuf bytes; more is INVALID_ARGUMENT"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> RewardSettings:

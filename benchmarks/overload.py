@@ -1,0 +1,166 @@
+"""Overload: the RewardService at 1x, 2x and 4x its sustainable load.
+
+    python benchmarks/overload.py [--model DIR] [--seconds 15] [--max-queue-samples 64]
+
+Without --model it builds the ~20M-parameter `small` reward model. First a closed loop of
+`--concurrency` callers (one sample of 20-200 tokens per call; as many callers as the queue
+holds, so batches fill) measures the peak rate; the sustainable rate X is 80% of it (at the peak itself an
+open-loop queue only grows). Then calls arrive open-loop (Poisson) at 1x, 2x and 4x X for
+`--seconds` each. Printed per load: offered and admitted calls/s (admitted calls
+all succeed), the share refused with RESOURCE_EXHAUSTED, p50/p99
+latency of the admitted calls, p99 time to a refusal, and the server's peak resident
+memory, sampled every 50 ms. Ratios against the 1x row: goodput (admitted calls/s) and
+peak memory. The bounded queue (`--max-queue-samples`) is what keeps both flat; its default
+of 64 one-sample calls stays below the 100 concurrent streams of one HTTP/2 connection, so
+no call waits unseen on the client side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+from rlhf_mesh.clients.reward import AsyncRewardClient
+
+from common import server_process
+
+
+def make_samples(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(rng.randint(20, 200))] for _ in range(count)]
+
+
+async def sustainable(client: AsyncRewardClient, samples: list[list[int]], concurrency: int, seconds: float) -> float:
+    """Calls/s of `concurrency` callers that each send their next call when the last returns."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def caller(offset: int) -> None:
+        nonlocal done
+        i = offset
+        while time.perf_counter() < deadline:
+            await client.scores([samples[i % len(samples)]])
+            done += 1
+            i += concurrency
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(k) for k in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+async def open_loop(client: AsyncRewardClient, samples: list[list[int]], rate: float, seconds: float,
+                    seed: int) -> dict[str, list[float]]:
+    """Poisson arrivals at `rate` calls/s for `seconds`; latencies by outcome."""
+    rng = random.Random(seed)
+    outcomes: dict[str, list[float]] = {"ok": [], "refused": [], "other": []}
+
+    async def one(ids: list[int]) -> None:
+        started = time.perf_counter()
+        try:
+            await client.scores([ids], timeout_s=60)
+            outcomes["ok"].append(time.perf_counter() - started)
+        except grpc.aio.AioRpcError as err:
+            kind = "refused" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "other"
+            outcomes[kind].append(time.perf_counter() - started)
+
+    tasks = []
+    start = time.perf_counter()
+    next_at = start
+    while next_at < start + seconds:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(samples[len(tasks) % len(samples)])))
+        next_at += rng.expovariate(rate)
+    await asyncio.gather(*tasks)
+    return outcomes
+
+
+class PeakMemory:
+    """The highest resident memory of a process, sampled in a thread while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def p(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] * 1000 if values else float("nan")
+    return statistics.quantiles(values, n=100)[q - 1] * 1000
+
+
+async def run(address: str, pid: int, samples: list[list[int]], args: argparse.Namespace) -> None:
+    async with AsyncRewardClient(address, timeout_s=60) as client:
+        await sustainable(client, samples, args.concurrency, 2.0)  # warm-up
+        peak = await sustainable(client, samples, args.concurrency, args.seconds)
+        rate = 0.8 * peak
+        print(f"peak {peak:.1f} calls/s with {args.concurrency} closed-loop callers; sustainable X = {rate:.1f}",
+              flush=True)
+        print("| load | offered calls/s | admitted calls/s | refused | p50 ms | p99 ms | p99 refusal ms | "
+              "peak RSS MiB |\n|---|---|---|---|---|---|---|---|")
+        rows = {}
+        for factor in (1, 2, 4):
+            with PeakMemory(pid) as memory:
+                outcomes = await open_loop(client, samples, factor * rate, args.seconds, seed=factor)
+            total = sum(len(v) for v in outcomes.values())
+            goodput = len(outcomes["ok"]) / args.seconds
+            rows[factor] = (goodput, memory.peak)
+            ok, refused = outcomes["ok"], outcomes["refused"]
+            print(f"| {factor}x | {total / args.seconds:.1f} | {goodput:.1f} | {len(refused) / total:.1%} | "
+                  f"{p(ok, 50):.0f} | {p(ok, 99):.0f} | {p(refused, 99):.1f} | {memory.peak / 2**20:.0f} |", flush=True)
+            if outcomes["other"]:
+                print(f"  {len(outcomes['other'])} calls failed otherwise", flush=True)
+        for factor in (2, 4):
+            print(f"{factor}x / 1x: admitted calls/s {rows[factor][0] / rows[1][0]:.2f}, "
+                  f"peak memory {rows[factor][1] / rows[1][1]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="reward model folder (default: build the `small` preset)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each load level")
+    parser.add_argument("--concurrency", type=int, help="closed-loop callers measuring the peak (default: as many "
+                        "as the queue holds)")
+    parser.add_argument("--max-queue-samples", type=int, default=64, help="the server's queue bound")
+    args = parser.parse_args()
+    args.concurrency = args.concurrency or args.max_queue_samples
+    model = args.model
+    if model is None:
+        from rlhf_mesh.tiny_models import build
+
+        model = str(build(Path(tempfile.mkdtemp()) / "models", preset="small")["reward"])
+    from transformers import AutoConfig
+
+    samples = make_samples(2048, AutoConfig.from_pretrained(model).vocab_size)
+    print(f"model {model}, max_queue_samples {args.max_queue_samples}, {args.seconds:g} s per load", flush=True)
+    command = [sys.executable, "-m", "rlhf_mesh", "serve", "reward", "--model", model, "--metrics-port", "0",
+               "--max-queue-samples", str(args.max_queue_samples), "--log-level", "WARNING"]
+    with server_process(command) as (address, process):
+        asyncio.run(run(address, process.pid, samples, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Replicas restarting under load: graceful drain, client health checking and retries lose no call."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import grpc
+import psutil
+import pytest
+
+from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.clients.reward import AsyncRewardClient, RewardClient
+
+from support import PYTHON, ChildServer
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [("What is 2 + 2?", "4, thank you."), ("Hi", "Hello there!")]
+
+
+def _reward(model, log_path, port: int | None = None) -> ChildServer:
+    server = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"tiny={model}",
+                          "--drain-grace-s", "20"], log_path, port=port)
+    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    return server
+
+
+def test_rolling_restart_of_two_replicas_fails_no_call(tiny_models, tmp_path):
+    """SIGTERM and restart each of two replicas in turn while four callers score without pause."""
+    replicas = [_reward(tiny_models["reward"], tmp_path / f"replica{i}.log") for i in range(2)]
+    target = "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in replicas)
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    with RewardClient(target, timeout_s=30) as client:
+        expected = client.scores(PAIRS)
+
+        def call_forever() -> None:
+            while not stop.is_set():
+                try:
+                    scores = client.scores(PAIRS)  # batch-invariant within 1e-5, not bit for bit
+                    outcomes.append("ok" if scores == pytest.approx(expected, abs=1e-5) else f"wrong: {scores}")
+                except grpc.RpcError as err:
+                    outcomes.append(f"{err.code().name}: {err.details()}")
+
+        callers = [threading.Thread(target=call_forever) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        try:
+            for i, replica in enumerate(replicas):
+                time.sleep(2)
+                before = len(outcomes)
+                replica.process.send_signal(signal.SIGTERM)
+                assert replica.process.wait(timeout=60) == 0  # drained and exited cleanly
+                replica.stop()
+                time.sleep(1)  # calls go on against the other replica alone
+                replicas[i] = _reward(tiny_models["reward"], tmp_path / f"replica{i}.log", port=replica.port)
+                assert len(outcomes) > before  # the callers kept going through the restart
+            time.sleep(2)
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join(timeout=60)
+            for replica in replicas:
+                replica.stop()
+
+    failures = [o for o in outcomes if o != "ok"]
+    assert not failures, f"{len(failures)} of {len(outcomes)} calls failed, e.g. {failures[:3]}"
+    assert len(outcomes) > 100
+    for i in range(2):  # both restarts served calls again: each log shows two starts and a drain
+        log = (tmp_path / f"replica{i}.log").read_text()
+        assert log.count("SERVING") >= 2 and "draining" in log
+
+
+def test_overload_is_refused_fast_while_admitted_calls_succeed(tiny_models, tmp_path):
+    """32 callers against a queue of 16 samples whose batches wait 200 ms: most calls find it full."""
+    server = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"tiny={tiny_models['reward']}",
+                          "--max-queue-samples", "16", "--max-wait-ms", "200"], tmp_path / "reward.log")
+    try:
+        wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+        process = psutil.Process(server.process.pid)
+
+        async def flood() -> tuple[dict[str, list[float]], int]:
+            outcomes: dict[str, list[float]] = {"ok": [], "refused": []}
+            async with AsyncRewardClient(server.address, timeout_s=30) as client:
+                expected = await client.scores(PAIRS)
+                rss_before = process.memory_info().rss
+                deadline = time.monotonic() + 5
+
+                async def caller() -> None:
+                    while time.monotonic() < deadline:
+                        started = time.monotonic()
+                        try:
+                            scores = await client.scores(PAIRS)
+                            assert scores == pytest.approx(expected, abs=1e-5)
+                            outcomes["ok"].append(time.monotonic() - started)
+                        except grpc.aio.AioRpcError as err:
+                            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+                            outcomes["refused"].append(time.monotonic() - started)
+                            await asyncio.sleep(0.1)  # a caller that backs off a little, as ours do
+
+                await asyncio.gather(*(caller() for _ in range(32)))
+                return outcomes, process.memory_info().rss - rss_before
+
+        outcomes, growth = asyncio.run(flood())
+        refused, admitted = sorted(outcomes["refused"]), sorted(outcomes["ok"])
+        print(f"{len(admitted)} admitted (median {admitted[len(admitted) // 2]:.3f} s), {len(refused)} refused "
+              f"(median {refused[len(refused) // 2]:.3f} s, p99 {refused[int(0.99 * len(refused))]:.3f} s), "
+              f"memory +{growth >> 20} MiB")
+        assert len(admitted) > 50 and len(refused) > len(admitted)
+        assert admitted[len(admitted) // 2] > 0.15  # admitted calls wait for their batch
+        assert refused[len(refused) // 2] < 0.05 and refused[int(0.99 * len(refused))] < 0.25, "refusals must be fast"
+        assert growth < 100 << 20, f"resident memory grew by {growth >> 20} MiB"
+        assert server.alive()
+    finally:
+        assert server.stop() == 0
