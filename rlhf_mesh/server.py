@@ -58,7 +58,8 @@ class Service(Protocol):
         """Release what start() acquired; called after the server drained."""
 
     # Optional: a service whose work ends (the learner) sets `finished: asyncio.Event` to stop
-    # the server and gives the process's `exit_code: int`.
+    # the server and gives the process's `exit_code: int`; `draining()` is called as the drain
+    # begins, so long work can wind down while calls in flight finish.
 
 
 @dataclass
@@ -319,6 +320,8 @@ async def start(service: Service, settings: ServiceSettings) -> Running:
 async def drain(running: Running, service: Service, grace_s: float, notice_s: float = 0.0) -> None:
     """NOT_SERVING; `notice_s` later stop taking calls; let in-flight ones finish for up to `grace_s`; close."""
     log.info("%s: draining (notice %.1fs, grace %.1fs)", service.name, notice_s, grace_s)
+    if getattr(service, "draining", None) is not None:
+        service.draining()
     await running.health.enter_graceful_shutdown()
     # Clients that watch health (ours do) send new calls elsewhere once they see NOT_SERVING.
     await asyncio.sleep(notice_s)

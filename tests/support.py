@@ -64,14 +64,14 @@ def metric(text: str, name: str, **labels: str) -> float:
     )
 
 
-def start_generation_server(policy: Path, log_path: Path, *flags: str) -> ChildServer:
+def start_generation_server(policy: Path, log_path: Path, *flags: str, port: int | None = None) -> ChildServer:
     """`rlhf-mesh serve generation` on `policy` in float32 with `flags`, once it is SERVING."""
     from rlhf_mesh.clients.health import wait_until_serving
 
     server = ChildServer(
         [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(policy),
          "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), *flags],
-        log_path,
+        log_path, port=port,
     )
     wait_until_serving(server.address, timeout_s=300, alive=server.alive)
     return server

@@ -4,6 +4,7 @@ but learnable preference whose scores are of order 1, so a few steps move them."
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -167,3 +168,116 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
         learner.stop()
         for replica in replicas:
             replica.stop()
+
+
+async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the_weights_again(
+        tiny_models, sharp_reward, tmp_path, caplog):
+    """kill -9 the generator before step 2 and the reward service before step 3, restarting each
+    on its port: the run finishes, the restarted generator is re-pushed the learner's weights
+    before it generates, and every step trains on exactly its rollouts."""
+    import signal
+    import threading
+
+    reward_args = [PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"sharp={sharp_reward}"]
+    reward = ChildServer(reward_args, tmp_path / "reward.log")
+    wait_until_serving(reward.address, timeout_s=300, alive=reward.alive)
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
+    trainer = Trainer(LearnerSettings(
+        policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward.address,
+        prompts=tiny_models["prompts"], output_dir=tmp_path / "run", steps=3, batch_size=8, response_length=8,
+        replica_retries=10,
+    ))
+    restarted: list[ChildServer] = []
+
+    def restart(kill: ChildServer, start) -> threading.Thread:
+        kill.process.send_signal(signal.SIGKILL)
+        kill.stop()
+        thread = threading.Thread(target=lambda: restarted.append(start(kill.port)))
+        thread.start()
+        return thread
+
+    caplog.set_level(logging.WARNING, logger="rlhf_mesh.services.learner")
+    try:
+        await trainer.connect()
+        await trainer.run_step()
+        back = restart(generation, lambda port: start_generation_server(
+            tiny_models["policy"], tmp_path / "generation.log", port=port))
+        await trainer.run_step()  # retries until the generator is back, re-pushes version 1, then generates
+        back.join()
+        with GenerationClient(generation.address) as client:
+            assert client.model_info().policy_version == 2
+        back = restart(reward, lambda port: _serving(ChildServer(reward_args, tmp_path / "reward.log", port=port)))
+        scalars = await trainer.run_step()
+        back.join()
+        with GenerationClient(generation.address) as client:
+            assert client.model_info().policy_version == 3
+        assert trainer.step == 3 and scalars["async/lag_max"] == 0
+        assert "serves policy version 0, not 1: pushing the weights again" in caplog.text
+        assert "reward service" in caplog.text and "retrying" in caplog.text
+    finally:
+        await trainer.close()
+        for server in (generation, reward, *restarted):
+            server.stop()
+    log = (tmp_path / "generation.log").read_text()
+    assert log.count("SERVING") >= 2  # it really restarted
+
+
+def _serving(server: ChildServer) -> ChildServer:
+    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    return server
+
+
+def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_models, reward_server, tmp_path):
+    """`rlhf-mesh train` run straight through, and the same command stopped twice: SIGTERM after
+    its step-1 checkpoint (it finishes its step, checkpoints and exits 143), then SIGKILL after
+    step 3's. Each rerun resumes from the newest checkpoint and first pushes its weights to the
+    generator, which has moved on; the steps equal those of the uninterrupted run."""
+    import json
+    import signal
+    import subprocess
+
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
+    out = tmp_path / "stopped"
+
+    def command(output_dir: Path) -> list[str]:
+        return [PYTHON, "-m", "rlhf_mesh", "train", "--policy", str(tiny_models["policy"]),
+                "--generation", generation.address, "--reward", reward_server.address,
+                "--prompts", str(tiny_models["prompts"]), "--steps", "4", "--save-steps", "1", "--batch-size", "8",
+                "--response-length", "8", "--output-dir", str(output_dir)]
+
+    def stop_after(step: int, sig: signal.Signals) -> str:
+        log = tmp_path / f"learner-{sig.name}.log"
+        with log.open("w") as stderr:
+            process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=stderr)
+            deadline = time.monotonic() + 600
+            while not (out / "checkpoints" / f"step-{step:06d}").is_dir():
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            process.send_signal(sig)
+            process.wait(timeout=600)
+        assert process.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL), log.read_text()[-2000:]
+        return log.read_text()
+
+    try:
+        straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+        assert straight.returncode == 0, straight.stderr[-2000:]
+        first = stop_after(1, signal.SIGTERM)
+        assert "stopped at step" in first and "rerun the command to go on" in first
+        second = stop_after(3, signal.SIGKILL)
+        assert "resumed from" in second and "pushing the learner's step-" in second
+        last = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
+        assert last.returncode == 0, last.stderr[-2000:]
+        assert "step-000003" in last.stderr and "pushing the learner's step-3 weights as version" in last.stderr
+    finally:
+        generation.stop()
+
+    def history(output_dir: Path) -> list[dict[str, float]]:
+        return json.loads((output_dir / "checkpoints" / "step-000004" / "history.json").read_text())
+
+    expected, resumed = history(tmp_path / "straight"), history(out)
+    assert [h["step"] for h in resumed] == [1.0, 2.0, 3.0, 4.0]
+    for before, after in zip(expected, resumed, strict=True):
+        for name, value in before.items():
+            if name.startswith(("time/", "policy/")) or name == "charts/samples_per_s":
+                continue  # wall times, and the version numbers that moved above the generator's
+            assert after[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (before["step"], name)

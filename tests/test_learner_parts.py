@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import grpc
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -135,3 +136,83 @@ async def test_rollouts_older_than_the_staleness_bound_are_never_trained_on(tiny
     assert [r.policy_version_start for r in trained[0]] == [2, 2] and trainer.step == 4
     assert scalars["async/lag_max"] == 1 and scalars["async/lag_1_share"] == 1.0
     await trainer.close()
+
+
+class _FlakyGenerator:
+    """Streams samples like a GenerationClient; fails with UNAVAILABLE after `fail_after` samples."""
+
+    def __init__(self, address: str, fail_after: int | None = None) -> None:
+        self.address = address
+        self.fail_after = fail_after
+        self.requests: list[tuple[list[str], int]] = []
+
+    async def generate(self, prompts, *, n, seed, **_):
+        from rlhf_mesh.v1 import generation_pb2
+
+        self.requests.append((list(prompts), seed))
+        sent = 0
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                if self.fail_after is not None and sent == self.fail_after:
+                    self.fail_after = None  # the replica comes back
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                               "connection reset")
+                sent += 1
+                yield generation_pb2.Sample(prompt_index=i, sample_index=j, completion_token_ids=[seed + i * n + j],
+                                            text=f"{prompt}/{seed + i * n + j}", policy_version_start=3)
+
+
+class _Reward:
+    address = "reward:1"
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.scored: list[str] = []
+
+    async def score(self, inputs, **_):
+        from rlhf_mesh.v1 import reward_pb2
+
+        if self.failures:
+            self.failures -= 1
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+        self.scored += [text for _, text in inputs]
+        return reward_pb2.ScoreResponse(results=[reward_pb2.ScoreResult(score=float(len(t))) for _, t in inputs])
+
+
+async def test_rollouts_survive_replica_failures_without_losing_or_repeating_a_sample():
+    """A replica failing mid-stream: its undelivered prompts go to the next replica (repaired
+    first) with the same seeds; a failing Score call is retried; every sample is kept once."""
+    from rlhf_mesh.services.learner.rollouts import Retry, collect
+
+    prompts = [f"p{i}" for i in range(6)]
+    flaky, steady, reward = _FlakyGenerator("a:1", fail_after=3), _FlakyGenerator("b:1"), _Reward(failures=2)
+    repaired = []
+
+    async def repair(client):
+        repaired.append(client.address)
+
+    collected = await collect(
+        [flaky, steady], reward, prompts, n=2, max_tokens=4, temperature=1.0, seed=100, min_policy_version=3,
+        reward_model="", timeout_s=10, retry=Retry(attempts=3, first_backoff_s=0.01), repair=repair,
+    )
+    keys = [(r.prompt_index, r.sample_index) for r in collected.rollouts]
+    assert keys == [(i, j) for i in range(6) for j in range(2)]
+    # Seeds follow the global prompt index whichever replica drew the sample.
+    assert [r.response_ids[0] for r in collected.rollouts] == [100 + k for k in range(12)]
+    # The flaky replica delivered prompt 0 and half of prompt 1, then failed; the steady one
+    # (repaired first) drew prompts 1-2 again (seed of prompt 1) and served its own shard.
+    assert repaired == ["b:1"]
+    assert steady.requests == [(["p3", "p4", "p5"], 106), (["p1", "p2"], 102)]
+    assert sorted(reward.scored) == sorted(f"p{i}/{100 + i * 2 + j}" for i in range(6) for j in range(2))
+    assert [r.score for r in collected.rollouts] == [float(len(f"p{i}/{100 + i * 2 + j}"))
+                                                      for i in range(6) for j in range(2)]
+
+
+async def test_a_replica_that_stays_down_fails_the_step_after_the_retries():
+    from rlhf_mesh.services.learner.errors import LearnerError
+    from rlhf_mesh.services.learner.rollouts import Retry, collect
+
+    with pytest.raises(LearnerError, match="reward service reward:1: UNAVAILABLE: down"):
+        await collect([_FlakyGenerator("a:1")], _Reward(failures=99), ["p"], n=1, max_tokens=4, temperature=1.0,
+                      seed=0, min_policy_version=0, reward_model="", timeout_s=10,
+                      retry=Retry(attempts=2, first_backoff_s=0.01))

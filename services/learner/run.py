@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from rlhf_mesh.services.learner.trainer import Trainer
 from rlhf_mesh.v1 import learner_pb2
 
 log = logging.getLogger(__name__)
+
+STOPPED_EXIT_CODE = 143  # 128 + SIGTERM: not done, so a Job restarts it and the rerun resumes
 
 
 class Run:
@@ -35,22 +38,39 @@ class Run:
         self.running = asyncio.Event()  # cleared while paused
         if not settings.start_paused:
             self.running.set()
+        self.stopping = asyncio.Event()  # SIGTERM: checkpoint after the step in progress and end
         self._lock = asyncio.Lock()
+
+    def stop(self) -> None:
+        """End the loop after the step in progress, with a checkpoint to resume from (SIGTERM)."""
+        self.stopping.set()
+        self.running.set()  # a paused run stops at once
+
+    @property
+    def stopped(self) -> bool:
+        """Ended by stop() before its last step: the process should exit non-zero (143) to be rerun."""
+        return self.stopping.is_set() and self.step < self.settings.steps
 
     @property
     def step(self) -> int:
         return self.trainer.step if self.trainer is not None else 0
 
     @property
+    def version(self) -> int:
+        return self.trainer.version if self.trainer is not None else 0
+
+    @property
     def done(self) -> bool:
-        return self.state in (learner_pb2.LEARNER_STATE_FINISHED, learner_pb2.LEARNER_STATE_FAILED)
+        """Finished, failed, or stopped with its checkpoint written."""
+        ended = self.stopping.is_set() and self.state == learner_pb2.LEARNER_STATE_PAUSED
+        return ended or self.state in (learner_pb2.LEARNER_STATE_FINISHED, learner_pb2.LEARNER_STATE_FAILED)
 
     async def start(self) -> None:
         """Load the models and connect to the services."""
         self.settings.output_dir.mkdir(parents=True, exist_ok=True)
         self.trainer = await asyncio.to_thread(Trainer, self.settings)
         self.metrics = [  # a resumed run replays the steps of its checkpoint too
-            learner_pb2.WatchMetricsResponse(step=int(h["step"]), policy_version=int(h["step"]),
+            learner_pb2.WatchMetricsResponse(step=int(h["step"]), policy_version=int(h["policy/version"]),
                                              scalars={k: v for k, v in h.items() if k != "step"})
             for h in self.trainer.history
         ]
@@ -65,6 +85,11 @@ class Run:
                 if not self.running.is_set():
                     await self._set_state(learner_pb2.LEARNER_STATE_PAUSED)
                     await self.running.wait()
+                if self.stopping.is_set():
+                    path, step = await self.checkpoint()
+                    log.warning("stopped at step %d (checkpoint %s); rerun the command to go on", step, path)
+                    await self._set_state(learner_pb2.LEARNER_STATE_PAUSED, f"stopped at step {step}; rerun to resume")
+                    return
                 await self._set_state(learner_pb2.LEARNER_STATE_RUNNING)
                 async with self._lock:
                     scalars = await self.trainer.run_step()
@@ -104,7 +129,7 @@ class Run:
 
     async def _publish(self, scalars: dict[str, float]) -> None:
         self.metrics.append(learner_pb2.WatchMetricsResponse(
-            step=self.step, policy_version=self.step, scalars=scalars, wall_time_unix_s=time.time(),
+            step=self.step, policy_version=self.version, scalars=scalars, wall_time_unix_s=time.time(),
         ))
         async with self.changed:
             self.changed.notify_all()
@@ -119,9 +144,10 @@ class Run:
 async def train(settings: LearnerSettings) -> int:
     """`rlhf-mesh train`: the run without a server."""
     run = Run(settings)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, run.stop)
     try:
         await run.start()
         await run.loop()
     finally:
         await run.close()
-    return 0
+    return STOPPED_EXIT_CODE if run.stopped else 0

@@ -10,7 +10,7 @@ import logging
 
 import grpc
 
-from rlhf_mesh.services.learner.run import Run
+from rlhf_mesh.services.learner.run import STOPPED_EXIT_CODE, Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
 
@@ -27,7 +27,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         run = self.run
         checkpoint = run.last_checkpoint
         return learner_pb2.GetStatusResponse(
-            state=run.state, step=run.step, total_steps=run.settings.steps, policy_version=run.step,
+            state=run.state, step=run.step, total_steps=run.settings.steps, policy_version=run.version,
             last_checkpoint_path=str(checkpoint[0]) if checkpoint else "",
             last_checkpoint_step=checkpoint[1] if checkpoint else 0, world_size=1, message=run.message,
         )
@@ -87,12 +87,25 @@ class LearnerService:
             await self.run.loop()
         except Exception:  # logged and reported as FAILED by the run
             self.exit_code = 1
+        if self.run.stopped:
+            self.exit_code = STOPPED_EXIT_CODE
+            return
         await asyncio.sleep(self.settings.linger_s)
         self.finished.set()
 
+    def draining(self) -> None:
+        """SIGTERM: the step in progress finishes and is checkpointed while the server drains."""
+        self.run.stop()
+
     async def close(self) -> None:
+        """Wait for the stopped run's checkpoint (up to drain_grace_s more), then release everything."""
         if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self.run.stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.settings.drain_grace_s)
+            except TimeoutError:  # the step did not finish in time: the last checkpoint stands
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+                self.exit_code = STOPPED_EXIT_CODE
         await self.run.close()

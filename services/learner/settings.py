@@ -30,7 +30,11 @@ class LearnerSettings(ServiceSettings):
     value_head: bool = Field(False, description="critic as a linear head on the policy instead of a separate model")
     resume_from: Path | None = Field(
         None, description="checkpoint folder (output_dir/checkpoints/step-N) to go on from: its policy, critic, "
-        "optimizer, KL coefficient, step and history; the replicas must serve its step as their version"
+        "optimizer, KL coefficient, step, history and RNG states"
+    )
+    resume: bool = Field(
+        True, description="without resume_from, go on from the newest complete checkpoint in output_dir, if any "
+        "(rerunning the command of a killed learner continues it)"
     )
     device: str = Field("cpu", description="torch device of the learner, e.g. cpu or cuda")
 
@@ -46,6 +50,10 @@ class LearnerSettings(ServiceSettings):
     )
     collective_address: str = Field("127.0.0.1", description="this host as the generation workers reach it")
     rpc_timeout_s: float = Field(600.0, gt=0, description="deadline of each Generate, Score and push call")
+    replica_retries: int = Field(
+        6, ge=1, description="tries of a Generate or Score call that fails while a replica restarts (backoff 1 s, "
+        "doubling to 30 s); Generate moves on to the next replica, re-pushing the weights to one that restarted"
+    )
     client_token_file: FilePath | None = Field(
         None, description="bearer token of the learner's calls (roles generate + admin on generation, score on reward)"
     )

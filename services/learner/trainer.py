@@ -1,8 +1,10 @@
 """The PPO learner: one step is rollouts -> reference and values -> advantages -> PPO epochs -> push.
 
 `Trainer.run()` loops over the steps; `Trainer.train(rollouts)` is the PPO update itself and
-needs no service. Policy version k is the policy after step k; version 0 is the initial
-policy every generation replica loaded at start.
+needs no service. Policy version k is the policy after step k (version 0: the initial policy
+every replica loaded at start) — plus an offset when the learner finds the replicas at other
+versions (it resumed from a checkpoint older than their last push, or they restarted): it
+then pushes its weights above their versions, which only go up, and counts on from there.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from rlhf_mesh.services.learner.data import PromptDataset
 from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.models import Batch, forward, load_models, make_batch
 from rlhf_mesh.services.learner.report import plot, summary
-from rlhf_mesh.services.learner.rollouts import Collected, Rollout, collect
+from rlhf_mesh.services.learner.rollouts import Collected, Retry, Rollout, collect
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.weights import TORCH_DTYPES, checkpoint_layout
 
@@ -48,6 +50,12 @@ def _mean(values: list[torch.Tensor]) -> float:
     return float(torch.stack(values).mean())
 
 
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint under output_dir/checkpoints (half-written ones are hidden `.partial`)."""
+    done = sorted(p for p in (output_dir / "checkpoints").glob("step-*") if (p / "trainer.pt").is_file())
+    return done[-1] if done else None
+
+
 class Trainer:
     """Models, optimizer and KL controller of one PPO run, and the loop that drives it."""
 
@@ -56,7 +64,7 @@ class Trainer:
         self._seed_everything(s.seed)
         self.dataset = PromptDataset.load(s.prompts, s.prompt_field, s.messages_field, s.seed)
         self.device = torch.device(s.device)
-        resume = s.resume_from
+        resume = s.resume_from or (latest_checkpoint(s.output_dir) if s.resume else None)
         critic = resume / "critic" if resume is not None and (resume / "critic").is_dir() else s.critic
         self.models = load_models(
             str(resume / "policy") if resume is not None else s.policy,
@@ -69,7 +77,8 @@ class Trainer:
         self.kl_ctl = ppo.KLController(s.kl_coef, s.target_kl, s.kl_horizon)
         self.pad_id = self.models.policy.config.pad_token_id or 0
         self.pushed_names = set(checkpoint_layout(s.policy))
-        self.step = 0  # steps done = the policy version the replicas serve
+        self.step = 0  # steps done
+        self.version_offset = 0  # policy version = step + offset; connect() moves it above the replicas' versions
         self.history: list[dict[str, float]] = []
         self.replicas = list(s.generation)  # one address per generation replica
         self._generators: list[AsyncGenerationClient] = []
@@ -78,6 +87,9 @@ class Trainer:
         self._credentials = client_credentials(s.client_token_file, s.client_tls_ca, s.client_tls_cert,
                                                s.client_tls_key, s.client_tls_server_name)
         self._push_dtype = torch.float32
+        # The last version pushed, with its tensors in async mode (training may be changing the
+        # live ones while a restarted replica is repaired); None: read the policy itself.
+        self._pushed: tuple[int, dict[str, torch.Tensor] | None] | None = None
         self.max_lag = s.max_policy_lag if s.async_generation else 0
         self._prefetched: asyncio.Task[Collected] | None = None  # next step's rollouts, in async mode
         if resume is not None:
@@ -97,6 +109,11 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         log.info("resumed from %s at step %d", checkpoint, self.step)
 
+    @property
+    def version(self) -> int:
+        """The policy version of the learner's current weights, as the replicas serve it."""
+        return self.step + self.version_offset
+
     @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
@@ -106,7 +123,7 @@ class Trainer:
     # --- services -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the clients and check that every replica serves the learner's version."""
+        """Open the clients; every replica serves the learner's weights when this returns."""
         s = self.settings
         if s.resolve_replicas:  # the replicas behind a headless Service, as they are now
             self.replicas = sorted({a for name in s.generation for a in resolve(name)})
@@ -126,17 +143,22 @@ class Trainer:
         self._push_dtype = getattr(torch, dtypes.pop())
         if self._push_dtype not in TORCH_DTYPES.values():
             raise LearnerError(f"generation replicas serve {self._push_dtype}, which cannot be pushed")
-        for address, info in zip(self.replicas, infos, strict=True):
-            if info.policy_version != self.step:
-                raise LearnerError(
-                    f"generation replica {address} serves policy version {info.policy_version}, the learner is at "
-                    f"{self.step}: restart the replica (version 0) or resume from the checkpoint of that step"
-                )
         if s.weight_transport == "collective":
             clients = [GenerationClient(a, **credentials) for a in self.replicas]
             self._sender = await asyncio.to_thread(
                 CollectiveSender, clients, s.collective_address, 0, min(s.rpc_timeout_s, 300.0)
             )
+        served = [info.policy_version for info in infos]
+        if any(v != self.version for v in served):
+            # Replicas that moved on (a learner killed after a push and resumed from an older
+            # checkpoint) or came back (restarted at 0) serve other weights: push the learner's
+            # own, at a version above every served one, before any of them generates.
+            self.version_offset = max(served) + 1 - self.step
+            log.info("replicas serve policy versions %s; pushing the learner's step-%d weights as version %d",
+                     sorted(set(served)), self.step, self.version)
+            await asyncio.to_thread(self._push, self.version)
+        if self._pushed is None and self.version > 0:  # what a replica that restarts must be given again
+            self._pushed = (self.version, self._weights() if self.max_lag else None)
 
     async def close(self) -> None:
         if self._prefetched is not None:
@@ -151,18 +173,44 @@ class Trainer:
                 client.close()
             self._sender.close()
 
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the policy's pushed tensors, in the replicas' dtype."""
+        return {name: t.detach().to("cpu", self._push_dtype)
+                for name, t in self.models.policy.state_dict().items() if name in self.pushed_names}
+
     def _push(self, version: int) -> None:
         """Every replica serves `version` = the current policy when this returns."""
-        tensors = {name: t.detach().to("cpu", self._push_dtype)
-                   for name, t in self.models.policy.state_dict().items() if name in self.pushed_names}
+        tensors = self._weights()
         if self._sender is not None:
             self._sender.push(tensors, version)
+        else:
+            pushed = push_to_replicas(self.replicas, tensors, version, self.settings.rpc_timeout_s,
+                                      **self._credentials)
+            failed = [r for r in pushed if not r.ok]
+            if failed:
+                raise LearnerError("weight push failed: " + "; ".join(
+                    f"{r.address}: {r.error.code().name} {r.error.details()}" for r in failed))
+        self._pushed = (version, tensors if self.max_lag else None)
+
+    async def _repair(self, client: AsyncGenerationClient) -> None:
+        """A replica that came back serving an older version (it restarted) gets the last pushed weights.
+
+        Raises the replica's gRPC error; the caller retries.
+        """
+        if self._pushed is None:  # version 0: a restarted replica serves it from disk too
             return
-        pushed = push_to_replicas(self.replicas, tensors, version, self.settings.rpc_timeout_s, **self._credentials)
-        failed = [r for r in pushed if not r.ok]
-        if failed:
-            raise LearnerError("weight push failed: " + "; ".join(
-                f"{r.address}: {r.error.code().name} {r.error.details()}" for r in failed))
+        version, tensors = self._pushed
+        served = (await client.model_info()).policy_version
+        if served >= version:
+            return
+        log.warning("generation replica %s serves policy version %d, not %d: pushing the weights again",
+                    client.address, served, version)
+        if tensors is None:  # sync mode: nothing trains while rollouts are collected
+            tensors = self._weights()
+        result, = await asyncio.to_thread(push_to_replicas, [client.address], tensors, version,
+                                          self.settings.rpc_timeout_s, **self._credentials)
+        if not result.ok:
+            raise result.error
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -173,7 +221,9 @@ class Trainer:
             self._generators, self._reward, self.dataset.batch(step, s.batch_size), n=s.num_samples_per_prompt,
             max_tokens=s.response_length, temperature=s.temperature,
             seed=s.seed * 1_000_003 + step * s.rollouts_per_step,
-            min_policy_version=max(0, step - self.max_lag), reward_model=s.reward_model, timeout_s=s.rpc_timeout_s,
+            min_policy_version=max(0, step + self.version_offset - self.max_lag), reward_model=s.reward_model,
+            timeout_s=s.rpc_timeout_s,
+            retry=Retry(attempts=s.replica_retries), repair=self._repair,
         ))
 
     async def run_step(self) -> dict[str, float]:
@@ -190,23 +240,23 @@ class Trainer:
         self._prefetched = None
         collected = await pending
         waited = time.perf_counter() - started
-        lags = [self.step - r.policy_version_start for r in collected.rollouts]
+        lags = [self.version - r.policy_version_start for r in collected.rollouts]
         if max(lags) > self.max_lag or min(lags) < 0:  # never train on what the bound excludes
             versions = sorted({r.policy_version_start for r in collected.rollouts})
-            raise LearnerError(f"rollouts of policy versions {versions} at step {self.step}: "
+            raise LearnerError(f"rollouts of policy versions {versions} at version {self.version}: "
                                f"outside max_policy_lag={self.max_lag}")
         if s.async_generation and self.step + 1 < s.steps:
             self._prefetched = self._collect(self.step + 1)
         scalars = await asyncio.to_thread(self.train, collected.rollouts)
         pushed = time.perf_counter()
-        await asyncio.to_thread(self._push, self.step + 1)
+        await asyncio.to_thread(self._push, self.version + 1)
         self.step += 1
         done = time.perf_counter()
         scalars.update({
             "time/generate_s": collected.generate_s, "time/score_s": collected.score_tail_s,
             "time/wait_rollouts_s": waited, "time/push_s": done - pushed, "time/step_s": done - started,
             "charts/samples_per_s": len(collected.rollouts) / (done - started),
-            "policy/version": float(self.step),
+            "policy/version": float(self.version),
             "async/lag_mean": sum(lags) / len(lags), "async/lag_max": float(max(lags)),
             **{f"async/lag_{k}_share": lags.count(k) / len(lags) for k in range(self.max_lag + 1)},
         })
