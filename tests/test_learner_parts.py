@@ -129,7 +129,7 @@ async def test_rollouts_older_than_the_staleness_bound_are_never_trained_on(tiny
     monkeypatch.setattr(trainer_module, "collect", fake_collect)
     monkeypatch.setattr(trainer, "train", lambda rollouts: trained.append(rollouts) or {})
     monkeypatch.setattr(trainer, "_push", lambda version: None)
-    with pytest.raises(LearnerError, match=r"policy versions \[1\] at step 3: outside max_policy_lag=1"):
+    with pytest.raises(LearnerError, match=r"policy versions \[1\] at version 3: outside max_policy_lag=1"):
         await trainer.run_step()
     assert trained == [] and trainer.step == 3
     scalars = await trainer.run_step()
