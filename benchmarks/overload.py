@@ -1,15 +1,18 @@
-"""Overload: the RewardService at 1x, 2x and 4x its sustainable load.
+"""Overload: the RewardService or the GenerationService at 1x, 2x and 4x its sustainable load.
 
-    python benchmarks/overload.py [--model DIR] [--seconds 15] [--max-queue-samples 64]
+    python benchmarks/overload.py [--service reward|generation] [--model DIR] [--seconds 15]
+                                  [--max-queue-samples 64]
 
-Without --model it builds the ~20M-parameter `small` reward model. First a closed loop of
-`--concurrency` callers (one sample of 20-200 tokens per call; as many callers as the queue
-holds, so batches fill) measures the peak rate; the sustainable rate X is 80% of it (at the peak itself an
+Without --model it builds the ~20M-parameter `small` reward model (the `tiny` policy for
+generation). A call is one sample of 20-200 tokens to score, or one prompt of 20-200 tokens to
+complete with `--max-tokens` sampled tokens (128: enough work per call that one
+Python client process can offer 4x the load). First a closed loop of `--concurrency` callers (as many as
+the queue holds, so batches fill) measures the peak rate; the sustainable rate X is 80% of it (at the peak itself an
 open-loop queue only grows). Then calls arrive open-loop (Poisson) at 1x, 2x and 4x X for
 `--seconds` each. Printed per load: offered and admitted calls/s (admitted calls
 all succeed), the share refused with RESOURCE_EXHAUSTED, p50/p99
 latency of the admitted calls, p99 time to a refusal, and the server's peak resident
-memory, sampled every 50 ms. Ratios against the 1x row: goodput (admitted calls/s) and
+memory (with its child processes), sampled every 50 ms. Ratios against the 1x row: goodput (admitted calls/s) and
 peak memory. The bounded queue (`--max-queue-samples`) is what keeps both flat; its default
 of 64 one-sample calls stays below the 100 concurrent streams of one HTTP/2 connection, so
 no call waits unseen on the client side.
@@ -19,17 +22,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import psutil
 
+from rlhf_mesh.clients.generation import AsyncGenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
 
 from common import server_process
@@ -40,7 +46,10 @@ def make_samples(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(10, vocab) for _ in range(rng.randint(20, 200))] for _ in range(count)]
 
 
-async def sustainable(client: AsyncRewardClient, samples: list[list[int]], concurrency: int, seconds: float) -> float:
+Call = Callable[[list[int], float], Awaitable[None]]  # one call of the service under test, with its deadline
+
+
+async def sustainable(call: Call, samples: list[list[int]], concurrency: int, seconds: float) -> float:
     """Calls/s of `concurrency` callers that each send their next call when the last returns."""
     done = 0
     deadline = time.perf_counter() + seconds
@@ -49,7 +58,7 @@ async def sustainable(client: AsyncRewardClient, samples: list[list[int]], concu
         nonlocal done
         i = offset
         while time.perf_counter() < deadline:
-            await client.scores([samples[i % len(samples)]])
+            await call(samples[i % len(samples)], 60.0)
             done += 1
             i += concurrency
 
@@ -58,20 +67,20 @@ async def sustainable(client: AsyncRewardClient, samples: list[list[int]], concu
     return done / (time.perf_counter() - started)
 
 
-async def open_loop(client: AsyncRewardClient, samples: list[list[int]], rate: float, seconds: float,
+async def open_loop(call: Call, samples: list[list[int]], rate: float, seconds: float,
                     seed: int) -> dict[str, list[float]]:
     """Poisson arrivals at `rate` calls/s for `seconds`; latencies by outcome."""
     rng = random.Random(seed)
-    outcomes: dict[str, list[float]] = {"ok": [], "refused": [], "other": []}
+    outcomes: dict[str, list[float]] = {"ok": [], "refused": []}  # and other status codes by name
 
     async def one(ids: list[int]) -> None:
         started = time.perf_counter()
         try:
-            await client.scores([ids], timeout_s=60)
+            await call(ids, 60.0)
             outcomes["ok"].append(time.perf_counter() - started)
         except grpc.aio.AioRpcError as err:
-            kind = "refused" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "other"
-            outcomes[kind].append(time.perf_counter() - started)
+            kind = "refused" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else err.code().name
+            outcomes.setdefault(kind, []).append(time.perf_counter() - started)
 
     tasks = []
     start = time.perf_counter()
@@ -85,7 +94,7 @@ async def open_loop(client: AsyncRewardClient, samples: list[list[int]], rate: f
 
 
 class PeakMemory:
-    """The highest resident memory of a process, sampled in a thread while the block runs."""
+    """The highest resident memory of a process and its children (vLLM's engine), sampled in a thread."""
 
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
@@ -95,7 +104,8 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            processes = [self.process, *self.process.children(recursive=True)]
+            self.peak = max(self.peak, sum(p.memory_info().rss for p in processes))
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -113,9 +123,18 @@ def p(values: list[float], q: int) -> float:
 
 
 async def run(address: str, pid: int, samples: list[list[int]], args: argparse.Namespace) -> None:
-    async with AsyncRewardClient(address, timeout_s=60) as client:
-        await sustainable(client, samples, args.concurrency, 2.0)  # warm-up
-        peak = await sustainable(client, samples, args.concurrency, args.seconds)
+    client_class = AsyncRewardClient if args.service == "reward" else AsyncGenerationClient
+    async with client_class(address, timeout_s=60) as client:
+        async def call(ids: list[int], timeout_s: float) -> None:
+            if args.service == "reward":
+                await client.scores([ids], timeout_s=timeout_s)
+            else:
+                async for _ in client.generate([ids], max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True,
+                                               timeout_s=timeout_s):
+                    pass
+
+        await sustainable(call, samples, args.concurrency, 2.0)  # warm-up
+        peak = await sustainable(call, samples, args.concurrency, args.seconds)
         rate = 0.8 * peak
         print(f"peak {peak:.1f} calls/s with {args.concurrency} closed-loop callers; sustainable X = {rate:.1f}",
               flush=True)
@@ -124,15 +143,16 @@ async def run(address: str, pid: int, samples: list[list[int]], args: argparse.N
         rows = {}
         for factor in (1, 2, 4):
             with PeakMemory(pid) as memory:
-                outcomes = await open_loop(client, samples, factor * rate, args.seconds, seed=factor)
+                outcomes = await open_loop(call, samples, factor * rate, args.seconds, seed=factor)
             total = sum(len(v) for v in outcomes.values())
             goodput = len(outcomes["ok"]) / args.seconds
             rows[factor] = (goodput, memory.peak)
             ok, refused = outcomes["ok"], outcomes["refused"]
             print(f"| {factor}x | {total / args.seconds:.1f} | {goodput:.1f} | {len(refused) / total:.1%} | "
                   f"{p(ok, 50):.0f} | {p(ok, 99):.0f} | {p(refused, 99):.1f} | {memory.peak / 2**20:.0f} |", flush=True)
-            if outcomes["other"]:
-                print(f"  {len(outcomes['other'])} calls failed otherwise", flush=True)
+            for code, latencies in outcomes.items():
+                if code not in ("ok", "refused"):
+                    print(f"  {len(latencies)} calls failed with {code}, p50 {p(latencies, 50):.0f} ms", flush=True)
         for factor in (2, 4):
             print(f"{factor}x / 1x: admitted calls/s {rows[factor][0] / rows[1][0]:.2f}, "
                   f"peak memory {rows[factor][1] / rows[1][1]:.2f}")
@@ -140,24 +160,36 @@ async def run(address: str, pid: int, samples: list[list[int]], args: argparse.N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="reward model folder (default: build the `small` preset)")
+    parser.add_argument("--service", choices=["reward", "generation"], default="reward")
+    parser.add_argument("--model", help="reward model or policy folder (default: build the `small` reward model, "
+                        "the `tiny` policy)")
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each load level")
     parser.add_argument("--concurrency", type=int, help="closed-loop callers measuring the peak (default: as many "
                         "as the queue holds)")
     parser.add_argument("--max-queue-samples", type=int, default=64, help="the server's queue bound")
+    parser.add_argument("--max-tokens", type=int, default=128, help="generation: sampled tokens per call")
     args = parser.parse_args()
     args.concurrency = args.concurrency or args.max_queue_samples
     model = args.model
     if model is None:
         from rlhf_mesh.tiny_models import build
 
-        model = str(build(Path(tempfile.mkdtemp()) / "models", preset="small")["reward"])
+        if args.service == "reward":
+            model = str(build(Path(tempfile.mkdtemp()) / "models", preset="small")["reward"])
+        else:
+            model = str(build(Path(tempfile.mkdtemp()) / "models")["policy"])
     from transformers import AutoConfig
 
     samples = make_samples(2048, AutoConfig.from_pretrained(model).vocab_size)
-    print(f"model {model}, max_queue_samples {args.max_queue_samples}, {args.seconds:g} s per load", flush=True)
-    command = [sys.executable, "-m", "rlhf_mesh", "serve", "reward", "--model", model, "--metrics-port", "0",
-               "--max-queue-samples", str(args.max_queue_samples), "--log-level", "WARNING"]
+    print(f"{args.service}: model {model}, queue bound {args.max_queue_samples}, {args.seconds:g} s per load",
+          flush=True)
+    command = [sys.executable, "-m", "rlhf_mesh", "serve", args.service, "--model", model, "--metrics-port", "0",
+               "--log-level", "WARNING"]
+    if args.service == "reward":
+        command += ["--max-queue-samples", str(args.max_queue_samples)]
+    else:  # vLLM on CPU: a KV cache that fits small machines (VLLM_CPU_KVCACHE_SPACE)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        command += ["--max-queued-samples", str(args.max_queue_samples), "--max-model-len", str(200 + args.max_tokens)]
     with server_process(command) as (address, process):
         asyncio.run(run(address, process.pid, samples, args))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -28,26 +29,31 @@ def _models_build(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from rlhf_mesh.server import run
 
+    if args.service == "learner" and os.environ.get("RANK", "0") != "0":
+        return _train(args, "rlhf-mesh serve learner")  # a torchrun follower: trains, serves nothing
     module = importlib.import_module(SERVICE_MODULES[args.service])
     return run(module.Settings, module.Service, args.args, f"rlhf-mesh serve {args.service}")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, prog: str = "rlhf-mesh train") -> int:
+    """`rlhf-mesh train`; under torchrun, rank 0 runs it and the other ranks follow (DDP)."""
     import asyncio
 
     from rlhf_mesh.server import configure_logging
     from rlhf_mesh.services.learner import Settings
     from rlhf_mesh.services.learner.errors import LearnerError
-    from rlhf_mesh.services.learner.run import train
+    from rlhf_mesh.services.learner.run import follow, train
     from rlhf_mesh.settings import SettingsError, load_settings
 
     try:
-        settings = load_settings(Settings, args.args, "rlhf-mesh train")
+        settings = load_settings(Settings, args.args, prog)
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     try:
+        if os.environ.get("RANK", "0") != "0":
+            return follow(settings)
         return asyncio.run(train(settings))
     except LearnerError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -216,3 +216,101 @@ async def test_a_replica_that_stays_down_fails_the_step_after_the_retries():
         await collect([_FlakyGenerator("a:1")], _Reward(failures=99), ["p"], n=1, max_tokens=4, temperature=1.0,
                       seed=0, min_policy_version=0, reward_model="", timeout_s=10,
                       retry=Retry(attempts=2, first_backoff_s=0.01))
+
+
+def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_restart(tiny_models, tmp_path,
+                                                                                 monkeypatch):
+    from rlhf_mesh.clients.weights import ReplicaResult
+    from rlhf_mesh.services.learner import trainer as trainer_module
+    from rlhf_mesh.services.learner.errors import LearnerError
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+
+    def error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    outcomes = {"b:1": [error(grpc.StatusCode.UNAVAILABLE, "connection refused"), None],
+                "c:1": [error(grpc.StatusCode.INVALID_ARGUMENT, "bad manifest")]}
+    calls = []
+
+    def fake_push(replicas, tensors, version, timeout_s, **_):
+        calls.append((list(replicas), version))
+        return [ReplicaResult(a, error=outcomes.get(a, [None]).pop(0)) for a in replicas]
+
+    monkeypatch.setattr(trainer_module, "push_to_replicas", fake_push)
+    settings = LearnerSettings(policy=str(tiny_models["policy"]), generation=["a:1", "b:1"], reward="r:1",
+                               prompts=tiny_models["prompts"], output_dir=tmp_path)
+    trainer = trainer_module.Trainer(settings)
+    trainer._push(1)
+    assert calls == [(["a:1", "b:1"], 1), (["b:1"], 1)]  # only the replica that failed is pushed again
+    trainer.replicas = ["a:1", "c:1"]
+    with pytest.raises(LearnerError, match="c:1: INVALID_ARGUMENT bad manifest"):
+        trainer._push(2)  # a refusal is not retried
+    assert calls[2:] == [(["a:1", "c:1"], 2)]
+
+
+def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps: list, out: str) -> None:
+    """One rank of a data-parallel learner (torchrun's environment) training on fixed rollouts."""
+    import asyncio
+    import os
+
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+    from rlhf_mesh.services.learner.trainer import Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # as torchrun sets it: the same kernels in the 1- and 2-process runs
+    trainer = Trainer(LearnerSettings(**settings))
+    if rank > 0:
+        trainer.follow()
+        return
+    scalars = []
+    for rollouts in steps:
+        scalars.append(trainer.train(rollouts))
+        trainer.step += 1
+    checkpoint = trainer.save_checkpoint()
+    asyncio.run(trainer.close())
+    torch.save({"scalars": scalars, "policy": trainer.models.policy.state_dict(),
+                "rng": torch.load(checkpoint / "trainer.pt", weights_only=False)["rng"]}, out)
+
+
+@pytest.mark.parametrize("critic", ["critic model", "value head", "grpo"])
+def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
+    """DDP over 2 gloo ranks, each taking half of every mini-batch's micro-batches, equals one
+    process taking them all: the same micro-batches, gradients summed in another order."""
+    import random
+
+    import torch.multiprocessing as mp
+
+    from rlhf_mesh.services.learner.rollouts import Rollout
+
+    rng = random.Random(0)
+
+    def rollout(i: int) -> Rollout:
+        response = [rng.randrange(5, 200) for _ in range(rng.randrange(1, 12))]
+        return Rollout(prompt_index=i // 4, sample_index=i % 4, prompt_ids=[1] + [rng.randrange(5, 200)] * (i % 5 + 1),
+                       response_ids=response, sampler_logprobs=[-5.0] * len(response), text="", finished=i % 3 > 0,
+                       policy_version_start=0, policy_version_end=0, score=rng.gauss(0, 1))
+
+    steps = [[rollout(i) for i in range(16)] for _ in range(3)]
+    settings = dict(policy=str(tiny_models["policy"]), generation=["localhost:1"], reward="localhost:2",
+                    prompts=str(tiny_models["prompts"]), batch_size=4, num_samples_per_prompt=4, num_ppo_epochs=2,
+                    num_mini_batches=2, gradient_accumulation_steps=2, learning_rate=1e-3, seed=3,
+                    value_head=critic == "value head", advantage_estimator="grpo" if critic == "grpo" else "gae")
+    runs = {}
+    for world_size in (1, 2):
+        out = tmp_path / f"world-{world_size}.pt"
+        port = 29500 + rng.randrange(10000)
+        mp.spawn(_train_as_rank, args=(world_size, port, {**settings, "output_dir": str(tmp_path / str(world_size))},
+                                       steps, str(out)), nprocs=world_size)
+        runs[world_size] = torch.load(out, weights_only=False)
+
+    one, two = runs[1], runs[2]
+    assert len(two["rng"]) == 2  # each rank's RNG states are checkpointed
+    for name, weight in one["policy"].items():
+        torch.testing.assert_close(two["policy"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert not all(torch.equal(w, AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).state_dict()[n])
+                   for n, w in one["policy"].items())  # training moved the weights
+    for expected, got in zip(one["scalars"], two["scalars"], strict=True):
+        for name, value in expected.items():
+            if not name.startswith("time/"):
+                assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -1,4 +1,5 @@
-"""Replicas restarting under load: graceful drain, client health checking and retries lose no call."""
+"""Replicas restarting or killed under load: graceful drain, client health checking and retries lose no
+call, and a replica killed mid-update comes back whole."""
 
 from __future__ import annotations
 
@@ -117,3 +118,65 @@ def test_overload_is_refused_fast_while_admitted_calls_succeed(tiny_models, tmp_
         assert server.alive()
     finally:
         assert server.stop() == 0
+
+
+def test_a_generator_killed_mid_push_restarts_on_its_own_weights_and_takes_the_push_again(tiny_models, tmp_path):
+    """kill -9 a generation replica while a weight push streams into it: the push fails with
+    UNAVAILABLE, the restarted replica serves the policy from its disk at version 0 (never a
+    half-written model), and pushing the same version again goes through."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_mesh.clients.generation import GenerationClient
+    from rlhf_mesh.clients.weights import _requests
+
+    from support import greedy, start_generation_server
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).eval()
+    updated = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).eval()
+    with torch.no_grad():
+        for p in updated.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    tensors = {k: v.detach().clone() for k, v in updated.state_dict().items()}
+    messages = list(_requests(tensors, 1))
+    half_sent, finished = threading.Event(), threading.Event()
+
+    def stall():
+        yield from messages[: len(messages) // 2]
+        half_sent.set()
+        finished.wait(120)
+
+    def serves(client: GenerationClient, model, version: int) -> None:
+        assert client.model_info().policy_version == version
+        sample = next(client.generate(["Hello there"], max_tokens=12, temperature=0, ignore_eos=True))
+        assert list(sample.completion_token_ids) == greedy(model, sample.prompt_token_ids, 12)
+
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
+    restarted = None
+    try:
+        with GenerationClient(generation.address, timeout_s=120) as client:
+            outcome: list[object] = []
+
+            def push_weights() -> None:
+                try:
+                    outcome.append(client.stub.PushWeights(stall(), timeout=120))
+                except grpc.RpcError as err:
+                    outcome.append(err)
+
+            push = threading.Thread(target=push_weights)
+            push.start()
+            assert half_sent.wait(60)
+            generation.process.send_signal(signal.SIGKILL)
+            push.join(timeout=60)
+            assert isinstance(outcome[0], grpc.RpcError) and outcome[0].code() == grpc.StatusCode.UNAVAILABLE
+        generation.stop()
+        restarted = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", port=generation.port)
+        with GenerationClient(restarted.address, timeout_s=120) as client:
+            serves(client, original, 0)
+            assert client.push_weights(tensors, 1).policy_version == 1
+            serves(client, updated, 1)
+    finally:
+        finished.set()
+        for server in (generation, restarted):
+            if server is not None:
+                server.stop()

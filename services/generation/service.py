@@ -136,14 +136,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                 "weight pushes need the policy loaded from a local folder")
         if self.engine.update_lock.locked():
             await context.abort(grpc.StatusCode.ABORTED, "another weight update is in progress; retry after it")
-        async with self.engine.update_lock:
-            try:
+        # The lock is released before a refusal is sent: the caller may push again as soon as it has it.
+        try:
+            async with self.engine.update_lock:
                 check_manifest(manifest, self.engine.layout, self.engine.dtype, self.engine.version)
                 yield
-            except StaleVersion as err:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-            except WeightRejected as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except StaleVersion as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except WeightRejected as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         return self.engine.info()

@@ -141,6 +141,12 @@ class Run:
                 self.changed.notify_all()
 
 
+def follow(settings: LearnerSettings) -> int:
+    """A rank other than 0 under torchrun: trains its shares of the leader's steps until the run ends."""
+    Trainer(settings).follow()
+    return 0
+
+
 async def train(settings: LearnerSettings) -> int:
     """`rlhf-mesh train`: the run without a server."""
     run = Run(settings)

@@ -36,7 +36,12 @@ class LearnerSettings(ServiceSettings):
         True, description="without resume_from, go on from the newest complete checkpoint in output_dir, if any "
         "(rerunning the command of a killed learner continues it)"
     )
-    device: str = Field("cpu", description="torch device of the learner, e.g. cpu or cuda")
+    device: str = Field("cpu", description="torch device of the learner, e.g. cpu or cuda (under torchrun: each "
+                        "rank's own GPU)")
+    dist_timeout_s: float = Field(
+        86400.0, gt=0, description="under torchrun: how long a rank waits for the others (the follower ranks wait "
+        "out generation and pauses)"
+    )
 
     # Services.
     generation: list[str] = Field(min_length=1, description="GenerationService HOST:PORT; repeat for replicas")

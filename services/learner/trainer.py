@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -29,10 +30,11 @@ from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas, resolve
 from rlhf_mesh.services.learner import ppo
 from rlhf_mesh.services.learner.data import PromptDataset
+from rlhf_mesh.services.learner.distributed import World
 from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.models import Batch, forward, load_models, make_batch
 from rlhf_mesh.services.learner.report import plot, summary
-from rlhf_mesh.services.learner.rollouts import Collected, Retry, Rollout, collect
+from rlhf_mesh.services.learner.rollouts import RETRYABLE, Collected, Retry, Rollout, collect
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.weights import TORCH_DTYPES, checkpoint_layout
 
@@ -46,8 +48,8 @@ def _padded(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def _mean(values: list[torch.Tensor]) -> float:
-    return float(torch.stack(values).mean())
+def _rng_state() -> dict[str, object]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -63,13 +65,17 @@ class Trainer:
         self.settings = s = settings
         self._seed_everything(s.seed)
         self.dataset = PromptDataset.load(s.prompts, s.prompt_field, s.messages_field, s.seed)
-        self.device = torch.device(s.device)
+        self.device = World.device(s.device)
+        self.world = World.join(self.device, s.dist_timeout_s)
+        if s.gradient_accumulation_steps % self.world.size:
+            raise LearnerError(f"gradient_accumulation_steps ({s.gradient_accumulation_steps}) must be a multiple "
+                               f"of the number of ranks ({self.world.size}): each rank takes as many micro-batches")
         resume = s.resume_from or (latest_checkpoint(s.output_dir) if s.resume else None)
         critic = resume / "critic" if resume is not None and (resume / "critic").is_dir() else s.critic
         self.models = load_models(
             str(resume / "policy") if resume is not None else s.policy,
             s.reference or (s.policy if resume is not None else None),  # the reference stays the initial policy
-            critic, s.value_head, with_critic=s.advantage_estimator == "gae", device=s.device,
+            critic, s.value_head, with_critic=s.advantage_estimator == "gae", device=self.device,
         )
         self.parameters = [p for m in (self.models.policy, self.models.critic) if m is not None
                            for p in m.parameters()]
@@ -94,6 +100,8 @@ class Trainer:
         self._prefetched: asyncio.Task[Collected] | None = None  # next step's rollouts, in async mode
         if resume is not None:
             self._restore(resume)
+        # What training runs forward and backward through: the models, or DDP around them.
+        self._policy, self._critic = self.world.wrap(self.models.policy), self.world.wrap(self.models.critic)
 
     def _restore(self, checkpoint: Path) -> None:
         """Optimizer, KL coefficient, step, history and RNG states of a checkpoint (its models are loaded)."""
@@ -104,9 +112,11 @@ class Trainer:
         self.kl_ctl.value = state["kl_coef"]
         self.step = state["step"]
         self.history = json.loads((checkpoint / "history.json").read_text())
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        if self.world.rank < len(state["rng"]):  # a rank the checkpoint's run did not have keeps its seed
+            rng = state["rng"][self.world.rank]
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
         log.info("resumed from %s at step %d", checkpoint, self.step)
 
     @property
@@ -161,6 +171,9 @@ class Trainer:
             self._pushed = (self.version, self._weights() if self.max_lag else None)
 
     async def close(self) -> None:
+        """Release the clients, and the follower ranks: the run has ended."""
+        self.world.broadcast(None)
+        self._leave_world()
         if self._prefetched is not None:
             self._prefetched.cancel()
             with contextlib.suppress(asyncio.CancelledError, LearnerError):
@@ -184,13 +197,24 @@ class Trainer:
         if self._sender is not None:
             self._sender.push(tensors, version)
         else:
-            pushed = push_to_replicas(self.replicas, tensors, version, self.settings.rpc_timeout_s,
-                                      **self._credentials)
-            failed = [r for r in pushed if not r.ok]
-            if failed:
-                raise LearnerError("weight push failed: " + "; ".join(
-                    f"{r.address}: {r.error.code().name} {r.error.details()}" for r in failed))
+            self._push_in_band(tensors, version)
         self._pushed = (version, tensors if self.max_lag else None)
+
+    def _push_in_band(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        """Push to every replica; those that fail while they restart are pushed again, with backoff."""
+        retry, replicas = Retry(attempts=self.settings.replica_retries), self.replicas
+        for attempt in itertools.count():
+            pushed = push_to_replicas(replicas, tensors, version, self.settings.rpc_timeout_s, **self._credentials)
+            failed = [r for r in pushed if not r.ok]
+            if not failed:
+                return
+            failure = "; ".join(f"{r.address}: {r.error.code().name} {r.error.details()}" for r in failed)
+            if any(r.error.code() not in RETRYABLE for r in failed) or attempt + 1 >= retry.attempts:
+                raise LearnerError(f"weight push of version {version} failed: {failure}")
+            log.warning("weight push of version %d failed: %s; retrying in %.0f s", version, failure,
+                        retry.backoff(attempt))
+            time.sleep(retry.backoff(attempt))
+            replicas = [r.address for r in failed]
 
     async def _repair(self, client: AsyncGenerationClient) -> None:
         """A replica that came back serving an older version (it restarted) gets the last pushed weights.
@@ -264,7 +288,26 @@ class Trainer:
         return scalars
 
     def train(self, rollouts: list[Rollout]) -> dict[str, float]:
-        """The PPO update on one step's rollouts (in prompt, sample order)."""
+        """The PPO update on one step's rollouts (in prompt, sample order), on every rank."""
+        self.world.broadcast(("train", self.step, rollouts))
+        return self._train(rollouts)
+
+    def follow(self) -> None:
+        """A follower rank: train on the leader's rollouts, send it the RNG states, until the run ends."""
+        while (message := self.world.broadcast()) is not None:
+            kind, self.step, rollouts = message
+            if kind == "train":
+                self._train(rollouts)
+            else:
+                self.world.gather(_rng_state())
+        self._leave_world()
+
+    def _leave_world(self) -> None:
+        # DDP modules outliving their process group can hang when they are freed.
+        self._policy, self._critic = self.models.policy, self.models.critic
+        self.world.close()
+
+    def _train(self, rollouts: list[Rollout]) -> dict[str, float]:
         s = self.settings
         began = time.perf_counter()
         batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
@@ -277,11 +320,17 @@ class Trainer:
         sampler_logprobs = _padded([r.sampler_logprobs for r in rollouts], mask.shape[1]).to(self.device)
 
         # Log-probs of the learner's own policy anchor the ratio; the reference gives the KL.
+        # Each rank computes its micro-batches' rows; the sum over ranks fills in the rest.
         with torch.no_grad():
-            parts = [self._score_rows(batch.select(rows)) for rows in self._micro_batches(len(batch))]
-            old_logprobs, ref_logprobs, values = (
-                torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(3)
-            )
+            old_logprobs, ref_logprobs = torch.zeros_like(mask), torch.zeros_like(mask)
+            values = torch.zeros_like(mask) if self.models.critic is not None else None
+            for rows in self._micro_batches(len(batch))[self.world.rank::self.world.size]:
+                old_logprobs[rows], ref_logprobs[rows], value = self._score_rows(batch.select(rows))
+                if values is not None:
+                    values[rows] = value
+            for part in (old_logprobs, ref_logprobs, values):
+                if part is not None:
+                    self.world.sum(part)
         scored = time.perf_counter()
 
         kl = ppo.kl_penalty(old_logprobs, ref_logprobs, s.kl_estimator) * mask
@@ -332,7 +381,9 @@ class Trainer:
     def _ppo_epochs(self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor | None,
                     advantages: torch.Tensor, returns: torch.Tensor | None,
                     weights: torch.Tensor | None) -> dict[str, float]:
-        s, policy, critic = self.settings, self.models.policy, self.models.critic
+        s, policy, critic = self.settings, self._policy, self._critic
+        head = self.models.critic is not None and self.models.critic.is_head
+        share = s.gradient_accumulation_steps // self.world.size  # micro-batches of a mini-batch per rank
         generator = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
         record: dict[str, list[torch.Tensor]] = {}
 
@@ -343,22 +394,23 @@ class Trainer:
             order = torch.randperm(len(batch), generator=generator)
             for mini in order.split(len(batch) // s.num_mini_batches):
                 self.optimizer.zero_grad(set_to_none=True)
-                for rows in self._micro_batches(len(batch), mini):
-                    micro = batch.select(rows.to(self.device))
-                    mask = micro.mask
-                    logits, logprobs, hidden = forward(policy, micro, s.temperature,
-                                                       hidden=critic is not None and critic.is_head)
-                    pg_loss, pg = ppo.policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask,
-                                                  s.cliprange, None if weights is None else weights[rows])
-                    entropy = ppo.masked_mean(ppo.entropy(logits), mask)
-                    loss = pg_loss - s.ent_coef * entropy
-                    if critic is not None:
-                        vf_loss, vf = ppo.value_loss(critic(micro, hidden), old_values[rows], returns[rows], mask,
-                                                     s.cliprange_value)
-                        loss = loss + s.vf_coef * vf_loss
-                        note("losses/value_loss", vf_loss)
-                        note("losses/value_clipfrac", vf["clipfrac"])
-                    (loss / s.gradient_accumulation_steps).backward()
+                mine = self._micro_batches(len(batch), mini)[self.world.rank * share:(self.world.rank + 1) * share]
+                for i, rows in enumerate(mine):
+                    with self.world.accumulating([policy, critic], last=i == share - 1):
+                        micro = batch.select(rows.to(self.device))
+                        mask = micro.mask
+                        logits, logprobs, hidden = forward(policy, micro, s.temperature, hidden=head)
+                        pg_loss, pg = ppo.policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask,
+                                                      s.cliprange, None if weights is None else weights[rows])
+                        entropy = ppo.masked_mean(ppo.entropy(logits), mask)
+                        loss = pg_loss - s.ent_coef * entropy
+                        if critic is not None:
+                            vf_loss, vf = ppo.value_loss(critic(micro, hidden), old_values[rows], returns[rows],
+                                                         mask, s.cliprange_value)
+                            loss = loss + s.vf_coef * vf_loss
+                            note("losses/value_loss", vf_loss)
+                            note("losses/value_clipfrac", vf["clipfrac"])
+                        (loss / share).backward()  # and DDP averages over the ranks: the mean of all micro-batches
                     note("losses/policy_loss", pg_loss)
                     note("losses/approx_kl", pg["approx_kl"])
                     note("losses/clipfrac", pg["clipfrac"])
@@ -367,7 +419,11 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, s.max_grad_norm)
                 note("losses/grad_norm", grad_norm)
                 self.optimizer.step()
-        return {name: _mean(values) for name, values in record.items()}
+        # Each scalar's mean over every micro-batch of every rank.
+        names = sorted(record)
+        totals = self.world.sum(torch.tensor([[float(torch.stack(record[n]).sum()), len(record[n])] for n in names],
+                                             dtype=torch.float64, device=self.device))
+        return {name: total / count for name, (total, count) in zip(names, totals.tolist(), strict=True)}
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -387,9 +443,10 @@ class Trainer:
             torch.save(critic.state_dict(), partial / "value_head.pt")
         elif critic is not None:
             critic.model.save_pretrained(partial / "critic")
+        self.world.broadcast(("rng", self.step, None))
         torch.save({
             "step": self.step, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": self.world.gather(_rng_state()),  # one per rank
         }, partial / "trainer.pt")
         (partial / "history.json").write_text(json.dumps(self.history))
         for path in partial.rglob("*"):

@@ -201,18 +201,19 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             await context.abort(grpc.StatusCode.ABORTED, f"model {request.name!r} is being reloaded already")
         self._reloading.add(request.name)
         try:
-            try:
-                model = await asyncio.to_thread(self.load, request.name, request.path)
-            except Exception as err:  # whatever the loader raises, the old model keeps serving
-                log.warning("reload of %s from %s failed: %s", request.name, request.path, err)
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"cannot load {request.path!r} as {request.name!r}: {err}")
-            replaced = self.add(model)
-            log.info("reloaded reward model %s from %s (version %s)", model.name, model.path, model.version)
-            if replaced is not None:
-                asyncio.create_task(replaced.retire())  # noqa: RUF006 - runs until its last call ends
+            model, error = await asyncio.to_thread(self.load, request.name, request.path), None
+        except Exception as err:  # whatever the loader raises, the old model keeps serving
+            model, error = None, err
         finally:
-            self._reloading.discard(request.name)
+            self._reloading.discard(request.name)  # before the reply: its caller may retry at once
+        if model is None:
+            log.warning("reload of %s from %s failed: %s", request.name, request.path, error)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"cannot load {request.path!r} as {request.name!r}: {error}")
+        replaced = self.add(model)
+        log.info("reloaded reward model %s from %s (version %s)", model.name, model.path, model.version)
+        if replaced is not None:
+            asyncio.create_task(replaced.retire())  # noqa: RUF006 - runs until its last call ends
         return reward_pb2.ReloadModelResponse(model=model.info(is_default=request.name == self.default))
 
 

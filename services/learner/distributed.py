@@ -1,0 +1,99 @@
+"""Data parallelism under torchrun: rank 0 (the leader) talks to the services, pushes weights and
+writes checkpoints; every rank trains its share of each step's micro-batches with DDP.
+
+`torchrun --nproc-per-node N -m rlhf_mesh train ...` starts N processes with RANK and
+WORLD_SIZE set; gloo is the backend on CPU, NCCL on GPU (rank r on cuda:LOCAL_RANK). The
+other ranks (followers) wait for the leader's messages: a step's rollouts to train on, a
+request for their RNG states, or None, the end of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel ranks (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def join(cls, device: torch.device, timeout_s: float) -> World:
+        """Join the launch's process group (once per process); a single World without torchrun."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls()
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        if int(os.environ.get("RANK", "0")) > 0:
+            # torchrun passes SIGTERM to every rank; the leader decides when the run ends.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @staticmethod
+    def device(name: str) -> torch.device:
+        """The device of this rank: `cuda` means this rank's own GPU under torchrun."""
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return device
+
+    def broadcast(self, message: Any = None) -> Any:
+        """The leader's message, on every rank."""
+        if self.size == 1:
+            return message
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, item: Any) -> list[Any]:
+        """Every rank's item, in rank order, on the leader (an empty list elsewhere)."""
+        if self.size == 1:
+            return [item]
+        items: list[Any] | None = [None] * self.size if self.leader else None
+        dist.gather_object(item, items, dst=0)
+        return items or []
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over the ranks, in place."""
+        if self.size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def wrap(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
+        """A trainable module whose gradients are averaged over the ranks in backward (DDP)."""
+        if module is None or self.size == 1:
+            return module
+        device = next(module.parameters()).device
+        return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+    @staticmethod
+    def accumulating(modules: list[torch.nn.Module | None], last: bool) -> contextlib.AbstractContextManager:
+        """DDP's no_sync on every wrapped module but for the last micro-batch of a rank's share."""
+        stack = contextlib.ExitStack()
+        if not last:
+            for module in modules:
+                if isinstance(module, DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        return stack
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
