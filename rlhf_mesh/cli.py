@@ -29,10 +29,13 @@ def _models_build(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from rlhf_mesh.server import run
 
-    if args.service == "learner" and os.environ.get("RANK", "0") != "0":
-        return _train(args, "rlhf-mesh serve learner")  # a torchrun follower: trains, serves nothing
     module = importlib.import_module(SERVICE_MODULES[args.service])
-    return run(module.Settings, module.Service, args.args, f"rlhf-mesh serve {args.service}")
+    make_service = module.Service
+    if args.service == "learner" and os.environ.get("RANK", "0") != "0":  # a torchrun rank that follows rank 0
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            return _train(args, "rlhf-mesh serve learner")  # the pod's first process answers its probes
+        make_service = module.FollowerService
+    return run(module.Settings, make_service, args.args, f"rlhf-mesh serve {args.service}")
 
 
 def _train(args: argparse.Namespace, prog: str = "rlhf-mesh train") -> int:

@@ -45,6 +45,17 @@ def _named(docs: list[dict], kind: str) -> set[str]:
     return {d["metadata"]["name"] for d in docs if d["kind"] == kind}
 
 
+def _cli_args(container: dict) -> list[str]:
+    """The `rlhf-mesh` arguments of a container: its args, or those torchrun hands to `-m rlhf_mesh`."""
+    args = container["args"]
+    if container.get("command") == ["torchrun"]:
+        module = args.index("-m")
+        assert args[module + 1] == "rlhf_mesh"
+        return args[module + 2:]
+    assert "command" not in container  # the image's entry point, rlhf-mesh
+    return args
+
+
 def test_every_overlay_validates_strictly(rendered):
     _, path, _ = rendered
     result = subprocess.run([str(Path(PYTHON).parent / "kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION,
@@ -118,7 +129,7 @@ def test_secured_overlay_turns_on_mutual_tls_and_tokens_for_every_service(render
     for _, template in _pods(docs):
         container = template["spec"]["containers"][0]
         assert container["image"].startswith("rlhf-mesh:")
-        service = container["args"][1]
+        service = _cli_args(container)[1]
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         settings = importlib.import_module(SERVICE_MODULES[service]).Settings
@@ -142,7 +153,7 @@ def test_commands_are_cli_commands_and_configs_validate_with_their_settings(rend
         for container in template["spec"]["containers"]:
             if not container["image"].startswith("rlhf-mesh:"):
                 continue
-            command, service, flag, path = container["args"]
+            command, service, flag, path = _cli_args(container)
             assert (command, flag) == ("serve", "--config") and service in SERVICE_MODULES
             mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
             volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
@@ -164,3 +175,35 @@ def test_images_install_exactly_the_tested_lock():
         assert ":latest" not in text
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install --quiet --no-deps -r requirements/lock.txt" in makefile
+
+
+def test_a_learner_under_torchrun_is_an_indexed_job_whose_nodes_meet_at_its_first_pod(rendered):
+    """torchrun's --nnodes pods, node i on pod i, rank 0 reachable by its stable DNS name
+    (headless Service, published before it is ready) on a port the pod exposes, and a run
+    folder that every pod can mount."""
+    overlay, _, docs = rendered
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "learner")
+    template = job["spec"]["template"]
+    container = next(c for c in template["spec"]["containers"] if c["name"] == "learner")
+    if container.get("command") != ["torchrun"]:
+        assert overlay == "cpu-dev" and job["spec"].get("completions", 1) == 1
+        return
+    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"][:container["args"].index("-m")])
+    nodes = int(flags["nnodes"])
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == nodes > 1
+    rank_env = flags["node-rank"].removeprefix("$(").removesuffix(")")
+    rank_source = next(e for e in container["env"] if e["name"] == rank_env)["valueFrom"]["fieldRef"]["fieldPath"]
+    assert rank_source == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    subdomain = template["spec"]["subdomain"]
+    assert flags["master-addr"] == f"{job['metadata']['name']}-0.{subdomain}"  # the pod of index 0
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == subdomain)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    assert int(flags["master-port"]) in {p["containerPort"] for p in container["ports"]}
+    gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+    assert gpus is None or int(gpus) == int(flags["nproc-per-node"])  # one rank per GPU
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]
+              if "persistentVolumeClaim" in v and not v["persistentVolumeClaim"].get("readOnly")}
+    for claim in (d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] in claims):
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], claim["metadata"]["name"]

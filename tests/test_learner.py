@@ -291,37 +291,55 @@ def _trained_alike(expected: list[dict[str, float]], got: list[dict[str, float]]
 
 
 def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, tmp_path):
-    """`torchrun --nproc-per-node 2 -m rlhf_mesh train` (DDP over gloo; rank 0 generates, scores,
-    pushes and checkpoints) and the same command in one process, on the same data and seed: the
-    steps agree and the generator ends up serving the two-rank run's policy. The two runs compute
-    the same micro-batches; only the order in which gradients are summed differs (float rounding),
-    so the tolerance is that of float32 sums, and greedy outputs match exactly."""
+    """`rlhf-mesh train` in one process, and `rlhf-mesh serve learner` as two torchrun launches of
+    one rank each, as two pods of a Job run it (DDP over gloo): rank 0 serves the LearnerService,
+    generates, pushes and checkpoints; rank 1 trains its share and answers health checks. On the
+    same data and seed the steps agree and the generator ends up serving the two-rank policy.
+    Both runs compute the same micro-batches and only the order in which gradients are summed
+    differs (float rounding): the tolerance is that of float32 sums, and greedy outputs match."""
     import json
     import os
     import subprocess
 
+    from support import free_port
+
     generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
-
-    def train(output_dir: Path, *launcher: str) -> dict:
-        command = [PYTHON, *launcher, "-m", "rlhf_mesh", "train", "--policy", str(tiny_models["policy"]),
-                   "--generation", generation.address, "--reward", reward_server.address,
-                   "--prompts", str(tiny_models["prompts"]), "--steps", "3", "--batch-size", "8",
-                   "--gradient-accumulation-steps", "2", "--response-length", "8", "--output-dir", str(output_dir)]
-        # One thread per process in both runs, as torchrun sets it: the same kernels.
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads((output_dir / "checkpoints" / "step-000003" / "history.json").read_text())
-
+    flags = ["--policy", str(tiny_models["policy"]), "--generation", generation.address,
+             "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", "3",
+             "--batch-size", "8", "--gradient-accumulation-steps", "2", "--response-length", "8"]
+    threads = {"OMP_NUM_THREADS": "1"}  # one thread per process in both runs, as torchrun sets it: the same kernels
+    master = str(free_port())
+    nodes: list[ChildServer] = []
     try:
-        one = train(tmp_path / "one")
-        two = train(tmp_path / "two", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+        one = subprocess.run([PYTHON, "-m", "rlhf_mesh", "train", *flags, "--output-dir", str(tmp_path / "one")],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, **threads})
+        assert one.returncode == 0, one.stderr[-3000:]
+        for rank in (0, 1):
+            nodes.append(ChildServer(
+                [PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+                 str(rank), "--master-addr", "127.0.0.1", "--master-port", master, "-m", "rlhf_mesh", "serve",
+                 "learner", *flags, "--output-dir", str(tmp_path / "two"), "--start-paused", "--linger-s", "0"],
+                tmp_path / f"rank{rank}.log", env=threads))
+        for node in nodes:  # the follower's probes pass too while it waits for rank 0
+            wait_until_serving(node.address, timeout_s=300, alive=node.alive)
+        with grpc.insecure_channel(nodes[1].address) as channel, pytest.raises(grpc.RpcError) as err:
+            _status(learner_pb2_grpc.LearnerServiceStub(channel))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # rank 0 alone serves the LearnerService
+        with grpc.insecure_channel(nodes[0].address) as channel:
+            learner_pb2_grpc.LearnerServiceStub(channel).Resume(learner_pb2.ResumeRequest(), timeout=30)
+        for node in nodes:
+            assert node.process.wait(timeout=600) == 0, node.log()[-3000:]
         with GenerationClient(generation.address) as client:
             served = _served_greedy(client, 12)
     finally:
         generation.stop()
+        for node in nodes:
+            node.stop()
 
-    _trained_alike(one, two, rel=1e-4)
+    def history(run: str) -> list[dict[str, float]]:
+        return json.loads((tmp_path / run / "checkpoints" / "step-000003" / "history.json").read_text())
+
+    _trained_alike(history("one"), history("two"), rel=1e-4)
     checkpoint = tmp_path / "two" / "checkpoints" / "step-000003"
     assert len(torch.load(checkpoint / "trainer.pt", weights_only=False)["rng"]) == 2  # one per rank
     policies = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "checkpoints" / "step-000003" / "policy")

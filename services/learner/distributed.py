@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,8 +43,9 @@ class World:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-        if int(os.environ.get("RANK", "0")) > 0:
+        if int(os.environ.get("RANK", "0")) > 0 and threading.current_thread() is threading.main_thread():
             # torchrun passes SIGTERM to every rank; the leader decides when the run ends.
+            # (Under `serve learner` the server's own handler waits for the leader instead.)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return cls(dist.get_rank(), dist.get_world_size())
 

@@ -12,6 +12,7 @@ import grpc
 
 from rlhf_mesh.services.learner.run import STOPPED_EXIT_CODE, Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
+from rlhf_mesh.services.learner.trainer import Trainer
 from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -109,3 +110,37 @@ class LearnerService:
                     await self._task
                 self.exit_code = STOPPED_EXIT_CODE
         await self.run.close()
+
+
+class FollowerService:
+    """`serve learner` on a torchrun rank other than 0 (the first process of a pod that rank 0 is
+    not in): it trains its shares of rank 0's steps and serves gRPC health only, for the pod's
+    probes. It ends when rank 0 ends the run; on SIGTERM it keeps training until then, since
+    rank 0 finishes and checkpoints its step with every rank."""
+
+    name = "learner"
+
+    def __init__(self, settings: LearnerSettings) -> None:
+        self.settings = settings
+        self.finished = asyncio.Event()
+        self.exit_code = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        return []
+
+    async def start(self) -> None:
+        trainer = await asyncio.to_thread(Trainer, self.settings)
+        self._task = asyncio.create_task(self._follow(trainer))
+
+    async def _follow(self, trainer: Trainer) -> None:
+        try:
+            await asyncio.to_thread(trainer.follow)
+        except Exception:  # rank 0 failed or left: torchrun ends the other ranks
+            log.exception("rank %d lost the run", trainer.world.rank)
+            self.exit_code = 1
+        self.finished.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await self._task
