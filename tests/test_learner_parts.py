@@ -314,3 +314,53 @@ def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
         for name, value in expected.items():
             if not name.startswith("time/"):
                 assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+CHECKPOINT_FOREVER = """
+import sys
+from rlhf_mesh.services.learner.settings import LearnerSettings
+from rlhf_mesh.services.learner.trainer import Trainer
+
+trainer = Trainer(LearnerSettings(policy=sys.argv[1], generation=["localhost:1"], reward="localhost:2",
+                                  prompts=sys.argv[2], output_dir=sys.argv[3]))
+while True:
+    trainer.step += 1
+    trainer.history.append({"step": float(trainer.step)})
+    trainer.save_checkpoint()
+"""
+
+
+def test_a_learner_killed_mid_checkpoint_leaves_the_last_complete_one_usable(tiny_models, tmp_path):
+    """kill -9 a learner while it writes checkpoints, three times, each time as soon as a
+    half-written `.partial` folder exists: the newest complete checkpoint still loads, a rerun
+    resumes from it, and the next checkpoint replaces the half-written one."""
+    import signal
+    import time
+
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+    from rlhf_mesh.services.learner.trainer import Trainer, latest_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    resumed_steps, half_written = [], []
+    for _ in range(3):
+        writer = subprocess.Popen([PYTHON, "-c", CHECKPOINT_FOREVER, str(tiny_models["policy"]),
+                                   str(tiny_models["prompts"]), str(tmp_path)], cwd=ROOT, stderr=subprocess.DEVNULL)
+        done_before = len(list(checkpoints.glob("step-*"))) if checkpoints.is_dir() else 0
+        deadline = time.monotonic() + 120
+        # Let it complete a few checkpoints, then kill it in the middle of the next one.
+        while not (checkpoints.is_dir() and len(list(checkpoints.glob("step-*"))) >= done_before + 2
+                   and any(checkpoints.glob(".step-*.partial"))):
+            assert writer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+        for name in half_written:  # the rerun wrote the step it had been killed in, whole
+            assert (checkpoints / name.removeprefix(".").removesuffix(".partial") / "trainer.pt").is_file()
+        half_written = [p.name for p in checkpoints.glob(".step-*.partial")]
+        newest = latest_checkpoint(tmp_path)
+        trainer = Trainer(LearnerSettings(policy=str(tiny_models["policy"]), generation=["localhost:1"],
+                                          reward="localhost:2", prompts=tiny_models["prompts"], output_dir=tmp_path))
+        assert trainer.step == int(newest.name.removeprefix("step-")) and trainer.history[-1]["step"] == trainer.step
+        assert AutoModelForCausalLM.from_pretrained(newest / "policy") is not None
+        resumed_steps.append(trainer.step)
+    assert resumed_steps == sorted(resumed_steps) and len(set(resumed_steps)) == 3  # each rerun went on
