@@ -84,7 +84,9 @@ class World:
         if module is None or self.size == 1:
             return module
         device = next(module.parameters()).device
-        return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+        # Buffers (rotary tables) never change: no broadcast of them before every forward.
+        return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
 
     @staticmethod
     def accumulating(modules: list[torch.nn.Module | None], last: bool) -> contextlib.AbstractContextManager:
