@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.server import free_port
 
-__all__ = ["free_port", "server", "server_process"]
+__all__ = ["free_port", "server", "server_process", "wait_http"]
 
 # vLLM on CPU: its default KV-cache reservation does not fit these machines' NUMA node 0.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -41,3 +43,15 @@ def server(args: list[str], ready: Callable[[str, Callable[[], bool]], None] | N
     """server_process, yielding only HOST:PORT."""
     with server_process(args, ready) as (address, _):
         yield address
+
+
+def wait_http(address: str, alive: Callable[[], bool]) -> None:
+    """Block until vLLM's OpenAI-compatible server at `address` answers /health (a `ready` for `server`)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and alive():
+        try:
+            urllib.request.urlopen(f"http://{address}/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"vLLM's OpenAI server at {address} did not come up")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 
-from common import server
+from common import server, wait_http
 
 
 def make_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -107,19 +107,6 @@ async def _openai_pass(base: str, model: str, prompts: list[list[int]], max_toke
         return Result(tokens, time.perf_counter() - started, min(first))
 
 
-def _wait_http(address: str, alive) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and alive():
-        try:
-            urllib.request.urlopen(f"http://{address}/health", timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"vLLM's OpenAI server at {address} did not come up")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="policy folder (default: build the --preset policy)")
@@ -151,7 +138,7 @@ def main() -> None:
                  "--log-level", "WARNING"]) as address:
         service = passes(lambda p, c: asyncio.run(_service_pass(address, p, args.max_tokens, c)))
     with server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine, "--host", "localhost"],
-                ready=_wait_http) as address:
+                ready=wait_http) as address:
         openai = passes(lambda p, c: asyncio.run(_openai_pass(f"http://{address}", model, p, args.max_tokens, c)))
     baseline = offline(model, prompts, args.max_tokens, args.dtype, args.repeats)
 

@@ -1,4 +1,4 @@
-"""Reward scoring throughput: the RewardService vs offline batching vs naive serving.
+"""Reward scoring throughput: the RewardService vs offline batching, naive serving and vLLM's server.
 
     python benchmarks/reward_throughput.py [--model DIR] [--samples 512] [--concurrency 32]
 
@@ -8,7 +8,9 @@ Modes, all on the same model and samples, measured in this one run:
 - offline: the model called directly with length-sorted batches under the same token
   budget as the service (the best batching of this backend, no RPC at all);
 - service: `rlhf-mesh serve reward`, `concurrency` clients, one sample per call;
-- naive: a gRPC server doing one forward per request (no batching), same clients.
+- naive: a gRPC server doing one forward per request (no batching), same clients;
+- vLLM server: `vllm serve --runner pooling` (its OpenAI-compatible server), `/classify`
+  with the same token ids and raw logits, same clients, the same token budget per batch.
 Prints samples/s, p50/p99 latency and the ratios the README reports.
 """
 
@@ -21,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -28,7 +31,7 @@ import grpc
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.v1 import reward_pb2, reward_pb2_grpc
 
-from common import server
+from common import server, wait_http
 
 MAX_BATCH_TOKENS = 4096  # the service's default
 
@@ -58,24 +61,44 @@ def offline(model_path: str, samples: list[list[int]]) -> float:
     return len(samples) / (time.perf_counter() - started)
 
 
-async def load(address: str, samples: list[list[int]], concurrency: int) -> tuple[float, list[float]]:
-    """`concurrency` clients, one sample per call: samples/s and per-call latencies."""
+async def drive(call: Callable[[list[int]], Awaitable[object]], samples: list[list[int]],
+                concurrency: int) -> tuple[float, list[float]]:
+    """`concurrency` callers, one sample per call: samples/s and per-call latencies."""
     queue = list(reversed(samples))
     latencies: list[float] = []
+    await call(samples[0])  # connect and warm up
+
+    async def worker() -> None:
+        while queue:
+            ids = queue.pop()
+            started = time.perf_counter()
+            await call(ids)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(samples) / (time.perf_counter() - started), latencies
+
+
+async def load(address: str, samples: list[list[int]], concurrency: int) -> tuple[float, list[float]]:
+    """The RewardService (or the naive one) over gRPC."""
     async with AsyncRewardClient(address, timeout_s=600) as client:
-        await client.scores([samples[0]])  # connect and warm up
+        return await drive(lambda ids: client.scores([ids]), samples, concurrency)
 
-        async def worker() -> None:
-            while queue:
-                ids = queue.pop()
-                started = time.perf_counter()
-                await client.scores([ids])
-                latencies.append(time.perf_counter() - started)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return len(samples) / elapsed, latencies
+async def load_vllm(address: str, model: str, samples: list[list[int]], concurrency: int) -> tuple[float, list[float]]:
+    """vLLM's OpenAI-compatible server: POST /classify with the token ids, raw logits (no activation)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def classify(ids: list[int]) -> None:
+            body = {"model": model, "input": ids, "use_activation": False}
+            async with session.post(f"http://{address}/classify", json=body) as response:
+                response.raise_for_status()
+                await response.json()
+
+        return await drive(classify, samples, concurrency)
 
 
 class NaiveServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -149,12 +172,19 @@ def main() -> None:
     naive_rate, naive_lat = measure_server(
         [sys.executable, __file__, "--serve-naive", model], samples, args.concurrency
     )
+    with server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--runner", "pooling",
+                 "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", str(MAX_BATCH_TOKENS),
+                 "--enforce-eager", "--host", "localhost"], ready=wait_http) as address:
+        vllm_rate, vllm_lat = asyncio.run(load_vllm(address, model, samples, args.concurrency))
     print("| mode | samples/s | p50 ms | p99 ms |\n|---|---|---|---|")
     print(summary("offline, length-sorted batches (baseline)", offline_rate))
     print(summary(f"RewardService, {args.concurrency} clients x 1 sample", service_rate, service_lat))
     print(summary(f"naive serving, {args.concurrency} clients x 1 sample", naive_rate, naive_lat))
     print(f"service / offline = {service_rate / offline_rate:.2f} (target >= 0.9)")
+    print(summary(f"vLLM OpenAI server (pooling runner, /classify), {args.concurrency} clients x 1 sample",
+                  vllm_rate, vllm_lat))
     print(f"service / naive   = {service_rate / naive_rate:.2f} (target >= 3)")
+    print(f"service / vLLM server = {service_rate / vllm_rate:.2f} (target >= 1.0)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -28,13 +30,20 @@ class ChildServer:
         self.address = f"localhost:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "a")  # noqa: SIM115 - closed in stop(); a restart appends
-        self.process = subprocess.Popen(
+        self.process = subprocess.Popen(  # its own process group: kill() and stop() reach vLLM's engine processes
             [*args, "--port", str(self.port), "--metrics-port", str(self.metrics_port)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def kill(self) -> None:
+        """kill -9 the server and every process it started, as a container dies with its main process."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -47,6 +56,8 @@ class ChildServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever it started and left behind
+            os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
         return code
 

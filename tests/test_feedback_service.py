@@ -7,7 +7,6 @@ loopback); without it the PostgreSQL cases skip, except under CI where they must
 from __future__ import annotations
 
 import os
-import signal
 import uuid
 
 import grpc
@@ -172,7 +171,7 @@ def test_feedback_survives_a_kill_right_after_the_write(database, tmp_path):
     try:
         with FeedbackClient(server.address) as client:
             stored = client.submit(feedback("Durable?", ["yes", "no"], rater_id=rater, choice=0))
-        server.process.send_signal(signal.SIGKILL)  # no drain, no clean shutdown
+        server.kill()  # no drain, no clean shutdown
         server.process.wait(30)
     finally:
         server.stop()

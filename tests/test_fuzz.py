@@ -197,6 +197,6 @@ def test_fuzz_generation_service(tiny_models, tmp_path):
                                                                                 temperature=0.0)]
 
             fuzz(server, generation_pb2.DESCRIPTOR.services_by_name["GenerationService"], 400, greedy,
-                 skip=("InitWeightTransfer",))  # joins a group at a caller-given address; tested on its own
+                 skip=("InitWeightTransfer",))  # joins a group at a caller-given address; test_weight_updates
     finally:
         assert server.stop() == 0

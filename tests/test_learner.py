@@ -172,10 +172,11 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
 
 async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the_weights_again(
         tiny_models, sharp_reward, tmp_path, caplog):
-    """kill -9 the generator before step 2 and the reward service before step 3, restarting each
-    on its port: the run finishes, the restarted generator is re-pushed the learner's weights
-    before it generates, and every step trains on exactly its rollouts."""
-    import signal
+    """kill -9 the generator as soon as step 2's first sample has arrived (mid-stream), and the
+    reward service before step 3, restarting each on its port: the run finishes, the restarted
+    generator is re-pushed the learner's weights before it generates the samples still missing,
+    and every step trains on exactly its rollouts (collect refuses a step with one too few or
+    too many)."""
     import threading
 
     reward_args = [PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"sharp={sharp_reward}"]
@@ -190,7 +191,7 @@ async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the
     restarted: list[ChildServer] = []
 
     def restart(kill: ChildServer, start) -> threading.Thread:
-        kill.process.send_signal(signal.SIGKILL)
+        kill.kill()
         kill.stop()
         thread = threading.Thread(target=lambda: restarted.append(start(kill.port)))
         thread.start()
@@ -200,10 +201,20 @@ async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the
     try:
         await trainer.connect()
         await trainer.run_step()
-        back = restart(generation, lambda port: start_generation_server(
-            tiny_models["policy"], tmp_path / "generation.log", port=port))
+        client, restarting = trainer._generators[0], []
+        stream = client.generate
+
+        async def generate_then_die(*args, **kwargs):
+            async for sample in stream(*args, **kwargs):
+                yield sample
+                if not restarting:
+                    restarting.append(restart(generation, lambda port: start_generation_server(
+                        tiny_models["policy"], tmp_path / "generation.log", port=port)))
+
+        client.generate = generate_then_die
         await trainer.run_step()  # retries until the generator is back, re-pushes version 1, then generates
-        back.join()
+        restarting[0].join()
+        assert "prompts of the shard left, retrying" in caplog.text
         with GenerationClient(generation.address) as client:
             assert client.model_info().policy_version == 2
         back = restart(reward, lambda port: _serving(ChildServer(reward_args, tmp_path / "reward.log", port=port)))

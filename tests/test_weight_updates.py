@@ -119,6 +119,22 @@ def test_bad_pushes_change_nothing(generation_client, policies):
     _serves(generation_client, current, version)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"backend": generation_pb2.COLLECTIVE_BACKEND_UNSPECIFIED}, "only COLLECTIVE_BACKEND_GLOO"),
+    ({"master_address": ""}, "master_address, master_port and world_size >= 2 are required"),
+    ({"world_size": 1}, "master_address, master_port and world_size >= 2 are required"),
+    ({"rank_offset": 0}, "rank_offset 0 with 1 workers does not fit world_size 2"),
+    ({"timeout_ms": 3_600_000}, "timeout_ms 3600000 is above max_collective_timeout_s=600"),
+])
+def test_a_bad_weight_transfer_group_is_refused_before_joining(generation_client, change, message):
+    request = generation_pb2.InitWeightTransferRequest(**{
+        "master_address": "127.0.0.1", "master_port": free_port(), "world_size": 2, "rank_offset": 1,
+        "backend": generation_pb2.COLLECTIVE_BACKEND_GLOO, "timeout_ms": 5000, **change})
+    with pytest.raises(grpc.RpcError) as err:
+        generation_client.stub.InitWeightTransfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
 def test_interrupted_push_changes_nothing(generation_client, policies):
     version = generation_client.model_info().policy_version
     messages = list(_requests(_tensors(policies(9)), version + 1))

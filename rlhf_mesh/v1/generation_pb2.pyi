@@ -654,7 +654,9 @@ class InitWeightTransferRequest(_message.Message):
     backend: Global___CollectiveBackend.ValueType
     """Transport of the group."""
     timeout_ms: _builtins.int
-    """Time limit for joining and for every later collective, in milliseconds."""
+    """Time limit for joining and for every later collective, in milliseconds (0: 60 s; at most
+    the server's max_collective_timeout_s, INVALID_ARGUMENT above).
+    """
     def __init__(
         self,
         *,

@@ -108,6 +108,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                 f"rank_offset {request.rank_offset} with {workers} workers does not fit "
                                 f"world_size {request.world_size} after the sender's rank 0")
         timeout_s = (request.timeout_ms or 60_000) / 1000
+        if timeout_s > self.settings.max_collective_timeout_s:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"timeout_ms {request.timeout_ms} is above max_collective_timeout_s="
+                                f"{self.settings.max_collective_timeout_s:g}")
         await self.engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
             master_address=request.master_address, master_port=request.master_port,
             world_size=request.world_size, rank_offset=request.rank_offset, timeout_s=timeout_s)))

@@ -50,6 +50,10 @@ class GenerationSettings(ServiceSettings):
     max_version_wait_s: float = Field(
         300.0, ge=0, description="longest a call waits for its min_policy_version (or until its deadline)"
     )
+    max_collective_timeout_s: float = Field(
+        600.0, gt=0, description="largest timeout_ms InitWeightTransfer accepts: how long a stalled collective may "
+        "hold the workers"
+    )
 
     @field_validator("engine_args", mode="before")
     @classmethod
