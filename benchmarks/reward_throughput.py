@@ -10,7 +10,9 @@ Modes, all on the same model and samples, measured in this one run:
 - service: `rlhf-mesh serve reward`, `concurrency` clients, one sample per call;
 - naive: a gRPC server doing one forward per request (no batching), same clients;
 - vLLM server: `vllm serve --runner pooling` (its OpenAI-compatible server), `/classify`
-  with the same token ids and raw logits, same clients, the same token budget per batch.
+  with the same token ids and raw logits, same clients, the same token budget per batch;
+- the service on vLLM: `rlhf-mesh serve reward --backend vllm`, same clients (the gRPC
+  service's cost over the engine vLLM's own server runs).
 Prints samples/s, p50/p99 latency and the ratios the README reports.
 """
 
@@ -119,11 +121,14 @@ class NaiveServicer(reward_pb2_grpc.RewardServiceServicer):
 
 
 async def serve_naive(model_path: str, port: int) -> None:
-    from grpc_health.v1 import health, health_pb2_grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.aio.server()
     reward_pb2_grpc.add_RewardServiceServicer_to_server(NaiveServicer(model_path), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    checks = health.aio.HealthServicer()  # the clients send calls only to a server SERVING their service
+    await checks.set(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
+                     health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     server.add_insecure_port(f"localhost:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -164,28 +169,28 @@ def main() -> None:
     print(f"model {model}, {len(samples)} samples of 20-400 tokens, concurrency {args.concurrency}", flush=True)
 
     offline_rate = offline(model, samples)
-    service_rate, service_lat = measure_server(
-        [sys.executable, "-m", "rlhf_mesh", "serve", "reward", "--model", model, "--metrics-port", "0",
-         "--max-batch-tokens", str(MAX_BATCH_TOKENS), "--log-level", "WARNING"],
-        samples, args.concurrency,
-    )
-    naive_rate, naive_lat = measure_server(
-        [sys.executable, __file__, "--serve-naive", model], samples, args.concurrency
-    )
+    service = [sys.executable, "-m", "rlhf_mesh", "serve", "reward", "--model", model, "--metrics-port", "0",
+               "--max-batch-tokens", str(MAX_BATCH_TOKENS), "--log-level", "WARNING"]
+    service_rate, service_lat = measure_server(service, samples, args.concurrency)
+    naive_rate, naive_lat = measure_server([sys.executable, __file__, "--serve-naive", model], samples,
+                                           args.concurrency)
     with server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--runner", "pooling",
                  "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", str(MAX_BATCH_TOKENS),
                  "--enforce-eager", "--host", "localhost"], ready=wait_http) as address:
         vllm_rate, vllm_lat = asyncio.run(load_vllm(address, model, samples, args.concurrency))
+    on_vllm_rate, on_vllm_lat = measure_server([*service, "--backend", "vllm"], samples, args.concurrency)
+
+    clients = f"{args.concurrency} clients x 1 sample"
     print("| mode | samples/s | p50 ms | p99 ms |\n|---|---|---|---|")
     print(summary("offline, length-sorted batches (baseline)", offline_rate))
-    print(summary(f"RewardService, {args.concurrency} clients x 1 sample", service_rate, service_lat))
-    print(summary(f"naive serving, {args.concurrency} clients x 1 sample", naive_rate, naive_lat))
+    print(summary(f"RewardService, {clients}", service_rate, service_lat))
+    print(summary(f"naive serving, {clients}", naive_rate, naive_lat))
+    print(summary(f"vLLM OpenAI server (pooling runner, /classify), {clients}", vllm_rate, vllm_lat))
+    print(summary(f"RewardService --backend vllm, {clients}", on_vllm_rate, on_vllm_lat))
     print(f"service / offline = {service_rate / offline_rate:.2f} (target >= 0.9)")
-    print(summary(f"vLLM OpenAI server (pooling runner, /classify), {args.concurrency} clients x 1 sample",
-                  vllm_rate, vllm_lat))
     print(f"service / naive   = {service_rate / naive_rate:.2f} (target >= 3)")
     print(f"service / vLLM server = {service_rate / vllm_rate:.2f} (target >= 1.0)")
-
+    print(f"service --backend vllm / vLLM server = {on_vllm_rate / vllm_rate:.2f} (the same engine behind each)")
 
 if __name__ == "__main__":
     main()
