@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -24,7 +26,8 @@ def server_process(args: list[str], ready: Callable[[str, Callable[[], bool]], N
     """Run `args --port PORT` until the block ends; yields HOST:PORT and the process once `ready`
     (gRPC health by default)."""
     port = free_port()
-    process = subprocess.Popen([*args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([*args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its group: the engine processes it starts go with it
     address = f"localhost:{port}"
     try:
         (ready or (lambda a, alive: wait_until_serving(a, timeout_s=300, alive=alive)))(
@@ -36,6 +39,8 @@ def server_process(args: list[str], ready: Callable[[str, Callable[[], bool]], N
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @contextmanager

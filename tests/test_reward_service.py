@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -266,8 +267,14 @@ def test_vllm_backend_returns_raw_logits_equal_to_transformers(tiny_models, tmp_
         with RewardClient(server.address, timeout_s=120) as client:
             reply = client.score([*PAIRS, [5, 6, 7, 8, 9]])
             (info,) = client.list_models()
+        engine = psutil.Process(server.process.pid).children(recursive=True)
+        assert engine  # vLLM's engine core runs in processes of its own
+        server.process.terminate()
+        assert server.process.wait(60) == 0
+        _, left = psutil.wait_procs(engine, timeout=30)
+        assert not left, "the server's exit left vLLM's engine processes running"
     finally:
-        assert server.stop() == 0
+        server.stop()
     assert info.backend == "vllm"
     expected = [render([{"role": "user", "content": p}, {"role": "assistant", "content": r}]) for p, r in PAIRS]
     for result, ids in zip(reply.results, [*expected, [5, 6, 7, 8, 9]], strict=True):

@@ -162,6 +162,9 @@ class RewardModel:
         self.tokenization = Tokenization(tokenizer, self.max_length, truncation)
         return tokenizer
 
+    def close(self) -> None:
+        """Release what the model holds outside this process (a backend's engine processes)."""
+
     def info(self, is_default: bool) -> reward_pb2.RewardModelInfo:
         return reward_pb2.RewardModelInfo(
             name=self.name, path=self.path, version=self.version, max_length_tokens=self.max_length,

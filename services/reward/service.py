@@ -54,7 +54,11 @@ class Served:
     async def retire(self) -> None:
         if self.calls:
             await self.idle.wait()
+        await self.close()
+
+    async def close(self) -> None:
         await self.batcher.close()
+        self.model.close()
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -252,4 +256,4 @@ class RewardService:
 
     async def close(self) -> None:
         for served in self.servicer.served.values():
-            await served.batcher.close()
+            await served.close()

@@ -25,6 +25,10 @@ class VllmRewardModel(RewardModel):
             pooler_config=PoolerConfig(use_activation=False),
         )
 
+    def close(self) -> None:
+        # The engine core runs in its own process; the server's exit (os._exit) would orphan it.
+        self.llm.llm_engine.engine_core.shutdown()
+
     def score(self, batch: list[list[int]]) -> list[float]:
         outputs = self.llm.classify([{"prompt_token_ids": ids} for ids in batch], use_tqdm=False)
         return [out.outputs.probs[0] for out in outputs]
