@@ -1,4 +1,4 @@
-"""Random and adversarial messages to every RPC of the reward, feedback and generation services.
+"""Random and adversarial messages to every RPC of the reward, feedback, generation and learner services.
 
 Messages are drawn from the request types' descriptors (extreme integers, NaN and infinite
 floats, huge strings and repeated fields, deep chat lists, unknown enum values, random
@@ -8,6 +8,8 @@ up with bounded memory, and valid calls between the garbage must keep their exac
 """
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import psutil
@@ -21,7 +23,7 @@ from rlhf_mesh.clients.feedback import FeedbackClient, feedback
 from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import RewardClient
-from rlhf_mesh.v1 import feedback_pb2, generation_pb2, reward_pb2
+from rlhf_mesh.v1 import feedback_pb2, generation_pb2, learner_pb2, learner_pb2_grpc, reward_pb2
 
 from support import PYTHON, ChildServer, start_generation_server
 
@@ -200,3 +202,40 @@ def test_fuzz_generation_service(tiny_models, tmp_path):
                  skip=("InitWeightTransfer",))  # joins a group at a caller-given address; test_weight_updates
     finally:
         assert server.stop() == 0
+
+
+def test_fuzz_learner_service(tiny_models, tmp_path):
+    """The LearnerService of a finished run (it answers for `linger_s`): WatchMetrics replays and
+    ends, Pause and Resume are refused as the run has ended, SaveCheckpoint returns the last one."""
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
+    reward = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"tiny={tiny_models['reward']}"],
+                         tmp_path / "reward.log")
+    learner = None
+    try:
+        wait_until_serving(reward.address, timeout_s=300, alive=reward.alive)
+        learner = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "learner", "--policy", str(tiny_models["policy"]),
+                               "--generation", generation.address, "--reward", reward.address,
+                               "--prompts", str(tiny_models["prompts"]), "--steps", "2", "--batch-size", "4",
+                               "--response-length", "8", "--output-dir", str(tmp_path / "run"), "--linger-s", "600"],
+                              tmp_path / "learner.log")
+        wait_until_serving(learner.address, timeout_s=300, alive=learner.alive)
+        with grpc.insecure_channel(learner.address) as channel:
+            stub = learner_pb2_grpc.LearnerServiceStub(channel)
+
+            def finished() -> tuple:
+                status = stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=CALL_TIMEOUT_S)
+                steps = [m.step for m in stub.WatchMetrics(learner_pb2.WatchMetricsRequest(from_step=1),
+                                                           timeout=CALL_TIMEOUT_S)]
+                return status.state, status.step, status.last_checkpoint_step, steps
+
+            deadline = time.monotonic() + 300
+            while stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=CALL_TIMEOUT_S).state != (
+                    learner_pb2.LEARNER_STATE_FINISHED):
+                assert learner.alive() and time.monotonic() < deadline
+                time.sleep(0.5)
+            assert finished() == (learner_pb2.LEARNER_STATE_FINISHED, 2, 2, [1, 2])
+            fuzz(learner, learner_pb2.DESCRIPTOR.services_by_name["LearnerService"], 500, finished)
+    finally:
+        for server in (learner, reward, generation):
+            if server is not None:
+                server.stop()

@@ -337,7 +337,9 @@ def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, t
             _status(learner_pb2_grpc.LearnerServiceStub(channel))
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED  # rank 0 alone serves the LearnerService
         with grpc.insecure_channel(nodes[0].address) as channel:
-            learner_pb2_grpc.LearnerServiceStub(channel).Resume(learner_pb2.ResumeRequest(), timeout=30)
+            stub = learner_pb2_grpc.LearnerServiceStub(channel)
+            assert _status(stub).world_size == 2
+            stub.Resume(learner_pb2.ResumeRequest(), timeout=30)
         for node in nodes:
             assert node.process.wait(timeout=600) == 0, node.log()[-3000:]
         with GenerationClient(generation.address) as client:

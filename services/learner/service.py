@@ -30,7 +30,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.GetStatusResponse(
             state=run.state, step=run.step, total_steps=run.settings.steps, policy_version=run.version,
             last_checkpoint_path=str(checkpoint[0]) if checkpoint else "",
-            last_checkpoint_step=checkpoint[1] if checkpoint else 0, world_size=1, message=run.message,
+            last_checkpoint_step=checkpoint[1] if checkpoint else 0, message=run.message,
+            world_size=run.trainer.world.size if run.trainer is not None else 1,
         )
 
     async def WatchMetrics(self, request, context):
