@@ -214,7 +214,10 @@ async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the
         client.generate = generate_then_die
         await trainer.run_step()  # retries until the generator is back, re-pushes version 1, then generates
         restarting[0].join()
-        assert "prompts of the shard left, retrying" in caplog.text
+        # Samples gRPC had already buffered still arrive: the learner re-asks the restarted replica for
+        # the prompts still missing, or, when none were, retries the step's push until the replica is back.
+        assert ("prompts of the shard left, retrying" in caplog.text
+                or "weight push of version 2 failed" in caplog.text)
         with GenerationClient(generation.address) as client:
             assert client.model_info().policy_version == 2
         back = restart(reward, lambda port: _serving(ChildServer(reward_args, tmp_path / "reward.log", port=port)))
