@@ -24,22 +24,24 @@ import grpc
 import torch
 
 from rlhf_mesh.clients.channel import TlsConfig
-from rlhf_mesh.clients.generation import GenerationClient
+from rlhf_mesh.clients.generation import SERVICE, GenerationClient
 from rlhf_mesh.server import free_port
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import chunks, gloo_group, manifest, state_dict_of
+from rlhf_mesh.weights import chunk_requests, gloo_group, manifest, state_dict_of
 
 
-def _requests(tensors: dict[str, torch.Tensor], version: int) -> Iterator[generation_pb2.PushWeightsRequest]:
-    yield generation_pb2.PushWeightsRequest(manifest=manifest(tensors, version))
-    for chunk in chunks(tensors.values()):
-        yield generation_pb2.PushWeightsRequest(chunk=chunk)
+def push_requests(tensors: dict[str, torch.Tensor], version: int) -> Iterator[bytes]:
+    """The serialized PushWeightsRequest messages of an in-band push: the manifest, then the chunks."""
+    yield generation_pb2.PushWeightsRequest(manifest=manifest(tensors, version)).SerializeToString()
+    yield from chunk_requests(tensors.values())
 
 
 def push_weights(client: GenerationClient, weights: torch.nn.Module | dict[str, torch.Tensor], version: int,
                  timeout_s: float = 600.0) -> generation_pb2.PushWeightsResponse:
     """In-band push; the replica serves `version` when this returns."""
-    return client.stub.PushWeights(_requests(state_dict_of(weights), version), timeout=timeout_s)
+    call = client.channel.stream_unary(  # no request serializer: the messages are serialized already
+        f"/{SERVICE}/PushWeights", response_deserializer=generation_pb2.PushWeightsResponse.FromString)
+    return call(push_requests(state_dict_of(weights), version), timeout=timeout_s)
 
 
 @dataclass
@@ -119,8 +121,9 @@ class CollectiveSender:
         request = generation_pb2.PushWeightsCollectiveRequest(manifest=manifest(tensors, version))
         calls = [self._pool.submit(c.stub.PushWeightsCollective, request, timeout=self.timeout_s * 2)
                  for c in self.clients]
-        for tensor in tensors.values():
-            self.group.broadcast(tensor.contiguous(), 0).wait()
+        sent = [tensor.contiguous() for tensor in tensors.values()]
+        for work in [self.group.broadcast(tensor, 0) for tensor in sent]:  # queued at once, as the workers do
+            work.wait()
         return [call.result() for call in calls]
 
     def close(self) -> None:

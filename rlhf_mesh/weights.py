@@ -71,13 +71,31 @@ def manifest(tensors: dict[str, torch.Tensor], version: int) -> generation_pb2.W
     return generation_pb2.WeightManifest(policy_version=version, tensors=specs)
 
 
-def chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterable[generation_pb2.WeightChunk]:
-    """Every tensor's bytes as chunks of at most `chunk_bytes`, in manifest order."""
+def chunk_requests(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterable[bytes]:
+    """Every tensor's bytes as serialized `PushWeightsRequest` chunks of at most `chunk_bytes`, in manifest order.
+
+    Encoded here rather than through `WeightChunk(data=...)`: protobuf copies each chunk into a
+    fresh arena and again when it is nested, 0.35 s of a 195 MB push; this is one copy.
+    """
     for index, tensor in enumerate(tensors):
         data = raw_bytes(tensor)
         for offset in range(0, max(len(data), 1), chunk_bytes):
-            yield generation_pb2.WeightChunk(
-                tensor_index=index, offset_bytes=offset, data=bytes(data[offset : offset + chunk_bytes]))
+            piece = data[offset : offset + chunk_bytes]
+            # WeightChunk: tensor_index and offset_bytes as protobuf writes them, then field 3 (data)
+            head = generation_pb2.WeightChunk(tensor_index=index, offset_bytes=offset).SerializeToString()
+            if len(piece):
+                head += b"\x1a" + _varint(len(piece))
+            yield b"".join((b"\x12", _varint(len(head) + len(piece)), head, piece))  # PushWeightsRequest.chunk
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def gloo_group(master_address: str, master_port: int, rank: int, world_size: int,

@@ -88,6 +88,14 @@ def start_generation_server(policy: Path, log_path: Path, *flags: str, port: int
     return server
 
 
+def push_messages(tensors: dict, version: int) -> list:
+    """The PushWeightsRequest messages `push_weights` sends, parsed, for tests that alter or withhold some."""
+    from rlhf_mesh.clients.weights import push_requests
+    from rlhf_mesh.v1 import generation_pb2
+
+    return [generation_pb2.PushWeightsRequest.FromString(m) for m in push_requests(tensors, version)]
+
+
 def greedy(model, prompt_ids, steps: int) -> list[int]:
     """`steps` greedy tokens of a transformers causal LM, one full forward per token."""
     import torch

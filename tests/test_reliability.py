@@ -15,7 +15,7 @@ import pytest
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import AsyncRewardClient, RewardClient
 
-from support import PYTHON, ChildServer
+from support import PYTHON, ChildServer, push_messages
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,6 @@ def test_a_generator_killed_mid_push_restarts_on_its_own_weights_and_takes_the_p
     from transformers import AutoModelForCausalLM
 
     from rlhf_mesh.clients.generation import GenerationClient
-    from rlhf_mesh.clients.weights import _requests
 
     from support import greedy, start_generation_server
 
@@ -144,7 +143,7 @@ def test_a_generator_killed_mid_push_restarts_on_its_own_weights_and_takes_the_p
         for p in updated.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     tensors = {k: v.detach().clone() for k, v in updated.state_dict().items()}
-    messages = list(_requests(tensors, 1))
+    messages = push_messages(tensors, 1)
     half_sent, finished = threading.Event(), threading.Event()
 
     def stall():

@@ -104,6 +104,9 @@ def test_concurrent_callers_are_batched_and_scores_are_batch_invariant(reward_se
     for i, score in enumerate(alone):
         assert together[i] == pytest.approx(score, abs=1e-5)
     assert metric(after, "rlhf_mesh_reward_tokens_total", model="tiny", kind="real") > 0
+    # some batches were padded, within the default max_padding_ratio, and the scores above held
+    padding = [metric(m, "rlhf_mesh_reward_tokens_total", model="tiny", kind="padding") for m in (before, after)]
+    assert padding[1] > padding[0]
 
 
 def test_over_long_prompt_is_truncated_from_the_left(reward_server, reference):

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
 
-from rlhf_mesh.clients.generation import GenerationClient
-from rlhf_mesh.clients.weights import CollectiveSender, _requests, push_to_replicas
+from rlhf_mesh.clients.generation import SERVICE, GenerationClient
+from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import chunks, manifest
+from rlhf_mesh.weights import chunk_requests, manifest
 
-from support import free_port, greedy
+from support import free_port, greedy, push_messages
 
 PROMPTS = ["Hello there", [5, 6, 7, 8, 9]]
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
@@ -69,6 +71,31 @@ def test_collective_push_serves_the_new_weights(generation_client, policies):
     _serves(generation_client, w2, 2)
 
 
+def test_corrupted_collective_push_changes_nothing_and_the_group_goes_on(generation_client, policies):
+    version = generation_client.model_info().policy_version
+    tensors = _tensors(policies(9))
+    name = "model.layers.1.mlp.up_proj.weight"
+    sender = CollectiveSender([generation_client], "127.0.0.1", free_port(), timeout_s=30)
+    try:
+        request = generation_pb2.PushWeightsCollectiveRequest(manifest=manifest(tensors, version + 1))
+        call = generation_client.stub.PushWeightsCollective.future(request, timeout=60)
+        for key, tensor in tensors.items():  # bytes that do not match the manifest's digest
+            sender.group.broadcast(tensor + 1 if key == name else tensor, 0).wait()
+        with pytest.raises(grpc.RpcError) as err:
+            call.result()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"tensor {name!r}: BLAKE3 digest" in err.value.details()
+        _serves(generation_client, policies(version), version)
+
+        # every tensor was received, so the same group carries the next push
+        reply = generation_client.push_weights(policies(version + 1), version + 1, transport="collective",
+                                               sender=sender)
+    finally:
+        sender.close()
+    assert reply.policy_version == version + 1
+    _serves(generation_client, policies(version + 1), version + 1)
+
+
 def _push(generation_client: GenerationClient, messages) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         generation_client.stub.PushWeights(iter(messages), timeout=60)
@@ -83,7 +110,7 @@ def test_bad_pushes_change_nothing(generation_client, policies):
     version = generation_client.model_info().policy_version
     current = policies(version)
     tensors = _tensors(policies(9))
-    good = list(_requests(tensors, version + 1))
+    good = push_messages(tensors, version + 1)
     name = "model.layers.1.mlp.up_proj.weight"
     index = list(tensors).index(name)
 
@@ -102,13 +129,13 @@ def test_bad_pushes_change_nothing(generation_client, policies):
 
     cases = [
         (corrupted, grpc.StatusCode.INVALID_ARGUMENT, f"tensor {name!r}: BLAKE3 digest"),
-        (list(_requests(missing, version + 1)), grpc.StatusCode.INVALID_ARGUMENT, f"missing tensors: [{name!r}]"),
-        (list(_requests(unknown, version + 1)), grpc.StatusCode.INVALID_ARGUMENT, "not a parameter of the served"),
-        (list(_requests(wrong_shape, version + 1)), grpc.StatusCode.INVALID_ARGUMENT, f"{name!r}: shape"),
-        (list(_requests(wrong_dtype, version + 1)), grpc.StatusCode.INVALID_ARGUMENT,
+        (push_messages(missing, version + 1), grpc.StatusCode.INVALID_ARGUMENT, f"missing tensors: [{name!r}]"),
+        (push_messages(unknown, version + 1), grpc.StatusCode.INVALID_ARGUMENT, "not a parameter of the served"),
+        (push_messages(wrong_shape, version + 1), grpc.StatusCode.INVALID_ARGUMENT, f"{name!r}: shape"),
+        (push_messages(wrong_dtype, version + 1), grpc.StatusCode.INVALID_ARGUMENT,
          f"{name!r}: dtype TENSOR_DTYPE_BFLOAT16, the served policy is float32"),
         (partial, grpc.StatusCode.INVALID_ARGUMENT, f"tensor {name!r}: received 0 of"),
-        (list(_requests(tensors, version)), grpc.StatusCode.FAILED_PRECONDITION,
+        (push_messages(tensors, version), grpc.StatusCode.FAILED_PRECONDITION,
          f"policy_version {version} is not above the served version {version}"),
         (good[1:], grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest"),
     ]
@@ -137,7 +164,7 @@ def test_a_bad_weight_transfer_group_is_refused_before_joining(generation_client
 
 def test_interrupted_push_changes_nothing(generation_client, policies):
     version = generation_client.model_info().policy_version
-    messages = list(_requests(_tensors(policies(9)), version + 1))
+    messages = push_messages(_tensors(policies(9)), version + 1)
     sent = threading.Event()
 
     def stall():
@@ -154,7 +181,7 @@ def test_interrupted_push_changes_nothing(generation_client, policies):
 def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
     version = generation_client.model_info().policy_version
     tensors = _tensors(policies(version + 1))
-    messages = list(_requests(tensors, version + 1))
+    messages = push_messages(tensors, version + 1)
     halfway = threading.Event()
     outcome: dict[str, object] = {}
 
@@ -171,7 +198,7 @@ def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
     thread = threading.Thread(target=first)
     thread.start()
     assert halfway.wait(30)
-    err = _push(generation_client, list(_requests(_tensors(policies(8)), version + 2)))
+    err = _push(generation_client, push_messages(_tensors(policies(8)), version + 2))
     thread.join()
     assert err.code() == grpc.StatusCode.ABORTED and "in progress" in err.details()
     assert outcome["reply"].policy_version == version + 1
@@ -182,10 +209,25 @@ def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(generation_
     """A sample spanning an update: old-weight tokens, then the new weights' greedy continuation."""
     version = generation_client.model_info().policy_version
     old, new = policies(version), policies(version + 1)
+    # The push is all but sent before the sample starts, so it lands within milliseconds of the
+    # release, long before the 200 tokens are done.
+    messages = push_messages(_tensors(new), version + 1)
+    sent, release = threading.Event(), threading.Event()
+
+    def held_back():
+        yield from messages[:-1]
+        sent.set()
+        release.wait(60)
+        yield messages[-1]
+
+    push = threading.Thread(target=generation_client.stub.PushWeights, args=(held_back(),), kwargs={"timeout": 60})
+    push.start()
+    assert sent.wait(30)
     events = generation_client.generate(PROMPTS[:1], max_tokens=200, temperature=0, ignore_eos=True, stream_tokens=True)
     first = next(events)  # generating on the old weights
     assert first.HasField("delta")
-    generation_client.push_weights(new, version + 1)
+    release.set()
+    push.join()
     sample = next(e.sample for e in events if e.HasField("sample"))
     assert (sample.policy_version_start, sample.policy_version_end) == (version, version + 1)
     tokens = list(sample.completion_token_ids)
@@ -224,8 +266,46 @@ def test_push_to_replicas_reports_each_replica(generation_server, generation_cli
 
 
 def test_chunks_stay_within_the_contract():
-    tensors = {"a": torch.zeros(3 << 20), "b": torch.ones(5)}  # 12 MiB and 20 bytes
-    pieces = list(chunks(tensors.values()))
+    tensors = {"a": torch.randn(3 << 20), "b": torch.ones(5), "c": torch.ones(0)}  # 12 MiB, 20 bytes, none
+    encoded = list(chunk_requests(tensors.values()))
+    pieces = [generation_pb2.PushWeightsRequest.FromString(e).chunk for e in encoded]
     assert max(len(c.data) for c in pieces) == 4 << 20
-    assert [(c.tensor_index, c.offset_bytes) for c in pieces] == [(0, 0), (0, 4 << 20), (0, 8 << 20), (1, 0)]
-    assert [s.size_bytes for s in manifest(tensors, 1).tensors] == [12 << 20, 20]
+    assert [(c.tensor_index, c.offset_bytes) for c in pieces] == [(0, 0), (0, 4 << 20), (0, 8 << 20), (1, 0), (2, 0)]
+    assert b"".join(c.data for c in pieces[:3]) == tensors["a"].numpy().tobytes()
+    # byte for byte what protobuf itself writes for the same message
+    assert encoded == [generation_pb2.PushWeightsRequest(chunk=c).SerializeToString() for c in pieces]
+    assert [s.size_bytes for s in manifest(tensors, 1).tensors] == [12 << 20, 20, 0]
+
+
+def test_in_band_push_sends_the_token_and_messages_protobuf_reads():
+    """push_weights serializes its own messages: a plain gRPC server parses them and sees the token."""
+    seen: dict[str, object] = {}
+
+    def push(requests, context):
+        seen["metadata"] = dict(context.invocation_metadata())
+        seen["messages"] = list(requests)
+        return generation_pb2.PushWeightsResponse(policy_version=seen["messages"][0].manifest.policy_version)
+
+    server = grpc.server(ThreadPoolExecutor(2), options=[("grpc.max_receive_message_length", 8 << 20)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
+        "PushWeights": grpc.stream_unary_rpc_method_handler(
+            push, request_deserializer=generation_pb2.PushWeightsRequest.FromString,
+            response_serializer=generation_pb2.PushWeightsResponse.SerializeToString)})])
+    checks = health.HealthServicer()
+    checks.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    tensors = {"a": torch.randn(3 << 20), "b": torch.arange(5.0)}
+    try:
+        with GenerationClient(f"127.0.0.1:{port}", timeout_s=30, token="s3cret") as client:
+            assert client.push_weights(tensors, 7).policy_version == 7
+    finally:
+        server.stop(None)
+    assert seen["metadata"]["authorization"] == "Bearer s3cret"
+    first, *rest = seen["messages"]
+    assert first.manifest == manifest(tensors, 7)
+    for index, tensor in enumerate(tensors.values()):
+        data = b"".join(m.chunk.data for m in rest if m.chunk.tensor_index == index)
+        assert data == tensor.numpy().tobytes()
+

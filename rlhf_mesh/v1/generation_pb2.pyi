@@ -576,9 +576,11 @@ class WeightUpdateTimings(_message.Message):
     APPLY_MS_FIELD_NUMBER: _builtins.int
     PAUSED_MS_FIELD_NUMBER: _builtins.int
     transfer_ms: _builtins.float
-    """Receiving the bytes, in milliseconds."""
+    """Receiving the bytes, in milliseconds; each tensor's digest is checked meanwhile, as soon as
+    its last byte is in.
+    """
     verify_ms: _builtins.float
-    """Checking sizes, dtypes, shapes and digests, in milliseconds."""
+    """Checking what remains once the last byte is in (sizes, the last digests), in milliseconds."""
     apply_ms: _builtins.float
     """Loading the weights into the engine, in milliseconds."""
     paused_ms: _builtins.float

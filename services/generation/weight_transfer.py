@@ -79,19 +79,22 @@ class StagedWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if update_info.path:
             from safetensors.torch import load_file
 
-            self.staged = list(load_file(update_info.path).items())
+            self.staged = list(load_file(update_info.path).items())  # a copy now, so the pause only loads
             return
         if self.group is None:
             raise RuntimeError("collective weight transfer not initialized: call InitWeightTransfer first")
-        for name, dtype, shape, expected in zip(
-            update_info.names, update_info.dtypes, update_info.shapes, update_info.digests, strict=True
-        ):
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
-            self.group.broadcast(tensor, 0).wait()
-            if digest(tensor).hex() != expected:
-                self.staged = []
-                raise ValueError(f"{REJECTED}tensor {name!r}: BLAKE3 digest of the received bytes does not match")
-            self.staged.append((name, tensor))
+        tensors = [torch.empty(shape, dtype=getattr(torch, dtype))
+                   for dtype, shape in zip(update_info.dtypes, update_info.shapes, strict=True)]
+        # All broadcasts are queued at once so that gloo receives the next tensor while this one's digest is checked.
+        works = [self.group.broadcast(tensor, 0) for tensor in tensors]
+        mismatch = None
+        for name, tensor, expected, work in zip(update_info.names, tensors, update_info.digests, works, strict=True):
+            work.wait()
+            if mismatch is None and digest(tensor).hex() != expected:
+                mismatch = name  # the sender sends every tensor: receive them all, so the group stays in step
+        if mismatch is not None:
+            raise ValueError(f"{REJECTED}tensor {mismatch!r}: BLAKE3 digest of the received bytes does not match")
+        self.staged = list(zip(update_info.names, tensors, strict=True))
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload

@@ -13,6 +13,7 @@ import mmap
 import os
 import struct
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -60,7 +61,11 @@ def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tu
 
 
 class StagingFile:
-    """A safetensors file laid out from the manifest, filled chunk by chunk."""
+    """A safetensors file laid out from the manifest, filled chunk by chunk.
+
+    A tensor's digest is computed in a thread as soon as its last byte is in, while the
+    stream goes on; `verify` waits for the rest.
+    """
 
     def __init__(self, folder: str, manifest: generation_pb2.WeightManifest) -> None:
         self.specs = list(manifest.tensors)
@@ -80,8 +85,10 @@ class StagingFile:
             f.write(struct.pack("<Q", len(encoded)) + encoded)
             f.truncate(self.data_start + offset)
         self._file = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
-        self._map = mmap.mmap(self._file.fileno(), 0) if offset else None
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if offset else None  # digests
         self.received = [0] * len(self.specs)
+        self._digests: dict[int, Future[bytes]] = {}
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-digest")
 
     def write(self, chunk: generation_pb2.WeightChunk) -> None:
         if chunk.tensor_index >= len(self.specs):
@@ -92,30 +99,35 @@ class StagingFile:
             raise WeightRejected(f"tensor {spec.name!r}: chunk at offset {chunk.offset_bytes} of "
                                  f"{len(chunk.data)} bytes runs past its {spec.size_bytes} bytes")
         start = self.data_start + self.offsets[chunk.tensor_index] + chunk.offset_bytes
-        self._map[start : start + len(chunk.data)] = chunk.data
+        os.pwrite(self._file.fileno(), chunk.data, start)
         self.received[chunk.tensor_index] += len(chunk.data)
+        if self.received[chunk.tensor_index] == spec.size_bytes and chunk.tensor_index not in self._digests:
+            self._digests[chunk.tensor_index] = self._hasher.submit(self._digest, chunk.tensor_index)
 
     @property
     def received_bytes(self) -> int:
         return sum(self.received)
+
+    def _digest(self, index: int) -> bytes:
+        if self._map is None:
+            return digest(b"")
+        start = self.data_start + self.offsets[index]
+        with memoryview(self._map)[start : start + self.specs[index].size_bytes] as view:
+            return digest(view)
 
     def verify(self) -> None:
         """Every byte arrived once and every digest matches; raises WeightRejected naming the tensor."""
         for i, spec in enumerate(self.specs):
             if self.received[i] != spec.size_bytes:
                 raise WeightRejected(f"tensor {spec.name!r}: received {self.received[i]} of {spec.size_bytes} bytes")
-            start = self.data_start + self.offsets[i]
-            view = memoryview(self._map)[start : start + spec.size_bytes] if self._map else b""
-            try:
-                if digest(view) != spec.blake3_digest:
-                    raise WeightRejected(f"tensor {spec.name!r}: BLAKE3 digest of the received bytes does not match")
-            finally:
-                if isinstance(view, memoryview):
-                    view.release()
+            # bytes that arrived after the digest was taken would have made received exceed the size
+            taken = self._digests[i].result() if i in self._digests else self._digest(i)  # empty, never sent
+            if taken != spec.blake3_digest:
+                raise WeightRejected(f"tensor {spec.name!r}: BLAKE3 digest of the received bytes does not match")
 
     def close(self) -> None:
+        self._hasher.shutdown(cancel_futures=True)  # waits for a digest that is running
         if self._map is not None:
-            self._map.flush()
             self._map.close()
         self._file.close()
         Path(self.path).unlink(missing_ok=True)

@@ -2,10 +2,11 @@
 
 Samples from concurrent calls wait in one bounded queue. A batch is cut when the queued
 tokens fill `max_batch_tokens` or the oldest sample has waited `max_wait_ms`; it always
-holds the oldest sample (no starvation) plus the queued samples closest to it in length
-(little padding), within the padded-token budget. The model runs in its own thread so the
-event loop keeps answering health checks and new calls. Samples whose caller went away
-(their future cancelled) are dropped before a batch is cut, never computed.
+holds the oldest sample (no starvation) plus the queued samples closest to it in length,
+within the padded-token budget and `max_padding_ratio` (padding is computed like real
+tokens, while on CPU a smaller batch costs little per token). The model runs in its own
+thread so the event loop keeps answering health checks and new calls. Samples whose caller
+went away (their future cancelled) are dropped before a batch is cut, never computed.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ class Batcher:
     """Batches samples for `score(batch) -> scores`, run in a dedicated thread."""
 
     def __init__(self, name: str, score: Callable[[list[list[int]]], list[float]], *,
-                 max_batch_tokens: int, max_wait_ms: float, max_queue_samples: int) -> None:
+                 max_batch_tokens: int, max_wait_ms: float, max_queue_samples: int,
+                 max_padding_ratio: float = 1.0) -> None:
         self.name = name
         self._score = score
         self._max_batch_tokens = max_batch_tokens
+        self._max_padding_ratio = max_padding_ratio
         self._max_wait_s = max_wait_ms / 1000
         self._max_queue = max_queue_samples
         self._queue: list[_Item] = []  # sorted by (length, arrival)
@@ -114,10 +117,11 @@ class Batcher:
             self._depth.set(len(kept))
 
     def _cut(self) -> list[_Item]:
-        """The oldest item and its nearest neighbours in length, within the token budget."""
+        """The oldest item and its nearest neighbours in length, within the token and padding budgets."""
         queue = self._queue
         oldest = min(range(len(queue)), key=lambda i: queue[i].seq)
         lo = hi = oldest  # the batch is queue[lo:hi + 1]
+        real = queue[oldest].length
         while True:
             left = queue[lo - 1] if lo > 0 else None
             right = queue[hi + 1] if hi + 1 < len(queue) else None
@@ -129,8 +133,10 @@ class Batcher:
             if pick is None:
                 break
             width = max(queue[hi].length, pick.length)
-            if width * (hi - lo + 2) > self._max_batch_tokens:
+            padded = width * (hi - lo + 2)
+            if padded > self._max_batch_tokens or padded - real - pick.length > self._max_padding_ratio * padded:
                 break
+            real += pick.length
             if pick is left:
                 lo -= 1
             else:

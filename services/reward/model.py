@@ -137,6 +137,7 @@ class RewardModel:
     """A `*ForSequenceClassification` reward model with one label, scored with transformers."""
 
     backend = "transformers"
+    pads_batches = True  # a batch runs padded to its longest sample
 
     def __init__(self, name: str, path: str, *, dtype: str, device: str, max_length: int | None,
                  truncation: str) -> None:

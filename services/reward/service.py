@@ -76,6 +76,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         batcher = Batcher(
             model.name, model.score, max_batch_tokens=self.settings.max_batch_tokens,
             max_wait_ms=self.settings.max_wait_ms, max_queue_samples=self.settings.max_queue_samples,
+            max_padding_ratio=self.settings.max_padding_ratio if model.pads_batches else 1.0,
         )
         batcher.start()
         replaced = self.served.get(model.name)

@@ -29,6 +29,9 @@ class RewardSettings(ServiceSettings):
     max_batch_tokens: int = Field(
         4096, gt=0, description="padded tokens per model batch (a longer sample runs alone)"
     )
+    max_padding_ratio: float = Field(
+        0.1, ge=0, le=1, description="most padding tokens / all tokens of a padded batch; a sample may run alone"
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="longest a sample waits for batch-mates")
     max_queue_samples: int = Field(8192, gt=0, description="queued samples per model; beyond: RESOURCE_EXHAUSTED")
     max_request_samples: int = Field(1024, gt=0, description="samples in one Score call")

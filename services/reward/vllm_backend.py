@@ -14,6 +14,7 @@ from rlhf_mesh.services.reward.model import RewardModel
 
 class VllmRewardModel(RewardModel):
     backend = "vllm"
+    pads_batches = False  # vLLM packs the sequences of a batch
 
     def __init__(self, name: str, path: str, *, dtype: str, max_length: int | None, truncation: str) -> None:
         from vllm import LLM
