@@ -154,10 +154,7 @@ class Trainer:
         if self._push_dtype not in TORCH_DTYPES.values():
             raise LearnerError(f"generation replicas serve {self._push_dtype}, which cannot be pushed")
         if s.weight_transport == "collective":
-            clients = [GenerationClient(a, **credentials) for a in self.replicas]
-            self._sender = await asyncio.to_thread(
-                CollectiveSender, clients, s.collective_address, 0, min(s.rpc_timeout_s, 300.0)
-            )
+            self._sender = await asyncio.to_thread(self._new_sender, self.replicas)
         served = [info.policy_version for info in infos]
         if any(v != self.version for v in served):
             # Replicas that moved on (a learner killed after a push and resumed from an older
@@ -181,10 +178,7 @@ class Trainer:
         for client in (*self._generators, self._reward):
             if client is not None:
                 await client.close()
-        if self._sender is not None:
-            for client in self._sender.clients:
-                client.close()
-            self._sender.close()
+        self._close_sender()
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """A copy of the policy's pushed tensors, in the replicas' dtype."""
@@ -194,11 +188,53 @@ class Trainer:
     def _push(self, version: int) -> None:
         """Every replica serves `version` = the current policy when this returns."""
         tensors = self._weights()
-        if self._sender is not None:
-            self._sender.push(tensors, version)
+        if self.settings.weight_transport == "collective":
+            self._push_collective(tensors, version)
         else:
             self._push_in_band(tensors, version)
         self._pushed = (version, tensors if self.max_lag else None)
+
+    def _new_sender(self, replicas: list[str]) -> CollectiveSender:
+        clients = [GenerationClient(a, **self._credentials) for a in replicas]
+        return CollectiveSender(clients, self.settings.collective_address, 0, min(self.settings.rpc_timeout_s, 300.0))
+
+    def _close_sender(self) -> None:
+        if self._sender is not None:
+            for client in self._sender.clients:
+                client.close()
+            self._sender.close()
+            self._sender = None
+
+    def _push_collective(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        """Broadcast to every replica. A failed push leaves the group out of step (and a restarted
+        replica's workers were never in it): a new group of the replicas still below `version`
+        takes the retry, with backoff; the next push makes a group of all of them again."""
+        retry, replicas = Retry(attempts=self.settings.replica_retries), self.replicas
+        for attempt in itertools.count():
+            try:
+                if self._sender is None:
+                    self._sender = self._new_sender(replicas)
+                self._sender.push(tensors, version)
+                if replicas != self.replicas:
+                    self._close_sender()
+                return
+            except (grpc.RpcError, RuntimeError) as err:
+                self._close_sender()
+                failure = f"{err.code().name} {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
+                if attempt + 1 >= retry.attempts:
+                    raise LearnerError(f"weight push of version {version} failed: {failure}") from None
+                log.warning("weight push of version %d failed: %s; retrying in %.0f s", version, failure,
+                            retry.backoff(attempt))
+                time.sleep(retry.backoff(attempt))
+                replicas = [a for a in self.replicas if self._served_version(a) < version]
+
+    def _served_version(self, address: str) -> int:
+        """The policy version a replica serves; -1 while it cannot be reached."""
+        with GenerationClient(address, timeout_s=self.settings.rpc_timeout_s, **self._credentials) as client:
+            try:
+                return client.model_info().policy_version
+            except grpc.RpcError:
+                return -1
 
     def _push_in_band(self, tensors: dict[str, torch.Tensor], version: int) -> None:
         """Push to every replica; those that fail while they restart are pushed again, with backoff."""
