@@ -96,6 +96,34 @@ def test_corrupted_collective_push_changes_nothing_and_the_group_goes_on(generat
     _serves(generation_client, policies(version + 1), version + 1)
 
 
+def test_an_update_whose_caller_left_runs_to_its_end_before_the_next(generation_client, policies):
+    """A collective push whose caller gives up while the workers wait for its bytes: its vLLM
+    update session is not left open (it would refuse every later update) but ends when the
+    workers' receive times out; meanwhile other pushes get ABORTED, then they succeed."""
+    version = generation_client.model_info().policy_version
+    tensors = _tensors(policies(version + 1))
+    sender = CollectiveSender([generation_client], "127.0.0.1", free_port(), timeout_s=4)
+    try:
+        request = generation_pb2.PushWeightsCollectiveRequest(manifest=manifest(tensors, version + 1))
+        with pytest.raises(grpc.RpcError) as err:  # nothing is broadcast
+            generation_client.stub.PushWeightsCollective(request, timeout=1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        busy = _push(generation_client, push_messages(tensors, version + 1))
+        assert busy.code() == grpc.StatusCode.ABORTED and "in progress" in busy.details()
+    finally:
+        sender.close()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            reply = generation_client.push_weights(tensors, version + 1)
+            break
+        except grpc.RpcError as refused:
+            assert refused.code() == grpc.StatusCode.ABORTED and time.monotonic() < deadline
+            time.sleep(0.5)
+    assert reply.policy_version == version + 1
+    _serves(generation_client, policies(version + 1), version + 1)
+
+
 def _push(generation_client: GenerationClient, messages) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         generation_client.stub.PushWeights(iter(messages), timeout=60)

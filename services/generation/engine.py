@@ -63,6 +63,7 @@ class PolicyEngine:
         self.version_changed = asyncio.Condition()
         self.queued = 0
         self.update_lock = asyncio.Lock()  # one weight update at a time
+        self._session: asyncio.Future[tuple[float, float, float]] | None = None  # the vLLM update session
         self.broken = ""  # why the weights can no longer be trusted (a failed apply)
 
     async def start(self) -> None:
@@ -113,14 +114,24 @@ class PolicyEngine:
                 return False
         return True
 
+    @property
+    def updating(self) -> bool:
+        """An update holds the lock, or its vLLM session is still running after its caller left."""
+        return self.update_lock.locked() or (self._session is not None and not self._session.done())
+
     async def update(self, update_info: dict, version: int) -> tuple[float, float, float]:
         """Stage an update in the workers, then pause, apply, label it `version` and resume.
 
         Hold `update_lock`. Staging can fail (WeightRejected for the caller's tensors) and
-        leaves the served weights as they were; the commit after it is shielded from
-        cancellation, so a push that got that far always completes.
-        Returns (stage_ms, apply_ms, paused_ms).
+        leaves the served weights as they were. The session runs to its end even when the
+        caller is cancelled: vLLM's workers would otherwise keep it open and refuse every later
+        update ("start_weight_update called while a weight update is already active"), and a
+        push that got this far has all its bytes. Returns (stage_ms, apply_ms, paused_ms).
         """
+        self._session = asyncio.ensure_future(self._update(update_info, version))
+        return await asyncio.shield(self._session)
+
+    async def _update(self, update_info: dict, version: int) -> tuple[float, float, float]:
         started = time.perf_counter()
         await self.llm.start_weight_update()
         try:
@@ -130,7 +141,7 @@ class PolicyEngine:
                 raise WeightRejected(str(err).split(REJECTED, 1)[1].splitlines()[0]) from None
             raise
         staged = time.perf_counter()
-        paused_ms = await asyncio.shield(self._commit(version))
+        paused_ms = await self._commit(version)
         return (staged - started) * 1000, (time.perf_counter() - staged) * 1000, paused_ms
 
     async def _commit(self, version: int) -> float:

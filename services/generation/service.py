@@ -138,7 +138,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if self.engine.layout is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "weight pushes need the policy loaded from a local folder")
-        if self.engine.update_lock.locked():
+        if self.engine.updating:
             await context.abort(grpc.StatusCode.ABORTED, "another weight update is in progress; retry after it")
         # The lock is released before a refusal is sent: the caller may push again as soon as it has it.
         try:
