@@ -251,7 +251,9 @@ def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(generation_
     push = threading.Thread(target=generation_client.stub.PushWeights, args=(held_back(),), kwargs={"timeout": 60})
     push.start()
     assert sent.wait(30)
-    events = generation_client.generate(PROMPTS[:1], max_tokens=200, temperature=0, ignore_eos=True, stream_tokens=True)
+    # 16 copies of the sample make each engine step slower, so the sample outlasts the push's commit
+    events = generation_client.generate(PROMPTS[:1], n=16, max_tokens=200, temperature=0, ignore_eos=True,
+                                        stream_tokens=True)
     first = next(events)  # generating on the old weights
     assert first.HasField("delta")
     release.set()
