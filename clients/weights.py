@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import grpc
@@ -88,8 +88,8 @@ def push_to_replicas(targets: str | Sequence[str], weights: torch.nn.Module | di
 class CollectiveSender:
     """Rank 0 of a gloo group that every worker of `clients`' replicas joins.
 
-    After a failed push (a refused manifest, a timeout) the group may be out of step:
-    make a new sender (on a new port) before pushing again. `master_port` 0 picks a free one.
+    After a failed push (a refused manifest, a timeout) the group may be out of step, so the
+    sender refuses further pushes: make a new one (on a new port). `master_port` 0 picks a free one.
     """
 
     def __init__(self, clients: Sequence[GenerationClient], master_address: str, master_port: int = 0,
@@ -101,7 +101,8 @@ class CollectiveSender:
         workers = [c.model_info().worker_count for c in self.clients]
         world_size = 1 + sum(workers)
         offsets = [1 + sum(workers[:i]) for i in range(len(workers))]
-        self._pool = ThreadPoolExecutor(max_workers=len(self.clients))
+        self._pool = ThreadPoolExecutor(max_workers=len(self.clients) + 1)  # the calls and the broadcasts
+        self._failed: int | None = None  # the version whose push failed
         joins = [
             self._pool.submit(client.stub.InitWeightTransfer, generation_pb2.InitWeightTransferRequest(
                 master_address=master_address, master_port=master_port, world_size=world_size,
@@ -116,15 +117,35 @@ class CollectiveSender:
 
     def push(self, weights: torch.nn.Module | dict[str, torch.Tensor],
              version: int) -> list[generation_pb2.PushWeightsCollectiveResponse]:
-        """Broadcast every tensor while each replica receives, verifies and applies them."""
+        """Broadcast every tensor while each replica receives, verifies and applies them.
+
+        Raises a replica's gRPC error as soon as it has one: a refused manifest (a stale
+        version, another update running) ends the push at once, not at the group's timeout.
+        """
+        if self._failed is not None:
+            raise RuntimeError(f"the push of version {self._failed} failed and this sender's group may be "
+                               "out of step: make a new sender")
         tensors = state_dict_of(weights)
         request = generation_pb2.PushWeightsCollectiveRequest(manifest=manifest(tensors, version))
         calls = [self._pool.submit(c.stub.PushWeightsCollective, request, timeout=self.timeout_s * 2)
                  for c in self.clients]
-        sent = [tensor.contiguous() for tensor in tensors.values()]
-        for work in [self.group.broadcast(tensor, 0) for tensor in sent]:  # queued at once, as the workers do
-            work.wait()
+        broadcast = self._pool.submit(self._broadcast, [tensor.contiguous() for tensor in tensors.values()])
+        wait([broadcast, *calls], return_when=FIRST_EXCEPTION)
+        errors = [call.exception() for call in calls if call.done() and call.exception() is not None]
+        if errors:  # a replica that rejects the bytes has received them all; one that refused the manifest, none
+            wait([broadcast], timeout=1.0)
+        if not broadcast.done() or broadcast.exception() is not None:
+            self._failed = version  # some worker is short of bytes
+        if errors:
+            raise errors[0]
+        broadcast.result()
         return [call.result() for call in calls]
+
+    def _broadcast(self, tensors: list[torch.Tensor]) -> None:
+        """Queued at once, as the workers do. A broadcast nobody receives blocks until the group's
+        timeout, and so would dropping the group: this thread holds it (through self) till then."""
+        for work in [self.group.broadcast(tensor, 0) for tensor in tensors]:
+            work.wait()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

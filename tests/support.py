@@ -75,13 +75,18 @@ def metric(text: str, name: str, **labels: str) -> float:
     )
 
 
-def start_generation_server(policy: Path, log_path: Path, *flags: str, port: int | None = None) -> ChildServer:
-    """`rlhf-mesh serve generation` on `policy` in float32 with `flags`, once it is SERVING."""
+def start_generation_server(policy: Path, log_path: Path, *flags: str, port: int | None = None,
+                            max_model_len: int = MAX_MODEL_LEN, nice: int = 0) -> ChildServer:
+    """`rlhf-mesh serve generation` on `policy` in float32 with `flags`, once it is SERVING.
+
+    `nice` lowers the priority of the server and its engine processes: on two cores, a
+    generating engine can keep a waking test process off the CPU for over a second.
+    """
     from rlhf_mesh.clients.health import wait_until_serving
 
     server = ChildServer(
-        [PYTHON, "-m", "rlhf_mesh", "serve", "generation", "--model", str(policy),
-         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), *flags],
+        [*(["nice", "-n", str(nice)] if nice else []), PYTHON, "-m", "rlhf_mesh", "serve", "generation",
+         "--model", str(policy), "--dtype", "float32", "--max-model-len", str(max_model_len), *flags],
         log_path, port=port,
     )
     wait_until_serving(server.address, timeout_s=300, alive=server.alive)

@@ -17,11 +17,22 @@ from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import chunk_requests, manifest
 
-from support import free_port, greedy, push_messages
+from support import free_port, greedy, push_messages, start_generation_server
 
 PROMPTS = ["Hello there", [5, 6, 7, 8, 9]]
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
 GREEDY = dict(max_tokens=16, temperature=0, ignore_eos=True)
+MAX_MODEL_LEN = 1024  # the tiny policy's own limit: a long sample outlasts a push by seconds
+
+
+@pytest.fixture(scope="module")
+def generation_server(tiny_models, tmp_path_factory):
+    """The tests push while the server generates, and must see their pushes land mid-sample:
+    the server runs at a lower priority, so that its engine does not keep them off the CPU."""
+    server = start_generation_server(tiny_models["policy"], tmp_path_factory.mktemp("generation") / "server.log",
+                                     max_model_len=MAX_MODEL_LEN, nice=10)
+    yield server
+    assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +105,25 @@ def test_corrupted_collective_push_changes_nothing_and_the_group_goes_on(generat
         sender.close()
     assert reply.policy_version == version + 1
     _serves(generation_client, policies(version + 1), version + 1)
+
+
+def test_a_refused_collective_manifest_fails_the_push_at_once(generation_client, policies):
+    """A stale version is refused before the workers receive anything: the sender raises the
+    replica's status at once, not at the group's timeout, and will not push on that group again."""
+    version = generation_client.model_info().policy_version
+    sender = CollectiveSender([generation_client], "127.0.0.1", free_port(), timeout_s=30)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            generation_client.push_weights(policies(9), version, transport="collective", sender=sender)
+        assert time.monotonic() - started < 10
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"policy_version {version} is not above the served version {version}" in err.value.details()
+        with pytest.raises(RuntimeError, match="make a new sender"):
+            sender.push(policies(9), version + 1)
+    finally:
+        sender.close()
+    _serves(generation_client, policies(version), version)
 
 
 def test_an_update_whose_caller_left_runs_to_its_end_before_the_next(generation_client, policies):
@@ -234,17 +264,29 @@ def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
 
 
 def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(generation_client, policies):
-    """A sample spanning an update: old-weight tokens, then the new weights' greedy continuation."""
-    version = generation_client.model_info().policy_version
-    old, new = policies(version), policies(version + 1)
-    events = generation_client.generate(PROMPTS[:1], max_tokens=200, temperature=0, ignore_eos=True, stream_tokens=True)
-    first = next(events)  # generating on the old weights
-    assert first.HasField("delta")
-    generation_client.push_weights(new, version + 1)
-    sample = next(e.sample for e in events if e.HasField("sample"))
+    """A sample spanning an update: old-weight tokens, then the new weights' greedy continuation.
+
+    The push is sent once the sample's first token is in, but on two cores a generating engine
+    can keep this process off the CPU until the sample (1.5 s) has ended; such a sample is all
+    old-weight tokens, and the next version is pushed into a new sample."""
+    attempts = 6
+    for _ in range(attempts):
+        version = generation_client.model_info().policy_version
+        new = policies(version + 1)
+        events = generation_client.generate(PROMPTS[:1], max_tokens=MAX_MODEL_LEN - 16, temperature=0,
+                                            ignore_eos=True, stream_tokens=True)
+        first = next(events)  # generating on the old weights
+        assert first.HasField("delta")
+        generation_client.push_weights(new, version + 1)
+        sample = next(e.sample for e in events if e.HasField("sample"))
+        if sample.policy_version_end != version:
+            break
+        assert sample.policy_version_start == version  # ended before the push landed
+    else:
+        pytest.fail(f"none of {attempts} pushes landed while its sample was generating")
     assert (sample.policy_version_start, sample.policy_version_end) == (version, version + 1)
     tokens = list(sample.completion_token_ids)
-    old_greedy = greedy(old, sample.prompt_token_ids, len(tokens))
+    old_greedy = greedy(policies(version), sample.prompt_token_ids, len(tokens))
     switch = next(i for i, (a, b) in enumerate(zip(tokens, old_greedy, strict=True)) if a != b)
     assert 0 < switch < len(tokens)
     context = [*sample.prompt_token_ids, *tokens[:switch]]

@@ -186,13 +186,54 @@ class Trainer:
                 for name, t in self.models.policy.state_dict().items() if name in self.pushed_names}
 
     def _push(self, version: int) -> None:
-        """Every replica serves `version` = the current policy when this returns."""
+        """Every replica serves `version` = the current policy when this returns. Replicas that
+        fail while they restart are pushed again, with backoff."""
         tensors = self._weights()
-        if self.settings.weight_transport == "collective":
-            self._push_collective(tensors, version)
-        else:
-            self._push_in_band(tensors, version)
+        send = self._send_collective if self.settings.weight_transport == "collective" else self._send_in_band
+        retry, replicas = Retry(attempts=self.settings.replica_retries), self.replicas
+        for attempt in itertools.count():
+            failed = send(replicas, tensors, version)
+            if failed is None:
+                break
+            failure, replicas = failed
+            if attempt + 1 >= retry.attempts:
+                raise LearnerError(f"weight push of version {version} failed: {failure}")
+            log.warning("weight push of version %d failed: %s; retrying in %.0f s", version, failure,
+                        retry.backoff(attempt))
+            time.sleep(retry.backoff(attempt))
         self._pushed = (version, tensors if self.max_lag else None)
+
+    def _send_in_band(self, replicas: list[str], tensors: dict[str, torch.Tensor],
+                      version: int) -> tuple[str, list[str]] | None:
+        """None when every replica took the push, else what failed and the replicas to push again.
+        A refusal for good raises LearnerError."""
+        pushed = push_to_replicas(replicas, tensors, version, self.settings.rpc_timeout_s, **self._credentials)
+        failed = [r for r in pushed if not r.ok]
+        if not failed:
+            return None
+        failure = "; ".join(f"{r.address}: {r.error.code().name} {r.error.details()}" for r in failed)
+        if any(r.error.code() not in RETRYABLE for r in failed):
+            raise LearnerError(f"weight push of version {version} failed: {failure}")
+        return failure, [r.address for r in failed]
+
+    def _send_collective(self, replicas: list[str], tensors: dict[str, torch.Tensor],
+                         version: int) -> tuple[str, list[str]] | None:
+        """None when the broadcast reached every replica, else what failed and the replicas to push
+        again: those still below `version`. A failed broadcast leaves the group out of step (and a
+        restarted replica's workers were never in it), so the retry makes a new group of them; the
+        next push makes one of all the replicas again."""
+        try:
+            if self._sender is None:
+                self._sender = self._new_sender(replicas)
+            self._sender.push(tensors, version)
+        except (grpc.RpcError, RuntimeError) as err:
+            self._close_sender()
+            failure = f"{err.code().name} {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
+            below = [a for a in self.replicas if self._served_version(a) < version]
+            return (failure, below) if below else None
+        if replicas != self.replicas:
+            self._close_sender()
+        return None
 
     def _new_sender(self, replicas: list[str]) -> CollectiveSender:
         clients = [GenerationClient(a, **self._credentials) for a in replicas]
@@ -205,29 +246,6 @@ class Trainer:
             self._sender.close()
             self._sender = None
 
-    def _push_collective(self, tensors: dict[str, torch.Tensor], version: int) -> None:
-        """Broadcast to every replica. A failed push leaves the group out of step (and a restarted
-        replica's workers were never in it): a new group of the replicas still below `version`
-        takes the retry, with backoff; the next push makes a group of all of them again."""
-        retry, replicas = Retry(attempts=self.settings.replica_retries), self.replicas
-        for attempt in itertools.count():
-            try:
-                if self._sender is None:
-                    self._sender = self._new_sender(replicas)
-                self._sender.push(tensors, version)
-                if replicas != self.replicas:
-                    self._close_sender()
-                return
-            except (grpc.RpcError, RuntimeError) as err:
-                self._close_sender()
-                failure = f"{err.code().name} {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
-                if attempt + 1 >= retry.attempts:
-                    raise LearnerError(f"weight push of version {version} failed: {failure}") from None
-                log.warning("weight push of version %d failed: %s; retrying in %.0f s", version, failure,
-                            retry.backoff(attempt))
-                time.sleep(retry.backoff(attempt))
-                replicas = [a for a in self.replicas if self._served_version(a) < version]
-
     def _served_version(self, address: str) -> int:
         """The policy version a replica serves; -1 while it cannot be reached."""
         with GenerationClient(address, timeout_s=self.settings.rpc_timeout_s, **self._credentials) as client:
@@ -235,22 +253,6 @@ class Trainer:
                 return client.model_info().policy_version
             except grpc.RpcError:
                 return -1
-
-    def _push_in_band(self, tensors: dict[str, torch.Tensor], version: int) -> None:
-        """Push to every replica; those that fail while they restart are pushed again, with backoff."""
-        retry, replicas = Retry(attempts=self.settings.replica_retries), self.replicas
-        for attempt in itertools.count():
-            pushed = push_to_replicas(replicas, tensors, version, self.settings.rpc_timeout_s, **self._credentials)
-            failed = [r for r in pushed if not r.ok]
-            if not failed:
-                return
-            failure = "; ".join(f"{r.address}: {r.error.code().name} {r.error.details()}" for r in failed)
-            if any(r.error.code() not in RETRYABLE for r in failed) or attempt + 1 >= retry.attempts:
-                raise LearnerError(f"weight push of version {version} failed: {failure}")
-            log.warning("weight push of version %d failed: %s; retrying in %.0f s", version, failure,
-                        retry.backoff(attempt))
-            time.sleep(retry.backoff(attempt))
-            replicas = [r.address for r in failed]
 
     async def _repair(self, client: AsyncGenerationClient) -> None:
         """A replica that came back serving an older version (it restarted) gets the last pushed weights.
