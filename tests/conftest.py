@@ -40,9 +40,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def generation_server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildServer]:
-    """A GenerationService on the tiny policy (float32, support.MAX_MODEL_LEN), one per test module."""
-    server = start_generation_server(tiny_models["policy"], tmp_path_factory.mktemp("generation") / "server.log")
+def generation_server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
+                      request: pytest.FixtureRequest) -> Iterator[ChildServer]:
+    """A GenerationService on the tiny policy (float32, support.MAX_MODEL_LEN), one per test module;
+    a module's GENERATION_SERVER dict overrides start_generation_server's options."""
+    server = start_generation_server(tiny_models["policy"], tmp_path_factory.mktemp("generation") / "server.log",
+                                     **getattr(request.module, "GENERATION_SERVER", {}))
     yield server
     assert server.stop() == 0
 

@@ -17,22 +17,15 @@ from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import chunk_requests, manifest
 
-from support import free_port, greedy, push_messages, start_generation_server
+from support import free_port, greedy, push_messages
 
 PROMPTS = ["Hello there", [5, 6, 7, 8, 9]]
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
 GREEDY = dict(max_tokens=16, temperature=0, ignore_eos=True)
 MAX_MODEL_LEN = 1024  # the tiny policy's own limit: a long sample outlasts a push by seconds
-
-
-@pytest.fixture(scope="module")
-def generation_server(tiny_models, tmp_path_factory):
-    """The tests push while the server generates, and must see their pushes land mid-sample:
-    the server runs at a lower priority, so that its engine does not keep them off the CPU."""
-    server = start_generation_server(tiny_models["policy"], tmp_path_factory.mktemp("generation") / "server.log",
-                                     max_model_len=MAX_MODEL_LEN, nice=10)
-    yield server
-    assert server.stop() == 0
+# The tests push while the server generates, and must see their pushes land mid-sample: the
+# server runs at a lower priority, so that its engine does not keep them off the CPU.
+GENERATION_SERVER = dict(max_model_len=MAX_MODEL_LEN, nice=10)
 
 
 @pytest.fixture(scope="module")
