@@ -113,17 +113,19 @@ def test_cancel_and_deadline_abort_engine_requests(generation_server, generation
     tokens = "vllm:generation_tokens_total"
     before = metric(_wait_for_engine_requests(generation_server, 0), tokens)
     stub = generation_client.stub
-    # 48 samples of 192 tokens, cancelled at the first token
-    request = generate_request(PROMPTS, n=16, max_tokens=MAX_MODEL_LEN - 64, ignore_eos=True, stream_tokens=True)
-    call = stub.Generate(request, timeout=60)
+    # 768 samples of 192 tokens: more than the engine finishes in the seconds a cancel can
+    # take to arrive when the engine holds both cores, and more than it finishes in 15 s.
+    prompts, n, max_tokens = PROMPTS * 8, 32, MAX_MODEL_LEN - 64
+    all_tokens = len(prompts) * n * max_tokens
+    call = stub.Generate(generate_request(prompts, n=n, max_tokens=max_tokens, ignore_eos=True, stream_tokens=True),
+                         timeout=60)
     next(call)  # generating
     call.cancel()
     after_cancel = _wait_for_engine_requests(generation_server, 0)
-    assert metric(after_cancel, tokens) - before < 48 * (MAX_MODEL_LEN - 64)  # cut short, not run to the end
+    assert metric(after_cancel, tokens) - before < all_tokens  # cut short, not run to the end
     assert metric(after_cancel, "rlhf_mesh_generation_queued_samples") == 0
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(generate_request(PROMPTS, n=16, max_tokens=MAX_MODEL_LEN - 64, ignore_eos=True),
-                           timeout=0.5))
+        list(stub.Generate(generate_request(prompts, n=n, max_tokens=max_tokens, ignore_eos=True), timeout=0.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     idle = _wait_for_engine_requests(generation_server, 0)
     time.sleep(1)
