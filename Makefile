@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo
-# vLLM on CPU reserves this many GiB of KV cache; its default does not fit small machines.
-export VLLM_CPU_KVCACHE_SPACE ?= 2
 # Outside machines that carry the CPU torch wheel locally, point pip at PyTorch's CPU wheel index:
 #   make test PIP_EXTRA_INDEX_URL=<PyTorch CPU wheel index URL>
 export PIP_EXTRA_INDEX_URL

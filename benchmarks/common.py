@@ -14,10 +14,15 @@ from contextlib import contextmanager
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.server import free_port
 
-__all__ = ["free_port", "server", "server_process", "wait_http"]
+__all__ = ["free_port", "server", "server_process", "vllm_kv_cache_flag", "wait_http"]
 
-# vLLM on CPU: its default KV-cache reservation does not fit these machines' NUMA node 0.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+def vllm_kv_cache_flag() -> list[str]:
+    """`vllm serve`'s flag for the KV cache size the project's own engines default to."""
+    from rlhf_mesh.vllm_memory import kv_cache_memory_bytes
+
+    size = kv_cache_memory_bytes(None)
+    return [] if size is None else ["--kv-cache-memory-bytes", str(size)]
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 
-from common import server, wait_http
+from common import server, vllm_kv_cache_flag, wait_http
 
 
 def make_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -56,7 +56,9 @@ def best(runs: list[Result]) -> Result:
 def offline(model: str, prompts: list[list[int]], max_tokens: int, dtype: str, repeats: int) -> Result:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype=dtype, enforce_eager=True, seed=0)
+    from rlhf_mesh.vllm_memory import kv_cache_memory_bytes
+
+    llm = LLM(model=model, dtype=dtype, enforce_eager=True, seed=0, kv_cache_memory_bytes=kv_cache_memory_bytes(None))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0, logprobs=0)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(inputs[:8], params, use_tqdm=False)  # warm-up
@@ -137,7 +139,8 @@ def main() -> None:
     with server([sys.executable, "-m", "rlhf_mesh", "serve", "generation", *engine, "--metrics-port", "0",
                  "--log-level", "WARNING"]) as address:
         service = passes(lambda p, c: asyncio.run(_service_pass(address, p, args.max_tokens, c)))
-    with server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine, "--host", "localhost"],
+    with server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *engine, "--host", "localhost",
+                 *vllm_kv_cache_flag()],
                 ready=wait_http) as address:
         openai = passes(lambda p, c: asyncio.run(_openai_pass(f"http://{address}", model, p, args.max_tokens, c)))
     baseline = offline(model, prompts, args.max_tokens, args.dtype, args.repeats)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import sys
@@ -187,8 +186,7 @@ def main() -> None:
                "--log-level", "WARNING"]
     if args.service == "reward":
         command += ["--max-queue-samples", str(args.max_queue_samples)]
-    else:  # vLLM on CPU: a KV cache that fits small machines (VLLM_CPU_KVCACHE_SPACE)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    else:
         command += ["--max-queued-samples", str(args.max_queue_samples), "--max-model-len", str(200 + args.max_tokens)]
     with server_process(command) as (address, process):
         asyncio.run(run(address, process.pid, samples, args))

@@ -33,7 +33,7 @@ import grpc
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.v1 import reward_pb2, reward_pb2_grpc
 
-from common import server, wait_http
+from common import server, vllm_kv_cache_flag, wait_http
 
 MAX_BATCH_TOKENS = 4096  # the service's default
 
@@ -176,7 +176,7 @@ def main() -> None:
                                            args.concurrency)
     with server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--runner", "pooling",
                  "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", str(MAX_BATCH_TOKENS),
-                 "--enforce-eager", "--host", "localhost"], ready=wait_http) as address:
+                 "--enforce-eager", "--host", "localhost", *vllm_kv_cache_flag()], ready=wait_http) as address:
         vllm_rate, vllm_lat = asyncio.run(load_vllm(address, model, samples, args.concurrency))
     on_vllm_rate, on_vllm_lat = measure_server([*service, "--backend", "vllm"], samples, args.concurrency)
 

@@ -8,9 +8,12 @@
 - `push_to_replicas(addresses, weights, version)`: in-band to many replicas in parallel (a
   headless Service's DNS name resolves to all of them); every replica gets its own result.
 
-`weights` is a module or a state dict with the policy's Hugging Face parameter names, in the
-dtype the service serves. Versions only go up: a push at a version not above the served one
-gets FAILED_PRECONDITION, so retrying a push is harmless.
+`weights` is a transformers model (sent as its checkpoint names its tensors: a tied parameter
+once, fused experts split back), any module, or a state dict with the policy's Hugging Face
+names, in the dtype the service serves. A tied parameter may appear under both of its names
+(`lm_head.weight` and the embedding's) as long as both hold the same bytes. Versions only go
+up: a push at a version not above the served one gets FAILED_PRECONDITION, so retrying a
+push is harmless.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ SERVICE_MODULES = {
 def _models_build(args: argparse.Namespace) -> int:
     from rlhf_mesh.tiny_models import build
 
-    paths = build(args.dir, seed=args.seed, preset=args.preset)
+    paths = build(args.dir, seed=args.seed, preset=args.preset, arch=args.arch)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -42,6 +42,7 @@ def _train(args: argparse.Namespace, prog: str = "rlhf-mesh train") -> int:
     """`rlhf-mesh train`; under torchrun, rank 0 runs it and the other ranks follow (DDP)."""
     import asyncio
 
+    from rlhf_mesh.hub import ModelNotFound
     from rlhf_mesh.server import configure_logging
     from rlhf_mesh.services.learner import Settings
     from rlhf_mesh.services.learner.errors import LearnerError
@@ -58,7 +59,7 @@ def _train(args: argparse.Namespace, prog: str = "rlhf-mesh train") -> int:
         if os.environ.get("RANK", "0") != "0":
             return follow(settings)
         return asyncio.run(train(settings))
-    except LearnerError as err:
+    except (LearnerError, ModelNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -189,7 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from rlhf_mesh.tiny_models import PRESETS
+    from rlhf_mesh.tiny_models import ARCHS, PRESETS
 
     top = argparse.ArgumentParser(prog="rlhf-mesh", description="RLHF as gRPC microservices.")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -289,6 +290,7 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("dir", help="output folder; gets policy/ and reward/")
     build.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     build.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size")
+    build.add_argument("--arch", choices=ARCHS, default="llama", help="architecture of both models")
     build.set_defaults(run=_models_build)
     return top
 

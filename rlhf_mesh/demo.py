@@ -161,7 +161,6 @@ class Demo:
                 s.prompts or folder / "prompts.jsonl")
 
     def start_services(self, policy: str, reward: str) -> dict[str, Service]:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         services = {
             "generation": self.processes.start("generation", [
                 "serve", "generation", "--model", policy, "--dtype", "float32", "--max-model-len", "512",

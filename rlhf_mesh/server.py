@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
+from rlhf_mesh.hub import ModelNotFound
 from rlhf_mesh.security import TokenAuth, server_credentials
 from rlhf_mesh.settings import ServiceSettings, SettingsError, load_settings
 
@@ -360,7 +361,11 @@ def run(settings_cls: type[ServiceSettings], make_service: Callable[[Any], Servi
         print(f"error: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    service = make_service(settings)
+    try:
+        service = make_service(settings)
+    except ModelNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     asyncio.run(serve(service, settings))
     code = getattr(service, "exit_code", 0)
     # Everything is drained and closed; skip interpreter finalization, where native threads

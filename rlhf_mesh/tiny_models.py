@@ -1,4 +1,5 @@
-"""Build small Llama-style models locally: a policy, a reward model and their tokenizer.
+"""Build small models locally: a policy, a reward model and their tokenizer, of any
+architecture in ARCHS (Llama by default).
 
 No model hub is needed: a byte-level BPE tokenizer is trained on an embedded corpus and
 the models are initialised from a config, then written with `save_pretrained`, so they load
@@ -112,42 +113,75 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> dict[str, Path]:
-    """Write `policy/` (LlamaForCausalLM) and `reward/` (LlamaForSequenceClassification,
+def _config_kwargs(arch: str, preset: Preset) -> dict:
+    """The transformers config of `arch` at the size of `preset` (head_dim 32 on the tiny one)."""
+    p = asdict(preset)
+    head_dim = preset.hidden_size // preset.num_attention_heads
+    if arch == "gpt2":  # Conv1D projections, learned positions, tied head
+        return dict(model_type="gpt2", n_embd=p["hidden_size"], n_inner=p["intermediate_size"],
+                    n_layer=p["num_hidden_layers"], n_head=p["num_attention_heads"],
+                    n_positions=p["max_position_embeddings"], tie_word_embeddings=True)
+    base = dict(p, rms_norm_eps=1e-5)
+    if arch in ("llama", "llama-tied"):
+        return dict(base, model_type="llama", tie_word_embeddings=arch == "llama-tied")
+    if arch == "qwen2":  # q/k/v biases, tied like Qwen2.5-0.5B
+        return dict(base, model_type="qwen2", tie_word_embeddings=True, use_sliding_window=False)
+    if arch == "qwen3":  # q/k norms, tied like Qwen3-0.6B
+        return dict(base, model_type="qwen3", head_dim=head_dim, tie_word_embeddings=True, use_sliding_window=False)
+    if arch == "mistral":
+        return dict(base, model_type="mistral", tie_word_embeddings=False, sliding_window=None)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj in the checkpoint
+        return dict(base, model_type="phi3", tie_word_embeddings=False)
+    if arch == "gemma3":  # (1 + w) norms, scaled embeddings, local and global layers, tied
+        return dict(base, model_type="gemma3_text", head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                    sliding_window=64, layer_types=["sliding_attention", "full_attention"][: p["num_hidden_layers"]]
+                    * max(1, p["num_hidden_layers"] // 2), tie_word_embeddings=True, rms_norm_eps=1e-6)
+    if arch == "qwen2_moe":  # 4 routed experts (2 per token) and a shared expert, tied
+        return dict(base, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=p["intermediate_size"] // 2,
+                    shared_expert_intermediate_size=p["intermediate_size"] // 2, decoder_sparse_step=1,
+                    tie_word_embeddings=True, use_sliding_window=False)
+    if arch == "mixtral":  # 4 experts, 2 per token, untied
+        return dict(base, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+                    tie_word_embeddings=False, sliding_window=None)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+# Architectures `build` writes: the families most RLHF runs start from, at toy size.
+ARCHS = ("llama", "llama-tied", "qwen2", "qwen3", "mistral", "phi3", "gemma3", "gpt2", "qwen2_moe", "mixtral")
+
+
+def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny", arch: str = "llama") -> dict[str, Path]:
+    """Write `policy/` (a causal LM of `arch`) and `reward/` (its `*ForSequenceClassification`,
     one label) with the same tokenizer, and `prompts.jsonl`, under `out_dir`; the same seed
     gives the same files."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
-    arch = PRESETS[preset]
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (PAD, BOS, EOS)}
-    config = LlamaConfig(
-        **asdict(arch),
-        vocab_size=len(tokenizer),
-        pad_token_id=ids[PAD],
-        bos_token_id=ids[BOS],
-        eos_token_id=ids[EOS],
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
+    kwargs = _config_kwargs(arch, PRESETS[preset])
+    config = AutoConfig.for_model(
+        **kwargs, vocab_size=len(tokenizer), pad_token_id=ids[PAD], bos_token_id=ids[BOS], eos_token_id=ids[EOS],
         dtype="float32",
     )
     torch.manual_seed(seed)
     paths = {"policy": out / "policy", "reward": out / "reward"}
-    policy = LlamaForCausalLM(config)
+    policy = AutoModelForCausalLM.from_config(config)
     policy.generation_config = GenerationConfig(
         eos_token_id=ids[EOS], pad_token_id=ids[PAD], bos_token_id=ids[BOS]
     )
-    reward_config = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
-    reward = LlamaForSequenceClassification(LlamaConfig(**reward_config, num_labels=1))
+    reward = AutoModelForSequenceClassification.from_config(
+        AutoConfig.for_model(**{**config.to_dict(), "num_labels": 1, "id2label": None, "label2id": None})
+    )
     for name, model in (("policy", policy), ("reward", reward)):
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     paths["prompts"] = out / "prompts.jsonl"
     paths["prompts"].write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts()))
     (out / "models.json").write_text(json.dumps(
-        {"seed": seed, "preset": preset, "parameters": {
+        {"seed": seed, "preset": preset, "arch": arch, "parameters": {
             "policy": sum(p.numel() for p in policy.parameters()),
             "reward": sum(p.numel() for p in reward.parameters()),
         }}, indent=2) + "\n")

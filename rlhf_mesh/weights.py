@@ -6,6 +6,7 @@ Torch only (no vLLM), so a learner can import it anywhere.
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,22 +40,67 @@ def digest(data: torch.Tensor | memoryview | bytes) -> bytes:
     return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
 
 
-def checkpoint_layout(model_dir: str) -> dict[str, tuple[int, ...]]:
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a Hugging Face checkpoint folder: safetensors (one file or the shards
+    its index names) or, where there are none, PyTorch `.bin` files."""
+    folder = Path(model_dir)
+    for suffix, index in ((".safetensors", "model.safetensors.index.json"), (".bin", "pytorch_model.bin.index.json")):
+        if (folder / index).is_file():
+            shards = json.loads((folder / index).read_text())["weight_map"].values()
+            return [folder / name for name in sorted(set(shards))]
+        files = sorted(p for p in folder.glob(f"*{suffix}") if p.name.startswith(("model", "pytorch_model")))
+        if files:
+            return files
+    raise FileNotFoundError(f"{model_dir}: no model*.safetensors or pytorch_model*.bin weights")
+
+
+def checkpoint_layout(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of a Hugging Face checkpoint folder (tied weights appear once)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors checkpoint to take parameter names from")
     layout = {}
-    for path in files:
-        with safe_open(path, "pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                layout[name] = tuple(f.get_slice(name).get_shape())
+    for path in checkpoint_files(model_dir):
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    layout[name] = tuple(f.get_slice(name).get_shape())
+        else:  # mmap: shapes without reading the tensors
+            tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            layout.update((name, tuple(t.shape)) for name, t in tensors.items())
     return layout
 
 
+def tied_aliases(model_dir: str | Path) -> dict[str, str]:
+    """Names transformers gives a tied parameter besides the one its checkpoint stores
+    (`lm_head.weight` -> `model.embed_tokens.weight`), read off the model built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    stored = checkpoint_layout(model_dir)
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    aliases = {}
+    for group in names.values():
+        kept = [n for n in group if n in stored]
+        if len(group) > 1 and len(kept) == 1:
+            aliases.update((n, kept[0]) for n in group if n != kept[0])
+    return aliases
+
+
 def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face parameter names -> tensors, on CPU."""
-    tensors = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    """Hugging Face parameter names -> tensors, on CPU.
+
+    A transformers model gives its tensors as `save_pretrained` writes them, which is what the
+    served checkpoint holds: a tied parameter once, and fused layers (mixture-of-experts experts
+    in transformers 5) under their checkpoint names.
+    """
+    if hasattr(weights, "save_pretrained"):
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        tensors = revert_weight_conversion(weights, remove_tied_weights_from_state_dict(weights.state_dict(), weights))
+    else:
+        tensors = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
     return {name: t.detach().to("cpu") for name, t in tensors.items()}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,9 +10,6 @@ import pytest
 from rlhf_mesh.clients.generation import GenerationClient
 
 from support import ChildServer, start_generation_server
-
-# vLLM on CPU: the default KV-cache reservation does not fit NUMA node 0 of these machines.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 @pytest.fixture

@@ -12,8 +12,20 @@ from pathlib import Path
 
 from rlhf_mesh.server import free_port
 
-__all__ = ["MAX_MODEL_LEN", "PYTHON", "ROOT", "ChildServer", "free_port", "greedy", "metric", "scrape",
-           "start_generation_server", "write_pki"]
+__all__ = [
+    "MAX_MODEL_LEN",
+    "PYTHON",
+    "ROOT",
+    "ChildServer",
+    "free_port",
+    "greedy",
+    "metric",
+    "perturbed",
+    "scrape",
+    "serves",
+    "start_generation_server",
+    "write_pki",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -110,6 +122,40 @@ def greedy(model, prompt_ids, steps: int) -> list[int]:
         for _ in range(steps):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt_ids):]
+
+
+def perturbed(policy: Path, k: int):
+    """The causal LM in `policy` with seeded noise on every parameter: W_k, other weights for every k
+    (a tied parameter is one parameter, so it stays tied)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    noise = torch.Generator().manual_seed(k)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * 0.05)
+    return model
+
+
+SERVED_PROMPTS = ["Hello there", [5, 6, 7, 8, 9]]
+LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
+
+
+def serves(client, model, version: int, steps: int = 16) -> None:
+    """The service generates exactly what `model` generates greedily, with its log-probabilities,
+    at policy `version`: the check that a push reached every served parameter."""
+    import torch
+
+    assert client.model_info().policy_version == version
+    for sample in client.generate(SERVED_PROMPTS, max_tokens=steps, temperature=0, ignore_eos=True):
+        assert list(sample.completion_token_ids) == greedy(model, sample.prompt_token_ids, steps)
+        assert (sample.policy_version_start, sample.policy_version_end) == (version, version)
+        ids = [*sample.prompt_token_ids, *sample.completion_token_ids]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, len(sample.prompt_token_ids) - 1 : -1]
+        expected = torch.log_softmax(logits, -1)[torch.arange(steps), list(sample.completion_token_ids)]
+        assert torch.allclose(torch.tensor(list(sample.completion_logprobs)), expected, atol=LOGPROB_TOLERANCE)
 
 
 def write_pki(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> dict[str, Path]:

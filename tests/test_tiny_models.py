@@ -55,7 +55,9 @@ VLLM_GREEDY = """
 import json, sys
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
-    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+    from rlhf_mesh.vllm_memory import kv_cache_memory_bytes
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+              kv_cache_memory_bytes=kv_cache_memory_bytes(None))
     out = llm.generate([sys.argv[2]], SamplingParams(temperature=0, max_tokens=int(sys.argv[3]), ignore_eos=True))
     print("RESULT " + json.dumps(list(out[0].outputs[0].token_ids)))
 """

@@ -10,18 +10,15 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from transformers import AutoModelForCausalLM
 
 from rlhf_mesh.clients.generation import SERVICE, GenerationClient
 from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import chunk_requests, manifest
 
-from support import free_port, greedy, push_messages
+from support import SERVED_PROMPTS as PROMPTS
+from support import free_port, greedy, perturbed, push_messages, serves
 
-PROMPTS = ["Hello there", [5, 6, 7, 8, 9]]
-LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
-GREEDY = dict(max_tokens=16, temperature=0, ignore_eos=True)
 MAX_MODEL_LEN = 1024  # the tiny policy's own limit: a long sample outlasts a push by seconds
 # The tests push while the server generates, and must see their pushes land mid-sample: the
 # server runs at a lower priority, so that its engine does not keep them off the CPU.
@@ -31,28 +28,7 @@ GENERATION_SERVER = dict(max_model_len=MAX_MODEL_LEN, nice=10)
 @pytest.fixture(scope="module")
 def policies(tiny_models):
     """Perturbed copies of the tiny policy: make(k) is W_k, a different set of weights for every k."""
-    def make(k: int) -> torch.nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).eval()
-        noise = torch.Generator().manual_seed(k)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=noise) * 0.05)
-        return model
-
-    return make
-
-
-def _serves(generation_client: GenerationClient, model, version: int) -> None:
-    """The service generates exactly what `model` generates greedily, and its log-probabilities."""
-    assert generation_client.model_info().policy_version == version
-    for sample in generation_client.generate(PROMPTS, **GREEDY):
-        assert list(sample.completion_token_ids) == greedy(model, sample.prompt_token_ids, 16)
-        assert (sample.policy_version_start, sample.policy_version_end) == (version, version)
-        ids = [*sample.prompt_token_ids, *sample.completion_token_ids]
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, len(sample.prompt_token_ids) - 1 : -1]
-        expected = torch.log_softmax(logits, -1)[torch.arange(16), list(sample.completion_token_ids)]
-        assert torch.allclose(torch.tensor(list(sample.completion_logprobs)), expected, atol=LOGPROB_TOLERANCE)
+    return lambda k: perturbed(tiny_models["policy"], k)
 
 
 def test_in_band_push_serves_the_new_weights(generation_client, policies):
@@ -61,7 +37,7 @@ def test_in_band_push_serves_the_new_weights(generation_client, policies):
     assert reply.policy_version == 1
     assert reply.received_bytes == sum(t.numel() * 4 for t in w1.state_dict().values())
     assert reply.timings.transfer_ms > 0 and reply.timings.verify_ms > 0 and reply.timings.apply_ms > 0
-    _serves(generation_client, w1, 1)
+    serves(generation_client, w1, 1)
 
 
 def test_collective_push_serves_the_new_weights(generation_client, policies):
@@ -72,7 +48,7 @@ def test_collective_push_serves_the_new_weights(generation_client, policies):
     finally:
         sender.close()
     assert reply.policy_version == 2 and reply.timings.paused_ms > 0
-    _serves(generation_client, w2, 2)
+    serves(generation_client, w2, 2)
 
 
 def test_corrupted_collective_push_changes_nothing_and_the_group_goes_on(generation_client, policies):
@@ -89,7 +65,7 @@ def test_corrupted_collective_push_changes_nothing_and_the_group_goes_on(generat
             call.result()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"tensor {name!r}: BLAKE3 digest" in err.value.details()
-        _serves(generation_client, policies(version), version)
+        serves(generation_client, policies(version), version)
 
         # every tensor was received, so the same group carries the next push
         reply = generation_client.push_weights(policies(version + 1), version + 1, transport="collective",
@@ -97,7 +73,7 @@ def test_corrupted_collective_push_changes_nothing_and_the_group_goes_on(generat
     finally:
         sender.close()
     assert reply.policy_version == version + 1
-    _serves(generation_client, policies(version + 1), version + 1)
+    serves(generation_client, policies(version + 1), version + 1)
 
 
 def test_a_refused_collective_manifest_fails_the_push_at_once(generation_client, policies):
@@ -116,7 +92,7 @@ def test_a_refused_collective_manifest_fails_the_push_at_once(generation_client,
             sender.push(policies(9), version + 1)
     finally:
         sender.close()
-    _serves(generation_client, policies(version), version)
+    serves(generation_client, policies(version), version)
 
 
 def test_an_update_whose_caller_left_runs_to_its_end_before_the_next(generation_client, policies):
@@ -144,7 +120,7 @@ def test_an_update_whose_caller_left_runs_to_its_end_before_the_next(generation_
             assert refused.code() == grpc.StatusCode.ABORTED and time.monotonic() < deadline
             time.sleep(0.5)
     assert reply.policy_version == version + 1
-    _serves(generation_client, policies(version + 1), version + 1)
+    serves(generation_client, policies(version + 1), version + 1)
 
 
 def _push(generation_client: GenerationClient, messages) -> grpc.RpcError:
@@ -194,7 +170,7 @@ def test_bad_pushes_change_nothing(generation_client, policies):
         err = _push(generation_client, messages)
         assert err.code() == code, err.details()
         assert message in err.details()
-    _serves(generation_client, current, version)
+    serves(generation_client, current, version)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -226,7 +202,7 @@ def test_interrupted_push_changes_nothing(generation_client, policies):
     with pytest.raises(grpc.RpcError) as err:
         generation_client.stub.PushWeights(stall(), timeout=2)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and sent.is_set()
-    _serves(generation_client, policies(version), version)
+    serves(generation_client, policies(version), version)
 
 
 def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
@@ -253,7 +229,7 @@ def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
     thread.join()
     assert err.code() == grpc.StatusCode.ABORTED and "in progress" in err.details()
     assert outcome["reply"].policy_version == version + 1
-    _serves(generation_client, policies(version + 1), version + 1)
+    serves(generation_client, policies(version + 1), version + 1)
 
 
 def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(generation_client, policies):
@@ -310,7 +286,7 @@ def test_push_to_replicas_reports_each_replica(generation_server, generation_cli
     assert [r.address for r in results] == [generation_server.address, dead]
     assert results[0].ok and results[0].response.policy_version == version + 1
     assert not results[1].ok and results[1].error.code() == grpc.StatusCode.UNAVAILABLE
-    _serves(generation_client, policies(version + 1), version + 1)
+    serves(generation_client, policies(version + 1), version + 1)
 
 
 def test_chunks_stay_within_the_contract():

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from prometheus_client import Counter, Gauge, Histogram
 from vllm import SamplingParams
-from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import CompletionOutput
 from vllm.utils.async_utils import merge_async_iterators
@@ -28,7 +27,7 @@ from rlhf_mesh.services.generation.settings import GenerationSettings
 from rlhf_mesh.services.generation.weight_transfer import REJECTED
 from rlhf_mesh.services.generation.weights import WeightRejected
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import checkpoint_layout
+from rlhf_mesh.weights import TORCH_DTYPES, checkpoint_layout, tied_aliases
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,9 @@ class QueueFull(Exception):
 class PolicyEngine:
     """The served policy: the vLLM engine, its policy version and the admission bound."""
 
-    def __init__(self, settings: GenerationSettings) -> None:
+    def __init__(self, settings: GenerationSettings, path: str) -> None:
         self.settings = settings
+        self.path = path  # the policy's local folder (settings.model may be a hub id)
         self.llm: AsyncLLM | None = None
         self.version = 0
         self.version_changed = asyncio.Condition()
@@ -68,14 +68,15 @@ class PolicyEngine:
 
     async def start(self) -> None:
         """Start the engine (in a thread: it blocks for the whole load) and run one warm-up generation."""
-        args = AsyncEngineArgs(**self.settings.engine_kwargs())
+        args = AsyncEngineArgs(**self.settings.engine_kwargs(self.path))
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         await self.llm.update_weight_version(str(self.version))
         POLICY_VERSION.set(self.version)
         config = self.llm.model_config
         self.dtype = config.dtype
         self.workers = self.llm.vllm_config.parallel_config.world_size
-        self.layout = checkpoint_layout(self.settings.model) if os.path.isdir(self.settings.model) else None
+        self.layout = checkpoint_layout(self.path)
+        self.aliases = tied_aliases(self.path)
         self.tokenizer = self.llm.get_tokenizer()
         self.limits = Limits(
             max_model_len=config.max_model_len, vocab_size=config.get_vocab_size(),
@@ -118,6 +119,26 @@ class PolicyEngine:
     def updating(self) -> bool:
         """An update holds the lock, or its vLLM session is still running after its caller left."""
         return self.update_lock.locked() or (self._session is not None and not self._session.done())
+
+    async def join_group(self, master_address: str, master_port: int, world_size: int, rank_offset: int,
+                         timeout_s: float) -> None:
+        """Every worker joins the sender's gloo group (services/generation/weight_transfer.py)."""
+        await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
+            master_address=master_address, master_port=master_port, world_size=world_size,
+            rank_offset=rank_offset, timeout_s=timeout_s)))
+
+    async def apply_staged(self, path: str, load_as: dict[str, str], version: int) -> tuple[float, float, float]:
+        """Serve the verified tensors of a staging file as `version` (see `update`)."""
+        return await self.update({"path": path, "load_as": load_as}, version)
+
+    async def receive_collective(self, manifest: generation_pb2.WeightManifest, load_as: dict[str, str]
+                                 ) -> tuple[float, float, float]:
+        """Receive the manifest's tensors by broadcast in the workers, check them, serve them (see `update`)."""
+        specs = manifest.tensors
+        return await self.update(dict(
+            names=[t.name for t in specs], shapes=[list(t.shape) for t in specs],
+            dtypes=[str(TORCH_DTYPES[t.dtype]).removeprefix("torch.") for t in specs],
+            digests=[t.blake3_digest.hex() for t in specs], load_as=load_as), manifest.policy_version)
 
     async def update(self, update_info: dict, version: int) -> tuple[float, float, float]:
         """Stage an update in the workers, then pause, apply, label it `version` and resume.

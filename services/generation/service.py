@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 from prometheus_client import Counter
-from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
+from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.services.generation import prompts
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull
 from rlhf_mesh.services.generation.settings import GenerationSettings
 from rlhf_mesh.services.generation.weights import StagingFile, StaleVersion, WeightRejected, check_manifest
 from rlhf_mesh.v1 import generation_pb2, generation_pb2_grpc
-from rlhf_mesh.weights import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if first is None or not first.HasField("manifest"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest")
         manifest = first.manifest
-        async with self._updating(context, manifest):
+        async with self._updating(context, manifest) as load_as:
             started = time.perf_counter()
             staging = await asyncio.to_thread(StagingFile, self.settings.weight_staging_dir, manifest)
             try:
@@ -85,7 +84,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 received = time.perf_counter()
                 await asyncio.to_thread(staging.verify)
                 verified = time.perf_counter()
-                _, apply_ms, paused_ms = await self.engine.update({"path": staging.path}, manifest.policy_version)
+                _, apply_ms, paused_ms = await self.engine.apply_staged(staging.path, load_as, manifest.policy_version)
             finally:
                 staging.close()
             timings = generation_pb2.WeightUpdateTimings(
@@ -112,39 +111,31 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"timeout_ms {request.timeout_ms} is above max_collective_timeout_s="
                                 f"{self.settings.max_collective_timeout_s:g}")
-        await self.engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
-            master_address=request.master_address, master_port=request.master_port,
-            world_size=request.world_size, rank_offset=request.rank_offset, timeout_s=timeout_s)))
+        await self.engine.join_group(request.master_address, request.master_port, request.world_size,
+                                     request.rank_offset, timeout_s)
         return generation_pb2.InitWeightTransferResponse(worker_count=workers)
 
     async def PushWeightsCollective(self, request: generation_pb2.PushWeightsCollectiveRequest,
                                     context: grpc.aio.ServicerContext):
         manifest = request.manifest
-        async with self._updating(context, manifest):
-            specs = manifest.tensors
-            update_info = dict(
-                names=[t.name for t in specs], shapes=[list(t.shape) for t in specs],
-                dtypes=[str(TORCH_DTYPES[t.dtype]).removeprefix("torch.") for t in specs],
-                digests=[t.blake3_digest.hex() for t in specs])
-            transfer_ms, apply_ms, paused_ms = await self.engine.update(update_info, manifest.policy_version)
+        async with self._updating(context, manifest) as load_as:
+            transfer_ms, apply_ms, paused_ms = await self.engine.receive_collective(manifest, load_as)
             timings = generation_pb2.WeightUpdateTimings(  # digests are checked as tensors arrive
                 transfer_ms=transfer_ms, verify_ms=0, apply_ms=apply_ms, paused_ms=paused_ms)
             return generation_pb2.PushWeightsCollectiveResponse(
-                policy_version=self.engine.version, received_bytes=sum(t.size_bytes for t in specs), timings=timings)
+                policy_version=self.engine.version, received_bytes=sum(t.size_bytes for t in manifest.tensors),
+                timings=timings)
 
     @contextlib.asynccontextmanager
     async def _updating(self, context: grpc.aio.ServicerContext, manifest: generation_pb2.WeightManifest):
         """One update at a time, a manifest that fits the policy, and the right status for each refusal."""
-        if self.engine.layout is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "weight pushes need the policy loaded from a local folder")
         if self.engine.updating:
             await context.abort(grpc.StatusCode.ABORTED, "another weight update is in progress; retry after it")
         # The lock is released before a refusal is sent: the caller may push again as soon as it has it.
         try:
             async with self.engine.update_lock:
-                check_manifest(manifest, self.engine.layout, self.engine.dtype, self.engine.version)
-                yield
+                yield check_manifest(manifest, self.engine.layout, self.engine.aliases, self.engine.dtype,
+                                     self.engine.version)
         except StaleVersion as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except WeightRejected as err:
@@ -161,7 +152,7 @@ class GenerationService:
 
     def __init__(self, settings: GenerationSettings) -> None:
         self.settings = settings
-        self.engine = PolicyEngine(settings)
+        self.engine = PolicyEngine(settings, resolve_model(settings.model))  # a wrong model fails the start here
         self.servicer = GenerationServicer(settings, self.engine)
 
     def register(self, server: grpc.aio.Server) -> list[str]:

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.settings import ServiceSettings
+from rlhf_mesh.vllm_memory import kv_cache_memory_bytes
 
 
 class GenerationSettings(ServiceSettings):
@@ -24,6 +25,9 @@ class GenerationSettings(ServiceSettings):
     max_model_len: int | None = Field(None, gt=0, description="longest prompt plus completion; default: the model's")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is sharded over")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory vLLM may use")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV cache size in GiB; default: vLLM's own on GPUs, 5% of memory (1-4 GiB) on CPU"
+    )
     enforce_eager: bool = Field(True, description="no CUDA graphs / compilation (fast start; turn off on GPU)")
     max_num_seqs: int | None = Field(None, gt=0, description="sequences per engine step; default: vLLM's")
     seed: int = Field(0, description="engine seed (requests without a seed draw from it)")
@@ -82,10 +86,11 @@ class GenerationSettings(ServiceSettings):
                 raise ValueError(f"not vLLM engine arguments: {unknown}")
         return value
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of vLLM's AsyncEngineArgs."""
+    def engine_kwargs(self, path: str) -> dict[str, Any]:
+        """Keyword arguments of vLLM's AsyncEngineArgs, for the policy in the local folder `path`."""
         explicit = dict(
-            model=self.model, dtype=self.dtype, max_model_len=self.max_model_len,
+            model=path, dtype=self.dtype, kv_cache_memory_bytes=kv_cache_memory_bytes(self.kv_cache_gib),
+            max_model_len=self.max_model_len,
             tensor_parallel_size=self.tensor_parallel_size, gpu_memory_utilization=self.gpu_memory_utilization,
             enforce_eager=self.enforce_eager, max_num_seqs=self.max_num_seqs, seed=self.seed,
             logprobs_mode=self.logprobs_mode,

@@ -9,8 +9,11 @@ update is in and verified, so a rejected or interrupted update changes nothing.
   (in-band push) and wrote them to a safetensors file; the worker reads them.
 - `update_weights({"names", "dtypes", "shapes", "digests"})`: the worker receives each tensor
   by gloo broadcast from the sender (rank 0) and checks its BLAKE3 digest.
+- `load_as` names each tensor to load by its checkpoint name (a tied parameter once).
 - `finish_weight_update()`: loads the staged tensors into the model (vLLM's layerwise
-  reload, so fused and processed parameters come out right).
+  reload, so fused and processed parameters come out right), then redoes what that reload
+  misses on CPU: the layers that share a parameter (a tied LM head) and the experts' packed
+  layout.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class UpdateInfo(WeightTransferUpdateInfo):
     dtypes: list[str] = field(default_factory=list)
     shapes: list[list[int]] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)  # hex
+    load_as: dict[str, str] = field(default_factory=dict)  # pushed name -> checkpoint name; others are dropped
 
 
 class StagedWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
@@ -79,7 +83,8 @@ class StagedWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         if update_info.path:
             from safetensors.torch import load_file
 
-            self.staged = list(load_file(update_info.path).items())  # a copy now, so the pause only loads
+            # a copy now, so the pause only loads
+            self.staged = self._load_as(update_info, load_file(update_info.path).items())
             return
         if self.group is None:
             raise RuntimeError("collective weight transfer not initialized: call InitWeightTransfer first")
@@ -94,7 +99,12 @@ class StagedWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
                 mismatch = name  # the sender sends every tensor: receive them all, so the group stays in step
         if mismatch is not None:
             raise ValueError(f"{REJECTED}tensor {mismatch!r}: BLAKE3 digest of the received bytes does not match")
-        self.staged = list(zip(update_info.names, tensors, strict=True))
+        self.staged = self._load_as(update_info, zip(update_info.names, tensors, strict=True))
+
+    @staticmethod
+    def _load_as(update_info: UpdateInfo, tensors) -> list[tuple[str, torch.Tensor]]:
+        """The received tensors under their checkpoint names, a tied parameter once."""
+        return [(update_info.load_as[name], t) for name, t in tensors if name in update_info.load_as]
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
@@ -104,10 +114,51 @@ class StagedWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         initialize_layerwise_reload(self.model)
         self.model.load_weights((name, tensor.to(device)) for name, tensor in staged)
         finalize_layerwise_reload(self.model, self.model_config)
+        _reprocess_shared_parameters(self.model)
+        _repack_experts(self.model)
 
     def shutdown(self) -> None:
         self.group = None
         self.staged = []
+
+
+def _reprocess_shared_parameters(model: torch.nn.Module) -> None:
+    """Redo the post-load processing of every layer that shares a parameter with another (a tied
+    `lm_head` and `embed_tokens`).
+
+    On CPU, `UnquantizedEmbeddingMethod.process_weights_after_loading`
+    (vllm/model_executor/layers/vocab_parallel_embedding.py) hands the LM head's weight to a
+    packed oneDNN or sgl GEMM (`dispatch_cpu_unquantized_gemm` in layers/utils.py), which holds a
+    copy. A tied head receives no tensor of its own in a reload, so the layerwise reload
+    (model_loader/reload/layerwise.py) only puts its kernel tensors back and never repacks it:
+    the logits would come from the old embedding.
+    """
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    for modules in owners.values():
+        for module in modules if len(modules) > 1 else ():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+
+
+def _repack_experts(model: torch.nn.Module) -> None:
+    """Put every mixture-of-experts layer's reloaded weights back into its kernel's layout.
+
+    `UnquantizedFusedMoEMethod._setup_kernel` (vllm/model_executor/layers/fused_moe/
+    unquantized_fused_moe_method.py) runs the experts' own `process_weights_after_loading`
+    only on the first load; on a reload it copies the plain weights into storage that the
+    CPU experts (`CPUUnquantizedExperts`, experts/cpu_moe.py) read in their prepacked
+    grouped-GEMM layout. On GPUs vLLM converts the layout itself and the hook stays untouched.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None:
+            kernel.fused_experts.process_weights_after_loading(module)
 
 
 def register() -> None:

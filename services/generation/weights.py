@@ -31,16 +31,24 @@ class StaleVersion(ValueError):
 
 
 def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tuple[int, ...]],
-                   dtype: torch.dtype, served_version: int) -> None:
-    """A full set of the policy's tensors, in the served dtype, for a newer version."""
+                   aliases: dict[str, str], dtype: torch.dtype, served_version: int) -> dict[str, str]:
+    """A full set of the policy's tensors, in the served dtype, for a newer version.
+
+    A tied parameter may come once, under any of its names (`aliases`: transformers' other
+    name -> the checkpoint's), or under several with the same bytes. Returns the name each
+    tensor to load goes under in the checkpoint's terms; a tied copy beyond the first is left out.
+    """
     if manifest.policy_version <= served_version:
         raise StaleVersion(
             f"policy_version {manifest.policy_version} is not above the served version {served_version}"
         )
+    load_as: dict[str, str] = {}
+    first: dict[str, generation_pb2.TensorSpec] = {}  # checkpoint name -> the first tensor given for it
     seen = set()
     for i, spec in enumerate(manifest.tensors):
         where = f"tensors[{i}] {spec.name!r}"
-        if spec.name not in layout:
+        stored = aliases.get(spec.name, spec.name)
+        if stored not in layout:
             raise WeightRejected(f"{where}: not a parameter of the served policy")
         if spec.name in seen:
             raise WeightRejected(f"{where}: given twice")
@@ -48,16 +56,24 @@ def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tu
         if TORCH_DTYPES.get(spec.dtype) != dtype:
             got = generation_pb2.TensorDtype.Name(spec.dtype)
             raise WeightRejected(f"{where}: dtype {got}, the served policy is {str(dtype).removeprefix('torch.')}")
-        if tuple(spec.shape) != layout[spec.name]:
-            raise WeightRejected(f"{where}: shape {list(spec.shape)}, expected {list(layout[spec.name])}")
+        if tuple(spec.shape) != layout[stored]:
+            raise WeightRejected(f"{where}: shape {list(spec.shape)}, expected {list(layout[stored])}")
         if spec.size_bytes != torch.Size(spec.shape).numel() * dtype.itemsize:
             raise WeightRejected(f"{where}: size_bytes {spec.size_bytes} does not match its shape and dtype")
         if len(spec.blake3_digest) != 32:
             raise WeightRejected(f"{where}: blake3_digest must be 32 bytes")
-    missing = sorted(set(layout) - seen)
+        if stored in first:
+            if spec.blake3_digest != first[stored].blake3_digest:
+                raise WeightRejected(f"{where} and {first[stored].name!r} are tied in the served policy "
+                                     "but their bytes differ")
+            continue
+        first[stored] = spec
+        load_as[spec.name] = stored
+    missing = sorted(set(layout) - set(first))
     if missing:
         raise WeightRejected(f"missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                              f"({len(missing)} of {len(layout)})")
+    return load_as
 
 
 class StagingFile:

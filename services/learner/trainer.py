@@ -28,6 +28,7 @@ from rlhf_mesh.clients.channel import client_credentials
 from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas, resolve
+from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.services.learner import ppo
 from rlhf_mesh.services.learner.data import PromptDataset
 from rlhf_mesh.services.learner.distributed import World
@@ -36,7 +37,7 @@ from rlhf_mesh.services.learner.models import Batch, forward, load_models, make_
 from rlhf_mesh.services.learner.report import plot, summary
 from rlhf_mesh.services.learner.rollouts import RETRYABLE, Collected, Retry, Rollout, collect
 from rlhf_mesh.services.learner.settings import LearnerSettings
-from rlhf_mesh.weights import TORCH_DTYPES, checkpoint_layout
+from rlhf_mesh.weights import TORCH_DTYPES, state_dict_of
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,14 @@ class Trainer:
             raise LearnerError(f"gradient_accumulation_steps ({s.gradient_accumulation_steps}) must be a multiple "
                                f"of the number of ranks ({self.world.size}): each rank takes as many micro-batches")
         resume = s.resume_from or (latest_checkpoint(s.output_dir) if s.resume else None)
-        critic = resume / "critic" if resume is not None and (resume / "critic").is_dir() else s.critic
+        # Hub ids resolve once, here: a wrong one stops the start with one line (ModelNotFound).
+        self.policy_path = resolve_model(s.policy)
+        reference = resolve_model(s.reference) if s.reference else None
+        critic = (resume / "critic" if resume is not None and (resume / "critic").is_dir()
+                  else resolve_model(s.critic) if s.critic else None)
         self.models = load_models(
-            str(resume / "policy") if resume is not None else s.policy,
-            s.reference or (s.policy if resume is not None else None),  # the reference stays the initial policy
+            str(resume / "policy") if resume is not None else self.policy_path,
+            reference or (self.policy_path if resume is not None else None),  # the reference stays the initial policy
             critic, s.value_head, with_critic=s.advantage_estimator == "gae", device=self.device,
         )
         self.parameters = [p for m in (self.models.policy, self.models.critic) if m is not None
@@ -82,7 +87,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.parameters, lr=s.learning_rate, eps=1e-5)
         self.kl_ctl = ppo.KLController(s.kl_coef, s.target_kl, s.kl_horizon)
         self.pad_id = self.models.policy.config.pad_token_id or 0
-        self.pushed_names = set(checkpoint_layout(s.policy))
         self.step = 0  # steps done
         self.version_offset = 0  # policy version = step + offset; connect() moves it above the replicas' versions
         self.history: list[dict[str, float]] = []
@@ -181,9 +185,8 @@ class Trainer:
         self._close_sender()
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        """A copy of the policy's pushed tensors, in the replicas' dtype."""
-        return {name: t.detach().to("cpu", self._push_dtype)
-                for name, t in self.models.policy.state_dict().items() if name in self.pushed_names}
+        """A copy of the policy's tensors as its checkpoint names them (a tied one once), in the replicas' dtype."""
+        return {name: t.to(self._push_dtype, copy=True) for name, t in state_dict_of(self.models.policy).items()}
 
     def _push(self, version: int) -> None:
         """Every replica serves `version` = the current policy when this returns. Replicas that
@@ -475,7 +478,7 @@ class Trainer:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         self.models.policy.save_pretrained(partial / "policy")
-        AutoTokenizer.from_pretrained(self.settings.policy).save_pretrained(partial / "policy")
+        AutoTokenizer.from_pretrained(self.policy_path).save_pretrained(partial / "policy")
         critic = self.models.critic
         if critic is not None and critic.is_head:
             torch.save(critic.state_dict(), partial / "value_head.pt")

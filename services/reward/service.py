@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 from prometheus_client import Counter
 
+from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.services.reward.batcher import Batcher, QueueFull
 from rlhf_mesh.services.reward.model import Encoded, InvalidSample, RewardModel
 from rlhf_mesh.services.reward.settings import RewardSettings
@@ -229,6 +230,7 @@ class RewardService:
 
     def __init__(self, settings: RewardSettings) -> None:
         self.settings = settings
+        self.models = [(name, resolve_model(path)) for name, path in settings.named_models()]  # fail fast
         self.servicer = RewardServicer(settings, self._load)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
@@ -236,19 +238,21 @@ class RewardService:
         return [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
 
     async def start(self) -> None:
-        for name, path in self.settings.named_models():
+        for name, path in self.models:
             model = await asyncio.to_thread(self._load, name, path)
             self.servicer.add(model)
             log.info("loaded reward model %s from %s (version %s, max length %d, %s)",
                      name, path, model.version, model.max_length, model.backend)
 
     def _load(self, name: str, path: str) -> RewardModel:
-        """Load and warm a model (at start and on ReloadModel)."""
+        """Load and warm a model (at start and on ReloadModel): a folder or a hub id."""
         s = self.settings
+        path = resolve_model(path)
         if s.backend == "vllm":
             from rlhf_mesh.services.reward.vllm_backend import VllmRewardModel
 
-            model = VllmRewardModel(name, path, dtype=s.dtype, max_length=s.max_length, truncation=s.truncation)
+            model = VllmRewardModel(name, path, dtype=s.dtype, max_length=s.max_length, truncation=s.truncation,
+                                    kv_cache_gib=s.kv_cache_gib)
         else:
             model = RewardModel(name, path, dtype=s.dtype, device=s.device, max_length=s.max_length,
                                 truncation=s.truncation)

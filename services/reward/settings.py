@@ -20,6 +20,10 @@ class RewardSettings(ServiceSettings):
     backend: Literal["transformers", "vllm"] = Field("transformers", description="inference backend")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
     device: str = Field("cpu", description="torch device of the transformers backend, e.g. cpu or cuda")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="vLLM backend: KV cache size in GiB; default: vLLM's own on GPUs, 5% of memory "
+        "(1-4 GiB) on CPU"
+    )
     max_length: int | None = Field(
         None, gt=0, description="longest input in tokens; default: the model's max_position_embeddings"
     )

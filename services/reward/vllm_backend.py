@@ -10,20 +10,22 @@ from __future__ import annotations
 from transformers import AutoConfig
 
 from rlhf_mesh.services.reward.model import RewardModel
+from rlhf_mesh.vllm_memory import kv_cache_memory_bytes
 
 
 class VllmRewardModel(RewardModel):
     backend = "vllm"
     pads_batches = False  # vLLM packs the sequences of a batch
 
-    def __init__(self, name: str, path: str, *, dtype: str, max_length: int | None, truncation: str) -> None:
+    def __init__(self, name: str, path: str, *, dtype: str, max_length: int | None, truncation: str,
+                 kv_cache_gib: float | None = None) -> None:
         from vllm import LLM
         from vllm.config import PoolerConfig
 
         self._describe(name, path, dtype, AutoConfig.from_pretrained(path), max_length, truncation)
         self.llm = LLM(
             model=path, runner="pooling", dtype=dtype, max_model_len=self.max_length, enforce_eager=True,
-            pooler_config=PoolerConfig(use_activation=False),
+            pooler_config=PoolerConfig(use_activation=False), kv_cache_memory_bytes=kv_cache_memory_bytes(kv_cache_gib),
         )
 
     def close(self) -> None:
