@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from rlhf_mesh.v1 import common_pb2 as rlhf__mesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rlhf_mesh/v1/reward.proto\x12\x0crlhf_mesh.v1\x1a\x19rlhf_mesh/v1/common.proto\"2\n\x0ePromptResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"\x9d\x01\n\x0bScoreSample\x12,\n\x04text\x18\x01 \x01(\x0b\x32\x1c.rlhf_mesh.v1.PromptResponseH\x00\x12*\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1a.rlhf_mesh.v1.ConversationH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.rlhf_mesh.v1.TokenIdsH\x00\x42\x07\n\x05input\"Z\n\x0bScoreResult\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"I\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07samples\x18\x02 \x03(\x0b\x32\x19.rlhf_mesh.v1.ScoreSample\"J\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rlhf_mesh.v1.ScoreResult\x12\r\n\x05model\x18\x02 \x01(\t\"b\n\x12ScoreStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x06sample\x18\x03 \x01(\x0b\x32\x19.rlhf_mesh.v1.ScoreSample\"\x9a\x01\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x19.rlhf_mesh.v1.ScoreResultH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.rlhf_mesh.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\x13\n\x11ListModelsRequest\"\x8d\x01\n\x0fRewardModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x19\n\x11max_length_tokens\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x12\n\nis_default\x18\x07 \x01(\x08\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.rlhf_mesh.v1.RewardModelInfo\"0\n\x12ReloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"C\n\x13ReloadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.rlhf_mesh.v1.RewardModelInfo2\xe6\x02\n\rRewardService\x12\x46\n\x05Score\x12\x1a.rlhf_mesh.v1.ScoreRequest\x1a\x1b.rlhf_mesh.v1.ScoreResponse\"\x04\x98\xb8\x18\x01\x12\\\n\x0bScoreStream\x12 .rlhf_mesh.v1.ScoreStreamRequest\x1a!.rlhf_mesh.v1.ScoreStreamResponse\"\x04\x98\xb8\x18\x01(\x01\x30\x01\x12U\n\nListModels\x12\x1f.rlhf_mesh.v1.ListModelsRequest\x1a .rlhf_mesh.v1.ListModelsResponse\"\x04\x98\xb8\x18\x01\x12X\n\x0bReloadModel\x12 .rlhf_mesh.v1.ReloadModelRequest\x1a!.rlhf_mesh.v1.ReloadModelResponse\"\x04\x98\xb8\x18\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rlhf_mesh/v1/reward.proto\x12\x0crlhf_mesh.v1\x1a\x19rlhf_mesh/v1/common.proto\"2\n\x0ePromptResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"E\n\tQueryText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"\xc6\x02\n\x0bScoreSample\x12,\n\x04text\x18\x01 \x01(\x0b\x32\x1c.rlhf_mesh.v1.PromptResponseH\x00\x12*\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1a.rlhf_mesh.v1.ConversationH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.rlhf_mesh.v1.TokenIdsH\x00\x12(\n\x05query\x18\x06 \x01(\x0b\x32\x17.rlhf_mesh.v1.QueryTextH\x00\x12\x11\n\treference\x18\x04 \x01(\t\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.rlhf_mesh.v1.ScoreSample.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"N\n\x0e\x43omponentScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0f\n\x07skipped\x18\x04 \x01(\x08\"\x9d\x01\n\x0bScoreResult\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x30\n\ncomponents\x18\x05 \x03(\x0b\x32\x1c.rlhf_mesh.v1.ComponentScore\x12\x0f\n\x07skipped\x18\x06 \x01(\x08\"I\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07samples\x18\x02 \x03(\x0b\x32\x19.rlhf_mesh.v1.ScoreSample\"J\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rlhf_mesh.v1.ScoreResult\x12\r\n\x05model\x18\x02 \x01(\t\"b\n\x12ScoreStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x06sample\x18\x03 \x01(\x0b\x32\x19.rlhf_mesh.v1.ScoreSample\"\x9a\x01\n\x13ScoreStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x19.rlhf_mesh.v1.ScoreResultH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.rlhf_mesh.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\x13\n\x11ListModelsRequest\"-\n\rCompositePart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xe1\x01\n\x0fRewardModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x19\n\x11max_length_tokens\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12&\n\x04kind\x18\x08 \x01(\x0e\x32\x18.rlhf_mesh.v1.ScorerKind\x12*\n\x05parts\x18\t \x03(\x0b\x32\x1b.rlhf_mesh.v1.CompositePart\"C\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.rlhf_mesh.v1.RewardModelInfo\"0\n\x12ReloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"C\n\x13ReloadModelResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.rlhf_mesh.v1.RewardModelInfo*u\n\nScorerKind\x12\x1b\n\x17SCORER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11SCORER_KIND_MODEL\x10\x01\x12\x18\n\x14SCORER_KIND_FUNCTION\x10\x02\x12\x19\n\x15SCORER_KIND_COMPOSITE\x10\x03\x32\xe6\x02\n\rRewardService\x12\x46\n\x05Score\x12\x1a.rlhf_mesh.v1.ScoreRequest\x1a\x1b.rlhf_mesh.v1.ScoreResponse\"\x04\x98\xb8\x18\x01\x12\\\n\x0bScoreStream\x12 .rlhf_mesh.v1.ScoreStreamRequest\x1a!.rlhf_mesh.v1.ScoreStreamResponse\"\x04\x98\xb8\x18\x01(\x01\x30\x01\x12U\n\nListModels\x12\x1f.rlhf_mesh.v1.ListModelsRequest\x1a .rlhf_mesh.v1.ListModelsResponse\"\x04\x98\xb8\x18\x01\x12X\n\x0bReloadModel\x12 .rlhf_mesh.v1.ReloadModelRequest\x1a!.rlhf_mesh.v1.ReloadModelResponse\"\x04\x98\xb8\x18\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf_mesh.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SCORESAMPLE_METADATAENTRY']._loaded_options = None
+  _globals['_SCORESAMPLE_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_REWARDSERVICE'].methods_by_name['Score']._loaded_options = None
   _globals['_REWARDSERVICE'].methods_by_name['Score']._serialized_options = b'\230\270\030\001'
   _globals['_REWARDSERVICE'].methods_by_name['ScoreStream']._loaded_options = None
@@ -40,30 +42,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REWARDSERVICE'].methods_by_name['ListModels']._serialized_options = b'\230\270\030\001'
   _globals['_REWARDSERVICE'].methods_by_name['ReloadModel']._loaded_options = None
   _globals['_REWARDSERVICE'].methods_by_name['ReloadModel']._serialized_options = b'\230\270\030\005'
+  _globals['_SCORERKIND']._serialized_start=1654
+  _globals['_SCORERKIND']._serialized_end=1771
   _globals['_PROMPTRESPONSE']._serialized_start=70
   _globals['_PROMPTRESPONSE']._serialized_end=120
-  _globals['_SCORESAMPLE']._serialized_start=123
-  _globals['_SCORESAMPLE']._serialized_end=280
-  _globals['_SCORERESULT']._serialized_start=282
-  _globals['_SCORERESULT']._serialized_end=372
-  _globals['_SCOREREQUEST']._serialized_start=374
-  _globals['_SCOREREQUEST']._serialized_end=447
-  _globals['_SCORERESPONSE']._serialized_start=449
-  _globals['_SCORERESPONSE']._serialized_end=523
-  _globals['_SCORESTREAMREQUEST']._serialized_start=525
-  _globals['_SCORESTREAMREQUEST']._serialized_end=623
-  _globals['_SCORESTREAMRESPONSE']._serialized_start=626
-  _globals['_SCORESTREAMRESPONSE']._serialized_end=780
-  _globals['_LISTMODELSREQUEST']._serialized_start=782
-  _globals['_LISTMODELSREQUEST']._serialized_end=801
-  _globals['_REWARDMODELINFO']._serialized_start=804
-  _globals['_REWARDMODELINFO']._serialized_end=945
-  _globals['_LISTMODELSRESPONSE']._serialized_start=947
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1014
-  _globals['_RELOADMODELREQUEST']._serialized_start=1016
-  _globals['_RELOADMODELREQUEST']._serialized_end=1064
-  _globals['_RELOADMODELRESPONSE']._serialized_start=1066
-  _globals['_RELOADMODELRESPONSE']._serialized_end=1133
-  _globals['_REWARDSERVICE']._serialized_start=1136
-  _globals['_REWARDSERVICE']._serialized_end=1494
+  _globals['_QUERYTEXT']._serialized_start=122
+  _globals['_QUERYTEXT']._serialized_end=191
+  _globals['_SCORESAMPLE']._serialized_start=194
+  _globals['_SCORESAMPLE']._serialized_end=520
+  _globals['_SCORESAMPLE_METADATAENTRY']._serialized_start=464
+  _globals['_SCORESAMPLE_METADATAENTRY']._serialized_end=511
+  _globals['_COMPONENTSCORE']._serialized_start=522
+  _globals['_COMPONENTSCORE']._serialized_end=600
+  _globals['_SCORERESULT']._serialized_start=603
+  _globals['_SCORERESULT']._serialized_end=760
+  _globals['_SCOREREQUEST']._serialized_start=762
+  _globals['_SCOREREQUEST']._serialized_end=835
+  _globals['_SCORERESPONSE']._serialized_start=837
+  _globals['_SCORERESPONSE']._serialized_end=911
+  _globals['_SCORESTREAMREQUEST']._serialized_start=913
+  _globals['_SCORESTREAMREQUEST']._serialized_end=1011
+  _globals['_SCORESTREAMRESPONSE']._serialized_start=1014
+  _globals['_SCORESTREAMRESPONSE']._serialized_end=1168
+  _globals['_LISTMODELSREQUEST']._serialized_start=1170
+  _globals['_LISTMODELSREQUEST']._serialized_end=1189
+  _globals['_COMPOSITEPART']._serialized_start=1191
+  _globals['_COMPOSITEPART']._serialized_end=1236
+  _globals['_REWARDMODELINFO']._serialized_start=1239
+  _globals['_REWARDMODELINFO']._serialized_end=1464
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1466
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1533
+  _globals['_RELOADMODELREQUEST']._serialized_start=1535
+  _globals['_RELOADMODELREQUEST']._serialized_end=1583
+  _globals['_RELOADMODELRESPONSE']._serialized_start=1585
+  _globals['_RELOADMODELRESPONSE']._serialized_end=1652
+  _globals['_REWARDSERVICE']._serialized_start=1774
+  _globals['_REWARDSERVICE']._serialized_end=2132
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from rlhf_mesh.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ScorerKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScorerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScorerKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCORER_KIND_UNSPECIFIED: _ScorerKind.ValueType  # 0
+    """Not set."""
+    SCORER_KIND_MODEL: _ScorerKind.ValueType  # 1
+    """A learned reward model."""
+    SCORER_KIND_FUNCTION: _ScorerKind.ValueType  # 2
+    """A reward function (built-in or the operator's)."""
+    SCORER_KIND_COMPOSITE: _ScorerKind.ValueType  # 3
+    """A weighted sum of models and functions."""
+
+class ScorerKind(_ScorerKind, metaclass=_ScorerKindEnumTypeWrapper):
+    """What a scorer is."""
+
+SCORER_KIND_UNSPECIFIED: ScorerKind.ValueType  # 0
+"""Not set."""
+SCORER_KIND_MODEL: ScorerKind.ValueType  # 1
+"""A learned reward model."""
+SCORER_KIND_FUNCTION: ScorerKind.ValueType  # 2
+"""A reward function (built-in or the operator's)."""
+SCORER_KIND_COMPOSITE: ScorerKind.ValueType  # 3
+"""A weighted sum of models and functions."""
+Global___ScorerKind: _TypeAlias = ScorerKind  # noqa: Y015
 
 @_typing.final
 class PromptResponse(_message.Message):
@@ -46,14 +75,69 @@ class PromptResponse(_message.Message):
 Global___PromptResponse: _TypeAlias = PromptResponse  # noqa: Y015
 
 @_typing.final
+class QueryText(_message.Message):
+    """A sample's full text, tokenized as it is: no chat template is applied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Prompt and response as one text."""
+    prompt: _builtins.str
+    """The prompt, a prefix of text: reward functions score the rest as the response."""
+    add_special_tokens: _builtins.bool
+    """Whether the tokenizer adds its special tokens (BOS) around text, as vLLM's /classify does."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        add_special_tokens: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_special_tokens", b"add_special_tokens", "prompt", b"prompt", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryText: _TypeAlias = QueryText  # noqa: Y015
+
+@_typing.final
 class ScoreSample(_message.Message):
     """One thing to score."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TEXT_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    reference: _builtins.str
+    """The reference answer reward functions compare with (math, exact, regex); optional."""
     @_builtins.property
     def text(self) -> Global___PromptResponse:
         """Prompt and response text."""
@@ -64,7 +148,15 @@ class ScoreSample(_message.Message):
 
     @_builtins.property
     def token_ids(self) -> _common_pb2.TokenIds:
-        """Token ids of the reward model's tokenizer, scored as given."""
+        """Token ids of the reward model's tokenizer, scored as given (models only: functions need text)."""
+
+    @_builtins.property
+    def query(self) -> Global___QueryText:
+        """The whole text as the policy saw it, chat template included (OpenRLHF's query, vLLM's input)."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Further per-sample fields handed to reward functions as keyword arguments."""
 
     def __init__(
         self,
@@ -72,16 +164,53 @@ class ScoreSample(_message.Message):
         text: Global___PromptResponse | None = ...,
         chat: _common_pb2.Conversation | None = ...,
         token_ids: _common_pb2.TokenIds | None = ...,
+        query: Global___QueryText | None = ...,
+        reference: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "query", b"query", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "input", b"input", "metadata", b"metadata", "query", b"query", "reference", b"reference", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "chat", "token_ids"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "chat", "token_ids", "query"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___ScoreSample: _TypeAlias = ScoreSample  # noqa: Y015
+
+@_typing.final
+class ComponentScore(_message.Message):
+    """One part of a composite's score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the model or function."""
+    weight: _builtins.float
+    """Its weight in the composite."""
+    score: _builtins.float
+    """Its own score of the sample (0 when skipped)."""
+    skipped: _builtins.bool
+    """Whether it did not apply to the sample (a function returned None); it then adds nothing."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        score: _builtins.float = ...,
+        skipped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "score", b"score", "skipped", b"skipped", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComponentScore: _TypeAlias = ComponentScore  # noqa: Y015
 
 @_typing.final
 class ScoreResult(_message.Message):
@@ -93,6 +222,8 @@ class ScoreResult(_message.Message):
     TRUNCATED_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """The reward model's raw output logit (no activation)."""
     truncated: _builtins.bool
@@ -100,7 +231,13 @@ class ScoreResult(_message.Message):
     num_tokens: _builtins.int
     """Number of tokens the model scored."""
     model_version: _builtins.str
-    """Version (weights content hash) of the model that computed this score."""
+    """Version (weights content hash) of the model that computed this score; empty for functions."""
+    skipped: _builtins.bool
+    """Whether the scorer did not apply to the sample (a function returned None); score is 0."""
+    @_builtins.property
+    def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___ComponentScore]:
+        """For a composite: every component's own score (the score above is their weighted sum)."""
+
     def __init__(
         self,
         *,
@@ -108,10 +245,12 @@ class ScoreResult(_message.Message):
         truncated: _builtins.bool = ...,
         num_tokens: _builtins.int = ...,
         model_version: _builtins.str = ...,
+        components: _abc.Iterable[Global___ComponentScore] | None = ...,
+        skipped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "num_tokens", b"num_tokens", "score", b"score", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "model_version", b"model_version", "num_tokens", b"num_tokens", "score", b"score", "skipped", b"skipped", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,8 +402,34 @@ class ListModelsRequest(_message.Message):
 Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
+class CompositePart(_message.Message):
+    """One part of a composite."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the model or function."""
+    weight: _builtins.float
+    """Its weight."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompositePart: _TypeAlias = CompositePart  # noqa: Y015
+
+@_typing.final
 class RewardModelInfo(_message.Message):
-    """A loaded reward model."""
+    """A served scorer: a reward model, a function or a composite."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -275,10 +440,12 @@ class RewardModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name callers use in requests."""
     path: _builtins.str
-    """Path it was loaded from."""
+    """Path a model was loaded from; a function's spec (a built-in or package.module:callable)."""
     version: _builtins.str
     """Content hash of the weights."""
     max_length_tokens: _builtins.int
@@ -289,6 +456,12 @@ class RewardModelInfo(_message.Message):
     """Backend, "transformers" or "vllm"."""
     is_default: _builtins.bool
     """Whether requests with an empty model name use this model."""
+    kind: Global___ScorerKind.ValueType
+    """Model, function or composite."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompositePart]:
+        """A composite's parts with their weights."""
+
     def __init__(
         self,
         *,
@@ -299,10 +472,12 @@ class RewardModelInfo(_message.Message):
         dtype: _builtins.str = ...,
         backend: _builtins.str = ...,
         is_default: _builtins.bool = ...,
+        kind: Global___ScorerKind.ValueType = ...,
+        parts: _abc.Iterable[Global___CompositePart] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "dtype", b"dtype", "is_default", b"is_default", "max_length_tokens", b"max_length_tokens", "name", b"name", "path", b"path", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "dtype", b"dtype", "is_default", b"is_default", "kind", b"kind", "max_length_tokens", b"max_length_tokens", "name", b"name", "parts", b"parts", "path", b"path", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -310,14 +485,14 @@ Global___RewardModelInfo: _TypeAlias = RewardModelInfo  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):
-    """The loaded models."""
+    """The served scorers."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardModelInfo]:
-        """Every loaded model."""
+        """Every model, function and composite."""
 
     def __init__(
         self,

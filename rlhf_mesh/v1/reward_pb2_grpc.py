@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class RewardServiceStub:
-    """Batched reward-model scoring: one float per sample, the model's raw logit.
+    """Batched scoring: one float per sample from a reward model (its raw logit), a reward
+    function (a verifier such as math equivalence) or a weighted composite of both.
     """
 
     def __init__(self, channel):
@@ -58,7 +59,8 @@ class RewardServiceStub:
 
 
 class RewardServiceServicer:
-    """Batched reward-model scoring: one float per sample, the model's raw logit.
+    """Batched scoring: one float per sample from a reward model (its raw logit), a reward
+    function (a verifier such as math equivalence) or a weighted composite of both.
     """
 
     def Score(self, request, context):
@@ -76,7 +78,7 @@ class RewardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists the loaded reward models.
+        """Lists the served scorers: models, functions and composites.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,7 +123,8 @@ def add_RewardServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RewardService:
-    """Batched reward-model scoring: one float per sample, the model's raw logit.
+    """Batched scoring: one float per sample from a reward model (its raw logit), a reward
+    function (a verifier such as math equivalence) or a weighted composite of both.
     """
 
     @staticmethod

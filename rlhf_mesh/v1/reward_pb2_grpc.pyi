@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RewardServiceStub:
-    """Batched reward-model scoring: one float per sample, the model's raw logit."""
+    """Batched scoring: one float per sample from a reward model (its raw logit), a reward
+    function (a verifier such as math equivalence) or a weighted composite of both.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -38,13 +40,15 @@ class RewardServiceStub:
     ScoreStream: _grpc.StreamStreamMultiCallable[_reward_pb2.ScoreStreamRequest, _reward_pb2.ScoreStreamResponse]
     """Scores samples as they arrive; an invalid item gets its own error and the stream goes on."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_reward_pb2.ListModelsRequest, _reward_pb2.ListModelsResponse]
-    """Lists the loaded reward models."""
+    """Lists the served scorers: models, functions and composites."""
     ReloadModel: _grpc.UnaryUnaryMultiCallable[_reward_pb2.ReloadModelRequest, _reward_pb2.ReloadModelResponse]
     """Loads a new version of a named model without dropping calls (admin)."""
 
 @_typing.type_check_only
 class RewardServiceAsyncStub(RewardServiceStub):
-    """Batched reward-model scoring: one float per sample, the model's raw logit."""
+    """Batched scoring: one float per sample from a reward model (its raw logit), a reward
+    function (a verifier such as math equivalence) or a weighted composite of both.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_reward_pb2.ScoreRequest, _reward_pb2.ScoreResponse]  # type: ignore[assignment]
@@ -52,12 +56,14 @@ class RewardServiceAsyncStub(RewardServiceStub):
     ScoreStream: _aio.StreamStreamMultiCallable[_reward_pb2.ScoreStreamRequest, _reward_pb2.ScoreStreamResponse]  # type: ignore[assignment]
     """Scores samples as they arrive; an invalid item gets its own error and the stream goes on."""
     ListModels: _aio.UnaryUnaryMultiCallable[_reward_pb2.ListModelsRequest, _reward_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """Lists the loaded reward models."""
+    """Lists the served scorers: models, functions and composites."""
     ReloadModel: _aio.UnaryUnaryMultiCallable[_reward_pb2.ReloadModelRequest, _reward_pb2.ReloadModelResponse]  # type: ignore[assignment]
     """Loads a new version of a named model without dropping calls (admin)."""
 
 class RewardServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Batched reward-model scoring: one float per sample, the model's raw logit."""
+    """Batched scoring: one float per sample from a reward model (its raw logit), a reward
+    function (a verifier such as math equivalence) or a weighted composite of both.
+    """
 
     @_abc_1.abstractmethod
     def Score(
@@ -81,7 +87,7 @@ class RewardServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _reward_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_reward_pb2.ListModelsResponse, _abc.Awaitable[_reward_pb2.ListModelsResponse]]:
-        """Lists the loaded reward models."""
+        """Lists the served scorers: models, functions and composites."""
 
     @_abc_1.abstractmethod
     def ReloadModel(

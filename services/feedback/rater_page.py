@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from rlhf_mesh.clients.feedback import feedback
+from rlhf_mesh.http_site import start_site
 from rlhf_mesh.services.feedback.preferences import InvalidFeedback, Limits, to_row, validate
 from rlhf_mesh.services.feedback.store import ConflictingResubmission, FeedbackStore
 from rlhf_mesh.v1 import feedback_pb2
@@ -82,10 +83,6 @@ def app(store: FeedbackStore, limits: Limits) -> web.Application:
 
 async def start(store: FeedbackStore, limits: Limits, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve the page; returns the runner (to clean up) and the bound port."""
-    runner = web.AppRunner(app(store, limits), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = runner.addresses[0][1]
+    runner, bound = await start_site(app(store, limits), host, port)  # "::": IPv4 and IPv6
     log.info("rater page on http://localhost:%d/", bound)
     return runner, bound

@@ -145,7 +145,7 @@ class FeedbackService:
         self.servicer.store = self.store
         log.info("feedback store: %s (schema at head)", self.store.engine.url.render_as_string(hide_password=True))
         if self.settings.rater_page:
-            self._page, _ = await rater_page.start(self.store, self.limits, self.settings.host.strip("[]"),
+            self._page, _ = await rater_page.start(self.store, self.limits, self.settings.host,
                                                    self.settings.rater_port)
 
     async def close(self) -> None:

@@ -56,23 +56,36 @@ def _prompt(row: dict[str, Any], field: str, chat: bool, where: str) -> Prompt:
     return value
 
 
+def _reference(row: dict[str, Any], field: str, where: str) -> str | None:
+    if field not in row:
+        raise DatasetError(f"{where}: no field {field!r} (fields: {sorted(row)})")
+    value = row[field]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+        raise DatasetError(f"{where}: {field!r} must be a string or a number")
+    return None if value is None else str(value)
+
+
 class PromptDataset:
     """Prompts in file order, and the seeded batches of each step."""
 
-    def __init__(self, prompts: Sequence[Prompt], seed: int = 0) -> None:
+    def __init__(self, prompts: Sequence[Prompt], seed: int = 0,
+                 references: Sequence[str | None] | None = None) -> None:
         if not prompts:
             raise DatasetError("the prompt dataset is empty")
         self.prompts = list(prompts)
+        self.references = list(references) if references is not None else [None] * len(self.prompts)
         self.seed = seed
         self._epoch, self._order = -1, np.arange(0)
 
     @classmethod
     def load(cls, path: Path, prompt_field: str = "prompt", messages_field: str | None = None,
-             seed: int = 0) -> PromptDataset:
+             seed: int = 0, reference_field: str | None = None) -> PromptDataset:
         field = messages_field or prompt_field
         rows = _rows(path)
+        references = None if reference_field is None else [
+            _reference(row, reference_field, f"{path} row {i}") for i, row in enumerate(rows)]
         return cls([_prompt(row, field, messages_field is not None, f"{path} row {i}")
-                    for i, row in enumerate(rows)], seed)
+                    for i, row in enumerate(rows)], seed, references)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -80,8 +93,15 @@ class PromptDataset:
     def batch(self, step: int, batch_size: int) -> list[Prompt]:
         """The prompts of step `step` (0-based): positions step*batch_size onwards of the
         endless sequence of per-pass permutations."""
+        return [self.prompts[i] for i in self._indices(step, batch_size)]
+
+    def batch_references(self, step: int, batch_size: int) -> list[str | None]:
+        """The reference answers of `batch(step, batch_size)`, None where a row has none."""
+        return [self.references[i] for i in self._indices(step, batch_size)]
+
+    def _indices(self, step: int, batch_size: int) -> list[int]:
         start = step * batch_size
-        return [self.prompts[self._index(position)] for position in range(start, start + batch_size)]
+        return [self._index(position) for position in range(start, start + batch_size)]
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.prompts))

@@ -18,15 +18,15 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient
-from rlhf_mesh.clients.reward import AsyncRewardClient
+from rlhf_mesh.clients.reward import AsyncRewardClient, to_sample
 from rlhf_mesh.services.learner.data import Prompt
 from rlhf_mesh.services.learner.errors import LearnerError
-from rlhf_mesh.v1 import generation_pb2
+from rlhf_mesh.v1 import generation_pb2, reward_pb2
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class Rollout:
     policy_version_start: int
     policy_version_end: int
     score: float = 0.0
+    components: dict[str, float] = field(default_factory=dict)  # a composite's parts that applied to it
 
 
 @dataclass
@@ -60,10 +61,15 @@ class Collected:
     score_tail_s: float  # last sample to last score: the scoring that did not overlap generation
 
 
-def _score_input(prompt: Prompt, text: str) -> tuple[str, str] | list[dict[str, str]]:
-    if isinstance(prompt, str):
-        return (prompt, text)
-    return [*prompt, {"role": "assistant", "content": text}]
+def _score_input(prompt: Prompt, text: str, reference: str | None
+                 ) -> tuple[str, str] | list[dict[str, str]] | reward_pb2.ScoreSample:
+    """What the reward service scores: (prompt, response) or the chat, with the reference when there is one."""
+    plain = (prompt, text) if isinstance(prompt, str) else [*prompt, {"role": "assistant", "content": text}]
+    if reference is None:
+        return plain
+    sample = to_sample(plain)
+    sample.reference = reference
+    return sample
 
 
 def shards(count: int, parts: int) -> list[range]:
@@ -98,7 +104,7 @@ def runs(indices: Sequence[int]) -> list[range]:
 async def collect(
     generators: Sequence[AsyncGenerationClient], reward: AsyncRewardClient, prompts: Sequence[Prompt], *,
     n: int, max_tokens: int, temperature: float, seed: int, min_policy_version: int, reward_model: str,
-    timeout_s: float, retry: Retry = Retry(),
+    timeout_s: float, retry: Retry = Retry(), references: Sequence[str | None] | None = None,
     repair: Callable[[AsyncGenerationClient], Awaitable[None]] | None = None,
 ) -> Collected:
     """Generate `n` samples of every prompt across `generators` and score them all."""
@@ -118,7 +124,8 @@ async def collect(
             del unscored[:]
             if not batch:
                 continue
-            inputs = [_score_input(prompts[r.prompt_index], r.text) for r in batch]
+            inputs = [_score_input(prompts[r.prompt_index], r.text, references and references[r.prompt_index])
+                      for r in batch]
             for attempt in itertools.count():
                 try:
                     reply = await reward.score(inputs, model=reward_model, timeout_s=timeout_s)
@@ -131,6 +138,7 @@ async def collect(
                     await asyncio.sleep(retry.backoff(attempt))
             for rollout, result in zip(batch, reply.results, strict=True):
                 rollout.score = result.score
+                rollout.components = {c.name: c.score for c in result.components if not c.skipped}
 
     def missing(indices: range) -> list[int]:
         return [i for i in indices if any((i, j) not in received for j in range(n))]

@@ -74,6 +74,10 @@ class LearnerSettings(ServiceSettings):
     prompts: Path = Field(description="prompt dataset: .jsonl or .parquet")
     prompt_field: str = Field("prompt", description="column with the prompt text")
     messages_field: str | None = Field(None, description="column with chat messages; used instead of prompt_field")
+    reference_field: str | None = Field(
+        None, description="column with each prompt's reference answer, sent with its samples to the reward service "
+        "(the `reference` of reward functions such as math)"
+    )
 
     # Rollouts.
     steps: int = Field(10, ge=1, description="PPO steps (policy versions 1..steps)")

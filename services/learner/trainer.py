@@ -59,13 +59,22 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _component_means(rollouts: list[Rollout]) -> dict[str, float]:
+    """`rewards/<component>_mean` of a composite reward, over the rollouts it applied to."""
+    scores: dict[str, list[float]] = {}
+    for rollout in rollouts:
+        for name, score in rollout.components.items():
+            scores.setdefault(name, []).append(score)
+    return {f"rewards/{name}_mean": sum(values) / len(values) for name, values in sorted(scores.items())}
+
+
 class Trainer:
     """Models, optimizer and KL controller of one PPO run, and the loop that drives it."""
 
     def __init__(self, settings: LearnerSettings) -> None:
         self.settings = s = settings
         self._seed_everything(s.seed)
-        self.dataset = PromptDataset.load(s.prompts, s.prompt_field, s.messages_field, s.seed)
+        self.dataset = PromptDataset.load(s.prompts, s.prompt_field, s.messages_field, s.seed, s.reference_field)
         self.device = World.device(s.device)
         self.world = World.join(self.device, s.dist_timeout_s)
         if s.gradient_accumulation_steps % self.world.size:
@@ -287,7 +296,7 @@ class Trainer:
             max_tokens=s.response_length, temperature=s.temperature,
             seed=s.seed * 1_000_003 + step * s.rollouts_per_step,
             min_policy_version=max(0, step + self.version_offset - self.max_lag), reward_model=s.reward_model,
-            timeout_s=s.rpc_timeout_s,
+            timeout_s=s.rpc_timeout_s, references=self.dataset.batch_references(step, s.batch_size),
             retry=Retry(attempts=s.replica_retries), repair=self._repair,
         ))
 
@@ -405,6 +414,7 @@ class Trainer:
             "sampling/logprob_diff_max": float(mismatch.max()),
             **stats,
             "time/reference_values_s": scored - began, "time/train_s": time.perf_counter() - scored,
+            **_component_means(rollouts),
         }
 
     def _micro_batches(self, count: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:

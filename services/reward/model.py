@@ -6,7 +6,9 @@ How a sample becomes tokens:
 - prompt + response, no chat template: the prompt's tokens (with the tokenizer's special
   tokens) followed by the response's tokens (without);
 - a chat conversation: rendered by the chat template (an error without one);
-- token ids: used as given.
+- token ids: used as given;
+- a query (OpenRLHF's, or vLLM's /classify input): the whole text tokenized as it is, with
+  the tokenizer's special tokens only when the query asks for them.
 An input longer than the model length loses tokens from the left (the prompt side) so the
 response survives, and its result says `truncated`; with truncation="error" it is refused.
 """
@@ -80,7 +82,7 @@ class Tokenization:
     def encode(self, index: int, sample: reward_pb2.ScoreSample) -> Encoded:
         kind = sample.WhichOneof("input")
         if kind is None:
-            raise InvalidSample(index, "has no input: set text, chat or token_ids")
+            raise InvalidSample(index, "has no input: set text, query, chat or token_ids")
         if kind == "token_ids":
             ids = list(sample.token_ids.ids)
             if not ids:
@@ -89,6 +91,13 @@ class Tokenization:
             if bad is not None:
                 raise InvalidSample(index, f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
             return self._fit(index, ids, protected=0)
+        if kind == "query":
+            ids = self.tokenizer(sample.query.text, add_special_tokens=sample.query.add_special_tokens)["input_ids"]
+            if not ids:
+                raise InvalidSample(index, "query text is empty")
+            prompt_ids = self.tokenizer(sample.query.prompt, add_special_tokens=False)["input_ids"]
+            protected = len(ids) - len(prompt_ids) if ids[: len(prompt_ids)] == prompt_ids else len(ids)
+            return self._fit(index, ids, protected)
         if kind == "chat":
             messages = [{"role": m.role, "content": m.content} for m in sample.chat.messages]
             if not messages:

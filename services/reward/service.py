@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from prometheus_client import Counter
 
 from rlhf_mesh.hub import resolve_model
-from rlhf_mesh.services.reward.batcher import Batcher, QueueFull
-from rlhf_mesh.services.reward.model import Encoded, InvalidSample, RewardModel
+from rlhf_mesh.services.reward.batcher import Batcher
+from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool
+from rlhf_mesh.services.reward.model import InvalidSample, RewardModel
+from rlhf_mesh.services.reward.scorers import (
+    CompositeScorer,
+    FunctionScorer,
+    ModelScorer,
+    Scorer,
+    ScoringError,
+)
 from rlhf_mesh.services.reward.settings import RewardSettings
 from rlhf_mesh.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
@@ -23,129 +29,82 @@ REQUESTS = Counter("rlhf_mesh_reward_requests_total", "Scoring requests.", ["mod
 SAMPLES = Counter("rlhf_mesh_reward_samples_total", "Samples by outcome.", ["model", "status"])
 
 
-class _Abort(Exception):
-    """A status for the caller (the whole call, or one item of a stream)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Served:
-    """A model and its batcher; counts the calls using them so a replaced one is closed only
-    after its last call finished."""
-
-    model: RewardModel
-    batcher: Batcher
-    calls: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[Served]:
-        self.calls += 1
-        self.idle.clear()
-        try:
-            yield self
-        finally:
-            self.calls -= 1
-            if self.calls == 0:
-                self.idle.set()
-
-    async def retire(self) -> None:
-        if self.calls:
-            await self.idle.wait()
-        await self.close()
-
-    async def close(self) -> None:
-        await self.batcher.close()
-        self.model.close()
-
-
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    """Validates, queues samples on the model's batcher, answers in request order."""
+    """Validates, scores with the named model, function or composite, answers in request order.
+    `score` is the one path of the gRPC and HTTP front doors."""
 
     def __init__(self, settings: RewardSettings, load: Callable[[str, str], RewardModel]) -> None:
         self.settings = settings
         self.load = load
-        self.served: dict[str, Served] = {}
+        self.scorers: dict[str, Scorer] = {}
         self.default = ""
         self._reloading: set[str] = set()
 
-    def add(self, model: RewardModel) -> Served | None:
-        """Serve `model` under its name; returns the one it replaces."""
-        batcher = Batcher(
-            model.name, model.score, max_batch_tokens=self.settings.max_batch_tokens,
-            max_wait_ms=self.settings.max_wait_ms, max_queue_samples=self.settings.max_queue_samples,
-            max_padding_ratio=self.settings.max_padding_ratio if model.pads_batches else 1.0,
-        )
-        batcher.start()
-        replaced = self.served.get(model.name)
-        self.served[model.name] = Served(model, batcher)
-        self.default = self.default or model.name
+    def add(self, scorer: Scorer | RewardModel) -> Scorer | None:
+        """Serve a model (with a batcher of its own), function or composite under its name;
+        returns the scorer it replaces."""
+        if isinstance(scorer, RewardModel):
+            model, s = scorer, self.settings
+            batcher = Batcher(
+                model.name, model.score, max_batch_tokens=s.max_batch_tokens, max_wait_ms=s.max_wait_ms,
+                max_queue_samples=s.max_queue_samples,
+                max_padding_ratio=s.max_padding_ratio if model.pads_batches else 1.0,
+            )
+            batcher.start()
+            scorer = ModelScorer(model, batcher)
+        replaced = self.scorers.get(scorer.name)
+        self.scorers[scorer.name] = scorer
+        self.default = self.default or scorer.name
         return replaced
 
-    def _served(self, name: str) -> Served:
-        served = self.served.get(name or self.default)
-        if served is None:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, f"no reward model named {name!r}; loaded: {sorted(self.served)}")
-        return served
+    def scorer(self, name: str) -> Scorer:
+        found = self.scorers.get(name or self.default)
+        if found is None:
+            raise ScoringError(grpc.StatusCode.NOT_FOUND,
+                               f"no reward model named {name!r}; served: {sorted(self.scorers)}")
+        return found
 
-    async def _score(self, served: Served, encoded: list[Encoded]) -> list[reward_pb2.ScoreResult]:
-        model = served.model
-        try:
-            futures = served.batcher.submit([e.ids for e in encoded])
-        except QueueFull as err:
-            SAMPLES.labels(model.name, "rejected").inc(len(encoded))
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"reward queue is full ({err}); retry later") from None
-        try:
-            scores = await asyncio.gather(*futures)
-        except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()
-            SAMPLES.labels(model.name, "cancelled").inc(len(encoded))
-            raise
-        SAMPLES.labels(model.name, "ok").inc(len(encoded))
-        return [
-            reward_pb2.ScoreResult(score=s, truncated=e.truncated, num_tokens=len(e.ids), model_version=model.version)
-            for s, e in zip(scores, encoded, strict=True)
-        ]
+    def label(self, name: str) -> str:
+        """The metrics label of a requested name (callers must not grow the label set)."""
+        name = name or self.default
+        return name if name in self.scorers else "<unknown>"
+
+    async def score(self, name: str, samples: list[reward_pb2.ScoreSample]) -> tuple[str, list[reward_pb2.ScoreResult]]:
+        """Scores of `samples` by the scorer `name` (empty: the default), and its name; raises
+        InvalidSample or ScoringError."""
+        if not samples:
+            raise ScoringError(grpc.StatusCode.INVALID_ARGUMENT, "samples is empty")
+        if len(samples) > self.settings.max_request_samples:
+            raise ScoringError(grpc.StatusCode.INVALID_ARGUMENT, f"{len(samples)} samples, more than "
+                               f"max_request_samples={self.settings.max_request_samples}")
+        for i, sample in enumerate(samples):  # refused before the tokenizer's memory grows with it
+            size = sample.ByteSize()
+            if size > self.settings.max_sample_bytes:
+                raise InvalidSample(i, f"is {size} bytes, more than max_sample_bytes={self.settings.max_sample_bytes}")
+        with self.scorer(name).lease() as scorer:
+            try:
+                results = await scorer.score(samples)
+            except asyncio.CancelledError:
+                SAMPLES.labels(scorer.name, "cancelled").inc(len(samples))
+                raise
+            except ScoringError as err:
+                SAMPLES.labels(scorer.name, err.code.name.lower()).inc(len(samples))
+                raise
+        SAMPLES.labels(scorer.name, "ok").inc(len(samples))
+        return scorer.name, results
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
-        name = request.model or self.default
-        label = name if name in self.served else "<unknown>"  # callers must not grow the label set
+        label = self.label(request.model)
         try:
-            with self._served(request.model).lease() as served:
-                results = await self._score_request(served, request)
+            name, results = await self.score(request.model, list(request.samples))
         except InvalidSample as err:
             REQUESTS.labels(label, "invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except _Abort as err:
+        except ScoringError as err:
             REQUESTS.labels(label, err.code.name.lower()).inc()
             await context.abort(err.code, str(err))
         REQUESTS.labels(label, "ok").inc()
-        return reward_pb2.ScoreResponse(results=results, model=served.model.name)
-
-    async def _score_request(self, served: Served,
-                             request: reward_pb2.ScoreRequest) -> list[reward_pb2.ScoreResult]:
-        model = served.model
-        count = len(request.samples)
-        if count == 0:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "samples is empty")
-        if count > self.settings.max_request_samples:
-            raise _Abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{count} samples, more than max_request_samples={self.settings.max_request_samples}",
-            )
-        encoded = await asyncio.to_thread(lambda: [self._encode(model, i, s) for i, s in enumerate(request.samples)])
-        return await self._score(served, encoded)
-
-    def _encode(self, model: RewardModel, index: int, sample: reward_pb2.ScoreSample) -> Encoded:
-        """Token ids of one sample; an oversized one is refused before the tokenizer's memory grows with it."""
-        size = sample.ByteSize()
-        if size > self.settings.max_sample_bytes:
-            raise InvalidSample(index, f"is {size} bytes, more than max_sample_bytes={self.settings.max_sample_bytes}")
-        return model.tokenization.encode(index, sample)
+        return reward_pb2.ScoreResponse(results=results, model=name)
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[reward_pb2.ScoreStreamRequest], context: grpc.aio.ServicerContext
@@ -159,14 +118,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         async def one(request: reward_pb2.ScoreStreamRequest) -> None:
             reply = reward_pb2.ScoreStreamResponse(request_id=request.request_id)
             try:
-                with self._served(request.model).lease() as served:
-                    reply.model = served.model.name
-                    encoded = await asyncio.to_thread(self._encode, served.model, 0, request.sample)
-                    reply.result.CopyFrom((await self._score(served, [encoded]))[0])
+                reply.model, (result,) = await self.score(request.model, [request.sample])
+                reply.result.CopyFrom(result)
             except InvalidSample as err:
                 reply.error.CopyFrom(common_pb2.ItemError(
                     code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"sample: {err.problem}"))
-            except _Abort as err:
+            except ScoringError as err:
                 reply.error.CopyFrom(common_pb2.ItemError(code=err.code.value[0], message=str(err)))
             finally:
                 slots.release()
@@ -195,7 +152,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def ListModels(self, request: reward_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
         return reward_pb2.ListModelsResponse(
-            models=[s.model.info(is_default=name == self.default) for name, s in self.served.items()]
+            models=[s.info(is_default=name == self.default) for name, s in self.scorers.items()]
         )
 
     async def ReloadModel(self, request: reward_pb2.ReloadModelRequest, context: grpc.aio.ServicerContext):
@@ -203,6 +160,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         finish on the old one, which is then closed. A failed load changes nothing."""
         if not request.name or not request.path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give the model's name and path")
+        if request.name in self.scorers and not isinstance(self.scorers[request.name], ModelScorer):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{request.name!r} is a reward function or composite, not a model")
         if request.name in self._reloading:
             await context.abort(grpc.StatusCode.ABORTED, f"model {request.name!r} is being reloaded already")
         self._reloading.add(request.name)
@@ -218,13 +178,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                                 f"cannot load {request.path!r} as {request.name!r}: {error}")
         replaced = self.add(model)
         log.info("reloaded reward model %s from %s (version %s)", model.name, model.path, model.version)
-        if replaced is not None:
+        if isinstance(replaced, ModelScorer):
             asyncio.create_task(replaced.retire())  # noqa: RUF006 - runs until its last call ends
-        return reward_pb2.ReloadModelResponse(model=model.info(is_default=request.name == self.default))
+        return reward_pb2.ReloadModelResponse(model=self.scorers[request.name].info(
+            is_default=request.name == self.default))
 
 
 class RewardService:
-    """RewardService on the shared bootstrap: loads every model, warms it, serves."""
+    """RewardService on the shared bootstrap: loads every model and function, warms them, serves
+    gRPC (and the HTTP protocols of other frameworks on http_port)."""
 
     name = "reward"
 
@@ -232,17 +194,39 @@ class RewardService:
         self.settings = settings
         self.models = [(name, resolve_model(path)) for name, path in settings.named_models()]  # fail fast
         self.servicer = RewardServicer(settings, self._load)
+        self.pool: FunctionPool | None = None
+        self.http = None
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.servicer, server)
         return [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
 
     async def start(self) -> None:
+        s = self.settings
         for name, path in self.models:
             model = await asyncio.to_thread(self._load, name, path)
             self.servicer.add(model)
             log.info("loaded reward model %s from %s (version %s, max length %d, %s)",
                      name, path, model.version, model.max_length, model.backend)
+        functions = s.named_functions()
+        if functions:
+            self.pool = FunctionPool(s.function_workers, s.function_timeout_s)
+            for name, spec in functions:
+                try:
+                    await self.pool.check(spec)
+                except FunctionFailed as err:
+                    raise RuntimeError(f"reward function {name}={spec}: {err}") from None
+                self.servicer.add(FunctionScorer(name, spec, self.pool))
+                log.info("serving reward function %s (%s)", name, spec)
+        for name, parts in s.composites():
+            self.servicer.add(CompositeScorer(name, parts, self.servicer.scorer))
+            log.info("serving composite reward %s = %s", name, " + ".join(f"{w:g}*{p}" for w, p in parts))
+        if s.http_port is not None:
+            from rlhf_mesh.services.reward.http import RewardHttp
+
+            self.http = RewardHttp(self.servicer, s)
+            port = await self.http.start(s.http_host, s.http_port)
+            log.info("reward HTTP (OpenRLHF /get_reward, vLLM /classify and /pooling, /v1/score) on port %d", port)
 
     def _load(self, name: str, path: str) -> RewardModel:
         """Load and warm a model (at start and on ReloadModel): a folder or a hub id."""
@@ -260,5 +244,10 @@ class RewardService:
         return model
 
     async def close(self) -> None:
-        for served in self.servicer.served.values():
-            await served.close()
+        if self.http is not None:
+            await self.http.close()
+        for scorer in self.servicer.scorers.values():
+            if isinstance(scorer, ModelScorer):
+                await scorer.close()
+        if self.pool is not None:
+            self.pool.close()

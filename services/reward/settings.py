@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -9,14 +10,52 @@ from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.settings import ServiceSettings
 
+_TERM = re.compile(r"\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([A-Za-z_][\w.-]*)\s*")
+
+
+def parse_composite(spec: str) -> tuple[str, list[tuple[float, str]]]:
+    """`NAME=0.8*rm+0.2*math` -> (NAME, [(0.8, "rm"), (0.2, "math")]); a bare part weighs 1."""
+    name, sep, expression = spec.partition("=")
+    if not sep or not name.strip() or not expression.strip():
+        raise ValueError(f"composite {spec!r}: write NAME=WEIGHT*PART+WEIGHT*PART, e.g. total=0.8*rm+0.2*math")
+    parts, position = [], 0
+    while position < len(expression):
+        match = _TERM.match(expression, position)
+        if match is None or match.end() == position or (parts and match.group(1) is None):
+            raise ValueError(f"composite {spec!r}: cannot read {expression[position:]!r}")
+        sign, weight, part = match.groups()
+        parts.append(((-1 if sign == "-" else 1) * float(weight or 1), part))
+        position = match.end()
+    if len({part for _, part in parts}) != len(parts):
+        raise ValueError(f"composite {spec!r}: a part appears twice")
+    return name.strip(), parts
+
 
 class RewardSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RLHF_MESH_REWARD_")
 
     port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     model: list[str] = Field(
-        min_length=1, description="reward model as PATH or NAME=PATH; repeat for several, the first is the default"
+        default_factory=list,
+        description="reward model as PATH or NAME=PATH (a folder or a hub id); repeat for several, the first is the "
+        "default",
     )
+    function: list[str] = Field(
+        default_factory=list,
+        description="reward function as NAME (a built-in: math, exact, regex, format) or NAME=package.module:callable "
+        "(TRL's fn(prompts, completions, **kwargs)); repeat for several",
+    )
+    reward: list[str] = Field(
+        default_factory=list, description="composite reward NAME=WEIGHT*PART+WEIGHT*PART over models and functions, "
+        "e.g. total=0.8*rm+0.2*math; repeat for several"
+    )
+    function_workers: int = Field(2, ge=1, description="worker processes that run reward functions")
+    function_timeout_s: float = Field(10.0, gt=0, description="longest one reward function call may run")
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="HTTP port of the JSON protocols (OpenRLHF /get_reward, vLLM /classify and "
+        "/pooling, /v1/score); off unless set (0 picks a free one)"
+    )
+    http_host: str = Field("", description="address of the HTTP port; empty: every address, IPv4 and IPv6")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="inference backend")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
     device: str = Field("cpu", description="torch device of the transformers backend, e.g. cpu or cuda")
@@ -45,8 +84,27 @@ class RewardSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _unique_names(self) -> RewardSettings:
-        self.named_models()
+        if not self.model and not self.function:
+            raise ValueError("give at least one --model or --function")
+        scorers = [n for n, _ in self.named_models()] + [n for n, _ in self.named_functions()]
+        composites = self.composites()
+        names = scorers + [n for n, _ in composites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model, function and composite names must be unique, got {names}")
+        for name, parts in composites:
+            unknown = sorted(part for _, part in parts if part not in scorers)
+            if unknown:
+                raise ValueError(f"composite {name}: {unknown} are not models or functions of this server "
+                                 "(composites do not nest)")
         return self
+
+    def composites(self) -> list[tuple[str, list[tuple[float, str]]]]:
+        """(name, [(weight, part), ...]) of every composite."""
+        return [parse_composite(spec) for spec in self.reward]
+
+    def named_functions(self) -> list[tuple[str, str]]:
+        """(name, spec) pairs; a bare NAME is the built-in of that name."""
+        return [(name, spec if sep else name) for name, sep, spec in (f.partition("=") for f in self.function)]
 
     def named_models(self) -> list[tuple[str, str]]:
         """(name, path) pairs; a bare PATH is named after its last folder."""
@@ -56,7 +114,4 @@ class RewardSettings(ServiceSettings):
             if not sep:
                 name, path = spec.rstrip("/").rsplit("/", 1)[-1], spec
             pairs.append((name, path))
-        names = [n for n, _ in pairs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
         return pairs
