@@ -68,14 +68,14 @@ def checkpoint_layout(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return layout
 
 
-def tied_aliases(model_dir: str | Path) -> dict[str, str]:
+def tied_aliases(model_dir: str | Path, stored: dict[str, tuple[int, ...]]) -> dict[str, str]:
     """Names transformers gives a tied parameter besides the one its checkpoint stores
-    (`lm_head.weight` -> `model.embed_tokens.weight`), read off the model built on the meta device."""
+    (`lm_head.weight` -> `model.embed_tokens.weight`), read off the model built on the meta device;
+    `stored` is the folder's `checkpoint_layout`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    stored = checkpoint_layout(model_dir)
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)

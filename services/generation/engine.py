@@ -76,7 +76,7 @@ class PolicyEngine:
         self.dtype = config.dtype
         self.workers = self.llm.vllm_config.parallel_config.world_size
         self.layout = checkpoint_layout(self.path)
-        self.aliases = tied_aliases(self.path)
+        self.aliases = tied_aliases(self.path, self.layout)
         self.tokenizer = self.llm.get_tokenizer()
         self.limits = Limits(
             max_model_len=config.max_model_len, vocab_size=config.get_vocab_size(),

@@ -143,20 +143,17 @@ class RewardHttp:
         name = name if name is not None else body.get("model") or ""
         if not isinstance(name, str):
             return _error(400, "model: must be a string")
-        label = self.servicer.label(name)
         try:
             samples = build(body)
-            scorer, results = await self.servicer.score(name, samples)
         except BadRequest as err:
-            REQUESTS.labels(label, "invalid").inc()
+            REQUESTS.labels(self.servicer.label(name), "invalid").inc()
             return _error(400, str(err))
+        try:
+            scorer, results = await self.servicer.score_request(name, samples)
         except InvalidSample as err:
-            REQUESTS.labels(label, "invalid").inc()
             return _error(400, str(err))
         except ScoringError as err:
-            REQUESTS.labels(label, err.code.name.lower()).inc()
             return _error(_STATUS.get(err.code, 500), str(err))
-        REQUESTS.labels(label, "ok").inc()
         return web.json_response(reply(body, scorer, results))
 
     async def get_reward(self, request: web.Request) -> web.Response:

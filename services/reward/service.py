@@ -88,22 +88,34 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 SAMPLES.labels(scorer.name, "cancelled").inc(len(samples))
                 raise
             except ScoringError as err:
-                SAMPLES.labels(scorer.name, err.code.name.lower()).inc(len(samples))
+                outcome = "rejected" if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else err.code.name.lower()
+                SAMPLES.labels(scorer.name, outcome).inc(len(samples))
                 raise
         SAMPLES.labels(scorer.name, "ok").inc(len(samples))
         return scorer.name, results
 
-    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
-        label = self.label(request.model)
+    async def score_request(self, name: str, samples: list[reward_pb2.ScoreSample]
+                            ) -> tuple[str, list[reward_pb2.ScoreResult]]:
+        """`score` as one request (a Score call or an HTTP one), counted by outcome."""
+        label = self.label(name)
         try:
-            name, results = await self.score(request.model, list(request.samples))
-        except InvalidSample as err:
+            scored = await self.score(name, samples)
+        except InvalidSample:
             REQUESTS.labels(label, "invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise
         except ScoringError as err:
             REQUESTS.labels(label, err.code.name.lower()).inc()
-            await context.abort(err.code, str(err))
+            raise
         REQUESTS.labels(label, "ok").inc()
+        return scored
+
+    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
+        try:
+            name, results = await self.score_request(request.model, list(request.samples))
+        except InvalidSample as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except ScoringError as err:
+            await context.abort(err.code, str(err))
         return reward_pb2.ScoreResponse(results=results, model=name)
 
     async def ScoreStream(
