@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from rlhf_mesh.clients.health import wait_until_serving
-from rlhf_mesh.server import free_port
+from rlhf_mesh.processes import ChildProcess, free_port
 
 __all__ = ["free_port", "server", "server_process", "vllm_kv_cache_flag", "wait_http"]
 
@@ -30,22 +27,15 @@ def server_process(args: list[str], ready: Callable[[str, Callable[[], bool]], N
                    ) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run `args --port PORT` until the block ends; yields HOST:PORT and the process once `ready`
     (gRPC health by default)."""
-    port = free_port()
-    process = subprocess.Popen([*args, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # its group: the engine processes it starts go with it
-    address = f"localhost:{port}"
+    child = ChildProcess(Path(args[0]).name, args)
     try:
-        (ready or (lambda a, alive: wait_until_serving(a, timeout_s=300, alive=alive)))(
-            address, lambda: process.poll() is None)
-        yield address, process
+        if ready is None:
+            child.wait_serving()
+        else:
+            ready(child.address, child.alive)
+        yield child.address, child.process
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        child.stop(60)
 
 
 @contextmanager

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
+from rlhf_mesh.services.learner.run import Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
-from rlhf_mesh.services.learner.trainer import Trainer
 from rlhf_mesh.tiny_models import build
 
 from common import server
@@ -56,12 +56,12 @@ async def run(mode: str, models: dict[str, Path], generation: str, reward: str,
         response_length=args.response_length, num_ppo_epochs=args.ppo_epochs, learning_rate=1e-4,
         async_generation=mode == "async", output_dir=Path(tempfile.mkdtemp()),
     )
-    trainer = Trainer(settings)
-    await trainer.connect()
+    learner = Run(settings)
     try:
-        history = [await trainer.run_step() for _ in range(args.steps)][1:]
+        await learner.start()
+        history = [await learner.run_step() for _ in range(args.steps)][1:]
     finally:
-        await trainer.close()
+        await learner.close()
     means = {name: statistics.mean(h[name] for h in history) for name in history[0]}
     step = means["time/step_s"]
     print(f"\n{mode}: {args.preset} policy, {args.batch_size} prompts x {args.n} samples x {args.response_length} "
@@ -75,7 +75,7 @@ async def run(mode: str, models: dict[str, Path], generation: str, reward: str,
     print(f"generation busy {min(1, (means['time/generate_s'] + means['time/score_s']) / step):.0%}, "
           f"learner busy {(means['time/reference_values_s'] + means['time/train_s']) / step:.0%}")
     if mode == "sync":
-        baseline = statistics.mean([await sequential(generation, reward, trainer.dataset.batch(k, args.batch_size),
+        baseline = statistics.mean([await sequential(generation, reward, learner.dataset.batch(k, args.batch_size),
                                                       args) for k in range(3)])
         streamed = means["time/generate_s"] + means["time/score_s"]
         print(f"generate + score, streamed: {streamed:.3f} s; generate, then score in one batch: {baseline:.3f} s; "

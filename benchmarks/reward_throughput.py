@@ -45,9 +45,10 @@ def make_samples(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 def offline(model_path: str, samples: list[list[int]]) -> float:
     """Samples/s of the model itself on length-sorted batches within MAX_BATCH_TOKENS."""
-    from rlhf_mesh.services.reward.model import RewardModel
+    from rlhf_mesh.services.reward.reward_model import TransformersRewardModel
 
-    model = RewardModel("bench", model_path, dtype="float32", device="cpu", max_length=None, truncation="left")
+    model = TransformersRewardModel("bench", model_path, dtype="float32", device="cpu", max_length=None,
+                                    truncation="left")
     model.score(samples[:8])  # warm-up
     ordered = sorted(samples, key=len)
     batches, batch = [], []
@@ -107,9 +108,9 @@ class NaiveServicer(reward_pb2_grpc.RewardServiceServicer):
     """One forward per request, one request at a time: serving without batching."""
 
     def __init__(self, model_path: str) -> None:
-        from rlhf_mesh.services.reward.model import RewardModel
+        from rlhf_mesh.services.reward.reward_model import TransformersRewardModel
 
-        self.model = RewardModel("naive", model_path, dtype="float32", device="cpu", max_length=None,
+        self.model = TransformersRewardModel("naive", model_path, dtype="float32", device="cpu", max_length=None,
                                  truncation="left")
         self.lock = asyncio.Lock()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rlhf_mesh.clients.generation import GenerationClient
-from rlhf_mesh.clients.weights import CollectiveSender
+from rlhf_mesh.clients.push import CollectiveSender
 from rlhf_mesh.weights import gloo_group
 
 from common import free_port, server
@@ -89,7 +89,7 @@ def main() -> None:
                 version += 1
                 update = perturbed(weights, version)
                 started = time.perf_counter()
-                reply = client.push_weights(update, version, transport=transport, sender=sender)
+                reply = sender.push(update, version)[0] if sender else client.push_weights(update, version)
                 runs.append((time.perf_counter() - started, reply.timings))
             if sender:
                 sender.close()

@@ -10,9 +10,19 @@ from typing import Any, Self
 
 import grpc
 
-from rlhf_mesh.server import channel_options
-
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message-size and keepalive options shared by servers and clients."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 @dataclass(frozen=True)

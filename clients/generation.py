@@ -76,22 +76,19 @@ class GenerationClient(Client):
     def model_info(self, timeout_s: float | None = None) -> generation_pb2.GetModelInfoResponse:
         return self.stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s))
 
-    def push_weights(self, weights, version: int, *, transport: str = "grpc", sender=None,
-                     timeout_s: float = 600.0):
-        """Make this replica serve `weights` (a module or state dict) as `version`.
+    def push_weights(self, weights, version: int, *, timeout_s: float = 600.0,
+                     manifest: generation_pb2.WeightManifest | None = None) -> generation_pb2.PushWeightsResponse:
+        """Make this replica serve `weights` (a module or state dict) as `version`, in-band.
 
-        transport "grpc" streams the bytes in-band; "collective" broadcasts them through
-        `sender`, a `rlhf_mesh.clients.weights.CollectiveSender` this client joined.
+        `manifest`: the one of these weights at `version`, when the caller hashed them already.
+        Pushing to many replicas: `rlhf_mesh.clients.push` (push_to_replicas, CollectiveSender).
         """
-        from rlhf_mesh.clients import weights as push  # torch only for callers that push
+        from rlhf_mesh import weights as pushed  # torch only for callers that push
 
-        if transport == "grpc":
-            return push.push_weights(self, weights, version, timeout_s)
-        if transport == "collective":
-            if sender is None or self not in sender.clients:
-                raise ValueError("transport='collective' needs a CollectiveSender that includes this client")
-            return sender.push(weights, version)[sender.clients.index(self)]
-        raise ValueError(f"transport must be 'grpc' or 'collective', not {transport!r}")
+        tensors = pushed.state_dict_of(weights)
+        call = self.channel.stream_unary(  # no request serializer: the messages are serialized already
+            f"/{SERVICE}/PushWeights", response_deserializer=generation_pb2.PushWeightsResponse.FromString)
+        return call(pushed.push_requests(tensors, manifest or pushed.manifest(tensors, version)), timeout=timeout_s)
 
 
 class AsyncGenerationClient(AsyncClient):

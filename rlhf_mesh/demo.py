@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from rlhf_mesh.processes import ChildProcess, stop_all
 from rlhf_mesh.settings import FileSettings
 
 POLITE_WORDS = ("please", "thank", "kind", "glad", "good", "great", "happy", "lovely", "helpful", "wonderful",
@@ -76,56 +76,25 @@ def judge(responses: list[str]) -> int | None:
 
 
 @dataclass
-class Service:
-    name: str
-    process: subprocess.Popen
-    log: Path
-    address: str
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-
-@dataclass
 class Processes:
     """Every process the demo started; all are stopped on exit, whatever happens."""
 
     logs: Path
-    started: list[Service] = field(default_factory=list)
+    started: list[ChildProcess] = field(default_factory=list)
 
-    def start(self, name: str, args: list[str]) -> Service:
-        from rlhf_mesh.server import free_port
+    def start(self, name: str, args: list[str]) -> ChildProcess:
+        child = ChildProcess(name, [sys.executable, "-m", "rlhf_mesh", *args], self.logs / f"{name}.log")
+        self.started.append(child)
+        return child
 
-        port = free_port()
-        log = self.logs / f"{name}.log"
-        with log.open("w") as output:  # the child keeps its own copy of the descriptor
-            process = subprocess.Popen([sys.executable, "-m", "rlhf_mesh", *args, "--port", str(port)],
-                                       stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        service = Service(name, process, log, f"localhost:{port}")
-        self.started.append(service)
-        return service
-
-    def wait_serving(self, service: Service, timeout_s: float) -> None:
-        from rlhf_mesh.clients.health import wait_until_serving
-
+    def wait_serving(self, child: ChildProcess, timeout_s: float) -> None:
         try:
-            wait_until_serving(service.address, timeout_s=timeout_s, alive=service.alive)
+            child.wait_serving(timeout_s)
         except Exception as err:
-            raise DemoError(f"the {service.name} service did not start ({err}); see {service.log}") from None
-
-    def stop(self, service: Service, timeout_s: float = 30) -> int:
-        """SIGTERM (the service drains), then SIGKILL to its whole process group."""
-        if service.alive():
-            service.process.send_signal(signal.SIGTERM)
-        try:
-            return service.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.process.pid, signal.SIGKILL)
-            return service.process.wait()
+            raise DemoError(f"the {child.name} service did not start ({err}); see {child.log_path}") from None
 
     def stop_all(self) -> None:
-        for service in reversed(self.started):
-            self.stop(service)
+        stop_all(self.started)
 
 
 @contextlib.contextmanager
@@ -160,7 +129,7 @@ class Demo:
         return (s.policy or str(folder / "policy"), s.reward or str(folder / "reward"),
                 s.prompts or folder / "prompts.jsonl")
 
-    def start_services(self, policy: str, reward: str) -> dict[str, Service]:
+    def start_services(self, policy: str, reward: str) -> dict[str, ChildProcess]:
         services = {
             "generation": self.processes.start("generation", [
                 "serve", "generation", "--model", policy, "--dtype", "float32", "--max-model-len", "512",
@@ -171,7 +140,7 @@ class Demo:
                 "serve", "feedback", "--db", f"sqlite:///{self.out / 'feedback.db'}", "--rater-port", "0"]),
         }
         for service in services.values():
-            self.say(f"  {service.name:<10} {service.address:<16} log {service.log}")
+            self.say(f"  {service.name:<10} {service.address:<16} log {service.log_path}")
         for service in services.values():
             self.processes.wait_serving(service, self.s.timeout_s)
         self.say("  all SERVING")
@@ -186,7 +155,7 @@ class Demo:
             return [(x.prompt_index, x.text) for x in client.generate(
                 prompts, n=n, max_tokens=self.s.response_length, temperature=1.0, seed=seed)]
 
-    def evaluate(self, services: dict[str, Service], prompts: list[str], seed: int) -> dict[str, float]:
+    def evaluate(self, services: dict[str, ChildProcess], prompts: list[str], seed: int) -> dict[str, float]:
         """The rater's verdict on fresh samples of the served policy, and their reward."""
         from rlhf_mesh.clients.reward import RewardClient
 
@@ -199,7 +168,7 @@ class Demo:
             "reward_mean": sum(scores) / len(scores),
         }
 
-    def collect_feedback(self, services: dict[str, Service], prompts: list[str], round_: int) -> int:
+    def collect_feedback(self, services: dict[str, ChildProcess], prompts: list[str], round_: int) -> int:
         """The rater judges two fresh responses per prompt; returns how many judgements it gave."""
         from rlhf_mesh.clients.feedback import FeedbackClient, feedback
 
@@ -219,7 +188,7 @@ class Demo:
                 given += 1
         return given
 
-    def train_reward_model(self, services: dict[str, Service], base: str, folder: Path) -> dict[str, float]:
+    def train_reward_model(self, services: dict[str, ChildProcess], base: str, folder: Path) -> dict[str, float]:
         from rlhf_mesh.clients.feedback import FeedbackClient
         from rlhf_mesh.clients.reward import RewardClient
         from rlhf_mesh.services.reward.training import train
@@ -237,35 +206,38 @@ class Demo:
             client.reload_model("reward", str(folder / "reward"), timeout_s=self.s.timeout_s)
         return metrics
 
-    def ppo(self, services: dict[str, Service], policy: str, prompts_file: Path, round_: int) -> dict[str, float]:
+    def ppo(self, services: dict[str, ChildProcess], policy: str, prompts_file: Path,
+            round_: int) -> dict[str, float]:
         """Run the learner process until it has done round_ * steps steps; its metrics go to the console."""
         import grpc
+        import yaml
 
-        from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
+        from rlhf_mesh.clients.learner import LearnerClient
+        from rlhf_mesh.services.learner.settings import LearnerSettings
 
         s = self.s
         run_dir = self.out / "ppo"
-        args = ["serve", "learner", "--policy", policy, "--generation", services["generation"].address,
-                "--reward", services["reward"].address, "--reward-model", "reward", "--prompts", str(prompts_file),
-                "--steps", str(round_ * s.steps), "--batch-size", str(s.batch_size),
-                "--num-samples-per-prompt", str(s.num_samples_per_prompt), "--response-length", str(s.response_length),
-                "--learning-rate", str(s.learning_rate), "--kl-coef", str(s.kl_coef), "--seed", str(s.seed),
-                "--device", s.device, "--output-dir", str(run_dir), "--linger-s", "1", "--metrics-port", "0"]
-        if round_ > 1:
-            args += ["--resume-from", str(run_dir / "checkpoints" / f"step-{(round_ - 1) * s.steps:06d}")]
-        learner = self.processes.start(f"learner-round{round_}", args)
+        settings = LearnerSettings(
+            policy=policy, generation=[services["generation"].address], reward=services["reward"].address,
+            reward_model="reward", prompts=prompts_file, steps=round_ * s.steps, batch_size=s.batch_size,
+            num_samples_per_prompt=s.num_samples_per_prompt, response_length=s.response_length,
+            learning_rate=s.learning_rate, kl_coef=s.kl_coef, seed=s.seed, device=s.device, output_dir=run_dir,
+            linger_s=1, metrics_port=0,
+            resume_from=run_dir / "checkpoints" / f"step-{(round_ - 1) * s.steps:06d}" if round_ > 1 else None,
+        )
+        config = self.out / "logs" / f"learner-round{round_}.yaml"
+        config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_unset=True)))
+        learner = self.processes.start(f"learner-round{round_}", ["serve", "learner", "--config", str(config)])
         self.processes.wait_serving(learner, s.timeout_s)
         last: dict[str, float] = {}
-        with grpc.insecure_channel(learner.address) as channel:
-            stub = learner_pb2_grpc.LearnerServiceStub(channel)
-            request = learner_pb2.WatchMetricsRequest(from_step=(round_ - 1) * s.steps + 1)
-            with contextlib.suppress(grpc.RpcError):  # the stream ends when the learner exits
-                for step in stub.WatchMetrics(request, timeout=s.timeout_s * 10):
-                    last = dict(step.scalars)
-                    self.say(f"  ppo step {step.step:>3}  reward {last['charts/reward_mean']:+.3f}  "
-                             f"kl {last['objective/kl']:.3f}  {last['time/step_s']:.2f}s")
+        with LearnerClient(learner.address, timeout_s=s.timeout_s) as client, \
+                contextlib.suppress(grpc.RpcError):  # the stream ends when the learner exits
+            for step in client.watch_metrics(from_step=(round_ - 1) * s.steps + 1, timeout_s=s.timeout_s * 10):
+                last = dict(step.scalars)
+                self.say(f"  ppo step {step.step:>3}  reward {last['charts/reward_mean']:+.3f}  "
+                         f"kl {last['objective/kl']:.3f}  {last['time/step_s']:.2f}s")
         if learner.process.wait(s.timeout_s) != 0 or not last:
-            raise DemoError(f"the learner failed in round {round_}; see {learner.log}")
+            raise DemoError(f"the learner failed in round {round_}; see {learner.log_path}")
         return last
 
     # --- the run ----------------------------------------------------------------------------

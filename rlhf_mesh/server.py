@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -28,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
+from rlhf_mesh.clients.channel import channel_options
 from rlhf_mesh.hub import ModelNotFound
 from rlhf_mesh.security import TokenAuth, server_credentials
 from rlhf_mesh.settings import ServiceSettings, SettingsError, load_settings
@@ -246,26 +246,6 @@ def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
     if handler.request_streaming:
         return "stream_stream" if handler.response_streaming else "stream_unary"
     return "unary_stream" if handler.response_streaming else "unary_unary"
-
-
-def free_port(host: str = "localhost") -> int:
-    """A TCP port nothing listens on right now (for child servers and collective groups)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message-size and keepalive options shared by servers and clients."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 async def start(service: Service, settings: ServiceSettings) -> Running:

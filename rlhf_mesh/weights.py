@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import blake3
@@ -115,6 +115,12 @@ def manifest(tensors: dict[str, torch.Tensor], version: int) -> generation_pb2.W
             size_bytes=tensor.numel() * tensor.element_size(), blake3_digest=digest(tensor),
         ))
     return generation_pb2.WeightManifest(policy_version=version, tensors=specs)
+
+
+def push_requests(tensors: dict[str, torch.Tensor], pushed: generation_pb2.WeightManifest) -> Iterator[bytes]:
+    """The serialized PushWeightsRequest messages of an in-band push: the manifest, then the chunks."""
+    yield generation_pb2.PushWeightsRequest(manifest=pushed).SerializeToString()
+    yield from chunk_requests(tensors.values())
 
 
 def chunk_requests(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterable[bytes]:

@@ -33,6 +33,7 @@ class ProbeLearner(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.GetStatusResponse(state=learner_pb2.LEARNER_STATE_RUNNING, step=7)
 
     async def SaveCheckpoint(self, request, context):
+        print("SaveCheckpoint started", flush=True)  # what a test waits for before it acts mid-call
         await asyncio.sleep(self.call_s)
         return learner_pb2.SaveCheckpointResponse(path="/tmp/ckpt", step=7)
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-from rlhf_mesh.server import free_port
+from rlhf_mesh.processes import ChildProcess, free_port
 
 __all__ = [
     "MAX_MODEL_LEN",
@@ -24,6 +22,7 @@ __all__ = [
     "scrape",
     "serves",
     "start_generation_server",
+    "wait_for",
     "write_pki",
 ]
 
@@ -32,46 +31,23 @@ PYTHON = sys.executable
 MAX_MODEL_LEN = 256  # of the test generation servers
 
 
-class ChildServer:
-    """A server process started by a test, with its log file."""
+class ChildServer(ChildProcess):
+    """A server process started by a test, with its own metrics port; its log is appended to
+    `log_path` (a restart appends)."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
                  port: int | None = None) -> None:
-        self.port = port or free_port()
         self.metrics_port = free_port()
-        self.address = f"localhost:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "a")  # noqa: SIM115 - closed in stop(); a restart appends
-        self.process = subprocess.Popen(  # its own process group: kill() and stop() reach vLLM's engine processes
-            [*args, "--port", str(self.port), "--metrics-port", str(self.metrics_port)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
+        super().__init__(Path(log_path).stem, [*args, "--metrics-port", str(self.metrics_port)], log_path,
+                         env=env, cwd=ROOT, port=port)
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
 
-    def kill(self) -> None:
-        """kill -9 the server and every process it started, as a container dies with its main process."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, timeout_s: float = 30) -> int:
-        if self.alive():
-            self.process.terminate()
-        try:
-            code = self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        with contextlib.suppress(ProcessLookupError):  # whatever it started and left behind
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self._log.close()
-        return code
+def wait_for(condition: Callable[[], object], timeout_s: float = 60.0, what: str = "the condition") -> None:
+    """Poll `condition` until it holds: a test's way to order events, never a fixed sleep."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout_s:g} s"
+        time.sleep(0.02)
 
 
 def scrape(server: ChildServer) -> str:
@@ -94,23 +70,21 @@ def start_generation_server(policy: Path, log_path: Path, *flags: str, port: int
     `nice` lowers the priority of the server and its engine processes: on two cores, a
     generating engine can keep a waking test process off the CPU for over a second.
     """
-    from rlhf_mesh.clients.health import wait_until_serving
-
     server = ChildServer(
         [*(["nice", "-n", str(nice)] if nice else []), PYTHON, "-m", "rlhf_mesh", "serve", "generation",
          "--model", str(policy), "--dtype", "float32", "--max-model-len", str(max_model_len), *flags],
         log_path, port=port,
     )
-    wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+    server.wait_serving()
     return server
 
 
 def push_messages(tensors: dict, version: int) -> list:
     """The PushWeightsRequest messages `push_weights` sends, parsed, for tests that alter or withhold some."""
-    from rlhf_mesh.clients.weights import push_requests
     from rlhf_mesh.v1 import generation_pb2
+    from rlhf_mesh.weights import manifest, push_requests
 
-    return [generation_pb2.PushWeightsRequest.FromString(m) for m in push_requests(tensors, version)]
+    return [generation_pb2.PushWeightsRequest.FromString(m) for m in push_requests(tensors, manifest(tensors, version))]
 
 
 def greedy(model, prompt_ids, steps: int) -> list[int]:
@@ -169,7 +143,7 @@ def write_pki(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", 
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def issue(name: str, key, issuer: x509.Certificate | None, issuer_key, ca: bool, usage=None) -> x509.Certificate:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])

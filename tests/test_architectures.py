@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.clients.push import CollectiveSender
 from rlhf_mesh.clients.reward import RewardClient
-from rlhf_mesh.clients.weights import CollectiveSender, push_weights
+from rlhf_mesh.services.learner.run import Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
-from rlhf_mesh.services.learner.trainer import Trainer
 from rlhf_mesh.tiny_models import ARCHS, build
 from rlhf_mesh.weights import state_dict_of
 
@@ -75,7 +75,7 @@ def test_collective_push_is_served_exactly(served):
     model = perturbed(paths["policy"], version)
     sender = CollectiveSender([client], "127.0.0.1", free_port(), timeout_s=30)
     try:
-        reply = client.push_weights(model, version, transport="collective", sender=sender)
+        reply, = sender.push(model, version)
     finally:
         sender.close()
     assert reply.policy_version == version
@@ -98,12 +98,12 @@ def test_tied_tensors_may_come_once_or_twice_but_never_differ(served):
     assert both[head].data_ptr() == both[embedding].data_ptr()
     if "moe" not in arch:
         assert both.keys() == model.state_dict().keys()
-    push_weights(client, both, version)
+    client.push_weights(both, version)
     serves(client, model, version)
 
     apart = {**both, head: both[head] + 0.01}
     with pytest.raises(grpc.RpcError) as err:
-        push_weights(client, apart, version + 1)
+        client.push_weights(apart, version + 1)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert head in err.value.details() and embedding in err.value.details() and "tied" in err.value.details()
     serves(client, model, version)
@@ -122,15 +122,15 @@ def test_reward_scores_equal_transformers(served, reward_server):
 
 async def test_two_ppo_steps_leave_the_generator_serving_the_learners_model(served, reward_server, tmp_path):
     arch, paths, client, address = served
-    trainer = Trainer(LearnerSettings(
+    run = Run(LearnerSettings(
         policy=str(paths["policy"]), generation=[address],
         reward=reward_server.address, reward_model=arch, prompts=paths["prompts"], output_dir=tmp_path / "run",
         steps=2, batch_size=4, num_samples_per_prompt=2, response_length=8, learning_rate=1e-3, seed=0,
     ))
     try:
-        await trainer.connect()
+        await run.start()
         for _ in range(2):
-            await trainer.run_step()
-            serves(client, trainer.models.policy, trainer.version)
+            await run.run_step()
+            serves(client, run.trainer.models.policy, run.version)
     finally:
-        await trainer.close()
+        await run.close()

@@ -125,8 +125,8 @@ async def test_services_and_learner_on_hub_ids_in_a_clean_environment(qwen2, off
     """`serve generation` on REPO_ID and `serve reward` on REWARD_ID with nothing in the environment
     but PATH, HOME and the offline cache: vLLM sizes its CPU KV cache by the service's default;
     pushes to the sharded tied policy are served exactly; the learner trains from the same id."""
+    from rlhf_mesh.services.learner.run import Run
     from rlhf_mesh.services.learner.settings import LearnerSettings
-    from rlhf_mesh.services.learner.trainer import Trainer
 
     clean = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
              "HF_HUB_CACHE": str(qwen2["cache"])}
@@ -152,16 +152,16 @@ async def test_services_and_learner_on_hub_ids_in_a_clean_environment(qwen2, off
                 assert scorer.scores([[5, 6, 7, 8]]) == pytest.approx(
                     [reward_model(torch.tensor([[5, 6, 7, 8]])).logits[0, 0].item()], abs=1e-4)
 
-            trainer = Trainer(LearnerSettings(
+            run = Run(LearnerSettings(
                 policy=REPO_ID, generation=[generation.address], reward=reward.address, prompts=qwen2["prompts"],
                 output_dir=tmp_path / "run", steps=1, batch_size=2, num_samples_per_prompt=2, response_length=8,
             ))
             try:
-                await trainer.connect()
-                await trainer.run_step()
+                await run.start()
+                await run.run_step()
             finally:
-                await trainer.close()
-            serves(client, trainer.models.policy, trainer.version)
+                await run.close()
+            serves(client, run.trainer.models.policy, run.version)
     finally:
         assert generation.stop() == 0 and reward.stop() == 0
 

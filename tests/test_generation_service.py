@@ -16,6 +16,8 @@ from rlhf_mesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from support import MAX_MODEL_LEN, PYTHON, ROOT, ChildServer, greedy, metric, scrape
 
+pytestmark = pytest.mark.slow  # a vLLM engine
+
 PROMPTS = ["Hello there", [5, 6, 7, 8, 9], [{"role": "user", "content": "What is the capital of France?"}]]
 # float32 on both sides; vLLM's CPU kernels and the HF forward differ by ~1e-6 in a log-softmax over 615 logits.
 LOGPROB_TOLERANCE = 1e-4
@@ -98,7 +100,7 @@ def test_stop_strings_end_the_text(generation_client):
     assert stopped.text == greedy.text[: greedy.text.index(stop)]
 
 
-def _wait_for_engine_requests(generation_server: ChildServer, count: int, timeout_s: float = 15) -> str:
+def _wait_for_engine_requests(generation_server: ChildServer, count: int, timeout_s: float = 60) -> str:
     """Metrics once vLLM reports `count` requests running or waiting."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

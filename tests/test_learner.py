@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.services.learner.run import Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
-from rlhf_mesh.services.learner.trainer import Trainer
 from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
 
 from support import PYTHON, ChildServer, greedy, start_generation_server
@@ -54,32 +54,32 @@ def _served_greedy(client: GenerationClient, steps: int) -> tuple[list[int], lis
 
 async def _train(tiny_models, reward_server, tmp_path, each_step=None, **settings) -> list[dict[str, float]]:
     """The learner in this process against a fresh generation server; after every step the
-    generator serves version = step, and `each_step(trainer, client, step)` checks the rest."""
+    generator serves version = step, and `each_step(run, client, step)` checks the rest."""
     generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
-    trainer = Trainer(LearnerSettings(
+    run = Run(LearnerSettings(
         policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward_server.address,
         prompts=tiny_models["prompts"], output_dir=tmp_path / "run", **settings,
     ))
     history = []
     try:
-        await trainer.connect()
+        await run.start()
         with GenerationClient(generation.address) as client:
-            for step in range(1, trainer.settings.steps + 1):
-                history.append(await trainer.run_step())
+            for step in range(1, run.settings.steps + 1):
+                history.append(await run.run_step())
                 assert client.model_info().policy_version == step
                 if each_step is not None:
-                    each_step(trainer, client, step)
+                    each_step(run, client, step)
     finally:
-        await trainer.close()
+        await run.close()
         generation.stop()
     return history
 
 
 async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
         tiny_models, reward_server, tmp_path):
-    def serves_the_learners_policy(trainer, client, step):
+    def serves_the_learners_policy(run, client, step):
         prompt_ids, served = _served_greedy(client, 12)
-        assert served == greedy(trainer.models.policy, prompt_ids, 12), f"step {step}"
+        assert served == greedy(run.trainer.models.policy, prompt_ids, 12), f"step {step}"
 
     history = await _train(tiny_models, reward_server, tmp_path, serves_the_learners_policy, steps=12,
                            batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=3e-3,
@@ -185,7 +185,7 @@ async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the
     reward = ChildServer(reward_args, tmp_path / "reward.log")
     wait_until_serving(reward.address, timeout_s=300, alive=reward.alive)
     generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
-    trainer = Trainer(LearnerSettings(
+    run = Run(LearnerSettings(
         policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward.address,
         prompts=tiny_models["prompts"], output_dir=tmp_path / "run", steps=3, batch_size=8, response_length=8,
         replica_retries=10, weight_transport=transport,
@@ -201,9 +201,9 @@ async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the
 
     caplog.set_level(logging.WARNING, logger="rlhf_mesh.services.learner")
     try:
-        await trainer.connect()
-        await trainer.run_step()
-        client, restarting = trainer._generators[0], []
+        await run.start()
+        await run.run_step()
+        client, restarting = run.publisher.generators[0], []
         stream = client.generate
 
         async def generate_then_die(*args, **kwargs):
@@ -222,23 +222,23 @@ async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the
                                        "the replica was killed mid-stream")
 
         client.generate = generate_then_die
-        await trainer.run_step()  # retries until the generator is back, re-pushes version 1, then generates
+        await run.run_step()  # retries until the generator is back, re-pushes version 1, then generates
         restarting[0].join()
-        assert "prompts of the shard left, retrying" in caplog.text
+        assert "prompts of the shard left): UNAVAILABLE: the replica was killed mid-stream; retrying" in caplog.text
         if transport == "collective":
             assert "weight push of version 2 failed" in caplog.text
         with GenerationClient(generation.address) as client:
             assert client.model_info().policy_version == 2
         back = restart(reward, lambda port: _serving(ChildServer(reward_args, tmp_path / "reward.log", port=port)))
-        scalars = await trainer.run_step()
+        scalars = await run.run_step()
         back.join()
         with GenerationClient(generation.address) as client:
             assert client.model_info().policy_version == 3
-        assert trainer.step == 3 and scalars["async/lag_max"] == 0
+        assert run.step == 3 and scalars["async/lag_max"] == 0
         assert "serves policy version 0, not 1: pushing the weights again" in caplog.text
         assert "reward service" in caplog.text and "retrying" in caplog.text
     finally:
-        await trainer.close()
+        await run.close()
         for server in (generation, reward, *restarted):
             server.stop()
     log = (tmp_path / "generation.log").read_text()

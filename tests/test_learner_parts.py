@@ -108,34 +108,47 @@ def _rollout(version: int, prompt_index: int):
 
 
 async def test_rollouts_older_than_the_staleness_bound_are_never_trained_on(tiny_models, tmp_path, monkeypatch):
-    from rlhf_mesh.services.learner import trainer as trainer_module
+    from rlhf_mesh.services.learner import run as run_module
     from rlhf_mesh.services.learner.errors import LearnerError
+    from rlhf_mesh.services.learner.publisher import PolicyPublisher
     from rlhf_mesh.services.learner.rollouts import Collected
     from rlhf_mesh.services.learner.settings import LearnerSettings
+    from rlhf_mesh.services.learner.trainer import Trainer
 
     settings = LearnerSettings(policy=str(tiny_models["policy"]), generation=["localhost:1"], reward="localhost:2",
                                prompts=tiny_models["prompts"], batch_size=2, steps=4, async_generation=True,
                                max_policy_lag=1, output_dir=tmp_path)
-    trainer = trainer_module.Trainer(settings)
-    trainer.step = 3  # the last step: nothing is prefetched after it
+    run = run_module.Run(settings)  # with its data and models, without services
+    run.dataset = PromptDataset.load(settings.prompts)
+    run.trainer = Trainer(settings)
+    run.publisher = PolicyPublisher(settings, run.trainer.models.policy, keep_snapshots=True)
+    run.trainer.step = 3  # the last step: nothing is prefetched after it
     served_versions = iter([1, 2])  # step 3 may use version 2 (lag 1), never version 1 (lag 2)
 
-    async def fake_collect(generators, reward, prompts, *, min_policy_version, **_):
-        assert min_policy_version == 2  # the generator is told the bound too
-        version = next(served_versions)
-        return Collected([_rollout(version, i) for i in range(len(prompts))], generate_s=0.0, score_tail_s=0.0)
+    class FakeCollector:
+        def __init__(self, generators, reward, prompts, *, min_policy_version, **_):
+            assert min_policy_version == 2  # the generator is told the bound too
+            self.prompts = prompts
+
+        async def run(self):
+            version = next(served_versions)
+            return Collected([_rollout(version, i) for i in range(len(self.prompts))], generate_s=0.0,
+                             score_tail_s=0.0)
+
+    async def published(version):
+        pass
 
     trained = []
-    monkeypatch.setattr(trainer_module, "collect", fake_collect)
-    monkeypatch.setattr(trainer, "train", lambda rollouts: trained.append(rollouts) or {})
-    monkeypatch.setattr(trainer, "_push", lambda version: None)
+    monkeypatch.setattr(run_module, "RolloutCollector", FakeCollector)
+    monkeypatch.setattr(run.trainer, "train", lambda rollouts: trained.append(rollouts) or {})
+    monkeypatch.setattr(run.publisher, "publish", published)
     with pytest.raises(LearnerError, match=r"policy versions \[1\] at version 3: outside max_policy_lag=1"):
-        await trainer.run_step()
-    assert trained == [] and trainer.step == 3
-    scalars = await trainer.run_step()
-    assert [r.policy_version_start for r in trained[0]] == [2, 2] and trainer.step == 4
+        await run.run_step()
+    assert trained == [] and run.step == 3
+    scalars = await run.run_step()
+    assert [r.policy_version_start for r in trained[0]] == [2, 2] and run.step == 4
     assert scalars["async/lag_max"] == 1 and scalars["async/lag_1_share"] == 1.0
-    await trainer.close()
+    await run.close()
 
 
 class _FlakyGenerator:
@@ -182,7 +195,8 @@ class _Reward:
 async def test_rollouts_survive_replica_failures_without_losing_or_repeating_a_sample():
     """A replica failing mid-stream: its undelivered prompts go to the next replica (repaired
     first) with the same seeds; a failing Score call is retried; every sample is kept once."""
-    from rlhf_mesh.services.learner.rollouts import Retry, collect
+    from rlhf_mesh.services.learner.retry import Retry
+    from rlhf_mesh.services.learner.rollouts import RolloutCollector
 
     prompts = [f"p{i}" for i in range(6)]
     flaky, steady, reward = _FlakyGenerator("a:1", fail_after=3), _FlakyGenerator("b:1"), _Reward(failures=2)
@@ -191,10 +205,10 @@ async def test_rollouts_survive_replica_failures_without_losing_or_repeating_a_s
     async def repair(client):
         repaired.append(client.address)
 
-    collected = await collect(
+    collected = await RolloutCollector(
         [flaky, steady], reward, prompts, n=2, max_tokens=4, temperature=1.0, seed=100, min_policy_version=3,
         reward_model="", timeout_s=10, retry=Retry(attempts=3, first_backoff_s=0.01), repair=repair,
-    )
+    ).run()
     keys = [(r.prompt_index, r.sample_index) for r in collected.rollouts]
     assert keys == [(i, j) for i in range(6) for j in range(2)]
     # Seeds follow the global prompt index whichever replica drew the sample.
@@ -210,18 +224,20 @@ async def test_rollouts_survive_replica_failures_without_losing_or_repeating_a_s
 
 async def test_a_replica_that_stays_down_fails_the_step_after_the_retries():
     from rlhf_mesh.services.learner.errors import LearnerError
-    from rlhf_mesh.services.learner.rollouts import Retry, collect
+    from rlhf_mesh.services.learner.retry import Retry
+    from rlhf_mesh.services.learner.rollouts import RolloutCollector
 
     with pytest.raises(LearnerError, match="reward service reward:1: UNAVAILABLE: down"):
-        await collect([_FlakyGenerator("a:1")], _Reward(failures=99), ["p"], n=1, max_tokens=4, temperature=1.0,
-                      seed=0, min_policy_version=0, reward_model="", timeout_s=10,
-                      retry=Retry(attempts=2, first_backoff_s=0.01))
+        await RolloutCollector([_FlakyGenerator("a:1")], _Reward(failures=99), ["p"], n=1, max_tokens=4,
+                               temperature=1.0, seed=0, min_policy_version=0, reward_model="", timeout_s=10,
+                               retry=Retry(attempts=2, first_backoff_s=0.01)).run()
 
 
-def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_restart(tiny_models, tmp_path,
-                                                                                 monkeypatch):
-    from rlhf_mesh.clients.weights import ReplicaResult
-    from rlhf_mesh.services.learner import trainer as trainer_module
+async def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_restart(monkeypatch, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_mesh.clients.push import ReplicaResult
+    from rlhf_mesh.services.learner import publisher as publisher_module
     from rlhf_mesh.services.learner.errors import LearnerError
     from rlhf_mesh.services.learner.settings import LearnerSettings
 
@@ -229,28 +245,38 @@ def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_restart
         return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
     outcomes = {"b:1": [error(grpc.StatusCode.UNAVAILABLE, "connection refused"), None],
-                "c:1": [error(grpc.StatusCode.INVALID_ARGUMENT, "bad manifest")]}
+                "c:1": [error(grpc.StatusCode.INVALID_ARGUMENT, "bad manifest")],
+                "d:1": [error(grpc.StatusCode.INTERNAL, "a server bug")]}
     calls = []
 
     def fake_push(replicas, tensors, version, timeout_s, **_):
         calls.append((list(replicas), version))
         return [ReplicaResult(a, error=outcomes.get(a, [None]).pop(0)) for a in replicas]
 
-    monkeypatch.setattr(trainer_module, "push_to_replicas", fake_push)
+    async def no_wait(seconds):
+        pass
+
+    monkeypatch.setattr(publisher_module, "push_to_replicas", fake_push)
+    monkeypatch.setattr(publisher_module.asyncio, "sleep", no_wait)
     settings = LearnerSettings(policy=str(tiny_models["policy"]), generation=["a:1", "b:1"], reward="r:1",
-                               prompts=tiny_models["prompts"], output_dir=tmp_path)
-    trainer = trainer_module.Trainer(settings)
-    trainer._push(1)
+                               prompts=tiny_models["prompts"])
+    publisher = publisher_module.PolicyPublisher(
+        settings, AutoModelForCausalLM.from_pretrained(tiny_models["policy"]), keep_snapshots=False)
+    await publisher.publish(1)
     assert calls == [(["a:1", "b:1"], 1), (["b:1"], 1)]  # only the replica that failed is pushed again
-    trainer.replicas = ["a:1", "c:1"]
-    with pytest.raises(LearnerError, match="c:1: INVALID_ARGUMENT bad manifest"):
-        trainer._push(2)  # a refusal is not retried
+    assert publisher.published.version == 1
+    publisher.replicas = ["a:1", "c:1"]
+    with pytest.raises(LearnerError, match="c:1: INVALID_ARGUMENT: bad manifest"):
+        await publisher.publish(2)  # a refusal is not retried
     assert calls[2:] == [(["a:1", "c:1"], 2)]
+    publisher.replicas = ["d:1"]
+    with pytest.raises(LearnerError, match="d:1: INTERNAL: a server bug"):
+        await publisher.publish(3)  # nor is a server bug
+    assert calls[3:] == [(["d:1"], 3)] and publisher.published.version == 1
 
 
 def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps: list, out: str) -> None:
     """One rank of a data-parallel learner (torchrun's environment) training on fixed rollouts."""
-    import asyncio
     import os
 
     from rlhf_mesh.services.learner.settings import LearnerSettings
@@ -268,7 +294,7 @@ def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps:
         scalars.append(trainer.train(rollouts))
         trainer.step += 1
     checkpoint = trainer.save_checkpoint()
-    asyncio.run(trainer.close())
+    trainer.close()
     torch.save({"scalars": scalars, "policy": trainer.models.policy.state_dict(),
                 "rng": torch.load(checkpoint / "trainer.pt", weights_only=False)["rng"]}, out)
 
@@ -337,8 +363,9 @@ def test_a_learner_killed_mid_checkpoint_leaves_the_last_complete_one_usable(tin
     import signal
     import time
 
+    from rlhf_mesh.services.learner.checkpoints import latest_checkpoint
     from rlhf_mesh.services.learner.settings import LearnerSettings
-    from rlhf_mesh.services.learner.trainer import Trainer, latest_checkpoint
+    from rlhf_mesh.services.learner.trainer import Trainer
 
     checkpoints = tmp_path / "checkpoints"
     resumed_steps, half_written = [], []

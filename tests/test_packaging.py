@@ -27,3 +27,17 @@ def test_everything_lives_under_rlhf_mesh():
     setuptools = _config()
     assert all(p == "rlhf_mesh" or p.startswith("rlhf_mesh.") for p in setuptools["packages"])
     assert all(p == "rlhf_mesh" or p.startswith("rlhf_mesh.") for p in setuptools["package-dir"])
+
+
+def test_the_clients_need_no_server_code():
+    """Importing every client pulls in none of the server's dependencies (health, metrics, settings)."""
+    import subprocess
+
+    from support import PYTHON
+
+    probe = ("import sys, rlhf_mesh.clients, rlhf_mesh.clients.push, rlhf_mesh.clients.learner; "
+             "print(sorted(m for m in ('rlhf_mesh.server', 'prometheus_client', 'pydantic_settings', 'vllm', "
+             "'transformers', 'rlhf_mesh.services') if m in sys.modules))")
+    result = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

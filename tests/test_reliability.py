@@ -15,7 +15,7 @@ import pytest
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import AsyncRewardClient, RewardClient
 
-from support import PYTHON, ChildServer, push_messages
+from support import PYTHON, ChildServer, push_messages, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +50,16 @@ def test_restarting_each_of_two_replicas_fails_no_call(tiny_models, tmp_path, ki
                 except grpc.RpcError as err:
                     outcomes.append(f"{err.code().name}: {err.details()}")
 
+        def more_calls(count: int) -> None:
+            since = len(outcomes)
+            wait_for(lambda: len(outcomes) >= since + count, what=f"{count} more calls")
+
         callers = [threading.Thread(target=call_forever) for _ in range(4)]
         for caller in callers:
             caller.start()
         try:
             for i, replica in enumerate(replicas):
-                time.sleep(2)
+                more_calls(40)  # both replicas busy
                 before = len(outcomes)
                 if kill == signal.SIGTERM:
                     replica.process.send_signal(kill)
@@ -63,10 +67,10 @@ def test_restarting_each_of_two_replicas_fails_no_call(tiny_models, tmp_path, ki
                 else:
                     replica.kill()
                 replica.stop()
-                time.sleep(1)  # calls go on against the other replica alone
+                more_calls(20)  # calls go on against the other replica alone
                 replicas[i] = _reward(tiny_models["reward"], tmp_path / f"replica{i}.log", port=replica.port)
                 assert len(outcomes) > before  # the callers kept going through the restart
-            time.sleep(2)
+            more_calls(40)
         finally:
             stop.set()
             for caller in callers:
@@ -83,9 +87,10 @@ def test_restarting_each_of_two_replicas_fails_no_call(tiny_models, tmp_path, ki
 
 
 def test_overload_is_refused_fast_while_admitted_calls_succeed(tiny_models, tmp_path):
-    """32 callers against a queue of 16 samples whose batches wait 200 ms: most calls find it full."""
+    """32 callers against a queue of 16 samples whose batches wait 1 s: most calls find it full and
+    are refused at once, not after a batch's wait. (Refusal latency itself: benchmarks/overload.py.)"""
     server = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"tiny={tiny_models['reward']}",
-                          "--max-queue-samples", "16", "--max-wait-ms", "200"], tmp_path / "reward.log")
+                          "--max-queue-samples", "16", "--max-wait-ms", "1000"], tmp_path / "reward.log")
     try:
         wait_until_serving(server.address, timeout_s=300, alive=server.alive)
         process = psutil.Process(server.process.pid)
@@ -95,7 +100,7 @@ def test_overload_is_refused_fast_while_admitted_calls_succeed(tiny_models, tmp_
             async with AsyncRewardClient(server.address, timeout_s=30) as client:
                 expected = await client.scores(PAIRS)
                 rss_before = process.memory_info().rss
-                deadline = time.monotonic() + 5
+                deadline = time.monotonic() + 8
 
                 async def caller() -> None:
                     while time.monotonic() < deadline:
@@ -118,8 +123,9 @@ def test_overload_is_refused_fast_while_admitted_calls_succeed(tiny_models, tmp_
               f"(median {refused[len(refused) // 2]:.3f} s, p99 {refused[int(0.99 * len(refused))]:.3f} s), "
               f"memory +{growth >> 20} MiB")
         assert len(admitted) > 50 and len(refused) > len(admitted)
-        assert admitted[len(admitted) // 2] > 0.15  # admitted calls wait for their batch
-        assert refused[len(refused) // 2] < 0.05 and refused[int(0.99 * len(refused))] < 0.25, "refusals must be fast"
+        assert admitted[len(admitted) // 2] > 0.75  # admitted calls wait for their batch
+        # A refusal never waits for a batch (1 s); the margin is one a loaded 2-core machine cannot eat.
+        assert refused[len(refused) // 2] < 0.1 and refused[int(0.99 * len(refused))] < 0.5, "refusals must be fast"
         assert growth < 100 << 20, f"resident memory grew by {growth >> 20} MiB"
         assert server.alive()
     finally:

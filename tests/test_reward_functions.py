@@ -256,23 +256,23 @@ def test_http_tokens_and_overload(tiny_models, tmp_path):
 async def test_references_flow_from_the_dataset_through_the_learner(tiny_models, server, generation_server, tmp_path):
     """Each prompt's `answer` reaches the function as that prompt's samples' reference: the
     `echo` component of every step is the mean answer of the step's prompts."""
+    from rlhf_mesh.services.learner.run import Run
     from rlhf_mesh.services.learner.settings import LearnerSettings
-    from rlhf_mesh.services.learner.trainer import Trainer
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}:", "answer": i}) + "\n" for i in range(1, 9)))
-    trainer = Trainer(LearnerSettings(
+    run = Run(LearnerSettings(
         policy=str(tiny_models["policy"]), generation=[generation_server.address], reward=server.address,
         reward_model="graded", prompts=prompts, reference_field="answer", output_dir=tmp_path / "run", steps=2,
         batch_size=4, num_samples_per_prompt=2, advantage_estimator="grpo", response_length=8, seed=0,
     ))
     try:
-        await trainer.connect()
+        await run.start()
         for step in range(2):
-            answers = [float(r) for r in trainer.dataset.batch_references(step, 4)]
-            scalars = await trainer.run_step()
+            answers = [float(r) for r in run.dataset.batch_references(step, 4)]
+            scalars = await run.run_step()
             assert scalars["rewards/echo_mean"] == pytest.approx(sum(answers) / 4)
             assert scalars["charts/reward_mean"] == pytest.approx(
                 scalars["rewards/echo_mean"] + 0.5 * scalars["rewards/rm_mean"], abs=1e-5)
     finally:
-        await trainer.close()
+        await run.close()

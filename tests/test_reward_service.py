@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -20,10 +19,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import RewardClient, score_request, to_sample
-from rlhf_mesh.services.reward.model import weights_version
+from rlhf_mesh.services.reward.reward_model import weights_version
 from rlhf_mesh.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
-from support import PYTHON, ROOT, ChildServer, metric, scrape
+from support import PYTHON, ROOT, ChildServer, metric, scrape, wait_for
 
 MAX_LENGTH = 96
 SERVE = [PYTHON, "-m", "rlhf_mesh", "serve", "reward"]
@@ -182,8 +181,10 @@ def test_list_models_reports_the_weights_version(reward_server, tiny_models):
 def test_health_answers_while_a_batch_computes(reward_server):
     big = [("Tell me more. " * 20, "Sure, here it is. " * 8)] * 1024
     with grpc.insecure_channel(reward_server.address) as channel, RewardClient(reward_server.address) as client:
+        batches = metric(scrape(reward_server), "rlhf_mesh_reward_queue_wait_seconds_count")
         call = client.stub.Score.future(reward_pb2.ScoreRequest(samples=[to_sample(s) for s in big]), timeout=120)
-        time.sleep(0.2)
+        wait_for(lambda: metric(scrape(reward_server), "rlhf_mesh_reward_queue_wait_seconds_count") > batches,
+                 what="a batch of the call starts")
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         assert not call.done(), "the batch finished before the health check could overlap it"
@@ -208,19 +209,18 @@ def test_cancelled_samples_are_not_computed_and_a_full_queue_refuses(tiny_models
             with pytest.raises(grpc.RpcError) as err:
                 client.score([PAIRS[0], PAIRS[1]], timeout_s=0.5)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(3.5)  # past max_wait_ms: a batch would have been cut by now
-            metrics = scrape(server)
-            assert metric(metrics, "rlhf_mesh_reward_tokens_total", model="tiny", kind="real") == 0
-            assert metric(metrics, "rlhf_mesh_reward_dropped_samples_total", model="tiny") == 2
+            wait_for(lambda: metric(scrape(server), "rlhf_mesh_reward_dropped_samples_total", model="tiny") == 2,
+                     what="the two abandoned samples are dropped")
+            assert metric(scrape(server), "rlhf_mesh_reward_tokens_total", model="tiny", kind="real") == 0
 
             waiting = client.stub.Score.future(client_request := reward_pb2.ScoreRequest(
                 samples=[to_sample(p) for p in PAIRS[:4]]), timeout=30)  # fills the queue of 4
-            time.sleep(0.3)
-            started = time.monotonic()
+            wait_for(lambda: metric(scrape(server), "rlhf_mesh_reward_queue_depth_samples", model="tiny") == 4,
+                     what="the queue is full")
             with pytest.raises(grpc.RpcError) as err:
                 client.score([PAIRS[0]], timeout_s=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert time.monotonic() - started < 2, "a full queue must refuse at once"
+            assert not waiting.done(), "refused at once, not after the queued batch ran"
             assert len(waiting.result().results) == len(client_request.samples)
     finally:
         server.stop()
@@ -314,14 +314,14 @@ def test_reload_swaps_the_model_without_failing_a_call(tiny_models, tmp_path, re
     try:
         for caller in callers:
             caller.start()
-        time.sleep(0.5)
+        wait_for(lambda: len(results) >= 8, what="the callers score")
         with RewardClient(server.address) as client:
             info = client.reload_model("tiny", str(flipped))
             assert info.version == version_b and info.path == str(flipped)
             with pytest.raises(grpc.RpcError) as err:
                 client.reload_model("tiny", str(tmp_path / "missing"))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "missing" in err.value.details()
-            time.sleep(0.5)
+            wait_for(lambda: sum(r.model_version == version_b for r in results) >= 8, what="the callers get B")
             stop.set()
             for caller in callers:
                 caller.join()

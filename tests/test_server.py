@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
 
-from support import PYTHON, ROOT
+from support import PYTHON, ROOT, wait_for
 
 PROBE = [PYTHON, str(ROOT / "tests" / "bootstrap_server.py")]
 SECRET = "do-not-leak-4711"
@@ -93,7 +93,7 @@ def test_sigterm_drains_in_flight_calls_then_exits(child_server):
         in_flight = learner_pb2_grpc.LearnerServiceStub(channel).SaveCheckpoint.future(
             learner_pb2.SaveCheckpointRequest(), timeout=30
         )
-        time.sleep(1.0)
+        wait_for(lambda: "SaveCheckpoint started" in server.log(), what="the call is in flight")
         server.process.send_signal(signal.SIGTERM)
         assert in_flight.result().path == "/tmp/ckpt"
     assert server.process.wait(timeout=30) == 0

@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from support import greedy
+
 PROMPT = "Hello there, my friend"
 
 
@@ -32,8 +34,13 @@ def test_tokenizer_has_chat_template_and_special_tokens(tiny_models):
 
 
 def test_policy_generates_in_transformers(tiny_models):
+    """generate() with its KV cache gives what a full forward per token gives, and the prompt matters."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).eval()
     tokens = _greedy_transformers(tiny_models["policy"], PROMPT, 8)
-    assert len(tokens) == 8
+    assert tokens == greedy(model, tokenizer(PROMPT).input_ids, 8)
+    assert all(0 <= t < model.config.vocab_size for t in tokens)
+    assert greedy(model, tokenizer("Thank you").input_ids, 8) != tokens
 
 
 def test_reward_model_is_a_one_label_classifier_with_padding(tiny_models):

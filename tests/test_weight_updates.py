@@ -12,12 +12,14 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rlhf_mesh.clients.generation import SERVICE, GenerationClient
-from rlhf_mesh.clients.weights import CollectiveSender, push_to_replicas
+from rlhf_mesh.clients.push import CollectiveSender, push_to_replicas
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import chunk_requests, manifest
 
 from support import SERVED_PROMPTS as PROMPTS
-from support import free_port, greedy, perturbed, push_messages, serves
+from support import free_port, greedy, metric, perturbed, push_messages, scrape, serves, wait_for
+
+pytestmark = pytest.mark.slow  # a vLLM engine
 
 MAX_MODEL_LEN = 1024  # the tiny policy's own limit: a long sample outlasts a push by seconds
 # The tests push while the server generates, and must see their pushes land mid-sample: the
@@ -40,11 +42,21 @@ def test_in_band_push_serves_the_new_weights(generation_client, policies):
     serves(generation_client, w1, 1)
 
 
+def test_a_collective_push_without_a_group_is_refused_as_a_precondition(generation_client, policies):
+    """(This module's server has joined no group yet.) Not a server error: the caller forms one."""
+    version = generation_client.model_info().policy_version
+    request = generation_pb2.PushWeightsCollectiveRequest(manifest=manifest(_tensors(policies(9)), version + 1))
+    with pytest.raises(grpc.RpcError) as err:
+        generation_client.stub.PushWeightsCollective(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "InitWeightTransfer" in err.value.details()
+    serves(generation_client, policies(version), version)
+
+
 def test_collective_push_serves_the_new_weights(generation_client, policies):
     w2 = policies(2)
     sender = CollectiveSender([generation_client], "127.0.0.1", free_port(), timeout_s=30)
     try:
-        reply = generation_client.push_weights(w2, 2, transport="collective", sender=sender)
+        reply, = sender.push(w2, 2)
     finally:
         sender.close()
     assert reply.policy_version == 2 and reply.timings.paused_ms > 0
@@ -68,8 +80,7 @@ def test_corrupted_collective_push_changes_nothing_and_the_group_goes_on(generat
         serves(generation_client, policies(version), version)
 
         # every tensor was received, so the same group carries the next push
-        reply = generation_client.push_weights(policies(version + 1), version + 1, transport="collective",
-                                               sender=sender)
+        reply, = sender.push(policies(version + 1), version + 1)
     finally:
         sender.close()
     assert reply.policy_version == version + 1
@@ -84,7 +95,7 @@ def test_a_refused_collective_manifest_fails_the_push_at_once(generation_client,
     try:
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
-            generation_client.push_weights(policies(9), version, transport="collective", sender=sender)
+            sender.push(policies(9), version)
         assert time.monotonic() - started < 10
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"policy_version {version} is not above the served version {version}" in err.value.details()
@@ -192,15 +203,18 @@ def test_a_bad_weight_transfer_group_is_refused_before_joining(generation_client
 def test_interrupted_push_changes_nothing(generation_client, policies):
     version = generation_client.model_info().policy_version
     messages = push_messages(_tensors(policies(9)), version + 1)
-    sent = threading.Event()
+    sent, released = threading.Event(), threading.Event()
 
     def stall():
         yield from messages[: len(messages) // 2]
         sent.set()
-        time.sleep(30)  # the client gives up long before this
+        released.wait(60)  # the client gives up long before this
 
-    with pytest.raises(grpc.RpcError) as err:
-        generation_client.stub.PushWeights(stall(), timeout=2)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            generation_client.stub.PushWeights(stall(), timeout=2)
+    finally:
+        released.set()
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and sent.is_set()
     serves(generation_client, policies(version), version)
 
@@ -209,14 +223,14 @@ def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
     version = generation_client.model_info().policy_version
     tensors = _tensors(policies(version + 1))
     messages = push_messages(tensors, version + 1)
-    halfway = threading.Event()
+    halfway, refused = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 
     def slow():
         for i, message in enumerate(messages):
             if i == len(messages) // 2:
                 halfway.set()
-                time.sleep(2)
+                refused.wait(60)  # the first push stays half-sent until the second has been refused
             yield message
 
     def first() -> None:
@@ -225,7 +239,10 @@ def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
     thread = threading.Thread(target=first)
     thread.start()
     assert halfway.wait(30)
-    err = _push(generation_client, push_messages(_tensors(policies(8)), version + 2))
+    try:
+        err = _push(generation_client, push_messages(_tensors(policies(8)), version + 2))
+    finally:
+        refused.set()
     thread.join()
     assert err.code() == grpc.StatusCode.ABORTED and "in progress" in err.details()
     assert outcome["reply"].policy_version == version + 1
@@ -235,14 +252,15 @@ def test_concurrent_push_is_refused_while_one_runs(generation_client, policies):
 def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(generation_client, policies):
     """A sample spanning an update: old-weight tokens, then the new weights' greedy continuation.
 
-    The push is sent once the sample's first token is in, but on two cores a generating engine
-    can keep this process off the CPU until the sample (1.5 s) has ended; such a sample is all
-    old-weight tokens, and the next version is pushed into a new sample."""
+    The push is sent once the first token is in. Sixteen greedy copies of the sample make each
+    engine step slower, so the samples outlast by seconds the second or more a generating
+    engine on two cores can keep this process off the CPU; should they still end first (all
+    old-weight tokens), the next version is pushed into new samples."""
     attempts = 6
     for _ in range(attempts):
         version = generation_client.model_info().policy_version
         new = policies(version + 1)
-        events = generation_client.generate(PROMPTS[:1], max_tokens=MAX_MODEL_LEN - 16, temperature=0,
+        events = generation_client.generate(PROMPTS[:1], n=16, max_tokens=MAX_MODEL_LEN - 16, temperature=0,
                                             ignore_eos=True, stream_tokens=True)
         first = next(events)  # generating on the old weights
         assert first.HasField("delta")
@@ -262,7 +280,7 @@ def test_update_mid_request_is_tagged_and_resumes_on_the_new_weights(generation_
     assert tokens[switch:] == greedy(new, context, len(tokens) - switch)
 
 
-def test_min_policy_version_waits_for_a_push(generation_client, policies):
+def test_min_policy_version_waits_for_a_push(generation_server, generation_client, policies):
     version = generation_client.model_info().policy_version
     waiting: dict[str, generation_pb2.Sample] = {}
 
@@ -272,7 +290,8 @@ def test_min_policy_version_waits_for_a_push(generation_client, policies):
 
     thread = threading.Thread(target=wait)
     thread.start()
-    time.sleep(1)
+    wait_for(lambda: metric(scrape(generation_server), "rlhf_mesh_generation_waiting_calls") == 1,
+             what="the call waits for its version")
     assert thread.is_alive()  # still waiting for the version
     generation_client.push_weights(policies(version + 1), version + 1)
     thread.join(30)

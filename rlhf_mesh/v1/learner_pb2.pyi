@@ -37,6 +37,8 @@ class _LearnerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LearnerS
     """All steps done."""
     LEARNER_STATE_FAILED: _LearnerState.ValueType  # 5
     """Stopped by an error; see message."""
+    LEARNER_STATE_STOPPED: _LearnerState.ValueType  # 6
+    """Stopped on request (SIGTERM) after a checkpoint; rerunning the command resumes it."""
 
 class LearnerState(_LearnerState, metaclass=_LearnerStateEnumTypeWrapper):
     """What the learner is doing."""
@@ -53,6 +55,8 @@ LEARNER_STATE_FINISHED: LearnerState.ValueType  # 4
 """All steps done."""
 LEARNER_STATE_FAILED: LearnerState.ValueType  # 5
 """Stopped by an error; see message."""
+LEARNER_STATE_STOPPED: LearnerState.ValueType  # 6
+"""Stopped on request (SIGTERM) after a checkpoint; rerunning the command resumes it."""
 Global___LearnerState: _TypeAlias = LearnerState  # noqa: Y015
 
 @_typing.final

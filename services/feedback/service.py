@@ -43,7 +43,7 @@ async def _created_after(request, context: grpc.aio.ServicerContext) -> datetime
     if not request.HasField("created_after"):
         return None
     try:
-        return request.created_after.ToDatetime(tzinfo=datetime.timezone.utc)
+        return request.created_after.ToDatetime(tzinfo=datetime.UTC)
     except (ValueError, OverflowError) as err:  # seconds or nanos out of the Timestamp's range
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"created_after: {err}")
 

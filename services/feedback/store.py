@@ -114,7 +114,7 @@ class FeedbackStore:
         """Store `row` (feedback_id assigned when empty); durable on return. With `item_id`, the
         rating item it judges leaves the queue in the same transaction."""
         row.feedback_id = row.feedback_id or uuid.uuid4().hex
-        row.created_at = datetime.datetime.now(datetime.timezone.utc)
+        row.created_at = datetime.datetime.now(datetime.UTC)
         with Session(self.engine, expire_on_commit=False) as session:
             session.add(row)
             if item_id is not None:
@@ -157,7 +157,7 @@ class FeedbackStore:
 
     def add_items(self, items: list[RatingItemRow]) -> int:
         """Queue items for raters; returns how many are pending now."""
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         with Session(self.engine) as session:
             for item in items:
                 item.created_at = now

@@ -24,8 +24,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from rlhf_mesh.services.generation.prompts import Limits, Plan
 from rlhf_mesh.services.generation.settings import GenerationSettings
+from rlhf_mesh.services.generation.staging import WeightRejected
 from rlhf_mesh.services.generation.weight_transfer import REJECTED
-from rlhf_mesh.services.generation.weights import WeightRejected
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import TORCH_DTYPES, checkpoint_layout, tied_aliases
 
@@ -39,6 +39,7 @@ FIRST_SAMPLE_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 QUEUED = Gauge("rlhf_mesh_generation_queued_samples", "Samples admitted and not finished.")
+WAITING = Gauge("rlhf_mesh_generation_waiting_calls", "Generate calls waiting for their min_policy_version.")
 POLICY_VERSION = Gauge("rlhf_mesh_generation_policy_version", "Policy version being served.")
 
 _FINISH = {
@@ -61,6 +62,7 @@ class PolicyEngine:
         self.llm: AsyncLLM | None = None
         self.version = 0
         self.version_changed = asyncio.Condition()
+        self.in_group = False  # the workers joined a sender's gloo group (join_group)
         self.queued = 0
         self.update_lock = asyncio.Lock()  # one weight update at a time
         self._session: asyncio.Future[tuple[float, float, float]] | None = None  # the vLLM update session
@@ -108,11 +110,14 @@ class PolicyEngine:
 
     async def wait_for_version(self, version: int, timeout_s: float) -> bool:
         """Whether `version` or a newer one is served within `timeout_s`."""
-        async with self.version_changed:
-            try:
-                await asyncio.wait_for(self.version_changed.wait_for(lambda: self.version >= version), timeout_s)
-            except TimeoutError:
-                return False
+        if self.version >= version:
+            return True
+        with WAITING.track_inprogress():
+            async with self.version_changed:
+                try:
+                    await asyncio.wait_for(self.version_changed.wait_for(lambda: self.version >= version), timeout_s)
+                except TimeoutError:
+                    return False
         return True
 
     @property
@@ -126,21 +131,22 @@ class PolicyEngine:
         await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
             master_address=master_address, master_port=master_port, world_size=world_size,
             rank_offset=rank_offset, timeout_s=timeout_s)))
+        self.in_group = True
 
     async def apply_staged(self, path: str, load_as: dict[str, str], version: int) -> tuple[float, float, float]:
-        """Serve the verified tensors of a staging file as `version` (see `update`)."""
-        return await self.update({"path": path, "load_as": load_as}, version)
+        """Serve the verified tensors of a staging file as `version` (see `_run_update`)."""
+        return await self._run_update({"path": path, "load_as": load_as}, version)
 
     async def receive_collective(self, manifest: generation_pb2.WeightManifest, load_as: dict[str, str]
                                  ) -> tuple[float, float, float]:
-        """Receive the manifest's tensors by broadcast in the workers, check them, serve them (see `update`)."""
+        """Receive the manifest's tensors by broadcast in the workers, check them, serve them (see `_run_update`)."""
         specs = manifest.tensors
-        return await self.update(dict(
+        return await self._run_update(dict(
             names=[t.name for t in specs], shapes=[list(t.shape) for t in specs],
             dtypes=[str(TORCH_DTYPES[t.dtype]).removeprefix("torch.") for t in specs],
             digests=[t.blake3_digest.hex() for t in specs], load_as=load_as), manifest.policy_version)
 
-    async def update(self, update_info: dict, version: int) -> tuple[float, float, float]:
+    async def _run_update(self, update_info: dict, version: int) -> tuple[float, float, float]:
         """Stage an update in the workers, then pause, apply, label it `version` and resume.
 
         Hold `update_lock`. Staging can fail (WeightRejected for the caller's tensors) and

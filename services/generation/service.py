@@ -15,7 +15,7 @@ from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.services.generation import prompts
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull
 from rlhf_mesh.services.generation.settings import GenerationSettings
-from rlhf_mesh.services.generation.weights import StagingFile, StaleVersion, WeightRejected, check_manifest
+from rlhf_mesh.services.generation.staging import StagingFile, StaleVersion, WeightRejected, check_manifest
 from rlhf_mesh.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def PushWeightsCollective(self, request: generation_pb2.PushWeightsCollectiveRequest,
                                     context: grpc.aio.ServicerContext):
         manifest = request.manifest
+        if not self.engine.in_group:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this replica's workers are in no weight-transfer group: call InitWeightTransfer first")
         async with self._updating(context, manifest) as load_as:
             transfer_ms, apply_ms, paused_ms = await self.engine.receive_collective(manifest, load_as)
             timings = generation_pb2.WeightUpdateTimings(  # digests are checked as tensors arrive

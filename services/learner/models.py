@@ -133,3 +133,11 @@ def forward(policy: torch.nn.Module, batch: Batch, temperature: float,
     out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden)
     logits = gather_positions(out.logits, batch.response_index).float() / temperature
     return logits, token_logprobs(logits, batch.response_ids), out.hidden_states[-1] if hidden else None
+
+
+def padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Rows of different lengths as one zero-padded (rows, width) tensor."""
+    out = torch.zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -83,3 +84,11 @@ def summary(history: list[dict[str, float]]) -> str:
         rows.append((f"{name} (mean)", f"{mean:.3f}", ""))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}" for r in rows)
+
+
+def write_report(history: list[dict[str, float]], out: Path) -> tuple[Path | None, str]:
+    """The run's summary table, history.json and plot under `out`; the plot's path and the table."""
+    table = summary(history)
+    (out / "summary.txt").write_text(table + "\n")
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    return (plot(history, out / "ppo.png") if history else None), table

@@ -8,31 +8,23 @@ were split across replicas, nor on which replica generates them after a failure.
 Replicas restart: a Generate stream that fails is retried with backoff for the samples it
 had not delivered (on the next replica in turn, which first gets `repair`: the learner
 re-pushes its weights to a replica that came back at an older version); samples already
-received are kept and never counted twice. Score calls are retried the same way.
+received are kept and never counted twice. Score calls are retried the same way (retry.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-
-import grpc
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient, to_sample
 from rlhf_mesh.services.learner.data import Prompt
 from rlhf_mesh.services.learner.errors import LearnerError
+from rlhf_mesh.services.learner.retry import Retry
 from rlhf_mesh.v1 import generation_pb2, reward_pb2
-
-log = logging.getLogger(__name__)
-
-# Failures a restarting replica produces; anything else (a refused request) is not retried.
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 
 
 @dataclass
@@ -72,22 +64,19 @@ def _score_input(prompt: Prompt, text: str, reference: str | None
     return sample
 
 
+def component_means(rollouts: list[Rollout]) -> dict[str, float]:
+    """`rewards/<component>_mean` of a composite reward, over the rollouts it applied to."""
+    scores: dict[str, list[float]] = {}
+    for rollout in rollouts:
+        for name, score in rollout.components.items():
+            scores.setdefault(name, []).append(score)
+    return {f"rewards/{name}_mean": sum(values) / len(values) for name, values in sorted(scores.items())}
+
+
 def shards(count: int, parts: int) -> list[range]:
     """`count` indices in `parts` contiguous, nearly equal ranges (empty ones dropped)."""
     bounds = [count * i // parts for i in range(parts + 1)]
     return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How often and how patiently a failed replica call is tried again."""
-
-    attempts: int = 5
-    first_backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-
-    def backoff(self, attempt: int) -> float:
-        return min(self.first_backoff_s * 2**attempt, self.max_backoff_s)
 
 
 def runs(indices: Sequence[int]) -> list[range]:
@@ -101,57 +90,86 @@ def runs(indices: Sequence[int]) -> list[range]:
     return out
 
 
-async def collect(
-    generators: Sequence[AsyncGenerationClient], reward: AsyncRewardClient, prompts: Sequence[Prompt], *,
-    n: int, max_tokens: int, temperature: float, seed: int, min_policy_version: int, reward_model: str,
-    timeout_s: float, retry: Retry = Retry(), references: Sequence[str | None] | None = None,
-    repair: Callable[[AsyncGenerationClient], Awaitable[None]] | None = None,
-) -> Collected:
-    """Generate `n` samples of every prompt across `generators` and score them all."""
-    started = time.perf_counter()
-    received: dict[tuple[int, int], Rollout] = {}
-    unscored: list[Rollout] = []
-    arrived = asyncio.Event()
-    generating = True
+class RolloutCollector:
+    """One step's rollouts: `n` samples of every prompt across `generators`, each scored as it arrives."""
 
-    async def score() -> None:
+    def __init__(
+        self, generators: Sequence[AsyncGenerationClient], reward: AsyncRewardClient, prompts: Sequence[Prompt], *,
+        n: int, max_tokens: int, temperature: float, seed: int, min_policy_version: int, reward_model: str,
+        timeout_s: float, retry: Retry | None = None, references: Sequence[str | None] | None = None,
+        repair: Callable[[AsyncGenerationClient], Awaitable[None]] | None = None,
+    ) -> None:
+        self.generators, self.reward, self.prompts, self.references = generators, reward, prompts, references
+        self.n, self.seed, self.timeout_s, self.retry, self.repair = n, seed, timeout_s, retry or Retry(), repair
+        self.sampling = {"n": n, "max_tokens": max_tokens, "temperature": temperature,
+                         "min_policy_version": min_policy_version}
+        self.reward_model = reward_model
+        self.received: dict[tuple[int, int], Rollout] = {}
+        self.unscored: list[Rollout] = []
+        self.arrived = asyncio.Event()
+        self.generating = True
+
+    async def run(self) -> Collected:
+        started = time.perf_counter()
+        scorer = asyncio.create_task(self._score())
+        try:
+            await asyncio.gather(*(self._generate(k, indices)
+                                   for k, indices in enumerate(shards(len(self.prompts), len(self.generators)))))
+            generated = time.perf_counter()
+            self.generating = False
+            self.arrived.set()
+            await scorer
+        finally:
+            scorer.cancel()
+        done = time.perf_counter()
+        if len(self.received) != len(self.prompts) * self.n:
+            raise LearnerError(f"expected {len(self.prompts) * self.n} samples, got {len(self.received)}")
+        rollouts = sorted(self.received.values(), key=lambda r: (r.prompt_index, r.sample_index))
+        return Collected(rollouts, generate_s=generated - started, score_tail_s=done - generated)
+
+    async def _score(self) -> None:
         """One Score call at a time for every sample that finished meanwhile: few calls, and
         the scoring of early samples overlaps the generation of later ones."""
-        while generating or unscored:
-            await arrived.wait()
-            arrived.clear()
-            batch = unscored[:]
-            del unscored[:]
+        while self.generating or self.unscored:
+            await self.arrived.wait()
+            self.arrived.clear()
+            batch = self.unscored[:]
+            del self.unscored[:]
             if not batch:
                 continue
-            inputs = [_score_input(prompts[r.prompt_index], r.text, references and references[r.prompt_index])
-                      for r in batch]
-            for attempt in itertools.count():
-                try:
-                    reply = await reward.score(inputs, model=reward_model, timeout_s=timeout_s)
-                    break
-                except grpc.aio.AioRpcError as err:
-                    failure = f"reward service {reward.address}: {err.code().name}: {err.details()}"
-                    if err.code() not in RETRYABLE or attempt + 1 >= retry.attempts:
-                        raise LearnerError(failure) from None
-                    log.warning("%s; retrying in %.0f s", failure, retry.backoff(attempt))
-                    await asyncio.sleep(retry.backoff(attempt))
+            inputs = [_score_input(self.prompts[r.prompt_index], r.text,
+                                   self.references and self.references[r.prompt_index]) for r in batch]
+            reply = await self.retry.call(
+                lambda _, inputs=inputs: self.reward.score(inputs, model=self.reward_model, timeout_s=self.timeout_s),
+                lambda _: f"reward service {self.reward.address}")
             for rollout, result in zip(batch, reply.results, strict=True):
                 rollout.score = result.score
                 rollout.components = {c.name: c.score for c in result.components if not c.skipped}
 
-    def missing(indices: range) -> list[int]:
-        return [i for i in indices if any((i, j) not in received for j in range(n))]
+    def _missing(self, indices: range) -> list[int]:
+        return [i for i in indices if any((i, j) not in self.received for j in range(self.n))]
 
-    async def stream(client: AsyncGenerationClient, indices: range) -> None:
+    async def _generate(self, first: int, indices: range) -> None:
+        """The shard `indices`, from replica `first` and, after failures, the next ones in turn."""
+        def client(attempt: int) -> AsyncGenerationClient:
+            return self.generators[(first + attempt) % len(self.generators)]
+
+        async def attempt(k: int) -> None:
+            if k and self.repair is not None:
+                await self.repair(client(k))
+            for part in runs(self._missing(indices)):
+                await self._stream(client(k), part)
+
+        await self.retry.call(attempt, lambda k: f"generation replica {client(k).address} "
+                                                 f"({len(self._missing(indices))} prompts of the shard left)")
+
+    async def _stream(self, client: AsyncGenerationClient, indices: range) -> None:
         """Samples of prompts[indices]; sample j of prompt i is drawn with seed + i*n + j."""
-        samples = client.generate(
-            [prompts[i] for i in indices], n=n, max_tokens=max_tokens, temperature=temperature,
-            seed=seed + indices.start * n, min_policy_version=min_policy_version, timeout_s=timeout_s,
-        )
+        samples = client.generate([self.prompts[i] for i in indices], seed=self.seed + indices.start * self.n,
+                                  timeout_s=self.timeout_s, **self.sampling)
         async for sample in samples:
             key = (indices.start + sample.prompt_index, sample.sample_index)
-            if key in received:  # delivered before a failure; the retry drew the same sample
+            if key in self.received:  # delivered before a failure; the retry drew the same sample
                 continue
             rollout = Rollout(
                 prompt_index=key[0], sample_index=key[1],
@@ -160,41 +178,6 @@ async def collect(
                 finished=sample.finish_reason == generation_pb2.FINISH_REASON_STOP,
                 policy_version_start=sample.policy_version_start, policy_version_end=sample.policy_version_end,
             )
-            received[key] = rollout
-            unscored.append(rollout)
-            arrived.set()
-
-    async def generate(first: int, indices: range) -> None:
-        """The shard `indices`, from replica `first` and, after failures, the next ones in turn."""
-        for attempt in itertools.count():
-            client = generators[(first + attempt) % len(generators)]
-            try:
-                if attempt and repair is not None:
-                    await repair(client)
-                for part in runs(missing(indices)):
-                    await stream(client, part)
-                return
-            except grpc.RpcError as err:  # the repair's push is a blocking call
-                failure = f"generation replica {client.address}: {err.code().name}: {err.details()}"
-                if err.code() not in RETRYABLE or attempt + 1 >= retry.attempts:
-                    raise LearnerError(failure) from None
-                log.warning("%s; %d prompts of the shard left, retrying in %.0f s", failure,
-                            len(missing(indices)), retry.backoff(attempt))
-                await asyncio.sleep(retry.backoff(attempt))
-
-    scorer = asyncio.create_task(score())
-    try:
-        await asyncio.gather(*(
-            generate(k, indices) for k, indices in enumerate(shards(len(prompts), len(generators)))
-        ))
-        generated = time.perf_counter()
-        generating = False
-        arrived.set()
-        await scorer
-    finally:
-        scorer.cancel()
-    done = time.perf_counter()
-    if len(received) != len(prompts) * n:
-        raise LearnerError(f"expected {len(prompts) * n} samples, got {len(received)}")
-    rollouts = sorted(received.values(), key=lambda r: (r.prompt_index, r.sample_index))
-    return Collected(rollouts, generate_s=generated - started, score_tail_s=done - generated)
+            self.received[key] = rollout
+            self.unscored.append(rollout)
+            self.arrived.set()

@@ -1,20 +1,30 @@
 """A PPO run with its controls: the loop behind `rlhf-mesh train` and the LearnerService.
 
-Steps run under a lock, so a checkpoint requested mid-step is written right after that step
-and a pause takes effect between steps. Every step's scalars go to TensorBoard, the
-console and whoever watches them (WatchMetrics).
+A step is collect -> train -> publish: rollouts from every generation replica, scored as they
+arrive (rollouts.py); the PPO update (trainer.py); the new weights to every replica
+(publisher.py). Steps run under a lock, so a checkpoint requested mid-step is written right
+after that step and a pause takes effect between steps. Every step's scalars go to
+TensorBoard, the console and whoever watches them (WatchMetrics).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from pathlib import Path
 
+import grpc
+
+from rlhf_mesh.clients.reward import AsyncRewardClient
+from rlhf_mesh.services.learner.data import PromptDataset
 from rlhf_mesh.services.learner.errors import LearnerError
-from rlhf_mesh.services.learner.report import Reporter
+from rlhf_mesh.services.learner.publisher import PolicyPublisher
+from rlhf_mesh.services.learner.report import Reporter, write_report
+from rlhf_mesh.services.learner.retry import Retry, failure
+from rlhf_mesh.services.learner.rollouts import Collected, RolloutCollector
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.services.learner.trainer import Trainer
 from rlhf_mesh.v1 import learner_pb2
@@ -25,13 +35,19 @@ STOPPED_EXIT_CODE = 143  # 128 + SIGTERM: not done, so a Job restarts it and the
 
 
 class Run:
-    """The state of one run as the LearnerService reports it."""
+    """One PPO run: its steps (collect -> train -> publish), its controls, and its state as the
+    LearnerService reports it."""
 
     def __init__(self, settings: LearnerSettings) -> None:
-        self.settings = settings
+        self.settings = s = settings
         self.state = learner_pb2.LEARNER_STATE_STARTING
         self.message = ""
+        self.dataset: PromptDataset | None = None
+        self.max_lag = s.max_policy_lag if s.async_generation else 0
         self.trainer: Trainer | None = None
+        self.publisher: PolicyPublisher | None = None
+        self.reward: AsyncRewardClient | None = None
+        self._prefetched: asyncio.Task[Collected] | None = None  # the next step's rollouts, in async mode
         self.metrics: list[learner_pb2.WatchMetricsResponse] = []
         self.last_checkpoint: tuple[Path, int] | None = None
         self.changed = asyncio.Condition()  # notified on every new step and state change
@@ -57,24 +73,83 @@ class Run:
 
     @property
     def version(self) -> int:
-        return self.trainer.version if self.trainer is not None else 0
+        """The policy version of the learner's current weights, as the replicas serve it."""
+        return self.publisher.version(self.step) if self.publisher is not None else 0
 
     @property
     def done(self) -> bool:
         """Finished, failed, or stopped with its checkpoint written."""
-        ended = self.stopping.is_set() and self.state == learner_pb2.LEARNER_STATE_PAUSED
-        return ended or self.state in (learner_pb2.LEARNER_STATE_FINISHED, learner_pb2.LEARNER_STATE_FAILED)
+        return self.state in (learner_pb2.LEARNER_STATE_FINISHED, learner_pb2.LEARNER_STATE_FAILED,
+                              learner_pb2.LEARNER_STATE_STOPPED)
 
     async def start(self) -> None:
-        """Load the models and connect to the services."""
-        self.settings.output_dir.mkdir(parents=True, exist_ok=True)
-        self.trainer = await asyncio.to_thread(Trainer, self.settings)
+        """Load the models and connect to the services; every replica serves the learner's weights then."""
+        s = self.settings
+        s.output_dir.mkdir(parents=True, exist_ok=True)
+        self.dataset = await asyncio.to_thread(PromptDataset.load, s.prompts, s.prompt_field, s.messages_field,
+                                               s.seed, s.reference_field)
+        self.trainer = await asyncio.to_thread(Trainer, s)
         self.metrics = [  # a resumed run replays the steps of its checkpoint too
             learner_pb2.WatchMetricsResponse(step=int(h["step"]), policy_version=int(h["policy/version"]),
                                              scalars={k: v for k, v in h.items() if k != "step"})
             for h in self.trainer.history
         ]
-        await self.trainer.connect()
+        self.publisher = PolicyPublisher(s, self.trainer.models.policy, keep_snapshots=self.max_lag > 0)
+        self.reward = AsyncRewardClient(s.reward, timeout_s=s.rpc_timeout_s, **s.credentials())
+        try:
+            await self.reward.list_models()
+        except grpc.aio.AioRpcError as err:
+            raise LearnerError(f"cannot use the reward service {s.reward}: {failure(err)}") from None
+        await self.publisher.connect(self.step)
+
+    async def run_step(self) -> dict[str, float]:
+        """Collect, train, publish version step+1; returns the step's scalars.
+
+        Async mode starts collecting the next step's rollouts before this step trains, so
+        they come from the policy this step starts from (one version behind the one they
+        train): generation overlaps training, and no rollout is more than max_policy_lag
+        versions older than the step that trains on it (the generator enforces it too).
+        """
+        s = self.settings
+        started = time.perf_counter()
+        pending = self._prefetched or self._collect(self.step)
+        self._prefetched = None
+        collected = await pending
+        waited = time.perf_counter() - started
+        lags = [self.version - r.policy_version_start for r in collected.rollouts]
+        if max(lags) > self.max_lag or min(lags) < 0:  # never train on what the bound excludes
+            versions = sorted({r.policy_version_start for r in collected.rollouts})
+            raise LearnerError(f"rollouts of policy versions {versions} at version {self.version}: "
+                               f"outside max_policy_lag={self.max_lag}")
+        if s.async_generation and self.step + 1 < s.steps:
+            self._prefetched = self._collect(self.step + 1)
+        scalars = await asyncio.to_thread(self.trainer.train, collected.rollouts)
+        pushed = time.perf_counter()
+        await self.publisher.publish(self.version + 1)
+        self.trainer.step += 1
+        done = time.perf_counter()
+        scalars.update({
+            "time/generate_s": collected.generate_s, "time/score_s": collected.score_tail_s,
+            "time/wait_rollouts_s": waited, "time/push_s": done - pushed, "time/step_s": done - started,
+            "charts/samples_per_s": len(collected.rollouts) / (done - started),
+            "policy/version": float(self.version),
+            "async/lag_mean": sum(lags) / len(lags), "async/lag_max": float(max(lags)),
+            **{f"async/lag_{k}_share": lags.count(k) / len(lags) for k in range(self.max_lag + 1)},
+        })
+        self.trainer.history.append({"step": float(self.step), **scalars})
+        return scalars
+
+    def _collect(self, step: int) -> asyncio.Task[Collected]:
+        """Rollouts for `step` from a policy no older than the staleness bound allows."""
+        s = self.settings
+        return asyncio.create_task(RolloutCollector(
+            self.publisher.generators, self.reward, self.dataset.batch(step, s.batch_size),
+            n=s.num_samples_per_prompt, max_tokens=s.response_length, temperature=s.temperature,
+            seed=s.seed * 1_000_003 + step * s.rollouts_per_step,
+            min_policy_version=self.publisher.min_version(step, self.max_lag), reward_model=s.reward_model,
+            timeout_s=s.rpc_timeout_s, references=self.dataset.batch_references(step, s.batch_size),
+            retry=Retry(attempts=s.replica_retries), repair=self.publisher.repair,
+        ).run())
 
     async def loop(self) -> None:
         """Every step, then a final checkpoint, the plot and the summary; FAILED on an error."""
@@ -88,17 +163,17 @@ class Run:
                 if self.stopping.is_set():
                     path, step = await self.checkpoint()
                     log.warning("stopped at step %d (checkpoint %s); rerun the command to go on", step, path)
-                    await self._set_state(learner_pb2.LEARNER_STATE_PAUSED, f"stopped at step {step}; rerun to resume")
+                    await self._set_state(learner_pb2.LEARNER_STATE_STOPPED, f"stopped at step {step}; rerun to resume")
                     return
                 await self._set_state(learner_pb2.LEARNER_STATE_RUNNING)
                 async with self._lock:
-                    scalars = await self.trainer.run_step()
+                    scalars = await self.run_step()
                 reporter.step(self.step, scalars)
-                await self._publish(scalars)
+                await self._record(scalars)
                 if s.save_steps and self.step % s.save_steps == 0:
                     await self.checkpoint()
             await self.checkpoint()
-            png, table = await asyncio.to_thread(self.trainer.finish)
+            png, table = await asyncio.to_thread(write_report, self.trainer.history, s.output_dir)
             print(table, flush=True)
             print(f"plot: {png}\ntensorboard: {s.output_dir / 'tensorboard'}\n"
                   f"checkpoint: {self.last_checkpoint[0]}", flush=True)
@@ -124,10 +199,18 @@ class Run:
             return self.last_checkpoint
 
     async def close(self) -> None:
+        """Release the clients, and the follower ranks: the run has ended."""
+        if self._prefetched is not None:
+            self._prefetched.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LearnerError):
+                await self._prefetched
         if self.trainer is not None:
-            await self.trainer.close()
+            await asyncio.to_thread(self.trainer.close)
+        for client in (self.publisher, self.reward):
+            if client is not None:
+                await client.close()
 
-    async def _publish(self, scalars: dict[str, float]) -> None:
+    async def _record(self, scalars: dict[str, float]) -> None:
         self.metrics.append(learner_pb2.WatchMetricsResponse(
             step=self.step, policy_version=self.version, scalars=scalars, wall_time_unix_s=time.time(),
         ))

@@ -7,7 +7,7 @@ the same file; flags override it (`--kl-coef 0.1`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, FilePath, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -149,6 +149,13 @@ class LearnerSettings(ServiceSettings):
         if self.prompts.suffix not in (".jsonl", ".parquet"):
             raise ValueError(f"prompts: {self.prompts} is neither .jsonl nor .parquet")
         return self
+
+    def credentials(self) -> dict[str, Any]:
+        """The `tls` and `token` arguments of the learner's clients."""
+        from rlhf_mesh.clients.channel import client_credentials
+
+        return client_credentials(self.client_token_file, self.client_tls_ca, self.client_tls_cert,
+                                  self.client_tls_key, self.client_tls_server_name)
 
     @property
     def rollouts_per_step(self) -> int:

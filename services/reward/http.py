@@ -1,5 +1,5 @@
 """The RewardService's HTTP port: the JSON protocols other RL frameworks already speak, on the
-same path as gRPC (`RewardServicer.score`: batcher, queue bounds, tokens, metrics).
+same path as gRPC (`ScoreDispatcher.score`: batcher, queue bounds, tokens, metrics).
 
 - `POST /get_reward` (or `/{model}/get_reward`): OpenRLHF's remote reward server.
   `{"query": [...], "prompts": [...], "labels": [...]}`; a query is the full text as the policy
@@ -30,9 +30,9 @@ from google.protobuf import json_format
 
 from rlhf_mesh.http_site import start_site
 from rlhf_mesh.security import TokenAuth
-from rlhf_mesh.services.reward.model import InvalidSample
+from rlhf_mesh.services.reward.dispatch import REQUESTS, ScoreDispatcher
+from rlhf_mesh.services.reward.reward_model import InvalidSample
 from rlhf_mesh.services.reward.scorers import ScoringError
-from rlhf_mesh.services.reward.service import REQUESTS, RewardServicer
 from rlhf_mesh.services.reward.settings import RewardSettings
 from rlhf_mesh.v1 import common_pb2, reward_pb2
 
@@ -91,10 +91,10 @@ def _is_ids(value: list) -> bool:
 
 
 class RewardHttp:
-    """The HTTP front door of one RewardServicer."""
+    """The HTTP front door of one RewardService."""
 
-    def __init__(self, servicer: RewardServicer, settings: RewardSettings) -> None:
-        self.servicer = servicer
+    def __init__(self, dispatcher: ScoreDispatcher, settings: RewardSettings) -> None:
+        self.dispatcher = dispatcher
         self.settings = settings
         self.auth = TokenAuth(settings.tokens_file) if settings.tokens_file else None
         self.runner: web.AppRunner | None = None
@@ -146,10 +146,10 @@ class RewardHttp:
         try:
             samples = build(body)
         except BadRequest as err:
-            REQUESTS.labels(self.servicer.label(name), "invalid").inc()
+            REQUESTS.labels(self.dispatcher.registry.label(name), "invalid").inc()
             return _error(400, str(err))
         try:
-            scorer, results = await self.servicer.score_request(name, samples)
+            scorer, results = await self.dispatcher.score_request(name, samples)
         except InvalidSample as err:
             return _error(400, str(err))
         except ScoringError as err:

@@ -19,7 +19,7 @@ import grpc
 
 from rlhf_mesh.services.reward.batcher import Batcher, QueueFull
 from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool, FunctionTimedOut
-from rlhf_mesh.services.reward.model import InvalidSample, RewardModel
+from rlhf_mesh.services.reward.reward_model import InvalidSample, RewardModel
 from rlhf_mesh.v1 import reward_pb2
 
 

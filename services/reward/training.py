@@ -5,7 +5,7 @@ Bradley–Terry, as TRL's RewardTrainer: loss = -log sigmoid(r(chosen) - r(rejec
 with one label, initialised from `--base` (a reward model, or a causal LM whose new score
 head starts at random). The output is that standard format (pad_token_id set, tokenizer and
 chat template saved), loadable by transformers, TRL and the RewardService. Inputs are tokenized by the
-RewardService's own rule (services/reward/model.py), so the model is trained on exactly
+RewardService's own rule (services/reward/reward_model.py), so the model is trained on exactly
 what it will score. A seeded share of the pairs is held out; the accuracy on it (chosen
 scored above rejected) is printed and written beside the model in `train_rm.json`. Loss and
 accuracy go to TensorBoard under `OUT/tensorboard`; a progress bar shows on a terminal.
@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_mesh.services.reward.model import InvalidSample, Tokenization, right_padded
+from rlhf_mesh.services.reward.reward_model import InvalidSample, Tokenization, right_padded
 from rlhf_mesh.v1 import reward_pb2
 
 log = logging.getLogger(__name__)

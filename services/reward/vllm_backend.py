@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig
 
-from rlhf_mesh.services.reward.model import RewardModel
+from rlhf_mesh.services.reward.reward_model import RewardModel
 from rlhf_mesh.vllm_memory import kv_cache_memory_bytes
 
 
@@ -22,7 +22,8 @@ class VllmRewardModel(RewardModel):
         from vllm import LLM
         from vllm.config import PoolerConfig
 
-        self._describe(name, path, dtype, AutoConfig.from_pretrained(path), max_length, truncation)
+        super().__init__(name, path, dtype=dtype, config=AutoConfig.from_pretrained(path), max_length=max_length,
+                         truncation=truncation)
         self.llm = LLM(
             model=path, runner="pooling", dtype=dtype, max_model_len=self.max_length, enforce_eager=True,
             pooler_config=PoolerConfig(use_activation=False), kv_cache_memory_bytes=kv_cache_memory_bytes(kv_cache_gib),

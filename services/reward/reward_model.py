@@ -1,4 +1,4 @@
-"""A loaded reward model: input encoding (chat template, truncation) and batched scoring.
+"""A loaded reward model: input encoding (chat template, truncation), and the transformers backend.
 
 How a sample becomes tokens:
 - prompt + response, tokenizer with a chat template: the template renders a user turn with
@@ -143,34 +143,22 @@ class Tokenization:
 
 
 class RewardModel:
-    """A `*ForSequenceClassification` reward model with one label, scored with transformers."""
+    """A reward model with one label: name, version, length limit and tokenization, the same for
+    every backend. A backend loads the weights, calls this initialiser with the model's config
+    and implements `score`."""
 
-    backend = "transformers"
-    pads_batches = True  # a batch runs padded to its longest sample
+    backend: str
+    pads_batches: bool  # whether a batch runs padded to its longest sample
 
-    def __init__(self, name: str, path: str, *, dtype: str, device: str, max_length: int | None,
-                 truncation: str) -> None:
-        self.device = torch.device(device)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
-        tokenizer = self._describe(name, path, dtype, model.config, max_length, truncation)
-        if model.config.pad_token_id is None:
-            if tokenizer.pad_token_id is None:
-                raise ValueError(f"{path}: neither the model config nor the tokenizer sets a pad token")
-            model.config.pad_token_id = tokenizer.pad_token_id
-        self.pad_token_id = model.config.pad_token_id
-        self.model = model.to(self.device).eval()
-
-    def _describe(self, name: str, path: str, dtype: str, config, max_length: int | None, truncation: str):
-        """Name, version, length limit and tokenization, the same for every backend; returns the tokenizer."""
+    def __init__(self, name: str, path: str, *, dtype: str, config, max_length: int | None, truncation: str) -> None:
         if config.num_labels != 1:
             raise ValueError(f"{path}: a reward model has one label, this one has {config.num_labels}")
         self.name, self.path, self.dtype = name, str(path), dtype
         self.version = weights_version(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        limit = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        limit = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.max_length = min(max_length or limit, limit)
-        self.tokenization = Tokenization(tokenizer, self.max_length, truncation)
-        return tokenizer
+        self.tokenization = Tokenization(self.tokenizer, self.max_length, truncation)
 
     def close(self) -> None:
         """Release what the model holds outside this process (a backend's engine processes)."""
@@ -180,6 +168,29 @@ class RewardModel:
             name=self.name, path=self.path, version=self.version, max_length_tokens=self.max_length,
             dtype=self.dtype, backend=self.backend, is_default=is_default,
         )
+
+    def score(self, batch: list[list[int]]) -> list[float]:
+        """The raw score (logit) of each token sequence."""
+        raise NotImplementedError
+
+
+class TransformersRewardModel(RewardModel):
+    """A `*ForSequenceClassification` model scored with transformers."""
+
+    backend = "transformers"
+    pads_batches = True
+
+    def __init__(self, name: str, path: str, *, dtype: str, device: str, max_length: int | None,
+                 truncation: str) -> None:
+        self.device = torch.device(device)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+        super().__init__(name, path, dtype=dtype, config=model.config, max_length=max_length, truncation=truncation)
+        if model.config.pad_token_id is None:
+            if self.tokenizer.pad_token_id is None:
+                raise ValueError(f"{path}: neither the model config nor the tokenizer sets a pad token")
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.pad_token_id = model.config.pad_token_id
+        self.model = model.to(self.device).eval()
 
     @torch.inference_mode()
     def score(self, batch: list[list[int]]) -> list[float]:

@@ -1,12 +1,13 @@
 """Pushing a learner's weights into running GenerationServices.
 
-- `push_weights(client, weights, version)`: in-band over gRPC (a manifest, then chunks of
-  at most 4 MiB); works anywhere gRPC does.
-- `CollectiveSender`: gRPC carries the control and the manifest while the bytes travel by
-  torch.distributed (gloo) broadcast from this process (rank 0) to every engine worker of
-  every replica at once.
+- `GenerationClient.push_weights(weights, version)`: in-band over gRPC to one replica (a
+  manifest, then chunks of at most 4 MiB); works anywhere gRPC does.
 - `push_to_replicas(addresses, weights, version)`: in-band to many replicas in parallel (a
-  headless Service's DNS name resolves to all of them); every replica gets its own result.
+  headless Service's DNS name resolves to all of them), the manifest hashed once; every
+  replica gets its own result.
+- `CollectiveSender(clients, ...).push(weights, version)`: to every replica of its group at
+  once. gRPC carries the control and the manifest while the bytes travel by torch.distributed
+  (gloo) broadcast from this process (rank 0) to every engine worker of every replica.
 
 `weights` is a transformers model (sent as its checkpoint names its tensors: a tied parameter
 once, fused experts split back), any module, or a state dict with the policy's Hugging Face
@@ -19,7 +20,7 @@ push is harmless.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -27,24 +28,10 @@ import grpc
 import torch
 
 from rlhf_mesh.clients.channel import TlsConfig
-from rlhf_mesh.clients.generation import SERVICE, GenerationClient
-from rlhf_mesh.server import free_port
+from rlhf_mesh.clients.generation import GenerationClient
+from rlhf_mesh.processes import free_port
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import chunk_requests, gloo_group, manifest, state_dict_of
-
-
-def push_requests(tensors: dict[str, torch.Tensor], version: int) -> Iterator[bytes]:
-    """The serialized PushWeightsRequest messages of an in-band push: the manifest, then the chunks."""
-    yield generation_pb2.PushWeightsRequest(manifest=manifest(tensors, version)).SerializeToString()
-    yield from chunk_requests(tensors.values())
-
-
-def push_weights(client: GenerationClient, weights: torch.nn.Module | dict[str, torch.Tensor], version: int,
-                 timeout_s: float = 600.0) -> generation_pb2.PushWeightsResponse:
-    """In-band push; the replica serves `version` when this returns."""
-    call = client.channel.stream_unary(  # no request serializer: the messages are serialized already
-        f"/{SERVICE}/PushWeights", response_deserializer=generation_pb2.PushWeightsResponse.FromString)
-    return call(push_requests(state_dict_of(weights), version), timeout=timeout_s)
+from rlhf_mesh.weights import gloo_group, manifest, state_dict_of
 
 
 @dataclass
@@ -76,11 +63,13 @@ def push_to_replicas(targets: str | Sequence[str], weights: torch.nn.Module | di
     """
     addresses = resolve(targets) if isinstance(targets, str) else list(targets)
     tensors = state_dict_of(weights)
+    pushed = manifest(tensors, version)  # the digests, once for every replica
 
     def one(address: str) -> ReplicaResult:
         with GenerationClient(address, tls=tls, token=token) as client:
             try:
-                return ReplicaResult(address, response=push_weights(client, tensors, version, timeout_s))
+                response = client.push_weights(tensors, version, timeout_s=timeout_s, manifest=pushed)
+                return ReplicaResult(address, response=response)
             except grpc.RpcError as err:
                 return ReplicaResult(address, error=err)
 

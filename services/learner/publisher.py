@@ -1,0 +1,206 @@
+"""Publishing the learner's policy to every generation replica, and keeping them on it.
+
+A `PolicyPublisher` owns the replica list and their clients, both weight transports (in-band
+gRPC to every replica in parallel, or one gloo broadcast to all of them), and the last version
+it published. Replicas that fail while they restart are pushed again with the learner's one
+retry policy; a replica that comes back at an older version is repaired before it generates.
+
+Versions: policy version k + offset is the learner's policy after step k. Version 0 is the
+policy every replica loaded at start; the offset moves the versions above the replicas' own
+when the learner finds them elsewhere (it resumed from a checkpoint older than their last
+push, or they restarted), since served versions only go up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
+from rlhf_mesh.clients.push import CollectiveSender, push_to_replicas, resolve
+from rlhf_mesh.services.learner.errors import LearnerError
+from rlhf_mesh.services.learner.retry import RETRYABLE, Retry, failure
+from rlhf_mesh.services.learner.settings import LearnerSettings
+from rlhf_mesh.weights import TORCH_DTYPES, state_dict_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Published:
+    """The version every replica was last given, and its tensors where training may change the
+    live ones before a restarted replica is repaired (async mode; None: read the policy)."""
+
+    version: int
+    tensors: dict[str, torch.Tensor] | None
+
+
+class PushFailed(grpc.RpcError):
+    """A push that some replicas did not take: the first one's status, every replica named."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, replicas: list[str]) -> None:
+        super().__init__(message)
+        self._code, self._message, self.replicas = code, message, replicas
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+
+class PolicyPublisher:
+    """The generation replicas as the learner sees them: whom to push to, how, and what they were given."""
+
+    def __init__(self, settings: LearnerSettings, policy: torch.nn.Module, keep_snapshots: bool) -> None:
+        self.settings = s = settings
+        self.policy = policy
+        self.keep_snapshots = keep_snapshots  # async mode: training goes on while replicas are repaired
+        self.replicas = list(s.generation)  # one address per replica
+        self.generators: list[AsyncGenerationClient] = []
+        self.offset = 0
+        self.published: Published | None = None  # None: version 0, which every replica loads from disk
+        self.dtype = torch.float32  # the replicas' own, read at connect()
+        self._credentials = s.credentials()
+        self._sender: CollectiveSender | None = None
+        self._retry = Retry(attempts=s.replica_retries)
+
+    def _client(self, address: str) -> GenerationClient:
+        return GenerationClient(address, timeout_s=self.settings.rpc_timeout_s, **self._credentials)
+
+    def version(self, step: int) -> int:
+        """The policy version of the learner's weights after `step` steps, as the replicas serve it."""
+        return step + self.offset
+
+    def min_version(self, step: int, max_lag: int) -> int:
+        """The oldest policy version step `step`'s rollouts may come from."""
+        return max(0, self.version(step) - max_lag)
+
+    async def connect(self, step: int) -> None:
+        """Open the clients; every replica serves the learner's step-`step` weights when this returns."""
+        s = self.settings
+        if s.resolve_replicas:  # the replicas behind a headless Service, as they are now
+            self.replicas = sorted({a for name in s.generation for a in resolve(name)})
+            log.info("generation replicas: %s", ", ".join(self.replicas))
+        self.generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s, **self._credentials)
+                           for a in self.replicas]
+        try:
+            infos = await asyncio.gather(*(g.model_info() for g in self.generators))
+        except grpc.aio.AioRpcError as err:
+            raise LearnerError(f"cannot use the generation replicas {self.replicas}: {failure(err)}") from None
+        dtypes = {info.dtype for info in infos}
+        if len(dtypes) != 1:
+            raise LearnerError(f"generation replicas serve different dtypes: {sorted(dtypes)}")
+        self.dtype = getattr(torch, dtypes.pop())
+        if self.dtype not in TORCH_DTYPES.values():
+            raise LearnerError(f"generation replicas serve {self.dtype}, which cannot be pushed")
+        if s.weight_transport == "collective":
+            self._sender = await asyncio.to_thread(self._new_sender, self.replicas)
+        served = [info.policy_version for info in infos]
+        if any(v != self.version(step) for v in served):
+            # Replicas that moved on (a learner killed after a push and resumed from an older
+            # checkpoint) or came back (restarted at 0) serve other weights: push the learner's
+            # own, at a version above every served one, before any of them generates.
+            self.offset = max(served) + 1 - step
+            log.info("replicas serve policy versions %s; pushing the learner's step-%d weights as version %d",
+                     sorted(set(served)), step, self.version(step))
+            await self.publish(self.version(step))
+        elif self.version(step) > 0:  # what a replica that restarts must be given again
+            self.published = Published(self.version(step), self.weights() if self.keep_snapshots else None)
+
+    async def close(self) -> None:
+        for client in self.generators:
+            await client.close()
+        self._close_sender()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the policy's tensors as its checkpoint names them (a tied one once), in the replicas' dtype."""
+        return {name: t.to(self.dtype, copy=True) for name, t in state_dict_of(self.policy).items()}
+
+    async def publish(self, version: int) -> None:
+        """Every replica serves `version` = the current policy when this returns. Replicas that
+        fail while they restart are pushed again, with backoff; a refusal raises LearnerError."""
+        tensors = self.weights()
+        send = self._send_collective if self.settings.weight_transport == "collective" else self._send_in_band
+        pending = list(self.replicas)
+
+        async def attempt(_: int) -> None:
+            nonlocal pending
+            try:
+                await asyncio.to_thread(send, pending, tensors, version)
+            except PushFailed as err:
+                pending = err.replicas
+                raise
+
+        await self._retry.call(attempt, lambda _: f"weight push of version {version} failed")
+        self.published = Published(version, tensors if self.keep_snapshots else None)
+
+    def _send_in_band(self, replicas: list[str], tensors: dict[str, torch.Tensor], version: int) -> None:
+        """Raises PushFailed naming the replicas that did not take the push."""
+        results = push_to_replicas(replicas, tensors, version, self.settings.rpc_timeout_s, **self._credentials)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            codes = [r.error.code() for r in failed]
+            code = next((c for c in codes if c not in RETRYABLE), codes[0])
+            raise PushFailed(code, "; ".join(f"{r.address}: {failure(r.error)}" for r in failed),
+                             [r.address for r in failed])
+
+    def _send_collective(self, replicas: list[str], tensors: dict[str, torch.Tensor], version: int) -> None:
+        """One broadcast to every replica of `replicas`. A failed one leaves the group out of step
+        (and a restarted replica's workers were never in it), so it raises PushFailed naming the
+        replicas still below `version`; their retry makes a new group of them, and the next push
+        one of all the replicas again."""
+        try:
+            if self._sender is None:
+                self._sender = self._new_sender(replicas)
+            self._sender.push(tensors, version)
+        except (grpc.RpcError, RuntimeError) as err:
+            self._close_sender()
+            below = [a for a in self.replicas if self._served_version(a) < version]
+            if below:  # whatever failed, a new group of these replicas is the retry
+                raise PushFailed(grpc.StatusCode.UNAVAILABLE, failure(err) if isinstance(err, grpc.RpcError)
+                                 else str(err), below) from None
+            return
+        if replicas != self.replicas:
+            self._close_sender()
+
+    def _new_sender(self, replicas: list[str]) -> CollectiveSender:
+        clients = [self._client(a) for a in replicas]
+        return CollectiveSender(clients, self.settings.collective_address, 0, min(self.settings.rpc_timeout_s, 300.0))
+
+    def _close_sender(self) -> None:
+        if self._sender is not None:
+            for client in self._sender.clients:
+                client.close()
+            self._sender.close()
+            self._sender = None
+
+    def _served_version(self, address: str) -> int:
+        """The policy version a replica serves; -1 while it cannot be reached."""
+        with self._client(address) as client:
+            try:
+                return client.model_info().policy_version
+            except grpc.RpcError:
+                return -1
+
+    async def repair(self, client: AsyncGenerationClient) -> None:
+        """A replica that came back serving an older version (it restarted) gets the last published
+        weights. Raises the replica's gRPC error; the caller retries."""
+        if self.published is None:  # version 0: a restarted replica serves it from disk too
+            return
+        version, tensors = self.published.version, self.published.tensors
+        served = (await client.model_info()).policy_version
+        if served >= version:
+            return
+        log.warning("generation replica %s serves policy version %d, not %d: pushing the weights again",
+                    client.address, served, version)
+        if tensors is None:  # sync mode: nothing trains while rollouts are collected
+            tensors = self.weights()
+        result, = await asyncio.to_thread(push_to_replicas, [client.address], tensors, version,
+                                          self.settings.rpc_timeout_s, **self._credentials)
+        if not result.ok:
+            raise result.error
