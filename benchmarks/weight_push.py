@@ -1,4 +1,4 @@
-"""Weight push: in-band gRPC and collective (gloo) pushes into a running GenerationService.
+"""Weight push: in-band gRPC, delta and collective (gloo) pushes into a running GenerationService.
 
     python benchmarks/weight_push.py [--model DIR] [--pushes 3]
 
@@ -7,7 +7,10 @@ bfloat16 and every push carries all its tensors in bfloat16. Measured in this on
 - in-band: `PushWeights` over gRPC, effective GB/s = bytes / whole call (transfer,
   verification and apply included);
 - collective: `PushWeightsCollective` with the bytes broadcast over gloo, whole call;
-- raw gloo: a plain broadcast of the same tensors to one other process (the baseline).
+- raw gloo: a plain broadcast of the same tensors to one other process (the baseline);
+- delta: the weights after one real AdamW step (lr 1e-6, then 1e-5) on a language-model loss,
+  pushed as a delta against the version before (hashing and encoding included), against a
+  full in-band push of the same weights (hashing included) in the same run.
 Prints bytes, seconds, GB/s, the split between transfer, verification and apply, and how
 long generation was paused per update.
 """
@@ -26,7 +29,7 @@ import torch
 
 from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.clients.push import CollectiveSender
-from rlhf_mesh.weights import gloo_group
+from rlhf_mesh.weights import Snapshot, gloo_group, prepare
 
 from common import free_port, server
 
@@ -58,6 +61,42 @@ def raw_gloo(tensors: list[torch.Tensor], pushes: int) -> list[float]:
 
 def perturbed(weights: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     return {name: t + (k * 1e-3) for name, t in weights.items()}
+
+
+def optimizer_step(model_dir: str, base: dict[str, torch.Tensor], lr: float, seed: int) -> dict[str, torch.Tensor]:
+    """The bf16 policy holding `base`, after one AdamW step on a next-token loss over random tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model.load_state_dict(base, strict=False)  # a tied head is the embedding
+    ids = torch.randint(5, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(seed))
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=lr).step()
+    return {name: t.detach().clone() for name, t in model.state_dict().items() if name in base}
+
+
+def delta_rows(client: GenerationClient, model_dir: str, weights: dict[str, torch.Tensor], version: int
+               ) -> list[tuple[float, int, int, float, float, float]]:
+    """(lr, delta bytes, full bytes, delta seconds, full seconds, paused ms) after one optimizer step each."""
+    first = prepare(weights, version)
+    client.push(first.full)
+    base: Snapshot = first.snapshot
+    rows = []
+    for seed, lr in enumerate((1e-6, 1e-5)):
+        stepped = optimizer_step(model_dir, base.tensors, lr, seed)
+        version += 1
+        started = time.perf_counter()
+        update = prepare(stepped, version, base)
+        reply = client.push(update.delta)
+        delta_s = time.perf_counter() - started
+        version += 1
+        started = time.perf_counter()
+        full = prepare(stepped, version)  # the baseline: hashes every tensor and sends every byte
+        client.push(full.full)
+        full_s = time.perf_counter() - started
+        rows.append((lr, update.delta.sent_bytes, full.full.sent_bytes, delta_s, full_s, reply.timings.paused_ms))
+        base = full.snapshot
+    return rows
 
 
 def main() -> None:
@@ -94,6 +133,7 @@ def main() -> None:
             if sender:
                 sender.close()
             rows.append((transport, runs))
+        deltas = delta_rows(client, model, weights, version + 1)
     gloo = raw_gloo(list(weights.values()), args.pushes)
 
     print("| push | MB | seconds | GB/s | transfer ms | verify ms | apply ms | paused ms |")
@@ -114,6 +154,15 @@ def main() -> None:
     print(f"collective transfer phase (received and digests checked) / raw gloo = "
           f"{gloo_s / statistics.median(collective):.2f}")
     print(f"paused per update: max {max(t.paused_ms for _, runs in rows for _, t in runs):.0f} ms (target <= 1000)")
+    print("\n| delta after one AdamW step | MB sent | of a full push | seconds | full push s | speed-up | "
+          "effective GB/s | paused ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for lr, sent, full, delta_s, full_s, paused in deltas:
+        print(f"| lr {lr:g} | {sent / 1e6:.1f} | {sent / full:.3f}x | {delta_s:.2f} | {full_s:.2f} | "
+              f"{full_s / delta_s:.1f}x | {full / delta_s / 1e9:.2f} | {paused:.0f} |")
+    lr, sent, full, delta_s, full_s, _ = deltas[0]
+    print(f"delta at lr {lr:g}: {sent / full:.3f}x the bytes (target <= 0.05), {full_s / delta_s:.1f}x faster than a "
+          "full in-band push (target >= 3)")
 
 
 if __name__ == "__main__":

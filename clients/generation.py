@@ -76,19 +76,22 @@ class GenerationClient(Client):
     def model_info(self, timeout_s: float | None = None) -> generation_pb2.GetModelInfoResponse:
         return self.stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s))
 
-    def push_weights(self, weights, version: int, *, timeout_s: float = 600.0,
-                     manifest: generation_pb2.WeightManifest | None = None) -> generation_pb2.PushWeightsResponse:
+    def push_weights(self, weights, version: int, *, timeout_s: float = 600.0) -> generation_pb2.PushWeightsResponse:
         """Make this replica serve `weights` (a module or state dict) as `version`, in-band.
 
-        `manifest`: the one of these weights at `version`, when the caller hashed them already.
-        Pushing to many replicas: `rlhf_mesh.clients.push` (push_to_replicas, CollectiveSender).
+        Pushing to many replicas, and delta pushes: `rlhf_mesh.clients.push`.
         """
-        from rlhf_mesh import weights as pushed  # torch only for callers that push
+        from rlhf_mesh.weights import prepare, state_dict_of  # torch only for callers that push
 
-        tensors = pushed.state_dict_of(weights)
+        return self.push(prepare(state_dict_of(weights), version).full, timeout_s)
+
+    def push(self, push, timeout_s: float = 600.0) -> generation_pb2.PushWeightsResponse:
+        """Send a prepared `rlhf_mesh.weights.Push` (full, or a delta against the served version)."""
+        from rlhf_mesh.weights import push_requests
+
         call = self.channel.stream_unary(  # no request serializer: the messages are serialized already
             f"/{SERVICE}/PushWeights", response_deserializer=generation_pb2.PushWeightsResponse.FromString)
-        return call(pushed.push_requests(tensors, manifest or pushed.manifest(tensors, version)), timeout=timeout_s)
+        return call(push_requests(push), timeout=timeout_s)
 
 
 class AsyncGenerationClient(AsyncClient):

@@ -2,9 +2,10 @@
 
 - `GenerationClient.push_weights(weights, version)`: in-band over gRPC to one replica (a
   manifest, then chunks of at most 4 MiB); works anywhere gRPC does.
-- `push_to_replicas(addresses, weights, version)`: in-band to many replicas in parallel (a
-  headless Service's DNS name resolves to all of them), the manifest hashed once; every
-  replica gets its own result.
+- `push_to_replicas(addresses, weights, version, base=...)`: in-band to many replicas in
+  parallel (a headless Service's DNS name resolves to all of them), hashed once; with a base,
+  only what changed since (a delta push, XOR + zstd per tensor), falling back to the full push
+  for a replica that cannot take it. Every replica gets its own result.
 - `CollectiveSender(clients, ...).push(weights, version)`: to every replica of its group at
   once. gRPC carries the control and the manifest while the bytes travel by torch.distributed
   (gloo) broadcast from this process (rank 0) to every engine worker of every replica.
@@ -31,7 +32,7 @@ from rlhf_mesh.clients.channel import TlsConfig
 from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.processes import free_port
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import gloo_group, manifest, state_dict_of
+from rlhf_mesh.weights import Snapshot, Update, gloo_group, manifest, prepare, state_dict_of
 
 
 @dataclass
@@ -41,6 +42,8 @@ class ReplicaResult:
     address: str
     response: generation_pb2.PushWeightsResponse | None = None
     error: grpc.RpcError | None = None
+    delta: bool = False  # the replica took the delta push, not the full one
+    delta_refused: grpc.RpcError | None = None  # why it got the full push instead
 
     @property
     def ok(self) -> bool:
@@ -55,21 +58,35 @@ def resolve(target: str) -> list[str]:
 
 
 def push_to_replicas(targets: str | Sequence[str], weights: torch.nn.Module | dict[str, torch.Tensor],
-                     version: int, timeout_s: float = 600.0, *, tls: TlsConfig | None = None,
-                     token: str | None = None) -> list[ReplicaResult]:
+                     version: int, timeout_s: float = 600.0, *, base: Snapshot | None = None,
+                     tls: TlsConfig | None = None, token: str | None = None) -> list[ReplicaResult]:
     """In-band push to every replica in parallel; a replica that fails is reported, never skipped.
 
+    With `base` (the `Update.snapshot` of the version these replicas were pushed last), each
+    replica gets only what changed since; one that cannot take the delta (it serves another
+    version, or holds no full copy of it) gets the full push. The digests are computed once.
     `token` needs the admin role where the replicas check tokens.
     """
     addresses = resolve(targets) if isinstance(targets, str) else list(targets)
-    tensors = state_dict_of(weights)
-    pushed = manifest(tensors, version)  # the digests, once for every replica
+    return send_update(addresses, prepare(state_dict_of(weights), version, base), timeout_s, tls=tls, token=token)
 
+
+def send_update(addresses: Sequence[str], update: Update, timeout_s: float = 600.0, *,
+                tls: TlsConfig | None = None, token: str | None = None) -> list[ReplicaResult]:
+    """`update` to every replica in parallel: its delta where it has one, and the full push to a
+    replica that refuses the delta (so correctness never depends on it)."""
     def one(address: str) -> ReplicaResult:
         with GenerationClient(address, tls=tls, token=token) as client:
             try:
-                response = client.push_weights(tensors, version, timeout_s=timeout_s, manifest=pushed)
-                return ReplicaResult(address, response=response)
+                refused = None
+                if update.delta is not None:
+                    try:
+                        return ReplicaResult(address, response=client.push(update.delta, timeout_s), delta=True)
+                    except grpc.RpcError as err:
+                        if err.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                            raise
+                        refused = err
+                return ReplicaResult(address, response=client.push(update.full, timeout_s), delta_refused=refused)
             except grpc.RpcError as err:
                 return ReplicaResult(address, error=err)
 
@@ -107,18 +124,19 @@ class CollectiveSender:
         for join in joins:
             join.result()
 
-    def push(self, weights: torch.nn.Module | dict[str, torch.Tensor],
-             version: int) -> list[generation_pb2.PushWeightsCollectiveResponse]:
+    def push(self, weights: torch.nn.Module | dict[str, torch.Tensor], version: int,
+             pushed: generation_pb2.WeightManifest | None = None) -> list[generation_pb2.PushWeightsCollectiveResponse]:
         """Broadcast every tensor while each replica receives, verifies and applies them.
 
         Raises a replica's gRPC error as soon as it has one: a refused manifest (a stale
         version, another update running) ends the push at once, not at the group's timeout.
+        `pushed`: the manifest of these tensors at `version`, when the caller computed it already.
         """
         if self._failed is not None:
             raise RuntimeError(f"the push of version {self._failed} failed and this sender's group may be "
                                "out of step: make a new sender")
         tensors = state_dict_of(weights)
-        request = generation_pb2.PushWeightsCollectiveRequest(manifest=manifest(tensors, version))
+        request = generation_pb2.PushWeightsCollectiveRequest(manifest=pushed or manifest(tensors, version))
         calls = [self._pool.submit(c.stub.PushWeightsCollective, request, timeout=self.timeout_s * 2)
                  for c in self.clients]
         broadcast = self._pool.submit(self._broadcast, [tensor.contiguous() for tensor in tensors.values()])

@@ -1,4 +1,4 @@
-"""Weight-update pieces both ends share: dtypes, digests, manifests and the gloo group.
+"""Weight-update pieces both ends share: dtypes, digests, manifests, delta pushes and the gloo group.
 
 Torch only (no vLLM), so a learner can import it anywhere.
 """
@@ -8,11 +8,14 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
+import numpy as np
 import torch
 import torch.distributed as dist
+import zstandard
 from safetensors import safe_open
 
 from rlhf_mesh.v1 import generation_pb2
@@ -104,33 +107,107 @@ def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[st
     return {name: t.detach().to("cpu") for name, t in tensors.items()}
 
 
-def manifest(tensors: dict[str, torch.Tensor], version: int) -> generation_pb2.WeightManifest:
-    """The manifest of a full push of `tensors` becoming `version`."""
+@dataclass(frozen=True)
+class Snapshot:
+    """Tensors as pushed at `version`, with their manifest: what a delta push is computed against."""
+
+    version: int
+    tensors: dict[str, torch.Tensor]
+    manifest: generation_pb2.WeightManifest
+
+
+@dataclass(frozen=True)
+class Push:
+    """One push as it goes on the wire: its manifest, and each tensor's bytes (None: none sent)."""
+
+    manifest: generation_pb2.WeightManifest
+    payloads: list[memoryview | bytes | None]
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(len(p) for p in self.payloads if p is not None)
+
+
+@dataclass(frozen=True)
+class Update:
+    """A version ready to push: its full push and, given a base, its delta against it."""
+
+    snapshot: Snapshot
+    full: Push
+    delta: Push | None
+
+
+def _same(name: str, tensor: torch.Tensor, base: Snapshot | None) -> bool:
+    old = base.tensors.get(name) if base is not None else None
+    return old is not None and old.dtype == tensor.dtype and old.shape == tensor.shape and torch.equal(old, tensor)
+
+
+def manifest(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None
+             ) -> generation_pb2.WeightManifest:
+    """The manifest of a full push of `tensors` becoming `version`; the digests of tensors equal to
+    `base`'s are taken from its manifest, not computed again."""
+    known = {spec.name: spec.blake3_digest for spec in base.manifest.tensors} if base is not None else {}
     specs = []
     for name, tensor in tensors.items():
         if tensor.dtype not in PROTO_DTYPES:
             raise TypeError(f"{name}: dtype {tensor.dtype} cannot be pushed (float32, float16 or bfloat16)")
+        reused = name in known and _same(name, tensor, base)
         specs.append(generation_pb2.TensorSpec(
             name=name, dtype=PROTO_DTYPES[tensor.dtype], shape=list(tensor.shape),
-            size_bytes=tensor.numel() * tensor.element_size(), blake3_digest=digest(tensor),
+            size_bytes=tensor.numel() * tensor.element_size(), blake3_digest=known[name] if reused else digest(tensor),
         ))
     return generation_pb2.WeightManifest(policy_version=version, tensors=specs)
 
 
-def push_requests(tensors: dict[str, torch.Tensor], pushed: generation_pb2.WeightManifest) -> Iterator[bytes]:
+def full_push(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None) -> Push:
+    """Every tensor's raw bytes (digests of those equal to `base`'s reused)."""
+    return Push(manifest(tensors, version, base), [raw_bytes(t) for t in tensors.values()])
+
+
+def prepare(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None) -> Update:
+    """`tensors` as `version`: the full push, and with `base` the delta push, hashed once for both.
+    The snapshot holds a copy, so a model trained on afterwards leaves it as pushed.
+
+    The delta sends each changed tensor as a zstd frame of its raw bytes XOR the base's: the
+    values an optimizer step leaves as they were (most bf16 ones) XOR to zero bytes, which
+    compress to almost nothing. An unchanged tensor costs only its manifest entry.
+    """
+    tensors = {name: t.detach().clone() for name, t in tensors.items()}  # the base of a later delta: frozen
+    push = full_push(tensors, version, base)
+    full, snapshot = push.manifest, Snapshot(version, tensors, push.manifest)
+    if base is None:
+        return Update(snapshot, push, None)
+    compressor = zstandard.ZstdCompressor(level=1)
+    delta = generation_pb2.WeightManifest(policy_version=version, tensors=full.tensors, base_version=base.version)
+    payloads: list[memoryview | bytes | None] = []
+    for spec, (name, tensor) in zip(delta.tensors, tensors.items(), strict=True):
+        old = base.tensors.get(name)
+        if _same(name, tensor, base):
+            spec.encoding = generation_pb2.TENSOR_ENCODING_UNCHANGED
+            payloads.append(None)
+        elif old is not None and old.dtype == tensor.dtype and old.shape == tensor.shape:
+            xor = np.bitwise_xor(np.frombuffer(raw_bytes(tensor), np.uint8), np.frombuffer(raw_bytes(old), np.uint8))
+            payloads.append(compressor.compress(xor.data))
+            spec.encoding, spec.encoded_size_bytes = generation_pb2.TENSOR_ENCODING_XOR_ZSTD, len(payloads[-1])
+        else:  # not in the base: its raw bytes
+            payloads.append(raw_bytes(tensor))
+    return Update(snapshot, push, Push(delta, payloads))
+
+
+def push_requests(push: Push) -> Iterator[bytes]:
     """The serialized PushWeightsRequest messages of an in-band push: the manifest, then the chunks."""
-    yield generation_pb2.PushWeightsRequest(manifest=pushed).SerializeToString()
-    yield from chunk_requests(tensors.values())
+    yield generation_pb2.PushWeightsRequest(manifest=push.manifest).SerializeToString()
+    yield from chunk_requests((i, p) for i, p in enumerate(push.payloads) if p is not None)
 
 
-def chunk_requests(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterable[bytes]:
-    """Every tensor's bytes as serialized `PushWeightsRequest` chunks of at most `chunk_bytes`, in manifest order.
+def chunk_requests(payloads: Iterable[tuple[int, memoryview | bytes]], chunk_bytes: int = CHUNK_BYTES
+                   ) -> Iterable[bytes]:
+    """Each (manifest index, bytes) as serialized `PushWeightsRequest` chunks of at most `chunk_bytes`.
 
     Encoded here rather than through `WeightChunk(data=...)`: protobuf copies each chunk into a
     fresh arena and again when it is nested, 0.35 s of a 195 MB push; this is one copy.
     """
-    for index, tensor in enumerate(tensors):
-        data = raw_bytes(tensor)
+    for index, data in payloads:
         for offset in range(0, max(len(data), 1), chunk_bytes):
             piece = data[offset : offset + chunk_bytes]
             # WeightChunk: tensor_index and offset_bytes as protobuf writes them, then field 3 (data)

@@ -82,9 +82,9 @@ def start_generation_server(policy: Path, log_path: Path, *flags: str, port: int
 def push_messages(tensors: dict, version: int) -> list:
     """The PushWeightsRequest messages `push_weights` sends, parsed, for tests that alter or withhold some."""
     from rlhf_mesh.v1 import generation_pb2
-    from rlhf_mesh.weights import manifest, push_requests
+    from rlhf_mesh.weights import prepare, push_requests
 
-    return [generation_pb2.PushWeightsRequest.FromString(m) for m in push_requests(tensors, manifest(tensors, version))]
+    return [generation_pb2.PushWeightsRequest.FromString(m) for m in push_requests(prepare(tensors, version).full)]
 
 
 def greedy(model, prompt_ids, steps: int) -> list[int]:

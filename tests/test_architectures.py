@@ -20,7 +20,8 @@ from rlhf_mesh.clients.reward import RewardClient
 from rlhf_mesh.services.learner.run import Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.tiny_models import ARCHS, build
-from rlhf_mesh.weights import state_dict_of
+from rlhf_mesh.v1 import generation_pb2
+from rlhf_mesh.weights import prepare, state_dict_of
 
 from support import PYTHON, ChildServer, free_port, perturbed, serves, start_generation_server
 
@@ -67,6 +68,24 @@ def test_in_band_push_of_the_module_is_served_exactly(served):
     reply = client.push_weights(model, version)
     assert reply.policy_version == version
     serves(client, model, version)
+
+
+def test_a_delta_push_is_served_exactly(served):
+    """Only the input embedding changes: tied, it is the head too, and the head follows."""
+    _arch, paths, client, _ = served
+    version = client.model_info().policy_version + 1
+    model = perturbed(paths["policy"], version)
+    first = prepare(state_dict_of(model), version)
+    assert client.push(first.full).policy_version == version
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding.add_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(version)) * 0.05)
+    second = prepare(state_dict_of(model), version + 1, first.snapshot)
+    sent = [t.name for t in second.delta.manifest.tensors if t.encoding == generation_pb2.TENSOR_ENCODING_XOR_ZSTD]
+    assert len(sent) == 1 and sent[0].endswith(("embed_tokens.weight", "wte.weight"))
+    reply = client.push(second.delta)
+    assert reply.policy_version == version + 1 and reply.received_bytes == second.delta.sent_bytes
+    serves(client, model, version + 1)
 
 
 def test_collective_push_is_served_exactly(served):

@@ -92,6 +92,10 @@ async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
     assert max(kls) < 12.0, kls
     # The learner's recomputed log-probs and vLLM's (both float32) agree.
     assert max(h["sampling/logprob_diff_mean"] for h in history) < 1e-3
+    # Step 1 is a full push (the replica loaded version 0 from disk), every later one a delta
+    # against the step before: the checks above hold on weights that came as deltas.
+    assert [h["push/delta_replicas"] for h in history] == [0.0] + [1.0] * 11
+    assert history[0]["push/sent_fraction"] == 1.0 and all(h["push/sent_fraction"] < 1.0 for h in history[1:])
     for name in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "losses/clipfrac",
                  "objective/entropy", "time/generate_s", "time/train_s", "time/push_s"):
         assert all(name in h for h in history), name
@@ -303,12 +307,12 @@ def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_model
 
 
 def _trained_alike(expected: list[dict[str, float]], got: list[dict[str, float]], rel: float) -> None:
-    """Every step's scalars agree, but for wall times and the version numbers (a rerun pushes above the
-    generator's)."""
+    """Every step's scalars agree, but for wall times, the version numbers and the push sizes (a rerun
+    pushes above the generator's, and in full: the generator holds no base of that version)."""
     assert [h["step"] for h in got] == [h["step"] for h in expected]
     for before, after in zip(expected, got, strict=True):
         for name, value in before.items():
-            if name.startswith(("time/", "policy/")) or name == "charts/samples_per_s":
+            if name.startswith(("time/", "policy/", "push/")) or name == "charts/samples_per_s":
                 continue
             assert after[name] == pytest.approx(value, rel=rel, abs=1e-5), (before["step"], name)
 

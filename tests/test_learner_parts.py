@@ -110,7 +110,7 @@ def _rollout(version: int, prompt_index: int):
 async def test_rollouts_older_than_the_staleness_bound_are_never_trained_on(tiny_models, tmp_path, monkeypatch):
     from rlhf_mesh.services.learner import run as run_module
     from rlhf_mesh.services.learner.errors import LearnerError
-    from rlhf_mesh.services.learner.publisher import PolicyPublisher
+    from rlhf_mesh.services.learner.publisher import PolicyPublisher, PushReport
     from rlhf_mesh.services.learner.rollouts import Collected
     from rlhf_mesh.services.learner.settings import LearnerSettings
     from rlhf_mesh.services.learner.trainer import Trainer
@@ -136,7 +136,7 @@ async def test_rollouts_older_than_the_staleness_bound_are_never_trained_on(tiny
                              score_tail_s=0.0)
 
     async def published(version):
-        pass
+        return PushReport()
 
     trained = []
     monkeypatch.setattr(run_module, "RolloutCollector", FakeCollector)
@@ -240,6 +240,7 @@ async def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_r
     from rlhf_mesh.services.learner import publisher as publisher_module
     from rlhf_mesh.services.learner.errors import LearnerError
     from rlhf_mesh.services.learner.settings import LearnerSettings
+    from rlhf_mesh.v1 import generation_pb2
 
     def error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
         return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
@@ -249,21 +250,24 @@ async def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_r
                 "d:1": [error(grpc.StatusCode.INTERNAL, "a server bug")]}
     calls = []
 
-    def fake_push(replicas, tensors, version, timeout_s, **_):
-        calls.append((list(replicas), version))
-        return [ReplicaResult(a, error=outcomes.get(a, [None]).pop(0)) for a in replicas]
+    def fake_push(replicas, update, timeout_s, **_):
+        calls.append((list(replicas), update.snapshot.version))
+        response = generation_pb2.PushWeightsResponse(received_bytes=update.full.sent_bytes)
+        return [ReplicaResult(a, error=error) if (error := outcomes.get(a, [None]).pop(0)) else
+                ReplicaResult(a, response=response) for a in replicas]
 
     async def no_wait(seconds):
         pass
 
-    monkeypatch.setattr(publisher_module, "push_to_replicas", fake_push)
+    monkeypatch.setattr(publisher_module, "send_update", fake_push)
     monkeypatch.setattr(publisher_module.asyncio, "sleep", no_wait)
     settings = LearnerSettings(policy=str(tiny_models["policy"]), generation=["a:1", "b:1"], reward="r:1",
                                prompts=tiny_models["prompts"])
     publisher = publisher_module.PolicyPublisher(
         settings, AutoModelForCausalLM.from_pretrained(tiny_models["policy"]), keep_snapshots=False)
-    await publisher.publish(1)
+    report = await publisher.publish(1)
     assert calls == [(["a:1", "b:1"], 1), (["b:1"], 1)]  # only the replica that failed is pushed again
+    assert report.sent_bytes == report.full_bytes == 2 * sum(t.numel() * 4 for t in publisher.weights().values())
     assert publisher.published.version == 1
     publisher.replicas = ["a:1", "c:1"]
     with pytest.raises(LearnerError, match="c:1: INVALID_ARGUMENT: bad manifest"):

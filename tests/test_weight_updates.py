@@ -12,9 +12,9 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rlhf_mesh.clients.generation import SERVICE, GenerationClient
-from rlhf_mesh.clients.push import CollectiveSender, push_to_replicas
+from rlhf_mesh.clients.push import CollectiveSender, push_to_replicas, send_update
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import chunk_requests, manifest
+from rlhf_mesh.weights import Push, chunk_requests, manifest, prepare, raw_bytes, state_dict_of
 
 from support import SERVED_PROMPTS as PROMPTS
 from support import free_port, greedy, metric, perturbed, push_messages, scrape, serves, wait_for
@@ -310,7 +310,7 @@ def test_push_to_replicas_reports_each_replica(generation_server, generation_cli
 
 def test_chunks_stay_within_the_contract():
     tensors = {"a": torch.randn(3 << 20), "b": torch.ones(5), "c": torch.ones(0)}  # 12 MiB, 20 bytes, none
-    encoded = list(chunk_requests(tensors.values()))
+    encoded = list(chunk_requests(enumerate(raw_bytes(t) for t in tensors.values())))
     pieces = [generation_pb2.PushWeightsRequest.FromString(e).chunk for e in encoded]
     assert max(len(c.data) for c in pieces) == 4 << 20
     assert [(c.tensor_index, c.offset_bytes) for c in pieces] == [(0, 0), (0, 4 << 20), (0, 8 << 20), (1, 0), (2, 0)]
@@ -352,3 +352,90 @@ def test_in_band_push_sends_the_token_and_messages_protobuf_reads():
         data = b"".join(m.chunk.data for m in rest if m.chunk.tensor_index == index)
         assert data == tensor.numpy().tobytes()
 
+
+
+# Delta pushes. Last in the module: the policies they serve are not policies(version).
+
+def _changed(model, name: str, k: int):
+    """`model` with noise on one parameter only."""
+    with torch.no_grad():
+        parameter = dict(model.named_parameters())[name]
+        parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(k)) * 0.05)
+    return model
+
+
+def test_a_delta_push_sends_only_what_changed_and_is_served_exactly(generation_server, generation_client, policies):
+    version = generation_client.model_info().policy_version
+    model = policies(version + 1)
+    first = prepare(state_dict_of(model), version + 1)
+    result, = send_update([generation_server.address], first)
+    assert result.ok and not result.delta  # no base: a full push
+    _changed(model, "model.layers.1.mlp.up_proj.weight", 1)
+    second = prepare(state_dict_of(model), version + 2, first.snapshot)
+    result, = send_update([generation_server.address], second)
+    assert result.ok and result.delta, result.error
+    changed = [t for t in second.delta.manifest.tensors if t.encoding == generation_pb2.TENSOR_ENCODING_XOR_ZSTD]
+    assert [t.name for t in changed] == ["model.layers.1.mlp.up_proj.weight"]  # the rest: UNCHANGED, no bytes
+    assert result.response.received_bytes == second.delta.sent_bytes <= changed[0].size_bytes * 1.01
+    assert second.delta.sent_bytes < second.full.sent_bytes / 5
+    serves(generation_client, model, version + 2)
+
+    # Nothing changed but the version: the manifest alone.
+    third = prepare(state_dict_of(model), version + 3, second.snapshot)
+    result, = send_update([generation_server.address], third)
+    assert result.delta and result.response.received_bytes == 0
+    serves(generation_client, model, version + 3)
+
+
+def test_a_delta_against_another_base_is_refused_and_the_full_push_goes_instead(generation_server, generation_client,
+                                                                                policies):
+    version = generation_client.model_info().policy_version
+    stale = prepare(state_dict_of(policies(1)), version - 1).snapshot  # not what is served
+    model = policies(version + 1)
+    update = prepare(state_dict_of(model), version + 1, stale)
+    with pytest.raises(grpc.RpcError) as err:
+        generation_client.push(update.delta)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "push in full" in err.value.details()
+    result, = send_update([generation_server.address], update)
+    assert result.ok and not result.delta
+    serves(generation_client, model, version + 1)
+
+
+def test_a_corrupted_delta_is_refused_naming_the_tensor_and_changes_nothing(generation_server, generation_client,
+                                                                           policies):
+    version = generation_client.model_info().policy_version
+    model = policies(version + 1)
+    base = prepare(state_dict_of(model), version + 1)
+    assert send_update([generation_server.address], base)[0].ok
+    name = "model.layers.0.self_attn.q_proj.weight"
+    changed = _changed(policies(version + 1), name, 2)
+    update = prepare(state_dict_of(changed), version + 2, base.snapshot)
+    index = next(i for i, t in enumerate(update.delta.manifest.tensors) if t.name == name)
+    payloads = list(update.delta.payloads)
+    frame = bytearray(payloads[index])
+    frame[len(frame) // 2] ^= 0xFF
+    payloads[index] = bytes(frame)
+    with pytest.raises(grpc.RpcError) as err:
+        generation_client.push(Push(update.delta.manifest, payloads))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and name in err.value.details()
+    serves(generation_client, model, version + 1)
+    # The base is still held: the intact delta goes through.
+    assert generation_client.push(update.delta).policy_version == version + 2
+    serves(generation_client, changed, version + 2)
+
+
+def test_the_files_of_a_process_that_died_are_removed_at_start(tmp_path):
+    import os
+    import subprocess
+
+    from rlhf_mesh.services.generation.staging import remove_orphans
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    mine = tmp_path / f"rlhf-mesh-push-{os.getpid()}-a.safetensors"
+    theirs = tmp_path / f"rlhf-mesh-push-{gone.pid}-b.safetensors"
+    other = tmp_path / "model.safetensors"
+    for path in (mine, theirs, other):
+        path.write_bytes(b"x")
+    assert remove_orphans(str(tmp_path)) == [theirs]
+    assert mine.exists() and other.exists() and not theirs.exists()

@@ -76,6 +76,30 @@ TENSOR_DTYPE_BFLOAT16: TensorDtype.ValueType  # 3
 """bfloat16."""
 Global___TensorDtype: _TypeAlias = TensorDtype  # noqa: Y015
 
+class _TensorEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TensorEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TENSOR_ENCODING_UNSPECIFIED: _TensorEncoding.ValueType  # 0
+    """Not set: the raw bytes, as in every full push."""
+    TENSOR_ENCODING_UNCHANGED: _TensorEncoding.ValueType  # 1
+    """No bytes: the tensor equals the base version's (delta pushes only)."""
+    TENSOR_ENCODING_XOR_ZSTD: _TensorEncoding.ValueType  # 2
+    """A zstd frame of the raw bytes XOR the base version's raw bytes (delta pushes only)."""
+
+class TensorEncoding(_TensorEncoding, metaclass=_TensorEncodingEnumTypeWrapper):
+    """How a tensor's bytes travel in a push."""
+
+TENSOR_ENCODING_UNSPECIFIED: TensorEncoding.ValueType  # 0
+"""Not set: the raw bytes, as in every full push."""
+TENSOR_ENCODING_UNCHANGED: TensorEncoding.ValueType  # 1
+"""No bytes: the tensor equals the base version's (delta pushes only)."""
+TENSOR_ENCODING_XOR_ZSTD: TensorEncoding.ValueType  # 2
+"""A zstd frame of the raw bytes XOR the base version's raw bytes (delta pushes only)."""
+Global___TensorEncoding: _TypeAlias = TensorEncoding  # noqa: Y015
+
 class _CollectiveBackend:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -446,6 +470,8 @@ class TensorSpec(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     BLAKE3_DIGEST_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    ENCODED_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Hugging Face parameter name of the policy, e.g. "model.layers.0.mlp.up_proj.weight"."""
     dtype: Global___TensorDtype.ValueType
@@ -453,7 +479,11 @@ class TensorSpec(_message.Message):
     size_bytes: _builtins.int
     """Size of the raw bytes, C order, little-endian."""
     blake3_digest: _builtins.bytes
-    """BLAKE3-256 digest of the raw bytes."""
+    """BLAKE3-256 digest of the raw bytes (of the whole tensor, also when a delta carries it)."""
+    encoding: Global___TensorEncoding.ValueType
+    """How its bytes are sent; not set: raw."""
+    encoded_size_bytes: _builtins.int
+    """Bytes sent for it when encoded: the zstd frame's size (XOR_ZSTD), 0 (UNCHANGED)."""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape, outermost dimension first."""
@@ -466,10 +496,12 @@ class TensorSpec(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         size_bytes: _builtins.int = ...,
         blake3_digest: _builtins.bytes = ...,
+        encoding: Global___TensorEncoding.ValueType = ...,
+        encoded_size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blake3_digest", b"blake3_digest", "dtype", b"dtype", "name", b"name", "shape", b"shape", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blake3_digest", b"blake3_digest", "dtype", b"dtype", "encoded_size_bytes", b"encoded_size_bytes", "encoding", b"encoding", "name", b"name", "shape", b"shape", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -483,8 +515,13 @@ class WeightManifest(_message.Message):
 
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     TENSORS_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
     policy_version: _builtins.int
     """Policy version served after the update; must be greater than the one served now."""
+    base_version: _builtins.int
+    """Set for a delta push (in-band only): the version its deltas apply to. A replica that does
+    not serve it, or holds no full copy of it, answers FAILED_PRECONDITION: push in full then.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Every tensor of the update."""
@@ -494,18 +531,21 @@ class WeightManifest(_message.Message):
         *,
         policy_version: _builtins.int = ...,
         tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
+        base_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "base_version", b"base_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_version", b"policy_version", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "base_version", b"base_version", "policy_version", b"policy_version", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__base_version: _TypeAlias = _typing.Literal["base_version"]  # noqa: Y015
+    _WhichOneofArgType__base_version: _TypeAlias = _typing.Literal["_base_version", b"_base_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_version) -> _WhichOneofReturnType__base_version | None: ...
 
 Global___WeightManifest: _TypeAlias = WeightManifest  # noqa: Y015
 
 @_typing.final
 class WeightChunk(_message.Message):
-    """A piece of one tensor's raw bytes."""
+    """A piece of one tensor's bytes as they are sent (raw, or its encoded delta)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -515,9 +555,9 @@ class WeightChunk(_message.Message):
     tensor_index: _builtins.int
     """Index of the tensor in the manifest."""
     offset_bytes: _builtins.int
-    """Byte offset of data within the tensor."""
+    """Byte offset of data within the tensor's bytes as sent."""
     data: _builtins.bytes
-    """At most 4 MiB of raw bytes."""
+    """At most 4 MiB."""
     def __init__(
         self,
         *,
@@ -613,7 +653,7 @@ class PushWeightsResponse(_message.Message):
     policy_version: _builtins.int
     """Policy version now served."""
     received_bytes: _builtins.int
-    """Bytes of tensor data received."""
+    """Bytes of tensor data received (of a delta push: the bytes as sent)."""
     @_builtins.property
     def timings(self) -> Global___WeightUpdateTimings:
         """Time spent per phase."""

@@ -15,7 +15,16 @@ from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.services.generation import prompts
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull
 from rlhf_mesh.services.generation.settings import GenerationSettings
-from rlhf_mesh.services.generation.staging import StagingFile, StaleVersion, WeightRejected, check_manifest
+from rlhf_mesh.services.generation.staging import (
+    BaseFile,
+    StagingFile,
+    StaleBase,
+    StaleVersion,
+    WeightRejected,
+    check_delta,
+    check_manifest,
+    remove_orphans,
+)
 from rlhf_mesh.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,6 +38,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, settings: GenerationSettings, engine: PolicyEngine) -> None:
         self.settings = settings
         self.engine = engine
+        self.base: BaseFile | None = None  # the last in-band push in full: what a delta applies to
+
+    def _replace_base(self, base: BaseFile | None) -> None:
+        if self.base is not None:
+            self.base.close()
+        self.base = base
+
+    def close(self) -> None:
+        self._replace_base(None)
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         async def refuse(code: grpc.StatusCode, message: str) -> None:
@@ -75,7 +93,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         manifest = first.manifest
         async with self._updating(context, manifest) as load_as:
             started = time.perf_counter()
-            staging = await asyncio.to_thread(StagingFile, self.settings.weight_staging_dir, manifest)
+            staging = await asyncio.to_thread(StagingFile, self.settings.weight_staging_dir, manifest, self.base)
             try:
                 async for message in request_iterator:
                     if not message.HasField("chunk"):
@@ -84,7 +102,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 received = time.perf_counter()
                 await asyncio.to_thread(staging.verify)
                 verified = time.perf_counter()
+                self._replace_base(None)  # the served weights change: the old base serves no delta any more
                 _, apply_ms, paused_ms = await self.engine.apply_staged(staging.path, load_as, manifest.policy_version)
+                if self.settings.keep_weight_base:
+                    self._replace_base(BaseFile(staging.keep(), manifest))
             finally:
                 staging.close()
             timings = generation_pb2.WeightUpdateTimings(
@@ -121,7 +142,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not self.engine.in_group:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this replica's workers are in no weight-transfer group: call InitWeightTransfer first")
+        if manifest.HasField("base_version"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delta pushes are in-band only (PushWeights)")
         async with self._updating(context, manifest) as load_as:
+            self._replace_base(None)  # the base will no longer be the served version
             transfer_ms, apply_ms, paused_ms = await self.engine.receive_collective(manifest, load_as)
             timings = generation_pb2.WeightUpdateTimings(  # digests are checked as tensors arrive
                 transfer_ms=transfer_ms, verify_ms=0, apply_ms=apply_ms, paused_ms=paused_ms)
@@ -137,9 +161,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         # The lock is released before a refusal is sent: the caller may push again as soon as it has it.
         try:
             async with self.engine.update_lock:
-                yield check_manifest(manifest, self.engine.layout, self.engine.aliases, self.engine.dtype,
-                                     self.engine.version)
-        except StaleVersion as err:
+                load_as = check_manifest(manifest, self.engine.layout, self.engine.aliases, self.engine.dtype,
+                                         self.engine.version)
+                check_delta(manifest, self.base, self.engine.version)
+                yield load_as
+        except (StaleVersion, StaleBase) as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except WeightRejected as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -163,10 +189,13 @@ class GenerationService:
         return [generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name]
 
     async def start(self) -> None:
+        for orphan in remove_orphans(self.settings.weight_staging_dir):
+            log.info("removed %s, left by a process that is gone", orphan)
         await self.engine.start()
         info = self.engine.info()
         log.info("serving %s (policy version %d, max_model_len %d, %s)",
                  info.model_id, info.policy_version, info.max_model_len_tokens, info.dtype)
 
     async def close(self) -> None:
+        self.servicer.close()
         await self.engine.close()

@@ -51,6 +51,10 @@ class GenerationSettings(ServiceSettings):
         "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
         description="where in-band pushes are staged before they are applied (memory-backed is fastest)",
     )
+    keep_weight_base: bool = Field(
+        True, description="keep the last in-band push's tensors in weight_staging_dir (one more copy of the "
+        "policy there) so that the next push may be a delta against it"
+    )
     max_version_wait_s: float = Field(
         300.0, ge=0, description="longest a call waits for its min_policy_version (or until its deadline)"
     )

@@ -4,6 +4,11 @@ An in-band push is written straight into a safetensors file (header first, then 
 at its offset) in a memory-backed folder; once every byte is in and every digest matches,
 the vLLM workers read the file (services/generation/weight_transfer.py). A push that fails
 or is interrupted only ever touched its own staging file.
+
+A delta push names a base version: the service keeps the staging file of its last in-band
+push (`BaseFile`) and rebuilds each changed tensor from its zstd-framed XOR against it;
+unchanged ones are copied from it. The digests of the whole tensors are checked either way,
+so a delta never installs other bytes than the full push would.
 """
 
 from __future__ import annotations
@@ -16,10 +21,26 @@ import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import psutil
 import torch
+import zstandard
 
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import SAFETENSORS_DTYPES, TORCH_DTYPES, digest
+
+PREFIX = "rlhf-mesh-push-"  # then the owner's pid: staging files and bases of a process that died can go
+
+
+def remove_orphans(folder: str) -> list[Path]:
+    """Remove the staging files (and kept bases) of processes that are gone, e.g. killed mid-push."""
+    removed = []
+    for path in Path(folder).glob(f"{PREFIX}*.safetensors"):
+        owner = path.name.removeprefix(PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not psutil.pid_exists(int(owner)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class WeightRejected(ValueError):
@@ -76,15 +97,87 @@ def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tu
     return load_as
 
 
+class StaleBase(ValueError):
+    """A delta push against a version this replica does not serve or holds no full copy of
+    (FAILED_PRECONDITION: the sender pushes in full instead)."""
+
+
+def _max_frame(size: int) -> int:
+    """The largest zstd frame a delta of `size` bytes may take (zstd's worst case, with room)."""
+    return size + size // 128 + 1024
+
+
+def check_delta(manifest: generation_pb2.WeightManifest, base: BaseFile | None, served_version: int) -> None:
+    """A full push carries raw bytes only; a delta push names the served version as its base,
+    which this replica holds in full, and every encoded tensor fits its base's."""
+    if not manifest.HasField("base_version"):
+        for i, spec in enumerate(manifest.tensors):
+            if spec.encoding != generation_pb2.TENSOR_ENCODING_UNSPECIFIED:
+                raise WeightRejected(f"tensors[{i}] {spec.name!r}: an encoded tensor needs base_version (a delta push)")
+        return
+    wanted = manifest.base_version
+    if base is None or base.version != wanted or served_version != wanted:
+        held = "no full copy" if base is None else f"the full tensors of version {base.version}"
+        raise StaleBase(f"a delta against version {wanted}: this replica serves version {served_version} and "
+                        f"holds {held}; push in full")
+    for i, spec in enumerate(manifest.tensors):
+        where = f"tensors[{i}] {spec.name!r}"
+        if spec.encoding == generation_pb2.TENSOR_ENCODING_UNSPECIFIED:
+            continue  # raw bytes, as in a full push
+        old = base.specs.get(spec.name)
+        if old is None or old.dtype != spec.dtype or list(old.shape) != list(spec.shape):
+            raise StaleBase(f"{where}: not in the base version {wanted} with this dtype and shape; push in full")
+        if spec.encoding == generation_pb2.TENSOR_ENCODING_UNCHANGED:
+            if spec.encoded_size_bytes:
+                raise WeightRejected(f"{where}: an unchanged tensor carries no bytes")
+            if spec.blake3_digest != old.blake3_digest:  # the sender's base is another one
+                raise StaleBase(f"{where}: marked unchanged, but its digest is not the one of version {wanted} "
+                                "held here; push in full")
+        elif spec.encoding == generation_pb2.TENSOR_ENCODING_XOR_ZSTD:
+            if not 0 < spec.encoded_size_bytes <= _max_frame(spec.size_bytes):
+                raise WeightRejected(f"{where}: encoded_size_bytes {spec.encoded_size_bytes} out of range for "
+                                     f"{spec.size_bytes} bytes")
+        else:
+            raise WeightRejected(f"{where}: unknown encoding {spec.encoding}")
+
+
+class BaseFile:
+    """The full tensors of the last in-band push, kept in the staging folder: what a delta applies to."""
+
+    def __init__(self, path: str, manifest: generation_pb2.WeightManifest) -> None:
+        self.path, self.version = path, manifest.policy_version
+        self.specs = {spec.name: spec for spec in manifest.tensors}
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        (length,) = struct.unpack("<Q", self._file.read(8))
+        header = json.loads(self._file.read(length))
+        self._ranges = {name: (8 + length + a, 8 + length + b) for name, entry in header.items()
+                        if name != "__metadata__" for a, b in [entry["data_offsets"]]}
+        size = os.fstat(self._file.fileno()).st_size
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + length else None
+
+    def view(self, name: str) -> memoryview:
+        start, end = self._ranges[name]
+        return memoryview(self._map)[start:end] if self._map is not None else memoryview(b"")
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
 class StagingFile:
     """A safetensors file laid out from the manifest, filled chunk by chunk.
 
     A tensor's digest is computed in a thread as soon as its last byte is in, while the
-    stream goes on; `verify` waits for the rest.
+    stream goes on; `verify` waits for the rest. In a delta push (`base`), an encoded tensor's
+    frame is buffered, then decoded against the base's bytes into the file, and an unchanged
+    one is copied from the base (whose digests were checked when it was pushed).
     """
 
-    def __init__(self, folder: str, manifest: generation_pb2.WeightManifest) -> None:
+    def __init__(self, folder: str, manifest: generation_pb2.WeightManifest, base: BaseFile | None = None) -> None:
         self.specs = list(manifest.tensors)
+        self.base = base if manifest.HasField("base_version") else None
         header: dict[str, dict] = {}
         offset = 0
         self.offsets = []
@@ -96,29 +189,45 @@ class StagingFile:
         encoded = json.dumps(header).encode()
         encoded += b" " * (-len(encoded) % 8)
         self.data_start = 8 + len(encoded)
-        fd, self.path = tempfile.mkstemp(prefix="rlhf-mesh-push-", suffix=".safetensors", dir=folder)
+        fd, self.path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", suffix=".safetensors", dir=folder)
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)) + encoded)
             f.truncate(self.data_start + offset)
         self._file = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if offset else None  # digests
         self.received = [0] * len(self.specs)
+        self._frames: dict[int, bytearray] = {}  # encoded tensors of a delta push, as they arrive
         self._digests: dict[int, Future[bytes]] = {}
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-digest")
+        self._kept = False
+        for i, spec in enumerate(self.specs):
+            if spec.encoding == generation_pb2.TENSOR_ENCODING_UNCHANGED:
+                self._digests[i] = self._hasher.submit(self._copy_base, i)
+
+    def _expected(self, spec: generation_pb2.TensorSpec) -> int:
+        """The bytes that come for a tensor."""
+        if spec.encoding == generation_pb2.TENSOR_ENCODING_UNSPECIFIED:
+            return spec.size_bytes
+        return spec.encoded_size_bytes
 
     def write(self, chunk: generation_pb2.WeightChunk) -> None:
         if chunk.tensor_index >= len(self.specs):
             raise WeightRejected(f"chunk for tensor_index {chunk.tensor_index}; the manifest has {len(self.specs)}")
-        spec = self.specs[chunk.tensor_index]
+        index, spec = chunk.tensor_index, self.specs[chunk.tensor_index]
+        expected = self._expected(spec)
         end = chunk.offset_bytes + len(chunk.data)
-        if end > spec.size_bytes:
+        if end > expected:
             raise WeightRejected(f"tensor {spec.name!r}: chunk at offset {chunk.offset_bytes} of "
-                                 f"{len(chunk.data)} bytes runs past its {spec.size_bytes} bytes")
-        start = self.data_start + self.offsets[chunk.tensor_index] + chunk.offset_bytes
-        os.pwrite(self._file.fileno(), chunk.data, start)
-        self.received[chunk.tensor_index] += len(chunk.data)
-        if self.received[chunk.tensor_index] == spec.size_bytes and chunk.tensor_index not in self._digests:
-            self._digests[chunk.tensor_index] = self._hasher.submit(self._digest, chunk.tensor_index)
+                                 f"{len(chunk.data)} bytes runs past its {expected} bytes")
+        if spec.encoding == generation_pb2.TENSOR_ENCODING_XOR_ZSTD:
+            frame = self._frames.setdefault(index, bytearray(expected))
+            frame[chunk.offset_bytes:end] = chunk.data
+        else:
+            os.pwrite(self._file.fileno(), chunk.data, self.data_start + self.offsets[index] + chunk.offset_bytes)
+        self.received[index] += len(chunk.data)
+        if self.received[index] == expected and index not in self._digests:
+            work = self._decode if spec.encoding == generation_pb2.TENSOR_ENCODING_XOR_ZSTD else self._digest
+            self._digests[index] = self._hasher.submit(work, index)
 
     @property
     def received_bytes(self) -> int:
@@ -131,19 +240,49 @@ class StagingFile:
         with memoryview(self._map)[start : start + self.specs[index].size_bytes] as view:
             return digest(view)
 
+    def _decode(self, index: int) -> bytes:
+        """The base's bytes XOR the decoded frame, into the file; their digest."""
+        spec = self.specs[index]
+        try:
+            delta = zstandard.ZstdDecompressor().decompress(bytes(self._frames.pop(index)),
+                                                           max_output_size=spec.size_bytes)
+        except zstandard.ZstdError as err:
+            raise WeightRejected(f"tensor {spec.name!r}: its delta does not decode ({err})") from None
+        if len(delta) != spec.size_bytes:
+            raise WeightRejected(f"tensor {spec.name!r}: its delta decodes to {len(delta)} bytes, "
+                                 f"not {spec.size_bytes}")
+        with self.base.view(spec.name) as old:
+            rebuilt = np.bitwise_xor(np.frombuffer(delta, np.uint8), np.frombuffer(old, np.uint8))
+        os.pwrite(self._file.fileno(), rebuilt.data, self.data_start + self.offsets[index])
+        return self._digest(index)
+
+    def _copy_base(self, index: int) -> bytes:
+        """An unchanged tensor: the base's bytes, with the base's digest (check_delta compared it)."""
+        spec = self.specs[index]
+        with self.base.view(spec.name) as old:
+            os.pwrite(self._file.fileno(), old, self.data_start + self.offsets[index])
+        return spec.blake3_digest
+
     def verify(self) -> None:
         """Every byte arrived once and every digest matches; raises WeightRejected naming the tensor."""
         for i, spec in enumerate(self.specs):
-            if self.received[i] != spec.size_bytes:
-                raise WeightRejected(f"tensor {spec.name!r}: received {self.received[i]} of {spec.size_bytes} bytes")
+            expected = self._expected(spec)
+            if self.received[i] != expected:
+                raise WeightRejected(f"tensor {spec.name!r}: received {self.received[i]} of {expected} bytes")
             # bytes that arrived after the digest was taken would have made received exceed the size
             taken = self._digests[i].result() if i in self._digests else self._digest(i)  # empty, never sent
             if taken != spec.blake3_digest:
                 raise WeightRejected(f"tensor {spec.name!r}: BLAKE3 digest of the received bytes does not match")
+
+    def keep(self) -> str:
+        """Leave the file in place when closed (the next delta's base); its path."""
+        self._kept = True
+        return self.path
 
     def close(self) -> None:
         self._hasher.shutdown(cancel_futures=True)  # waits for a digest that is running
         if self._map is not None:
             self._map.close()
         self._file.close()
-        Path(self.path).unlink(missing_ok=True)
+        if not self._kept:
+            Path(self.path).unlink(missing_ok=True)

@@ -15,28 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
-from rlhf_mesh.clients.push import CollectiveSender, push_to_replicas, resolve
+from rlhf_mesh.clients.push import CollectiveSender, ReplicaResult, resolve, send_update
 from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.retry import RETRYABLE, Retry, failure
 from rlhf_mesh.services.learner.settings import LearnerSettings
-from rlhf_mesh.weights import TORCH_DTYPES, state_dict_of
+from rlhf_mesh.weights import TORCH_DTYPES, Snapshot, Update, full_push, prepare, state_dict_of
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Published:
-    """The version every replica was last given, and its tensors where training may change the
-    live ones before a restarted replica is repaired (async mode; None: read the policy)."""
-
-    version: int
-    tensors: dict[str, torch.Tensor] | None
 
 
 class PushFailed(grpc.RpcError):
@@ -53,17 +44,30 @@ class PushFailed(grpc.RpcError):
         return self._message
 
 
+@dataclass
+class PushReport:
+    """What a publish sent: bytes on the wire, what full pushes would have sent, and to whom a delta went."""
+
+    sent_bytes: int = 0
+    full_bytes: int = 0
+    delta_replicas: list[str] = field(default_factory=list)
+
+
 class PolicyPublisher:
     """The generation replicas as the learner sees them: whom to push to, how, and what they were given."""
 
     def __init__(self, settings: LearnerSettings, policy: torch.nn.Module, keep_snapshots: bool) -> None:
         self.settings = s = settings
         self.policy = policy
-        self.keep_snapshots = keep_snapshots  # async mode: training goes on while replicas are repaired
         self.replicas = list(s.generation)  # one address per replica
         self.generators: list[AsyncGenerationClient] = []
         self.offset = 0
-        self.published: Published | None = None  # None: version 0, which every replica loads from disk
+        # The version every replica was last given, with its tensors where they are kept (deltas are
+        # computed against them; in async mode training changes the live ones before a restarted
+        # replica is repaired). None: version 0, which every replica loads from disk.
+        self.published: Snapshot | None = None
+        self.deltas = s.weight_delta and s.weight_transport == "grpc"
+        self.keep_tensors = keep_snapshots or self.deltas
         self.dtype = torch.float32  # the replicas' own, read at connect()
         self._credentials = s.credentials()
         self._sender: CollectiveSender | None = None
@@ -110,7 +114,7 @@ class PolicyPublisher:
                      sorted(set(served)), step, self.version(step))
             await self.publish(self.version(step))
         elif self.version(step) > 0:  # what a replica that restarts must be given again
-            self.published = Published(self.version(step), self.weights() if self.keep_snapshots else None)
+            self.published = self._kept(await asyncio.to_thread(prepare, self.weights(), self.version(step)))
 
     async def close(self) -> None:
         for client in self.generators:
@@ -118,30 +122,40 @@ class PolicyPublisher:
         self._close_sender()
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """A copy of the policy's tensors as its checkpoint names them (a tied one once), in the replicas' dtype."""
-        return {name: t.to(self.dtype, copy=True) for name, t in state_dict_of(self.policy).items()}
+        """The policy's tensors as its checkpoint names them (a tied one once), in the replicas' dtype
+        (`prepare` copies what it keeps)."""
+        return {name: t.to(self.dtype) for name, t in state_dict_of(self.policy).items()}
 
-    async def publish(self, version: int) -> None:
+    async def publish(self, version: int) -> PushReport:
         """Every replica serves `version` = the current policy when this returns. Replicas that
         fail while they restart are pushed again, with backoff; a refusal raises LearnerError."""
-        tensors = self.weights()
-        send = self._send_collective if self.settings.weight_transport == "collective" else self._send_in_band
-        pending = list(self.replicas)
+        s = self.settings
+        base = self.published if self.deltas and self.published is not None else None
+        update = await asyncio.to_thread(prepare, self.weights(), version, base)
+        send = self._send_collective if s.weight_transport == "collective" else self._send_in_band
+        pending, report = list(self.replicas), PushReport()
 
         async def attempt(_: int) -> None:
             nonlocal pending
             try:
-                await asyncio.to_thread(send, pending, tensors, version)
+                await asyncio.to_thread(send, pending, update, report)
             except PushFailed as err:
                 pending = err.replicas
                 raise
 
         await self._retry.call(attempt, lambda _: f"weight push of version {version} failed")
-        self.published = Published(version, tensors if self.keep_snapshots else None)
+        self.published = self._kept(update)
+        return report
 
-    def _send_in_band(self, replicas: list[str], tensors: dict[str, torch.Tensor], version: int) -> None:
+    def _kept(self, update: Update) -> Snapshot:
+        """What is remembered of a published version: its manifest, and its tensors when kept."""
+        snapshot = update.snapshot
+        return snapshot if self.keep_tensors else Snapshot(snapshot.version, {}, snapshot.manifest)
+
+    def _send_in_band(self, replicas: list[str], update: Update, report: PushReport) -> None:
         """Raises PushFailed naming the replicas that did not take the push."""
-        results = push_to_replicas(replicas, tensors, version, self.settings.rpc_timeout_s, **self._credentials)
+        results = send_update(replicas, update, self.settings.rpc_timeout_s, **self._credentials)
+        self._count(results, update, report)
         failed = [r for r in results if not r.ok]
         if failed:
             codes = [r.error.code() for r in failed]
@@ -149,7 +163,19 @@ class PolicyPublisher:
             raise PushFailed(code, "; ".join(f"{r.address}: {failure(r.error)}" for r in failed),
                              [r.address for r in failed])
 
-    def _send_collective(self, replicas: list[str], tensors: dict[str, torch.Tensor], version: int) -> None:
+    @staticmethod
+    def _count(results: list[ReplicaResult], update: Update, report: PushReport) -> None:
+        for result in results:
+            refused = result.delta_refused
+            if refused is not None and refused.code() != grpc.StatusCode.FAILED_PRECONDITION:  # not a base it lacks
+                log.warning("%s refused the delta push (%s); it got the full push", result.address, failure(refused))
+            if result.ok:
+                report.sent_bytes += result.response.received_bytes
+                report.full_bytes += update.full.sent_bytes
+                if result.delta:
+                    report.delta_replicas.append(result.address)
+
+    def _send_collective(self, replicas: list[str], update: Update, report: PushReport) -> None:
         """One broadcast to every replica of `replicas`. A failed one leaves the group out of step
         (and a restarted replica's workers were never in it), so it raises PushFailed naming the
         replicas still below `version`; their retry makes a new group of them, and the next push
@@ -157,10 +183,12 @@ class PolicyPublisher:
         try:
             if self._sender is None:
                 self._sender = self._new_sender(replicas)
-            self._sender.push(tensors, version)
+            self._sender.push(update.snapshot.tensors, update.snapshot.version, update.full.manifest)
+            report.sent_bytes += update.full.sent_bytes * len(replicas)
+            report.full_bytes += update.full.sent_bytes * len(replicas)
         except (grpc.RpcError, RuntimeError) as err:
             self._close_sender()
-            below = [a for a in self.replicas if self._served_version(a) < version]
+            below = [a for a in self.replicas if self._served_version(a) < update.snapshot.version]
             if below:  # whatever failed, a new group of these replicas is the retry
                 raise PushFailed(grpc.StatusCode.UNAVAILABLE, failure(err) if isinstance(err, grpc.RpcError)
                                  else str(err), below) from None
@@ -192,15 +220,16 @@ class PolicyPublisher:
         weights. Raises the replica's gRPC error; the caller retries."""
         if self.published is None:  # version 0: a restarted replica serves it from disk too
             return
-        version, tensors = self.published.version, self.published.tensors
+        published = self.published
         served = (await client.model_info()).policy_version
-        if served >= version:
+        if served >= published.version:
             return
         log.warning("generation replica %s serves policy version %d, not %d: pushing the weights again",
-                    client.address, served, version)
-        if tensors is None:  # sync mode: nothing trains while rollouts are collected
-            tensors = self.weights()
-        result, = await asyncio.to_thread(push_to_replicas, [client.address], tensors, version,
-                                          self.settings.rpc_timeout_s, **self._credentials)
+                    client.address, served, published.version)
+        # Sync mode keeps no tensors: nothing trains while rollouts are collected, the policy is them.
+        tensors = published.tensors or self.weights()
+        full = Update(published, full_push(tensors, published.version, published), None)  # digests reused
+        result, = await asyncio.to_thread(send_update, [client.address], full, self.settings.rpc_timeout_s,
+                                          **self._credentials)
         if not result.ok:
             raise result.error

@@ -125,7 +125,7 @@ class Run:
             self._prefetched = self._collect(self.step + 1)
         scalars = await asyncio.to_thread(self.trainer.train, collected.rollouts)
         pushed = time.perf_counter()
-        await self.publisher.publish(self.version + 1)
+        push_report = await self.publisher.publish(self.version + 1)
         self.trainer.step += 1
         done = time.perf_counter()
         scalars.update({
@@ -133,6 +133,9 @@ class Run:
             "time/wait_rollouts_s": waited, "time/push_s": done - pushed, "time/step_s": done - started,
             "charts/samples_per_s": len(collected.rollouts) / (done - started),
             "policy/version": float(self.version),
+            "push/sent_bytes": float(push_report.sent_bytes),
+            "push/sent_fraction": push_report.sent_bytes / max(1, push_report.full_bytes),
+            "push/delta_replicas": float(len(push_report.delta_replicas)),
             "async/lag_mean": sum(lags) / len(lags), "async/lag_max": float(max(lags)),
             **{f"async/lag_{k}_share": lags.count(k) / len(lags) for k in range(self.max_lag + 1)},
         })

@@ -54,6 +54,10 @@ class LearnerSettings(ServiceSettings):
         "grpc", description="weight pushes in-band over gRPC, or by gloo broadcast with gRPC control"
     )
     collective_address: str = Field("127.0.0.1", description="this host as the generation workers reach it")
+    weight_delta: bool = Field(
+        True, description="grpc transport: push only what changed since the last push (XOR + zstd per tensor) to "
+        "replicas that hold it, the full weights to the others; keeps one copy of the pushed weights"
+    )
     rpc_timeout_s: float = Field(600.0, gt=0, description="deadline of each Generate, Score and push call")
     replica_retries: int = Field(
         6, ge=1, description="tries of a Generate or Score call that fails while a replica restarts (backoff 1 s, "
