@@ -142,16 +142,23 @@ def _same(name: str, tensor: torch.Tensor, base: Snapshot | None) -> bool:
     return old is not None and old.dtype == tensor.dtype and old.shape == tensor.shape and torch.equal(old, tensor)
 
 
-def manifest(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None
-             ) -> generation_pb2.WeightManifest:
+def _unchanged(tensors: dict[str, torch.Tensor], base: Snapshot | None) -> set[str]:
+    """The names of the tensors equal to `base`'s."""
+    return {name for name, tensor in tensors.items() if _same(name, tensor, base)}
+
+
+def manifest(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None,
+             unchanged: set[str] | None = None) -> generation_pb2.WeightManifest:
     """The manifest of a full push of `tensors` becoming `version`; the digests of tensors equal to
-    `base`'s are taken from its manifest, not computed again."""
+    `base`'s (`unchanged`, found when not given) are taken from its manifest, not computed again."""
     known = {spec.name: spec.blake3_digest for spec in base.manifest.tensors} if base is not None else {}
+    if unchanged is None:
+        unchanged = _unchanged(tensors, base)
     specs = []
     for name, tensor in tensors.items():
         if tensor.dtype not in PROTO_DTYPES:
             raise TypeError(f"{name}: dtype {tensor.dtype} cannot be pushed (float32, float16 or bfloat16)")
-        reused = name in known and _same(name, tensor, base)
+        reused = name in known and name in unchanged
         specs.append(generation_pb2.TensorSpec(
             name=name, dtype=PROTO_DTYPES[tensor.dtype], shape=list(tensor.shape),
             size_bytes=tensor.numel() * tensor.element_size(), blake3_digest=known[name] if reused else digest(tensor),
@@ -173,8 +180,9 @@ def prepare(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | Non
     compress to almost nothing. An unchanged tensor costs only its manifest entry.
     """
     tensors = {name: t.detach().clone() for name, t in tensors.items()}  # the base of a later delta: frozen
-    push = full_push(tensors, version, base)
-    full, snapshot = push.manifest, Snapshot(version, tensors, push.manifest)
+    unchanged = _unchanged(tensors, base)  # compared once, for the digests and the delta
+    full = manifest(tensors, version, base, unchanged)
+    push, snapshot = Push(full, [raw_bytes(t) for t in tensors.values()]), Snapshot(version, tensors, full)
     if base is None:
         return Update(snapshot, push, None)
     compressor = zstandard.ZstdCompressor(level=1)
@@ -182,7 +190,7 @@ def prepare(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | Non
     payloads: list[memoryview | bytes | None] = []
     for spec, (name, tensor) in zip(delta.tensors, tensors.items(), strict=True):
         old = base.tensors.get(name)
-        if _same(name, tensor, base):
+        if name in unchanged:
             spec.encoding = generation_pb2.TENSOR_ENCODING_UNCHANGED
             payloads.append(None)
         elif old is not None and old.dtype == tensor.dtype and old.shape == tensor.shape:

@@ -25,6 +25,7 @@ from rlhf_mesh.clients.push import CollectiveSender, ReplicaResult, resolve, sen
 from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.retry import RETRYABLE, Retry, failure
 from rlhf_mesh.services.learner.settings import LearnerSettings
+from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import TORCH_DTYPES, Snapshot, Update, full_push, prepare, state_dict_of
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,10 @@ class PolicyPublisher:
                      sorted(set(served)), step, self.version(step))
             await self.publish(self.version(step))
         elif self.version(step) > 0:  # what a replica that restarts must be given again
-            self.published = self._kept(await asyncio.to_thread(prepare, self.weights(), self.version(step)))
+            version = self.version(step)
+            self.published = (self._kept(await asyncio.to_thread(prepare, self.weights(), version))
+                              if self.keep_tensors else  # nothing to hash: no delta is computed against it
+                              Snapshot(version, {}, generation_pb2.WeightManifest(policy_version=version)))
 
     async def close(self) -> None:
         for client in self.generators:
