@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rlhf_mesh.processes import ChildProcess, free_port
 
-__all__ = ["free_port", "server", "server_process", "vllm_kv_cache_flag", "wait_http"]
+__all__ = ["free_port", "scrape_metric", "server", "server_process", "vllm_kv_cache_flag", "wait_http"]
 
 
 def vllm_kv_cache_flag() -> list[str]:
@@ -55,3 +55,9 @@ def wait_http(address: str, alive: Callable[[], bool]) -> None:
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"vLLM's OpenAI server at {address} did not come up")
+
+
+def scrape_metric(port: int, name: str) -> float:
+    """The value of an unlabelled metric on the Prometheus endpoint at localhost:`port`."""
+    text = urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10).read().decode()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"{name} ")))

@@ -1,6 +1,7 @@
 """Reward scoring throughput: the RewardService vs offline batching, naive serving and vLLM's server.
 
     python benchmarks/reward_throughput.py [--model DIR] [--samples 512] [--concurrency 32]
+        [--device cuda --dtype bfloat16] [--no-vllm] [--json PATH]
 
 Without --model it builds the ~20M-parameter `small` reward model. Samples are token ids
 with lengths uniform in [20, 400] (scored as given, so every mode sees the same tokens).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import sys
@@ -43,11 +45,11 @@ def make_samples(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(10, vocab) for _ in range(rng.randint(20, 400))] for _ in range(count)]
 
 
-def offline(model_path: str, samples: list[list[int]]) -> float:
+def offline(model_path: str, samples: list[list[int]], dtype: str, device: str) -> float:
     """Samples/s of the model itself on length-sorted batches within MAX_BATCH_TOKENS."""
     from rlhf_mesh.services.reward.reward_model import TransformersRewardModel
 
-    model = TransformersRewardModel("bench", model_path, dtype="float32", device="cpu", max_length=None,
+    model = TransformersRewardModel("bench", model_path, dtype=dtype, device=device, max_length=None,
                                     truncation="left")
     model.score(samples[:8])  # warm-up
     ordered = sorted(samples, key=len)
@@ -107,11 +109,11 @@ async def load_vllm(address: str, model: str, samples: list[list[int]], concurre
 class NaiveServicer(reward_pb2_grpc.RewardServiceServicer):
     """One forward per request, one request at a time: serving without batching."""
 
-    def __init__(self, model_path: str) -> None:
+    def __init__(self, model_path: str, dtype: str, device: str) -> None:
         from rlhf_mesh.services.reward.reward_model import TransformersRewardModel
 
-        self.model = TransformersRewardModel("naive", model_path, dtype="float32", device="cpu", max_length=None,
-                                 truncation="left")
+        self.model = TransformersRewardModel("naive", model_path, dtype=dtype, device=device, max_length=None,
+                                             truncation="left")
         self.lock = asyncio.Lock()
 
     async def Score(self, request, context):
@@ -121,11 +123,11 @@ class NaiveServicer(reward_pb2_grpc.RewardServiceServicer):
         return reward_pb2.ScoreResponse(results=[reward_pb2.ScoreResult(score=s) for s in scores])
 
 
-async def serve_naive(model_path: str, port: int) -> None:
+async def serve_naive(model_path: str, port: int, dtype: str, device: str) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.aio.server()
-    reward_pb2_grpc.add_RewardServiceServicer_to_server(NaiveServicer(model_path), server)
+    reward_pb2_grpc.add_RewardServiceServicer_to_server(NaiveServicer(model_path, dtype, device), server)
     checks = health.aio.HealthServicer()  # the clients send calls only to a server SERVING their service
     await checks.set(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
                      health_pb2.HealthCheckResponse.SERVING)
@@ -152,11 +154,15 @@ def main() -> None:
     parser.add_argument("--model", help="reward model folder (default: build the `small` preset)")
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="torch device of every transformers mode, e.g. cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-vllm", action="store_true", help="leave out the two vLLM modes")
+    parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--serve-naive", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_naive:
-        asyncio.run(serve_naive(args.serve_naive, args.port))
+        asyncio.run(serve_naive(args.serve_naive, args.port, args.dtype, args.device))
         return
 
     model = args.model
@@ -169,29 +175,36 @@ def main() -> None:
     samples = make_samples(args.samples, AutoConfig.from_pretrained(model).vocab_size)
     print(f"model {model}, {len(samples)} samples of 20-400 tokens, concurrency {args.concurrency}", flush=True)
 
-    offline_rate = offline(model, samples)
+    where = ["--device", args.device, "--dtype", args.dtype]
+    offline_rate = offline(model, samples, args.dtype, args.device)
     service = [sys.executable, "-m", "rlhf_mesh", "serve", "reward", "--model", model, "--metrics-port", "0",
                "--max-batch-tokens", str(MAX_BATCH_TOKENS), "--log-level", "WARNING"]
-    service_rate, service_lat = measure_server(service, samples, args.concurrency)
-    naive_rate, naive_lat = measure_server([sys.executable, __file__, "--serve-naive", model], samples,
+    service_rate, service_lat = measure_server([*service, *where], samples, args.concurrency)
+    naive_rate, naive_lat = measure_server([sys.executable, __file__, "--serve-naive", model, *where], samples,
                                            args.concurrency)
-    with server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--runner", "pooling",
-                 "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", str(MAX_BATCH_TOKENS),
-                 "--enforce-eager", "--host", "localhost", *vllm_kv_cache_flag()], ready=wait_http) as address:
-        vllm_rate, vllm_lat = asyncio.run(load_vllm(address, model, samples, args.concurrency))
-    on_vllm_rate, on_vllm_lat = measure_server([*service, "--backend", "vllm"], samples, args.concurrency)
-
     clients = f"{args.concurrency} clients x 1 sample"
     print("| mode | samples/s | p50 ms | p99 ms |\n|---|---|---|---|")
     print(summary("offline, length-sorted batches (baseline)", offline_rate))
     print(summary(f"RewardService, {clients}", service_rate, service_lat))
     print(summary(f"naive serving, {clients}", naive_rate, naive_lat))
-    print(summary(f"vLLM OpenAI server (pooling runner, /classify), {clients}", vllm_rate, vllm_lat))
-    print(summary(f"RewardService --backend vllm, {clients}", on_vllm_rate, on_vllm_lat))
+    figures = {"offline": offline_rate, "service": service_rate, "naive": naive_rate}
+    if not args.no_vllm:
+        with server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--runner",
+                     "pooling", "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens",
+                     str(MAX_BATCH_TOKENS), "--enforce-eager", "--host", "localhost", *vllm_kv_cache_flag()],
+                    ready=wait_http) as address:
+            vllm_rate, vllm_lat = asyncio.run(load_vllm(address, model, samples, args.concurrency))
+        on_vllm_rate, on_vllm_lat = measure_server([*service, "--backend", "vllm"], samples, args.concurrency)
+        print(summary(f"vLLM OpenAI server (pooling runner, /classify), {clients}", vllm_rate, vllm_lat))
+        print(summary(f"RewardService --backend vllm, {clients}", on_vllm_rate, on_vllm_lat))
+        figures.update(vllm_server=vllm_rate, service_on_vllm=on_vllm_rate)
     print(f"service / offline = {service_rate / offline_rate:.2f} (target >= 0.9)")
     print(f"service / naive   = {service_rate / naive_rate:.2f} (target >= 3)")
-    print(f"service / vLLM server = {service_rate / vllm_rate:.2f} (target >= 1.0)")
-    print(f"service --backend vllm / vLLM server = {on_vllm_rate / vllm_rate:.2f} (the same engine behind each)")
+    if not args.no_vllm:
+        print(f"service / vLLM server = {service_rate / vllm_rate:.2f} (target >= 1.0)")
+        print(f"service --backend vllm / vLLM server = {on_vllm_rate / vllm_rate:.2f} (the same engine behind each)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures))
 
 if __name__ == "__main__":
     main()

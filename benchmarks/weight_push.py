@@ -10,7 +10,12 @@ bfloat16 and every push carries all its tensors in bfloat16. Measured in this on
 - raw gloo: a plain broadcast of the same tensors to one other process (the baseline);
 - delta: the weights after one real AdamW step (lr 1e-6, then 1e-5) on a language-model loss,
   pushed as a delta against the version before (hashing and encoding included), against a
-  full in-band push of the same weights (hashing included) in the same run.
+  full in-band push of the same weights (hashing included) in the same run;
+- catch-up: a second replica started with `--catch-up-from` the first pulls its weights
+  (FetchWeights, verified and applied as a push), against a full in-band push of the same
+  weights from this process to a third, fresh replica (how the learner repairs one);
+- fan-out: the sender's CPU-seconds (every thread of this process: hashing, gRPC, gloo) for a
+  full push to 3 replicas, against a push to 1, in-band and collective.
 Prints bytes, seconds, GB/s, the split between transfer, verification and apply, and how
 long generation was paused per update.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -28,10 +34,10 @@ from pathlib import Path
 import torch
 
 from rlhf_mesh.clients.generation import GenerationClient
-from rlhf_mesh.clients.push import CollectiveSender
-from rlhf_mesh.weights import Snapshot, gloo_group, prepare
+from rlhf_mesh.clients.push import CollectiveSender, send_update
+from rlhf_mesh.weights import Snapshot, Update, gloo_group, prepare
 
-from common import free_port, server
+from common import free_port, scrape_metric, server
 
 
 def _receive(port: int, shapes: list[tuple[int, ...]], pushes: int) -> None:
@@ -76,8 +82,9 @@ def optimizer_step(model_dir: str, base: dict[str, torch.Tensor], lr: float, see
 
 
 def delta_rows(client: GenerationClient, model_dir: str, weights: dict[str, torch.Tensor], version: int
-               ) -> list[tuple[float, int, int, float, float, float]]:
-    """(lr, delta bytes, full bytes, delta seconds, full seconds, paused ms) after one optimizer step each."""
+               ) -> tuple[list[tuple[float, int, int, float, float, float]], Update]:
+    """(lr, delta bytes, full bytes, delta seconds, full seconds, paused ms) after one optimizer step each;
+    and the last push (a full one)."""
     first = prepare(weights, version)
     client.push(first.full)
     base: Snapshot = first.snapshot
@@ -96,7 +103,52 @@ def delta_rows(client: GenerationClient, model_dir: str, weights: dict[str, torc
         full_s = time.perf_counter() - started
         rows.append((lr, update.delta.sent_bytes, full.full.sent_bytes, delta_s, full_s, reply.timings.paused_ms))
         base = full.snapshot
-    return rows
+    return rows, full
+
+
+def replica_args(model: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "rlhf_mesh", "serve", "generation", "--model", model, "--dtype", "bfloat16",
+            "--max-model-len", "512", "--log-level", "WARNING", *flags]
+
+
+def fan_out(clients: list[GenerationClient], weights: dict[str, torch.Tensor], version: int, pushes: int
+            ) -> tuple[dict[str, tuple[tuple[float, float], tuple[float, float]]], int]:
+    """Median sender CPU-seconds (user, system) of a push (hashed once) to the first replica and to all
+    of them, in-band (alternately) and collective (a group of one, then of all); and the next free
+    version. On loopback the system part holds the receiver's half of TCP too."""
+    cpu: dict[tuple[str, int], list[tuple[float, float]]] = {}
+
+    def timed(transport: str, targets: list[GenerationClient], push) -> None:
+        nonlocal version
+        version += 1
+        tensors = perturbed(weights, version)
+        started = os.times()
+        push(tensors, version)
+        ended = os.times()
+        cpu.setdefault((transport, len(targets)), []).append((ended.user - started.user, ended.system - started.system))
+
+    def in_band(targets: list[GenerationClient]):
+        def push(tensors, v):
+            results = send_update([c.address for c in targets], prepare(tensors, v), 600)
+            assert all(r.ok for r in results), [r.error for r in results]
+        return push
+
+    for _ in range(pushes):
+        for targets in (clients[:1], clients):
+            timed("in-band", targets, in_band(targets))
+    for targets in (clients[:1], clients):
+        version += 1  # above what the replicas left out of the last push serve
+        sender = CollectiveSender(targets, "127.0.0.1", free_port(), 120)
+        try:
+            for _ in range(pushes):
+                timed("collective", targets, sender.push)
+        finally:
+            sender.close()
+    def median(runs: list[tuple[float, float]]) -> tuple[float, float]:
+        return min(runs, key=lambda r: abs(sum(r) - statistics.median(sum(x) for x in runs)))
+
+    n = len(clients)
+    return {t: (median(cpu[t, 1]), median(cpu[t, n])) for t in ("in-band", "collective")}, version
 
 
 def main() -> None:
@@ -117,8 +169,7 @@ def main() -> None:
     print(f"model {model}: {params / 1e6:.0f}M parameters, {size / 1e6:.0f} MB per push (bfloat16)", flush=True)
 
     rows = []
-    with server([sys.executable, "-m", "rlhf_mesh", "serve", "generation", "--model", model, "--dtype", "bfloat16",
-                 "--max-model-len", "512", "--metrics-port", "0", "--log-level", "WARNING"]) as address, \
+    with server(replica_args(model, "--metrics-port", "0")) as address, \
             GenerationClient(address, timeout_s=600) as client:
         version = 0
         for transport in ("grpc", "collective"):
@@ -133,7 +184,17 @@ def main() -> None:
             if sender:
                 sender.close()
             rows.append((transport, runs))
-        deltas = delta_rows(client, model, weights, version + 1)
+        deltas, served = delta_rows(client, model, weights, version + 1)  # a full in-band push last: the peer keeps it
+        metrics_port = free_port()
+        with server(replica_args(model, "--catch-up-from", address, "--metrics-port", str(metrics_port))) as second, \
+                server(replica_args(model, "--metrics-port", "0")) as third:
+            catch_up_s = scrape_metric(metrics_port, "rlhf_mesh_generation_catch_up_seconds")
+            with GenerationClient(second) as peer, GenerationClient(third, timeout_s=600) as other:
+                caught_up = peer.model_info().policy_version == served.snapshot.version
+                started = time.perf_counter()  # the baseline: the learner repairs a fresh replica (digests known)
+                other.push(served.full)
+                repair_s = time.perf_counter() - started
+                sender_cpu, _ = fan_out([client, peer, other], weights, served.snapshot.version + 1, args.pushes)
     gloo = raw_gloo(list(weights.values()), args.pushes)
 
     print("| push | MB | seconds | GB/s | transfer ms | verify ms | apply ms | paused ms |")
@@ -163,6 +224,15 @@ def main() -> None:
     lr, sent, full, delta_s, full_s, _ = deltas[0]
     print(f"delta at lr {lr:g}: {sent / full:.3f}x the bytes (target <= 0.05), {full_s / delta_s:.1f}x faster than a "
           "full in-band push (target >= 3)")
+    in_band_s = size / rates["grpc"] / 1e9
+    print(f"\ncatch-up of a fresh replica from its peer: {catch_up_s:.2f} s (it serves the peer's version: "
+          f"{caught_up}); the learner's full in-band push to a fresh replica {repair_s:.2f} s: "
+          f"{repair_s / catch_up_s:.2f}x (target >= 0.8); to a warm one {in_band_s:.2f} s: "
+          f"{in_band_s / catch_up_s:.2f}x")
+    for transport, (one, three) in sender_cpu.items():
+        print(f"sender CPU-seconds of a full {transport} push (user + system): {sum(one):.2f} ({one[0]:.2f} + "
+              f"{one[1]:.2f}) to 1 replica, {sum(three):.2f} ({three[0]:.2f} + {three[1]:.2f}) to 3: "
+              f"{sum(three) / sum(one):.2f}x (target <= 1.5)")
 
 
 if __name__ == "__main__":

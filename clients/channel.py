@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,14 @@ def client_credentials(token_file: Path | None = None, tls_ca: Path | None = Non
     if tls_ca or tls_cert:
         tls = TlsConfig(root_cert=tls_ca, client_cert=tls_cert, client_key=tls_key, server_name=tls_server_name)
     return {"tls": tls, "token": Path(token_file).read_text().strip() if token_file else None}
+
+
+def resolve(target: str) -> list[str]:
+    """HOST:PORT for every address `target` (HOST:PORT) resolves to: every replica behind a
+    headless Service's DNS name. Raises socket.gaierror for a name that resolves to none."""
+    host, _, port = target.rpartition(":")
+    infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    return sorted({f"[{i[4][0]}]:{port}" if ":" in i[4][0] else f"{i[4][0]}:{port}" for i in infos})
 
 
 def service_config(service: str, max_attempts: int = 5, health_checked: bool = True) -> str:

@@ -112,5 +112,8 @@ class AsyncGenerationClient(AsyncClient):
         finally:
             call.cancel()
 
-    async def model_info(self, timeout_s: float | None = None) -> generation_pb2.GetModelInfoResponse:
-        return await self.stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s))
+    async def model_info(self, timeout_s: float | None = None,
+                         wait_for_ready: bool = False) -> generation_pb2.GetModelInfoResponse:
+        """`wait_for_ready`: wait (up to the deadline) for a replica that is not up or not SERVING yet."""
+        return await self.stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s),
+                                            wait_for_ready=wait_for_ready)

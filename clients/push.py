@@ -20,7 +20,6 @@ push is harmless.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from rlhf_mesh.clients.channel import TlsConfig
+from rlhf_mesh.clients.channel import TlsConfig, resolve
 from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.processes import free_port
 from rlhf_mesh.v1 import generation_pb2
@@ -48,13 +47,6 @@ class ReplicaResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def resolve(target: str) -> list[str]:
-    """HOST:PORT for every address of a DNS name (a headless Service), or the list given."""
-    host, _, port = target.rpartition(":")
-    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    return sorted({f"[{i[4][0]}]:{port}" if ":" in i[4][0] else f"{i[4][0]}:{port}" for i in infos})
 
 
 def push_to_replicas(targets: str | Sequence[str], weights: torch.nn.Module | dict[str, torch.Tensor],

@@ -73,6 +73,9 @@ class AsyncRewardClient(AsyncClient):
                      timeout_s: float | None = None) -> list[float]:
         return [r.score for r in (await self.score(samples, model, timeout_s)).results]
 
-    async def list_models(self, timeout_s: float | None = None) -> list[reward_pb2.RewardModelInfo]:
-        reply = await self.stub.ListModels(reward_pb2.ListModelsRequest(), timeout=self._timeout(timeout_s))
+    async def list_models(self, timeout_s: float | None = None,
+                          wait_for_ready: bool = False) -> list[reward_pb2.RewardModelInfo]:
+        """`wait_for_ready`: wait (up to the deadline) for a server that is not up or not SERVING yet."""
+        reply = await self.stub.ListModels(reward_pb2.ListModelsRequest(), timeout=self._timeout(timeout_s),
+                                           wait_for_ready=wait_for_ready)
         return list(reply.models)

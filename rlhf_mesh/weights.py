@@ -95,16 +95,37 @@ def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[st
 
     A transformers model gives its tensors as `save_pretrained` writes them, which is what the
     served checkpoint holds: a tied parameter once, and fused layers (mixture-of-experts experts
-    in transformers 5) under their checkpoint names.
+    in transformers 5) under their checkpoint names. A PEFT model gives its base model's, with
+    the active LoRA adapter merged in (computed aside: the model itself is left unmerged).
     """
-    if hasattr(weights, "save_pretrained"):
+    if hasattr(weights, "peft_config"):
+        model, tensors = weights.get_base_model(), _merged_lora(weights)
+    elif hasattr(weights, "save_pretrained"):
+        model, tensors = weights, weights.state_dict()
+    else:
+        model, tensors = None, weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    if model is not None:
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        tensors = revert_weight_conversion(weights, remove_tied_weights_from_state_dict(weights.state_dict(), weights))
-    else:
-        tensors = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        tensors = revert_weight_conversion(model, remove_tied_weights_from_state_dict(tensors, model))
     return {name: t.detach().to("cpu") for name, t in tensors.items()}
+
+
+@torch.no_grad()
+def _merged_lora(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its own names, each LoRA layer's weight plus its delta."""
+    from peft.tuners.lora import LoraLayer
+
+    base, adapter = peft_model.get_base_model(), peft_model.active_adapter
+    deltas = {f"{name}.base_layer.weight": module.get_delta_weight(adapter) for name, module in base.named_modules()
+              if isinstance(module, LoraLayer) and adapter in module.lora_A and not module.merged}
+    tensors = {}
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        tensors[name.replace(".base_layer.", ".")] = tensor + deltas[name] if name in deltas else tensor
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -210,7 +231,8 @@ def push_requests(push: Push) -> Iterator[bytes]:
 
 def chunk_requests(payloads: Iterable[tuple[int, memoryview | bytes]], chunk_bytes: int = CHUNK_BYTES
                    ) -> Iterable[bytes]:
-    """Each (manifest index, bytes) as serialized `PushWeightsRequest` chunks of at most `chunk_bytes`.
+    """Each (manifest index, bytes) as serialized `PushWeightsRequest` chunks of at most `chunk_bytes`
+    (field 2, as in `FetchWeightsResponse`).
 
     Encoded here rather than through `WeightChunk(data=...)`: protobuf copies each chunk into a
     fresh arena and again when it is nested, 0.35 s of a 195 MB push; this is one copy.

@@ -175,3 +175,37 @@ def write_pki(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", 
         key = ec.generate_private_key(ec.SECP256R1())
         write(name, issue(name, key, ca, ca_key, ca=False, usage=usage), key)
     return {name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
+    """The scalars of every step a W&B run logged, read back from its `.wandb` file: LevelDB-log
+    framing (32 KiB blocks of records, each a 7-byte header: crc32c, length, type) of W&B's
+    `Record` protobuf messages, after a 7-byte file header."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(Path(run_dir).glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    records, pending, position, block = [], b"", 7, 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            records.append(pending)
+            pending = b""
+        elif kind == 0:
+            break
+    steps: dict[int, dict[str, float]] = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record.FromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            step = int(items.pop("_step"))
+            steps[step] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return steps

@@ -20,7 +20,8 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ["cpu-dev", "gpu"]
 KUBERNETES_VERSION = "1.30.0"
 # Created by the operator (deploy/README.md).
-EXTERNAL_SECRETS = {"gpu": {"rlhf-mesh-feedback-db", "rlhf-mesh-tls", "rlhf-mesh-tokens", "rlhf-mesh-learner-token"}}
+EXTERNAL_SECRETS = {"gpu": {"rlhf-mesh-feedback-db", "rlhf-mesh-tls", "rlhf-mesh-tokens", "rlhf-mesh-learner-token",
+                            "rlhf-mesh-peer-token"}}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 
@@ -141,9 +142,14 @@ def test_secured_overlay_turns_on_mutual_tls_and_tokens_for_every_service(render
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             if probe in container:  # kubelet cannot speak TLS: every probe uses the plaintext health port
                 assert container[probe]["grpc"]["port"] == health, (service, probe)
-        if service == "learner":
-            assert Path(env[f"{prefix}CLIENT_TOKEN_FILE"]).parent.as_posix() in mounts
-            assert env[f"{prefix}CLIENT_TLS_SERVER_NAME"] and "client_tls_server_name" in settings.model_fields
+        # The services that call others: a token and a CA for them, and the name their certificate carries.
+        caller = {"learner": "CLIENT_", "generation": "CATCH_UP_"}.get(service)
+        if caller:
+            for key in ("TOKEN_FILE", "TLS_CA"):
+                assert f"{caller}{key}".lower() in settings.model_fields, (service, key)
+                assert Path(env[f"{prefix}{caller}{key}"]).parent.as_posix() in mounts, (service, key)
+            assert env[f"{prefix}{caller}TLS_SERVER_NAME"]
+            assert f"{caller}tls_server_name".lower() in settings.model_fields
 
 
 def test_commands_are_cli_commands_and_configs_validate_with_their_settings(rendered):

@@ -303,6 +303,29 @@ def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps:
                 "rng": torch.load(checkpoint / "trainer.pt", weights_only=False)["rng"]}, out)
 
 
+def _fixed_steps(count: int, seed: int = 0) -> list[list]:
+    """`count` steps of 16 made-up rollouts (4 prompts x 4 samples, scores from a Gaussian)."""
+    import random
+
+    from rlhf_mesh.services.learner.rollouts import Rollout
+
+    rng = random.Random(seed)
+
+    def rollout(i: int) -> Rollout:
+        response = [rng.randrange(5, 200) for _ in range(rng.randrange(1, 12))]
+        return Rollout(prompt_index=i // 4, sample_index=i % 4, prompt_ids=[1] + [rng.randrange(5, 200)] * (i % 5 + 1),
+                       response_ids=response, sampler_logprobs=[-5.0] * len(response), text="", finished=i % 3 > 0,
+                       policy_version_start=0, policy_version_end=0, score=rng.gauss(0, 1))
+
+    return [[rollout(i) for i in range(16)] for _ in range(count)]
+
+
+def _trainer_settings(tiny_models, **overrides) -> dict:
+    return {**dict(policy=str(tiny_models["policy"]), generation=["localhost:1"], reward="localhost:2",
+                   prompts=str(tiny_models["prompts"]), batch_size=4, num_samples_per_prompt=4, num_ppo_epochs=2,
+                   num_mini_batches=2, learning_rate=1e-3, seed=3), **overrides}
+
+
 @pytest.mark.parametrize("critic", ["critic model", "value head", "grpo"])
 def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
     """DDP over 2 gloo ranks, each taking half of every mini-batch's micro-batches, equals one
@@ -311,21 +334,10 @@ def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
 
     import torch.multiprocessing as mp
 
-    from rlhf_mesh.services.learner.rollouts import Rollout
-
     rng = random.Random(0)
-
-    def rollout(i: int) -> Rollout:
-        response = [rng.randrange(5, 200) for _ in range(rng.randrange(1, 12))]
-        return Rollout(prompt_index=i // 4, sample_index=i % 4, prompt_ids=[1] + [rng.randrange(5, 200)] * (i % 5 + 1),
-                       response_ids=response, sampler_logprobs=[-5.0] * len(response), text="", finished=i % 3 > 0,
-                       policy_version_start=0, policy_version_end=0, score=rng.gauss(0, 1))
-
-    steps = [[rollout(i) for i in range(16)] for _ in range(3)]
-    settings = dict(policy=str(tiny_models["policy"]), generation=["localhost:1"], reward="localhost:2",
-                    prompts=str(tiny_models["prompts"]), batch_size=4, num_samples_per_prompt=4, num_ppo_epochs=2,
-                    num_mini_batches=2, gradient_accumulation_steps=2, learning_rate=1e-3, seed=3,
-                    value_head=critic == "value head", advantage_estimator="grpo" if critic == "grpo" else "gae")
+    steps = _fixed_steps(3)
+    settings = _trainer_settings(tiny_models, gradient_accumulation_steps=2, value_head=critic == "value head",
+                                 advantage_estimator="grpo" if critic == "grpo" else "gae")
     runs = {}
     for world_size in (1, 2):
         out = tmp_path / f"world-{world_size}.pt"
@@ -344,6 +356,142 @@ def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
         for name, value in expected.items():
             if not name.startswith("time/"):
                 assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def _train(settings: dict, steps: list, output_dir) -> tuple[list[dict], dict, object]:
+    """Scalars of each step, the policy's weights after them, and the Trainer."""
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+    from rlhf_mesh.services.learner.trainer import Trainer
+
+    trainer = Trainer(LearnerSettings(**settings, output_dir=output_dir))
+    scalars = []
+    for rollouts in steps:
+        scalars.append(trainer.train(rollouts))
+        trainer.step += 1
+    return scalars, {name: t.clone() for name, t in trainer.models.policy.state_dict().items()}, trainer
+
+
+def test_bf16_and_gradient_checkpointing_train_like_float32(tiny_models, tmp_path):
+    """Gradient checkpointing recomputes the same activations: the same weights, bit for bit.
+    bf16 autocast rounds every activation to an 8-bit mantissa (relative error up to 2^-9) while
+    the weights and AdamW's state stay float32: after 2 steps at lr 1e-4 the update has the same
+    direction (cosine >= 0.999) and size (1%), no weight is 2e-3 away (measured: 4e-4), and the
+    losses agree within 1e-3."""
+    steps = _fixed_steps(2)
+    settings = _trainer_settings(tiny_models, learning_rate=1e-4, steps=2)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).state_dict()
+    runs = {name: _train({**settings, **extra}, steps, tmp_path / name)[:2] for name, extra in {
+        "float32": {}, "checkpointing": {"gradient_checkpointing": True}, "bf16": {"dtype": "bfloat16"},
+        "bf16 + checkpointing": {"dtype": "bfloat16", "gradient_checkpointing": True},
+    }.items()}
+    scalars, weights = runs["float32"]
+    for name, tensor in runs["checkpointing"][1].items():
+        assert torch.equal(tensor, weights[name]), name
+    assert runs["checkpointing"][0][-1]["losses/policy_loss"] == scalars[-1]["losses/policy_loss"]
+
+    def change(w: dict) -> torch.Tensor:
+        return torch.cat([(w[name] - initial[name]).flatten() for name in initial])
+
+    for run in ("bf16", "bf16 + checkpointing"):
+        got_scalars, got = runs[run]
+        assert torch.nn.functional.cosine_similarity(change(got), change(weights), dim=0) >= 0.999, run
+        assert change(got).norm() / change(weights).norm() == pytest.approx(1, rel=0.01), run
+        assert max(float((got[n] - weights[n]).abs().max()) for n in initial) < 2e-3, run
+        for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "objective/kl"):
+            assert got_scalars[-1][key] == pytest.approx(scalars[-1][key], abs=1e-3), (run, key)
+    assert not torch.equal(runs["bf16"][1]["lm_head.weight"], weights["lm_head.weight"])  # bf16 did compute
+
+
+def test_a_schedule_weight_decay_and_bf16_resume_exactly(tiny_models, tmp_path):
+    """Linear warm-up then decay over the run's optimizer steps (steps x epochs x mini-batches),
+    and a run resumed from its step-1 checkpoint ends where the uninterrupted one does."""
+    steps = _fixed_steps(3, seed=1)
+    settings = _trainer_settings(tiny_models, steps=3, lr_scheduler_type="linear", warmup_steps=3,
+                                 weight_decay=0.1, dtype="bfloat16", gradient_checkpointing=True)
+    scalars, weights, _ = _train(settings, steps, tmp_path / "whole")
+    # 12 optimizer steps: warm-up 0, 1/3, 2/3 of lr, then down to 0; each step's scalar is its mean.
+    lrs = [1e-3 * x for x in (0, 1 / 3, 2 / 3, 1, 8 / 9, 7 / 9, 6 / 9, 5 / 9, 4 / 9, 3 / 9, 2 / 9, 1 / 9)]
+    for step, expected in enumerate(zip(*[iter(lrs)] * 4, strict=True)):
+        assert scalars[step]["charts/learning_rate"] == pytest.approx(sum(expected) / 4), step
+
+    _, _, first = _train(settings, steps[:1], tmp_path / "resumed")
+    checkpoint = first.save_checkpoint()
+    resumed, got, trainer = _train({**settings, "resume_from": checkpoint}, steps[1:], tmp_path / "resumed")
+    assert trainer.step == 3
+    for name, tensor in got.items():
+        assert torch.equal(tensor, weights[name]), name
+    assert [s["charts/learning_rate"] for s in resumed] == [s["charts/learning_rate"] for s in scalars[1:]]
+
+
+def test_lora_trains_the_adapter_alone_against_the_base_and_resumes_exactly(tiny_models, tmp_path):
+    """use_peft: only the adapter's parameters train; the reference is the policy with the
+    adapter disabled (no copy; the KL of the first step, with lora_B still 0, is exactly 0); the
+    checkpoint is PEFT's adapter, which PeftModel.from_pretrained loads onto the base to the
+    weights the replicas are pushed (the merge); and a resumed run ends where an uninterrupted one does."""
+    from peft import PeftModel
+
+    from rlhf_mesh.weights import state_dict_of
+
+    steps = _fixed_steps(3, seed=2)
+    settings = _trainer_settings(tiny_models, steps=3, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
+                                 value_head=True, lora_dropout=0.1)
+    scalars, weights, trainer = _train(settings, steps, tmp_path / "whole")
+    assert trainer.models.reference is None
+    assert scalars[0]["objective/kl"] == 0.0 and scalars[-1]["objective/kl"] != 0.0
+    trainable = {name for name, p in trainer.models.policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).state_dict()
+    base = trainer.models.policy.get_base_model().state_dict()
+    for name, tensor in initial.items():  # the base weights never move
+        assert torch.equal(base.get(name, base.get(name.replace(".weight", ".base_layer.weight"))), tensor), name
+    merged = state_dict_of(trainer.models.policy)
+    assert set(merged) == set(state_dict_of(AutoModelForCausalLM.from_pretrained(tiny_models["policy"])))
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           initial["model.layers.0.self_attn.q_proj.weight"])
+
+    checkpoint = trainer.save_checkpoint()
+    assert {p.name for p in (checkpoint / "policy").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["policy"]),
+                                       checkpoint / "policy")
+    for name, tensor in state_dict_of(loaded).items():
+        assert torch.equal(tensor, merged[name]), name
+
+    _, _, first = _train(settings, steps[:1], tmp_path / "resumed")
+    resumed, got, _ = _train({**settings, "resume_from": first.save_checkpoint()}, steps[1:], tmp_path / "resumed")
+    for name, tensor in got.items():
+        assert torch.equal(tensor, weights[name]), name
+    assert resumed[-1]["losses/policy_loss"] == scalars[-1]["losses/policy_loss"]
+
+
+def test_the_reporter_writes_every_step_to_tensorboard_and_to_wandb_offline(tmp_path, monkeypatch):
+    """W&B with no network (WANDB_MODE=offline): its run folder holds each step's scalars under
+    the TensorBoard names, and a resumed run goes on in the same W&B run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf_mesh.services.learner.report import Reporter
+
+    from support import wandb_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logged = {1: {"charts/reward_mean": 0.25, "objective/kl": 0.5},
+              2: {"charts/reward_mean": 0.75, "objective/kl": 1.5}}
+    reporter = Reporter(tmp_path, total_steps=3, report_to=["tensorboard", "wandb"], config={"learning_rate": 1e-5})
+    for step, scalars in logged.items():
+        reporter.step(step, scalars)
+    reporter.close()
+    run_id = (tmp_path / "wandb-run-id").read_text()
+    first, = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+    assert wandb_history(first) == logged
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} == {
+        name: [(step, logged[step][name]) for step in logged] for name in logged[1]}
+
+    resumed = Reporter(tmp_path, total_steps=3, first_step=2, report_to=["wandb"])
+    resumed.step(3, {"charts/reward_mean": 1.0})
+    resumed.close()
+    second, = set((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")) - {first}
+    assert wandb_history(second) == {3: {"charts/reward_mean": 1.0}}
 
 
 CHECKPOINT_FOREVER = """

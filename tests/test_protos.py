@@ -33,7 +33,7 @@ def test_every_service_has_its_rpcs():
     }
     assert rpcs == {
         "rlhf_mesh.v1.GenerationService": sorted(
-            ["Generate", "GetModelInfo", "PushWeights", "InitWeightTransfer", "PushWeightsCollective"]
+            ["Generate", "GetModelInfo", "PushWeights", "InitWeightTransfer", "PushWeightsCollective", "FetchWeights"]
         ),
         "rlhf_mesh.v1.RewardService": sorted(["Score", "ScoreStream", "ListModels", "ReloadModel"]),
         "rlhf_mesh.v1.LearnerService": sorted(["GetStatus", "WatchMetrics", "SaveCheckpoint", "Pause", "Resume"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,17 @@ from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import Push, chunk_requests, manifest, prepare, raw_bytes, state_dict_of
 
 from support import SERVED_PROMPTS as PROMPTS
-from support import free_port, greedy, metric, perturbed, push_messages, scrape, serves, wait_for
+from support import (
+    free_port,
+    greedy,
+    metric,
+    perturbed,
+    push_messages,
+    scrape,
+    serves,
+    start_generation_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow  # a vLLM engine
 
@@ -422,6 +433,80 @@ def test_a_corrupted_delta_is_refused_naming_the_tensor_and_changes_nothing(gene
     # The base is still held: the intact delta goes through.
     assert generation_client.push(update.delta).policy_version == version + 2
     serves(generation_client, changed, version + 2)
+
+
+def test_a_restarted_replica_catches_up_from_its_peer_before_it_serves(generation_server, generation_client,
+                                                                        tiny_models, policies, tmp_path):
+    """A replica started with --catch-up-from serves its peer's newest version (pulled with
+    FetchWeights, checked like a push) as soon as it reports SERVING, after a kill -9 too; it
+    keeps that version's tensors, so the learner's next push to it is a delta."""
+    version = generation_client.model_info().policy_version
+    model = policies(version + 1)
+    first = prepare(state_dict_of(model), version + 1)
+    assert send_update([generation_server.address], first)[0].ok  # the peer keeps what it was pushed in-band
+    flags = ("--catch-up-from", generation_server.address)
+    replica = start_generation_server(tiny_models["policy"], tmp_path / "replica.log", *flags)
+    try:
+        with GenerationClient(replica.address, timeout_s=120) as client:
+            assert client.model_info().policy_version == version + 1  # before SERVING: no push came
+            serves(client, model, version + 1)
+        assert replica.kill() == -9
+
+        _changed(model, "model.layers.0.mlp.down_proj.weight", 3)  # the peer moves on while it is down
+        second = prepare(state_dict_of(model), version + 2, first.snapshot)
+        assert send_update([generation_server.address], second)[0].delta
+        replica = start_generation_server(tiny_models["policy"], tmp_path / "replica.log", *flags, port=replica.port)
+        with GenerationClient(replica.address, timeout_s=120) as client:
+            assert client.model_info().policy_version == version + 2
+            assert metric(scrape(replica), "rlhf_mesh_generation_policy_version") == version + 2
+            serves(client, model, version + 2)
+
+            _changed(model, "model.layers.1.self_attn.v_proj.weight", 4)
+            third = prepare(state_dict_of(model), version + 3, second.snapshot)
+            results = send_update([generation_server.address, replica.address], third)
+            assert [(r.ok, r.delta) for r in results] == [(True, True)] * 2, [r.error for r in results]
+            serves(client, model, version + 3)
+        assert replica.log().count("catch-up: policy version") == 2
+    finally:
+        replica.stop()
+
+
+def test_a_replica_that_cannot_catch_up_serves_what_it_loaded(generation_server, generation_client, policies):
+    """No peer (the first replica of a deployment), none above the replica's version, weights it
+    refuses, or a peer that keeps no full copy (after a collective push): the replica goes on."""
+    from rlhf_mesh.services.generation.catch_up import catch_up
+    from rlhf_mesh.services.generation.settings import GenerationSettings
+    from rlhf_mesh.services.generation.staging import WeightRejected
+
+    version = generation_client.model_info().policy_version
+    with pytest.raises(grpc.RpcError) as err:
+        next(generation_client.stub.FetchWeights(generation_pb2.FetchWeightsRequest(above_version=version), timeout=30))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"serves policy version {version}, not one above {version}" in err.value.details()
+
+    offered = []
+
+    async def refuse(manifest, messages):  # as a replica of another dtype would
+        offered.append((manifest.policy_version, len(manifest.tensors)))
+        raise WeightRejected("tensors[0]: dtype TENSOR_DTYPE_FLOAT32, the served policy is bfloat16")
+
+    def attempt(target: str, served: int) -> int | None:
+        return asyncio.run(catch_up(GenerationSettings(model="policy", catch_up_from=target), served, refuse))
+
+    assert attempt(generation_server.address, 0) is None
+    assert offered == [(version, len(_tensors(policies(0))))]
+    assert attempt(generation_server.address, version) is None and len(offered) == 1
+    assert attempt("no-such-replica.invalid:50051", 0) is None
+
+    sender = CollectiveSender([generation_client], "127.0.0.1", free_port(), timeout_s=30)
+    try:
+        sender.push(policies(version + 1), version + 1)
+    finally:
+        sender.close()
+    with pytest.raises(grpc.RpcError) as err:
+        next(generation_client.stub.FetchWeights(generation_pb2.FetchWeightsRequest(), timeout=30))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no full copy" in err.value.details()
+    assert attempt(generation_server.address, 0) is None and len(offered) == 1
 
 
 def test_the_files_of_a_process_that_died_are_removed_at_start(tmp_path):

@@ -674,6 +674,65 @@ class PushWeightsResponse(_message.Message):
 Global___PushWeightsResponse: _TypeAlias = PushWeightsResponse  # noqa: Y015
 
 @_typing.final
+class FetchWeightsRequest(_message.Message):
+    """Asks a replica for the weights it serves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ABOVE_VERSION_FIELD_NUMBER: _builtins.int
+    above_version: _builtins.int
+    """Only a version above this one (0: any pushed version): FAILED_PRECONDITION when the replica
+    serves none, or keeps no full copy of the version it serves (it came by a collective push,
+    or keep_weight_base is off).
+    """
+    def __init__(
+        self,
+        *,
+        above_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["above_version", b"above_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchWeightsRequest: _TypeAlias = FetchWeightsRequest  # noqa: Y015
+
+@_typing.final
+class FetchWeightsResponse(_message.Message):
+    """One message of the served weights: the manifest first (a full push's), then chunks. The same
+    fields as PushWeightsRequest, so a replica applies the stream as a push.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def manifest(self) -> Global___WeightManifest:
+        """Sent once, first."""
+
+    @_builtins.property
+    def chunk(self) -> Global___WeightChunk:
+        """Sent after the manifest, tensor by tensor."""
+
+    def __init__(
+        self,
+        *,
+        manifest: Global___WeightManifest | None = ...,
+        chunk: Global___WeightChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "manifest", b"manifest", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "manifest", b"manifest", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["manifest", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___FetchWeightsResponse: _TypeAlias = FetchWeightsResponse  # noqa: Y015
+
+@_typing.final
 class InitWeightTransferRequest(_message.Message):
     """Where and how to join the sender's collective group."""
 

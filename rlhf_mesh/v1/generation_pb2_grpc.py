@@ -60,6 +60,11 @@ class GenerationServiceStub:
                 request_serializer=rlhf__mesh_dot_v1_dot_generation__pb2.PushWeightsCollectiveRequest.SerializeToString,
                 response_deserializer=rlhf__mesh_dot_v1_dot_generation__pb2.PushWeightsCollectiveResponse.FromString,
                 _registered_method=True)
+        self.FetchWeights = channel.unary_stream(
+                '/rlhf_mesh.v1.GenerationService/FetchWeights',
+                request_serializer=rlhf__mesh_dot_v1_dot_generation__pb2.FetchWeightsRequest.SerializeToString,
+                response_deserializer=rlhf__mesh_dot_v1_dot_generation__pb2.FetchWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -101,6 +106,14 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchWeights(self, request, context):
+        """Streams the served weights in full, as a PushWeights stream carries them (the manifest, then
+        chunks), for a replica that catches up from this one before it serves (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.PushWeightsCollective,
                     request_deserializer=rlhf__mesh_dot_v1_dot_generation__pb2.PushWeightsCollectiveRequest.FromString,
                     response_serializer=rlhf__mesh_dot_v1_dot_generation__pb2.PushWeightsCollectiveResponse.SerializeToString,
+            ),
+            'FetchWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchWeights,
+                    request_deserializer=rlhf__mesh_dot_v1_dot_generation__pb2.FetchWeightsRequest.FromString,
+                    response_serializer=rlhf__mesh_dot_v1_dot_generation__pb2.FetchWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class GenerationService:
             '/rlhf_mesh.v1.GenerationService/PushWeightsCollective',
             rlhf__mesh_dot_v1_dot_generation__pb2.PushWeightsCollectiveRequest.SerializeToString,
             rlhf__mesh_dot_v1_dot_generation__pb2.PushWeightsCollectiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rlhf_mesh.v1.GenerationService/FetchWeights',
+            rlhf__mesh_dot_v1_dot_generation__pb2.FetchWeightsRequest.SerializeToString,
+            rlhf__mesh_dot_v1_dot_generation__pb2.FetchWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class GenerationServiceStub:
     """Joins the sender's torch.distributed group used by PushWeightsCollective (admin)."""
     PushWeightsCollective: _grpc.UnaryUnaryMultiCallable[_generation_pb2.PushWeightsCollectiveRequest, _generation_pb2.PushWeightsCollectiveResponse]
     """Replaces the served weights with tensors broadcast over the collective group (admin)."""
+    FetchWeights: _grpc.UnaryStreamMultiCallable[_generation_pb2.FetchWeightsRequest, _generation_pb2.FetchWeightsResponse]
+    """Streams the served weights in full, as a PushWeights stream carries them (the manifest, then
+    chunks), for a replica that catches up from this one before it serves (admin).
+    """
 
 @_typing.type_check_only
 class GenerationServiceAsyncStub(GenerationServiceStub):
@@ -59,6 +63,10 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     """Joins the sender's torch.distributed group used by PushWeightsCollective (admin)."""
     PushWeightsCollective: _aio.UnaryUnaryMultiCallable[_generation_pb2.PushWeightsCollectiveRequest, _generation_pb2.PushWeightsCollectiveResponse]  # type: ignore[assignment]
     """Replaces the served weights with tensors broadcast over the collective group (admin)."""
+    FetchWeights: _aio.UnaryStreamMultiCallable[_generation_pb2.FetchWeightsRequest, _generation_pb2.FetchWeightsResponse]  # type: ignore[assignment]
+    """Streams the served weights in full, as a PushWeights stream carries them (the manifest, then
+    chunks), for a replica that catches up from this one before it serves (admin).
+    """
 
 class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Fast generation with vLLM that streams rollouts and accepts versioned weight updates."""
@@ -102,5 +110,15 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.PushWeightsCollectiveResponse, _abc.Awaitable[_generation_pb2.PushWeightsCollectiveResponse]]:
         """Replaces the served weights with tensors broadcast over the collective group (admin)."""
+
+    @_abc_1.abstractmethod
+    def FetchWeights(
+        self,
+        request: _generation_pb2.FetchWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generation_pb2.FetchWeightsResponse], _abc.AsyncIterator[_generation_pb2.FetchWeightsResponse]]:
+        """Streams the served weights in full, as a PushWeights stream carries them (the manifest, then
+        chunks), for a replica that catches up from this one before it serves (admin).
+        """
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -13,6 +13,7 @@ from prometheus_client import Counter
 
 from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.services.generation import prompts
+from rlhf_mesh.services.generation.catch_up import catch_up
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull
 from rlhf_mesh.services.generation.settings import GenerationSettings
 from rlhf_mesh.services.generation.staging import (
@@ -90,12 +91,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("manifest"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest")
-        manifest = first.manifest
-        async with self._updating(context, manifest) as load_as:
+        async with _refusals(context):
+            return await self.install(first.manifest, request_iterator)
+
+    async def install(self, manifest: generation_pb2.WeightManifest,
+                      messages: AsyncIterator[generation_pb2.PushWeightsRequest | generation_pb2.FetchWeightsResponse]
+                      ) -> generation_pb2.PushWeightsResponse:
+        """Stage, verify and serve an in-band push (or a peer's stream of its weights); raises
+        UpdateInProgress, StaleVersion, StaleBase or WeightRejected, and then nothing changed."""
+        async with self._updating(manifest) as load_as:
             started = time.perf_counter()
             staging = await asyncio.to_thread(StagingFile, self.settings.weight_staging_dir, manifest, self.base)
             try:
-                async for message in request_iterator:
+                async for message in messages:
                     if not message.HasField("chunk"):
                         raise WeightRejected("only chunks may follow the manifest")
                     staging.write(message.chunk)
@@ -113,6 +121,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 apply_ms=apply_ms, paused_ms=paused_ms)
             return generation_pb2.PushWeightsResponse(
                 policy_version=self.engine.version, received_bytes=staging.received_bytes, timings=timings)
+
+    async def FetchWeights(self, request: generation_pb2.FetchWeightsRequest, context: grpc.aio.ServicerContext):
+        served, base = self.engine.version, self.base
+        if served <= request.above_version:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this replica serves policy version {served}, not one above {request.above_version}")
+        if base is None or base.version != served:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this replica keeps no full copy of version {served} (it came by a collective push, "
+                                "or keep_weight_base is off)")
+        reader = base.reopen()  # opened now: a push that replaces the base meanwhile leaves it readable
+        messages = reader.messages()
+        try:
+            for message in messages:
+                yield message
+        finally:
+            messages.close()
+            reader.close()
 
     async def InitWeightTransfer(self, request: generation_pb2.InitWeightTransferRequest,
                                  context: grpc.aio.ServicerContext):
@@ -144,7 +170,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                 "this replica's workers are in no weight-transfer group: call InitWeightTransfer first")
         if manifest.HasField("base_version"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delta pushes are in-band only (PushWeights)")
-        async with self._updating(context, manifest) as load_as:
+        async with _refusals(context), self._updating(manifest) as load_as:
             self._replace_base(None)  # the base will no longer be the served version
             transfer_ms, apply_ms, paused_ms = await self.engine.receive_collective(manifest, load_as)
             timings = generation_pb2.WeightUpdateTimings(  # digests are checked as tensors arrive
@@ -154,24 +180,36 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 timings=timings)
 
     @contextlib.asynccontextmanager
-    async def _updating(self, context: grpc.aio.ServicerContext, manifest: generation_pb2.WeightManifest):
-        """One update at a time, a manifest that fits the policy, and the right status for each refusal."""
+    async def _updating(self, manifest: generation_pb2.WeightManifest):
+        """One update at a time, and a manifest that fits the policy (else the refusal's exception)."""
         if self.engine.updating:
-            await context.abort(grpc.StatusCode.ABORTED, "another weight update is in progress; retry after it")
-        # The lock is released before a refusal is sent: the caller may push again as soon as it has it.
-        try:
-            async with self.engine.update_lock:
-                load_as = check_manifest(manifest, self.engine.layout, self.engine.aliases, self.engine.dtype,
-                                         self.engine.version)
-                check_delta(manifest, self.base, self.engine.version)
-                yield load_as
-        except (StaleVersion, StaleBase) as err:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-        except WeightRejected as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise UpdateInProgress("another weight update is in progress; retry after it")
+        async with self.engine.update_lock:
+            load_as = check_manifest(manifest, self.engine.layout, self.engine.aliases, self.engine.dtype,
+                                     self.engine.version)
+            check_delta(manifest, self.base, self.engine.version)
+            yield load_as
 
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         return self.engine.info()
+
+
+class UpdateInProgress(RuntimeError):
+    """Another weight update runs (ABORTED: retry after it)."""
+
+
+@contextlib.asynccontextmanager
+async def _refusals(context: grpc.aio.ServicerContext):
+    """The status of each refusal of an update. Sent once the update lock is released, so the
+    caller may push again as soon as it has it."""
+    try:
+        yield
+    except UpdateInProgress as err:
+        await context.abort(grpc.StatusCode.ABORTED, str(err))
+    except (StaleVersion, StaleBase) as err:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+    except WeightRejected as err:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
 
 class GenerationService:
@@ -185,13 +223,20 @@ class GenerationService:
         self.servicer = GenerationServicer(settings, self.engine)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
+        name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
-        return [generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name]
+        # FetchWeights yields its replies serialized (BaseFile.messages): no serializer, bytes pass
+        # through. Registered handlers take precedence over the generated generic one.
+        server.add_registered_method_handlers(name, {"FetchWeights": grpc.unary_stream_rpc_method_handler(
+            self.servicer.FetchWeights, request_deserializer=generation_pb2.FetchWeightsRequest.FromString)})
+        return [name]
 
     async def start(self) -> None:
         for orphan in remove_orphans(self.settings.weight_staging_dir):
             log.info("removed %s, left by a process that is gone", orphan)
         await self.engine.start()
+        if self.settings.catch_up_from:  # before SERVING: the learner then finds this replica current
+            await catch_up(self.settings, self.engine.version, self.servicer.install)
         info = self.engine.info()
         log.info("serving %s (policy version %d, max_model_len %d, %s)",
                  info.model_id, info.policy_version, info.max_model_len_tokens, info.dtype)

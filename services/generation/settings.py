@@ -8,7 +8,7 @@ import os
 import tempfile
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, FilePath, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.settings import ServiceSettings
@@ -54,6 +54,21 @@ class GenerationSettings(ServiceSettings):
     keep_weight_base: bool = Field(
         True, description="keep the last in-band push's tensors in weight_staging_dir (one more copy of the "
         "policy there) so that the next push may be a delta against it"
+    )
+    catch_up_from: str | None = Field(
+        None, description="HOST:PORT of the peer replicas (a headless Service's name): before it serves, the replica "
+        "pulls the newest policy version one of them serves (FetchWeights)"
+    )
+    catch_up_timeout_s: float = Field(600.0, gt=0, description="deadline of each call to a peer while catching up")
+    catch_up_token_file: FilePath | None = Field(
+        None, description="bearer token for the peers (roles generate + admin)"
+    )
+    catch_up_tls_ca: FilePath | None = Field(
+        None, description="PEM CA of the peers' certificates; turns TLS on (this replica's tls_cert is its client "
+        "certificate where they ask for one)"
+    )
+    catch_up_tls_server_name: str | None = Field(
+        None, description="name the peers' certificates carry (the peers are dialled by IP)"
     )
     max_version_wait_s: float = Field(
         300.0, ge=0, description="longest a call waits for its min_policy_version (or until its deadline)"

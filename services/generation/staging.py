@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 import zstandard
 
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import SAFETENSORS_DTYPES, TORCH_DTYPES, digest
+from rlhf_mesh.weights import SAFETENSORS_DTYPES, TORCH_DTYPES, chunk_requests, digest
 
 PREFIX = "rlhf-mesh-push-"  # then the owner's pid: staging files and bases of a process that died can go
 
@@ -141,12 +142,23 @@ def check_delta(manifest: generation_pb2.WeightManifest, base: BaseFile | None, 
             raise WeightRejected(f"{where}: unknown encoding {spec.encoding}")
 
 
-class BaseFile:
-    """The full tensors of the last in-band push, kept in the staging folder: what a delta applies to."""
+def full_manifest(manifest: generation_pb2.WeightManifest) -> generation_pb2.WeightManifest:
+    """The manifest of the full push of the same tensors (a delta's, without its encodings)."""
+    full = generation_pb2.WeightManifest(policy_version=manifest.policy_version, tensors=manifest.tensors)
+    for spec in full.tensors:
+        spec.ClearField("encoding")
+        spec.ClearField("encoded_size_bytes")
+    return full
 
-    def __init__(self, path: str, manifest: generation_pb2.WeightManifest) -> None:
-        self.path, self.version = path, manifest.policy_version
-        self.specs = {spec.name: spec for spec in manifest.tensors}
+
+class BaseFile:
+    """The full tensors of the last in-band push, kept in the staging folder: what a delta applies
+    to, and what a peer that catches up is sent."""
+
+    def __init__(self, path: str, manifest: generation_pb2.WeightManifest, owned: bool = True) -> None:
+        self.path, self.version, self.owned = path, manifest.policy_version, owned
+        self.manifest = full_manifest(manifest)
+        self.specs = {spec.name: spec for spec in self.manifest.tensors}
         self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
         (length,) = struct.unpack("<Q", self._file.read(8))
         header = json.loads(self._file.read(length))
@@ -159,11 +171,22 @@ class BaseFile:
         start, end = self._ranges[name]
         return memoryview(self._map)[start:end] if self._map is not None else memoryview(b"")
 
+    def reopen(self) -> BaseFile:
+        """A reader of its own, which stays readable when this base is replaced and removed."""
+        return BaseFile(self.path, self.manifest, owned=False)
+
+    def messages(self) -> Iterator[bytes]:
+        """The serialized FetchWeightsResponse messages of these tensors: the manifest, then each
+        tensor's chunks (one copy of the bytes; protobuf messages would take four)."""
+        yield generation_pb2.FetchWeightsResponse(manifest=self.manifest).SerializeToString()
+        yield from chunk_requests((i, self.view(spec.name)) for i, spec in enumerate(self.manifest.tensors))
+
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
         self._file.close()
-        Path(self.path).unlink(missing_ok=True)
+        if self.owned:
+            Path(self.path).unlink(missing_ok=True)
 
 
 class StagingFile:

@@ -8,6 +8,7 @@ token: position p + j - 1 for response token j of a prompt of p tokens.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,26 +90,43 @@ class Critic(torch.nn.Module):
         if self.head is not None:
             return self.head(gather_positions(policy_hidden, batch.response_index)).squeeze(-1).float()
         backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          use_cache=False).last_hidden_state
         return gather_positions(self.model.score(hidden), batch.response_index).squeeze(-1).float()
 
 
 @dataclass
 class Models:
-    policy: torch.nn.Module
-    reference: torch.nn.Module
+    policy: torch.nn.Module  # a PeftModel with LoRA
+    reference: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
     critic: Critic | None
 
 
+def with_lora(policy: torch.nn.Module, adapter: str | None, r: int, alpha: int, dropout: float,
+              target_modules: list[str] | None) -> torch.nn.Module:
+    """`policy` as a PEFT model whose LoRA adapter alone trains: a new one, or the one saved in `adapter`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(policy, adapter, is_trainable=True)
+    targets = target_modules[0] if target_modules == ["all-linear"] else target_modules
+    return get_peft_model(policy, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+
+
 def load_models(policy_path: str, reference_path: str | None, critic_path: str | None, value_head: bool,
-                with_critic: bool, device: str) -> Models:
-    """Policy (float32, trainable), frozen reference, critic (None when critic-free)."""
+                with_critic: bool, device: str, reference_dtype: torch.dtype = torch.float32,
+                gradient_checkpointing: bool = False,
+                lora: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Models:
+    """Policy (float32, trainable), frozen reference (in `reference_dtype`: it is only ever run
+    under autocast to it), critic (None when critic-free). `lora` (`with_lora`) makes the policy
+    a PEFT model, and then there is no reference copy: it is the policy with the adapter disabled."""
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
-    if reference_path is None:
-        reference = copy.deepcopy(policy)
-    else:
-        reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32).to(device)
-    reference.eval().requires_grad_(False)
+    reference = None
+    if lora is None:
+        reference = copy.deepcopy(policy) if reference_path is None else \
+            AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32).to(device)
+        reference.to(reference_dtype).eval().requires_grad_(False)
     critic = None
     if with_critic and value_head:
         critic = Critic(hidden_size=policy.config.hidden_size).to(device)
@@ -119,18 +137,47 @@ def load_models(policy_path: str, reference_path: str | None, critic_path: str |
         if value_model.config.pad_token_id is None:
             value_model.config.pad_token_id = policy.config.pad_token_id
         critic = Critic(value_model.to(device))
-    # Eval mode while training too: dropout would make recomputed log-probs differ from the rollout's.
-    policy.eval()
-    if critic is not None:
+    # Dropout would make recomputed log-probs differ from the rollout's: eval mode while training,
+    # or, where gradient checkpointing needs train mode (transformers checkpoints only then), no dropout.
+    for model in (policy, critic.model if critic is not None and not critic.is_head else None):
+        if model is None:
+            continue
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            disable_dropout(model.train())
+        else:
+            model.eval()
+    if critic is not None and critic.is_head:
         critic.eval()
+    if lora is not None:  # after the dropout was disabled: LoRA's own dropout is the trainer's to switch
+        policy = lora(policy)
+        for module in lora_dropouts(policy):
+            module.eval()
     return Models(policy, reference, critic)
+
+
+def lora_dropouts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The dropout modules on the LoRA inputs of a PEFT model (none in any other)."""
+    return [module for name, module in model.named_modules() if name.endswith("lora_dropout")]
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of `model` at 0, the modules' and the attention's (a float attribute)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
 
 
 def forward(policy: torch.nn.Module, batch: Batch, temperature: float,
             hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Response-token logits / temperature `[B, T, V]`, their log-probs `[B, T]`, and the
     last hidden states `[B, L, H]` when asked (for a value head)."""
-    out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden)
+    out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden,
+                 use_cache=False)
     logits = gather_positions(out.logits, batch.response_index).float() / temperature
     return logits, token_logprobs(logits, batch.response_ids), out.hidden_states[-1] if hidden else None
 

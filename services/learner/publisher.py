@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from rlhf_mesh.clients.channel import resolve
 from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
-from rlhf_mesh.clients.push import CollectiveSender, ReplicaResult, resolve, send_update
+from rlhf_mesh.clients.push import CollectiveSender, ReplicaResult, send_update
 from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.retry import RETRYABLE, Retry, failure
 from rlhf_mesh.services.learner.settings import LearnerSettings
@@ -94,7 +95,8 @@ class PolicyPublisher:
         self.generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s, **self._credentials)
                            for a in self.replicas]
         try:
-            infos = await asyncio.gather(*(g.model_info() for g in self.generators))
+            infos = await asyncio.gather(*(g.model_info(timeout_s=s.services_wait_s, wait_for_ready=True)
+                                           for g in self.generators))
         except grpc.aio.AioRpcError as err:
             raise LearnerError(f"cannot use the generation replicas {self.replicas}: {failure(err)}") from None
         dtypes = {info.dtype for info in infos}

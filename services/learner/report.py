@@ -1,10 +1,11 @@
-"""What a run shows: a progress bar or log lines, TensorBoard scalars, a PNG plot, a summary."""
+"""What a run shows: a progress bar or log lines, TensorBoard and W&B scalars, a PNG plot, a summary."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -20,12 +21,30 @@ def _headline(scalars: dict[str, float]) -> str:
 
 
 class Reporter:
-    """TensorBoard under `log_dir`; a tqdm bar on a terminal, one log line per step otherwise."""
+    """Every step's scalars to TensorBoard (`output_dir/tensorboard`) and W&B, as `report_to` says;
+    a tqdm bar on a terminal, one log line per step otherwise.
 
-    def __init__(self, log_dir: Path, total_steps: int, first_step: int = 0) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    The W&B run lives under `output_dir/wandb` and its id in `output_dir/wandb-run-id`, so a
+    resumed run goes on in the same W&B run. Offline (`WANDB_MODE=offline`) it needs no
+    network; `wandb sync output_dir/wandb/offline-run-*` uploads it later.
+    """
 
-        self.writer = SummaryWriter(str(log_dir))
+    def __init__(self, output_dir: Path, total_steps: int, first_step: int = 0,
+                 report_to: Sequence[str] = ("tensorboard",), wandb_project: str = "rlhf-mesh",
+                 run_name: str | None = None, config: dict | None = None) -> None:
+        self.writer = self.wandb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        if "wandb" in report_to:
+            import wandb
+
+            id_file = output_dir / "wandb-run-id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else None  # None: W&B picks one
+            self.wandb = wandb.init(project=wandb_project, name=run_name, id=run_id, resume="allow",
+                                    dir=str(output_dir), config=config)
+            id_file.write_text(self.wandb.id)
         self.bar = None
         self.total_steps = total_steps
         if sys.stderr.isatty():
@@ -34,9 +53,12 @@ class Reporter:
             self.bar = tqdm(total=total_steps, initial=first_step, desc="ppo", unit="step")
 
     def step(self, step: int, scalars: dict[str, float]) -> None:
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         if self.bar is not None:
             self.bar.set_postfix_str(_headline(scalars), refresh=False)
             self.bar.update(1)
@@ -46,7 +68,10 @@ class Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def plot(history: list[dict[str, float]], path: Path) -> Path:

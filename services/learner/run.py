@@ -24,7 +24,7 @@ from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.publisher import PolicyPublisher
 from rlhf_mesh.services.learner.report import Reporter, write_report
 from rlhf_mesh.services.learner.retry import Retry, failure
-from rlhf_mesh.services.learner.rollouts import Collected, RolloutCollector
+from rlhf_mesh.services.learner.rollouts import Collected, RolloutCollector, component_means
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.services.learner.trainer import Trainer
 from rlhf_mesh.v1 import learner_pb2
@@ -43,6 +43,7 @@ class Run:
         self.state = learner_pb2.LEARNER_STATE_STARTING
         self.message = ""
         self.dataset: PromptDataset | None = None
+        self.eval_set: PromptDataset | None = None
         self.max_lag = s.max_policy_lag if s.async_generation else 0
         self.trainer: Trainer | None = None
         self.publisher: PolicyPublisher | None = None
@@ -88,6 +89,9 @@ class Run:
         s.output_dir.mkdir(parents=True, exist_ok=True)
         self.dataset = await asyncio.to_thread(PromptDataset.load, s.prompts, s.prompt_field, s.messages_field,
                                                s.seed, s.reference_field)
+        if s.eval_prompts is not None:
+            self.eval_set = await asyncio.to_thread(PromptDataset.load, s.eval_prompts, s.prompt_field,
+                                                    s.messages_field, s.seed, s.reference_field)
         self.trainer = await asyncio.to_thread(Trainer, s)
         self.metrics = [  # a resumed run replays the steps of its checkpoint too
             learner_pb2.WatchMetricsResponse(step=int(h["step"]), policy_version=int(h["policy/version"]),
@@ -97,7 +101,7 @@ class Run:
         self.publisher = PolicyPublisher(s, self.trainer.models.policy, keep_snapshots=self.max_lag > 0)
         self.reward = AsyncRewardClient(s.reward, timeout_s=s.rpc_timeout_s, **s.credentials())
         try:
-            await self.reward.list_models()
+            await self.reward.list_models(timeout_s=s.services_wait_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as err:
             raise LearnerError(f"cannot use the reward service {s.reward}: {failure(err)}") from None
         await self.publisher.connect(self.step)
@@ -128,6 +132,8 @@ class Run:
         push_report = await self.publisher.publish(self.version + 1)
         self.trainer.step += 1
         done = time.perf_counter()
+        if s.eval_steps and self.step % s.eval_steps == 0:
+            scalars.update(await self._evaluate())
         scalars.update({
             "time/generate_s": collected.generate_s, "time/score_s": collected.score_tail_s,
             "time/wait_rollouts_s": waited, "time/push_s": done - pushed, "time/step_s": done - started,
@@ -141,6 +147,27 @@ class Run:
         })
         self.trainer.history.append({"step": float(self.step), **scalars})
         return scalars
+
+    async def _evaluate(self) -> dict[str, float]:
+        """eval/*: one sample of every held-out prompt from the policy just published (with the same
+        seeds each time, so evaluations differ only by the policy), scored like the rollouts."""
+        s, started = self.settings, time.perf_counter()
+        prompts = self.eval_set.prompts
+        rollouts = (await RolloutCollector(
+            self.publisher.generators, self.reward, prompts, n=1, max_tokens=s.response_length,
+            temperature=s.temperature, seed=s.seed, min_policy_version=self.version, reward_model=s.reward_model,
+            timeout_s=s.rpc_timeout_s, references=self.eval_set.references, retry=Retry(attempts=s.replica_retries),
+            repair=self.publisher.repair,
+        ).run()).rollouts
+        kl = await asyncio.to_thread(self.trainer.kl, rollouts)
+        count = len(rollouts)
+        return {
+            "eval/reward_mean": sum(r.score for r in rollouts) / count, "eval/kl": kl,
+            "eval/response_length": sum(len(r.response_ids) for r in rollouts) / count,
+            "eval/eos_rate": sum(r.finished for r in rollouts) / count,
+            **{f"eval/{name}": value for name, value in component_means(rollouts).items()},
+            "time/eval_s": time.perf_counter() - started,
+        }
 
     def _collect(self, step: int) -> asyncio.Task[Collected]:
         """Rollouts for `step` from a policy no older than the staleness bound allows."""
@@ -157,7 +184,8 @@ class Run:
     async def loop(self) -> None:
         """Every step, then a final checkpoint, the plot and the summary; FAILED on an error."""
         s = self.settings
-        reporter = Reporter(s.output_dir / "tensorboard", s.steps, self.step)
+        reporter = Reporter(s.output_dir, s.steps, self.step, s.report_to, s.wandb_project, s.run_name,
+                            config=s.model_dump(mode="json"))
         try:
             while self.step < s.steps:
                 if not self.running.is_set():

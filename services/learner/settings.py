@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, FilePath, model_validator
+from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.settings import ServiceSettings
@@ -59,6 +59,10 @@ class LearnerSettings(ServiceSettings):
         "replicas that hold it, the full weights to the others; keeps one copy of the pushed weights"
     )
     rpc_timeout_s: float = Field(600.0, gt=0, description="deadline of each Generate, Score and push call")
+    services_wait_s: float = Field(
+        300.0, gt=0, description="how long the learner waits at start for the reward service and every generation "
+        "replica to serve (they may still be loading their models)"
+    )
     replica_retries: int = Field(
         6, ge=1, description="tries of a Generate or Score call that fails while a replica restarts (backoff 1 s, "
         "doubling to 30 s); Generate moves on to the next replica, re-pushing the weights to one that restarted"
@@ -82,6 +86,11 @@ class LearnerSettings(ServiceSettings):
         None, description="column with each prompt's reference answer, sent with its samples to the reward service "
         "(the `reference` of reward functions such as math)"
     )
+    eval_prompts: Path | None = Field(
+        None, description="held-out prompts (same fields as `prompts`): sampled and scored every eval_steps steps, "
+        "logged as eval/*"
+    )
+    eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0: never)")
 
     # Rollouts.
     steps: int = Field(10, ge=1, description="PPO steps (policy versions 1..steps)")
@@ -99,11 +108,41 @@ class LearnerSettings(ServiceSettings):
         None, ge=0, description="subtracted from the score of a response cut at response_length without EOS"
     )
 
+    # Memory levers.
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype: bfloat16 / float16 run every forward and backward pass under autocast, "
+        "with float32 weights and optimizer state (float16 with loss scaling); the frozen reference is stored in it"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the policy's and critic's activations in the backward pass: less memory, "
+        "one more forward"
+    )
+    use_peft: bool = Field(
+        False, description="train a LoRA adapter of the policy (PEFT) instead of its weights; the reference is the "
+        "policy with the adapter disabled, and the replicas are pushed the merged weights"
+    )
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (the update is alpha / r * B A)")
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on the LoRA input in the PPO epochs' passes (never when log-probs are "
+        "recomputed for the ratio)"
+    )
+    lora_target_modules: list[str] | None = Field(
+        None, description="module names to adapt, or [all-linear]; default: PEFT's for the architecture"
+    )
+
     # PPO (TRL names).
     advantage_estimator: Literal["gae", "grpo", "rloo"] = Field(
         "gae", description="gae: critic + GAE; grpo / rloo: critic-free group baselines"
     )
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (policy and critic)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr_scheduler_type: str = Field(
+        "constant", description="learning-rate schedule over the run's optimizer steps (transformers' get_scheduler: "
+        "constant, linear, cosine, constant_with_warmup, ...)"
+    )
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of warm-up (when set, warmup_ratio is ignored)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the run's optimizer steps spent warming up")
     num_ppo_epochs: int = Field(4, ge=1, description="passes over each step's rollouts")
     num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per mini-batch")
@@ -127,11 +166,27 @@ class LearnerSettings(ServiceSettings):
 
     # Output.
     output_dir: Path = Field(Path("runs/learner"), description="TensorBoard logs, checkpoints, plot and summary")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        ["tensorboard"], description="where every step's scalars go (the same names everywhere); W&B offline: "
+        "WANDB_MODE=offline"
+    )
+    wandb_project: str = Field("rlhf-mesh", description="W&B project of the run")
+    run_name: str | None = Field(None, description="W&B run name (default: W&B's)")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end and on request)")
     start_paused: bool = Field(False, description="serve learner: load, connect, then wait for Resume")
     linger_s: float = Field(
         10.0, ge=0, description="serve learner: how long the server keeps answering after the run ends"
     )
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        from transformers import SchedulerType
+
+        known = sorted({t.value for t in SchedulerType} - {"reduce_lr_on_plateau"})  # that one needs a metric
+        if value not in known:
+            raise ValueError(f"unknown schedule {value!r}; one of {', '.join(known)}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> LearnerSettings:
@@ -142,6 +197,10 @@ class LearnerSettings(ServiceSettings):
                 f"batch_size * num_samples_per_prompt ({rollouts}) must be divisible by "
                 f"num_mini_batches * gradient_accumulation_steps ({micro})"
             )
+        if self.use_peft and self.reference is not None:
+            raise ValueError("use_peft: the reference is the policy with its adapter disabled; leave reference unset")
+        if self.eval_steps and self.eval_prompts is None:
+            raise ValueError("eval_steps needs eval_prompts")
         if self.advantage_estimator != "gae" and self.num_samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator {self.advantage_estimator} needs num_samples_per_prompt >= 2")
         if self.advantage_estimator != "gae" and (self.critic or self.value_head):
@@ -160,6 +219,11 @@ class LearnerSettings(ServiceSettings):
 
         return client_credentials(self.client_token_file, self.client_tls_ca, self.client_tls_cert,
                                   self.client_tls_key, self.client_tls_server_name)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run: what the learning-rate schedule spans."""
+        return self.steps * self.num_ppo_epochs * self.num_mini_batches
 
     @property
     def rollouts_per_step(self) -> int:

@@ -9,21 +9,32 @@ job (run.py, rollouts.py, publisher.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import get_scheduler
 
 from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.services.learner import ppo
 from rlhf_mesh.services.learner.checkpoints import latest_checkpoint, write_atomically
 from rlhf_mesh.services.learner.distributed import World
 from rlhf_mesh.services.learner.errors import LearnerError
-from rlhf_mesh.services.learner.models import Batch, forward, load_models, make_batch, padded
+from rlhf_mesh.services.learner.models import (
+    Batch,
+    forward,
+    load_models,
+    lora_dropouts,
+    make_batch,
+    padded,
+    with_lora,
+)
 from rlhf_mesh.services.learner.rollouts import Rollout, component_means
 from rlhf_mesh.services.learner.settings import LearnerSettings
 
@@ -51,14 +62,28 @@ class Trainer:
         reference = resolve_model(s.reference) if s.reference else None
         critic = (resume / "critic" if resume is not None and (resume / "critic").is_dir()
                   else resolve_model(s.critic) if s.critic else None)
+        # bf16 / fp16 compute under autocast, float32 weights and optimizer state: an update of
+        # lr 1e-6 relative size is below bf16's resolution (2^-8) and would round away in bf16 weights.
+        self.dtype = getattr(torch, s.dtype)
+        lora = None
+        if s.use_peft:  # a checkpoint holds the adapter alone (PEFT's format): it goes on the initial policy
+            lora = functools.partial(with_lora, adapter=str(resume / "policy") if resume is not None else None,
+                                     r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                                     target_modules=s.lora_target_modules)
         self.models = load_models(
-            str(resume / "policy") if resume is not None else self.policy_path,
+            str(resume / "policy") if resume is not None and lora is None else self.policy_path,
             reference or (self.policy_path if resume is not None else None),  # the reference stays the initial policy
             critic, s.value_head, with_critic=s.advantage_estimator == "gae", device=self.device,
+            reference_dtype=self.dtype, gradient_checkpointing=s.gradient_checkpointing, lora=lora,
         )
         self.parameters = [p for m in (self.models.policy, self.models.critic) if m is not None
-                           for p in m.parameters()]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=s.learning_rate, eps=1e-5)
+                           for p in m.parameters() if p.requires_grad]  # with LoRA: the adapter's
+        self._lora_dropouts = lora_dropouts(self.models.policy)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=s.learning_rate, eps=1e-5, weight_decay=s.weight_decay)
+        warmup = s.warmup_steps or math.ceil(s.warmup_ratio * s.optimizer_steps)
+        self.scheduler = get_scheduler(s.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=s.optimizer_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.kl_ctl = ppo.KLController(s.kl_coef, s.target_kl, s.kl_horizon)
         self.pad_id = self.models.policy.config.pad_token_id or 0
         self.step = 0  # steps done
@@ -74,6 +99,8 @@ class Trainer:
         if self.models.critic is not None and self.models.critic.is_head:
             self.models.critic.load_state_dict(torch.load(checkpoint / "value_head.pt"))
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         self.kl_ctl.value = state["kl_coef"]
         self.step = state["step"]
         self.history = json.loads((checkpoint / "history.json").read_text())
@@ -182,18 +209,55 @@ class Trainer:
     def _score_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Policy log-probs, reference log-probs and values of a micro-batch (no gradients)."""
         t, critic = self.settings.temperature, self.models.critic
-        _, logprobs, hidden = forward(self.models.policy, batch, t, hidden=critic is not None and critic.is_head)
-        _, ref_logprobs, _ = forward(self.models.reference, batch, t)
-        values = critic(batch, hidden) if critic is not None else None
+        with self._autocast():  # as in training, so that the first epoch's ratio is 1
+            _, logprobs, hidden = forward(self.models.policy, batch, t, hidden=critic is not None and critic.is_head)
+            ref_logprobs = self._reference_logprobs(batch)
+            values = critic(batch, hidden) if critic is not None else None
         return logprobs, ref_logprobs, values
+
+    def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """The reference's log-probs: its own model, or with LoRA the policy with the adapter disabled."""
+        if self.models.reference is None:
+            with self.models.policy.disable_adapter():
+                return forward(self.models.policy, batch, self.settings.temperature)[1]
+        return forward(self.models.reference, batch, self.settings.temperature)[1]
+
+    def kl(self, rollouts: list[Rollout]) -> float:
+        """The mean over `rollouts` of their summed per-token KL to the reference (no update)."""
+        s = self.settings
+        batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
+                           self.pad_id).to(self.device)
+        total = 0.0
+        with torch.no_grad():
+            for rows in self._micro_batches(len(batch)):
+                micro = batch.select(rows.to(self.device))
+                with self._autocast():
+                    _, logprobs, _ = forward(self.models.policy, micro, s.temperature)
+                    ref_logprobs = self._reference_logprobs(micro)
+                total += float((ppo.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * micro.mask).sum())
+        return total / len(rollouts)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _ppo_epochs(self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor | None,
                     advantages: torch.Tensor, returns: torch.Tensor | None,
                     weights: torch.Tensor | None) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.step)
+        for module in self._lora_dropouts:  # LoRA's dropout acts in these passes only
+            module.train()
+        try:
+            return self._epochs(batch, old_logprobs, old_values, advantages, returns, weights, generator)
+        finally:
+            for module in self._lora_dropouts:
+                module.eval()
+
+    def _epochs(self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor | None,
+                advantages: torch.Tensor, returns: torch.Tensor | None, weights: torch.Tensor | None,
+                generator: torch.Generator) -> dict[str, float]:
         s, policy, critic = self.settings, self._policy, self._critic
         head = self.models.critic is not None and self.models.critic.is_head
         share = s.gradient_accumulation_steps // self.world.size  # micro-batches of a mini-batch per rank
-        generator = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
         record: dict[str, list[torch.Tensor]] = {}
 
         def note(name: str, value: torch.Tensor) -> None:
@@ -208,26 +272,33 @@ class Trainer:
                     with self.world.accumulating([policy, critic], last=i == share - 1):
                         micro = batch.select(rows.to(self.device))
                         mask = micro.mask
-                        logits, logprobs, hidden = forward(policy, micro, s.temperature, hidden=head)
+                        with self._autocast():  # the models' passes; the losses are float32 (forward's logits are)
+                            logits, logprobs, hidden = forward(policy, micro, s.temperature, hidden=head)
+                            values = critic(micro, hidden) if critic is not None else None
                         pg_loss, pg = ppo.policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask,
                                                       s.cliprange, None if weights is None else weights[rows])
                         entropy = ppo.masked_mean(ppo.entropy(logits), mask)
                         loss = pg_loss - s.ent_coef * entropy
                         if critic is not None:
-                            vf_loss, vf = ppo.value_loss(critic(micro, hidden), old_values[rows], returns[rows],
+                            vf_loss, vf = ppo.value_loss(values, old_values[rows], returns[rows],
                                                          mask, s.cliprange_value)
                             loss = loss + s.vf_coef * vf_loss
                             note("losses/value_loss", vf_loss)
                             note("losses/value_clipfrac", vf["clipfrac"])
-                        (loss / share).backward()  # and DDP averages over the ranks: the mean of all micro-batches
+                        # and DDP averages over the ranks: the mean of all micro-batches
+                        self.scaler.scale(loss / share).backward()
                     note("losses/policy_loss", pg_loss)
                     note("losses/approx_kl", pg["approx_kl"])
                     note("losses/clipfrac", pg["clipfrac"])
                     note("losses/ratio", pg["ratio"])
                     note("objective/entropy", entropy)
+                self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, s.max_grad_norm)
                 note("losses/grad_norm", grad_norm)
-                self.optimizer.step()
+                note("charts/learning_rate", torch.tensor(self.scheduler.get_last_lr()[0]))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
         # Each scalar's mean over every micro-batch of every rank.
         names = sorted(record)
         totals = self.world.sum(torch.tensor([[float(torch.stack(record[n]).sum()), len(record[n])] for n in names],
@@ -252,7 +323,8 @@ class Trainer:
             elif critic is not None:
                 critic.model.save_pretrained(folder / "critic")
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
-                        "rng": rng}, folder / "trainer.pt")
+                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng},
+                       folder / "trainer.pt")
             (folder / "history.json").write_text(json.dumps(self.history))
 
         return write_atomically(self.settings.output_dir / "checkpoints" / f"step-{self.step:06d}", write)

