@@ -279,6 +279,43 @@ async def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_r
     assert calls[3:] == [(["d:1"], 3)] and publisher.published.version == 1
 
 
+async def test_a_replica_the_autoscaler_adds_gets_the_next_push_and_generates(monkeypatch, tiny_models):
+    """resolve_replicas: every publish looks the headless name up again; a replica that appeared
+    (and caught up from a peer) is pushed the new version, as a delta when it holds the last one,
+    and joins the generators. A replica missing from DNS for a while (restarting) is kept."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_mesh.clients.push import ReplicaResult
+    from rlhf_mesh.services.learner import publisher as publisher_module
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+    from rlhf_mesh.v1 import generation_pb2
+
+    behind = [["10.0.0.1:50051"], ["10.0.0.1:50051", "10.0.0.2:50051"], ["10.0.0.2:50051"]]
+    calls = []
+
+    def fake_push(replicas, update, timeout_s, **_):
+        calls.append((list(replicas), update.snapshot.version, update.delta is not None))
+        response = generation_pb2.PushWeightsResponse(received_bytes=1)
+        return [ReplicaResult(a, response=response, delta=update.delta is not None) for a in replicas]
+
+    monkeypatch.setattr(publisher_module, "send_update", fake_push)
+    monkeypatch.setattr(publisher_module, "resolve", lambda name: behind[0])
+    settings = LearnerSettings(policy=str(tiny_models["policy"]), generation=["generation:50051"], reward="r:1",
+                               prompts=tiny_models["prompts"], resolve_replicas=True)
+    publisher = publisher_module.PolicyPublisher(
+        settings, AutoModelForCausalLM.from_pretrained(tiny_models["policy"]), keep_snapshots=False)
+    publisher.replicas = list(behind[0])  # as connect() found them
+    await publisher.publish(1)
+    for found in behind[1:]:
+        monkeypatch.setattr(publisher_module, "resolve", lambda name, found=found: found)
+        await publisher.publish(publisher.published.version + 1)
+    assert calls == [(["10.0.0.1:50051"], 1, False),
+                     (["10.0.0.1:50051", "10.0.0.2:50051"], 2, True),
+                     (["10.0.0.1:50051", "10.0.0.2:50051"], 3, True)]
+    assert [g.address for g in publisher.generators] == ["10.0.0.2:50051"]  # connect() opens the first ones
+    await publisher.close()
+
+
 def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps: list, out: str) -> None:
     """One rank of a data-parallel learner (torchrun's environment) training on fixed rollouts."""
     import os

@@ -136,6 +136,8 @@ class PolicyPublisher:
         """Every replica serves `version` = the current policy when this returns. Replicas that
         fail while they restart are pushed again, with backoff; a refusal raises LearnerError."""
         s = self.settings
+        if s.resolve_replicas:
+            await self._adopt_new_replicas()
         base = self.published if self.deltas and self.published is not None else None
         update = await asyncio.to_thread(prepare, self.weights(), version, base)
         send = self._send_collective if s.weight_transport == "collective" else self._send_in_band
@@ -152,6 +154,23 @@ class PolicyPublisher:
         await self._retry.call(attempt, lambda _: f"weight push of version {version} failed")
         self.published = self._kept(update)
         return report
+
+    async def _adopt_new_replicas(self) -> None:
+        """Replicas behind the headless Service that were not there at connect() (the autoscaler's)
+        get this push and generate from the next step on. One that caught up from a peer holds
+        the last version, so its first push is a delta. None is dropped: one that is restarting
+        is out of DNS for a while."""
+        s = self.settings
+        try:
+            resolved = await asyncio.to_thread(lambda: {a for name in s.generation for a in resolve(name)})
+        except OSError as err:
+            log.warning("cannot resolve the generation replicas (%s); pushing to the known ones", err)
+            return
+        for address in sorted(resolved - set(self.replicas)):
+            log.info("generation replica %s joined; it gets this push and generates from the next step", address)
+            self.replicas.append(address)
+            self.generators.append(AsyncGenerationClient(address, timeout_s=s.rpc_timeout_s, **self._credentials))
+            self._close_sender()  # a new group of every replica for the next broadcast
 
     def _kept(self, update: Update) -> Snapshot:
         """What is remembered of a published version: its manifest, and its tensors when kept."""
