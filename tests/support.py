@@ -179,8 +179,8 @@ def write_pki(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", 
 
 def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
     """The scalars of every step a W&B run logged, read back from its `.wandb` file: LevelDB-log
-    framing (32 KiB blocks of records, each a 7-byte header: crc32c, length, type) of W&B's
-    `Record` protobuf messages, after a 7-byte file header."""
+    framing (32 KiB blocks of records, each a 7-byte header: crc32c, length, type; a flush pads
+    its block with zeros) of W&B's `Record` protobuf messages, after a 7-byte file header."""
     import json
     import struct
 
@@ -194,13 +194,16 @@ def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
             position += block - position % block
             continue
         length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
+        if kind == 0:  # zeros: the writer padded the block out (a flush); records go on in the next one
+            position += block - position % block
+            continue
+        if position + 7 + length > len(data):  # still being written
+            break
         pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # FULL, LAST
             records.append(pending)
             pending = b""
-        elif kind == 0:
-            break
     steps: dict[int, dict[str, float]] = {}
     for raw in records:
         record = wandb_internal_pb2.Record.FromString(raw)

@@ -19,7 +19,7 @@ from rlhf_mesh.services.learner.run import Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
 
-from support import PYTHON, ChildServer, greedy, start_generation_server, wandb_history
+from support import PYTHON, ChildServer, greedy, start_generation_server, wait_for, wandb_history
 
 pytestmark = pytest.mark.slow
 
@@ -113,14 +113,16 @@ async def test_a_lora_run_raises_the_reward_and_the_generator_serves_its_merged_
         prompt_ids, served = _served_greedy(client, 12)
         assert served == greedy(merged, prompt_ids, 12), f"step {step}"
 
-    history = await _train(tiny_models, reward_server, tmp_path, serves_the_merged_policy, steps=10,
-                           batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=3e-2,
+    history = await _train(tiny_models, reward_server, tmp_path, serves_the_merged_policy, steps=12,
+                           batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=5e-2,
                            kl_coef=0.1, seed=0, advantage_estimator="grpo", use_peft=True, lora_r=8, lora_alpha=16,
                            lora_target_modules=["all-linear"], eval_prompts=tiny_models["prompts"], eval_steps=1)
-    rewards = [h["eval/reward_mean"] for h in history]  # 196 prompts: measured -0.17 at step 1, +0.07 at 10
+    # 196 prompts; measured -0.17 after step 1 and +0.22 after step 12, a rise of the means below of
+    # 0.30-0.33 over runs (vLLM's batching on CPU makes runs differ slightly, and they diverge)
+    rewards = [h["eval/reward_mean"] for h in history]
     print(f"held-out reward per step {rewards}")
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
-    assert [h["push/delta_replicas"] for h in history] == [0.0] + [1.0] * 9
+    assert [h["push/delta_replicas"] for h in history] == [0.0] + [1.0] * 11
 
 
 async def test_async_mode_trains_on_rollouts_at_most_one_version_old(tiny_models, reward_server, tmp_path):
@@ -199,7 +201,8 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
         assert (out / "ppo.png").stat().st_size > 0 and (out / "summary.txt").is_file()
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
         run_dir, = (out / "wandb").glob("offline-run-*")
-        assert wandb_history(run_dir) == {m.step: dict(m.scalars) for m in streamed}
+        expected = {m.step: dict(m.scalars) for m in streamed}
+        wait_for(lambda: wandb_history(run_dir) == expected, timeout_s=30, what="the W&B history")
     finally:
         learner.stop()
         for replica in replicas:

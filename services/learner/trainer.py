@@ -99,8 +99,9 @@ class Trainer:
         if self.models.critic is not None and self.models.critic.is_head:
             self.models.critic.load_state_dict(torch.load(checkpoint / "value_head.pt"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if "scheduler" in state:  # a checkpoint written before schedules were: constant, no scaling
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
         self.kl_ctl.value = state["kl_coef"]
         self.step = state["step"]
         self.history = json.loads((checkpoint / "history.json").read_text())
