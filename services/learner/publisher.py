@@ -90,7 +90,7 @@ class PolicyPublisher:
         """Open the clients; every replica serves the learner's step-`step` weights when this returns."""
         s = self.settings
         if s.resolve_replicas:  # the replicas behind a headless Service, as they are now
-            self.replicas = sorted({a for name in s.generation for a in resolve(name)})
+            self.replicas = sorted(self._resolved())
             log.info("generation replicas: %s", ", ".join(self.replicas))
         self.generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s, **self._credentials)
                            for a in self.replicas]
@@ -155,6 +155,10 @@ class PolicyPublisher:
         self.published = self._kept(update)
         return report
 
+    def _resolved(self) -> set[str]:
+        """Every address the `generation` names resolve to now."""
+        return {a for name in self.settings.generation for a in resolve(name)}
+
     async def _adopt_new_replicas(self) -> None:
         """Replicas behind the headless Service that were not there at connect() (the autoscaler's)
         get this push and generate from the next step on. One that caught up from a peer holds
@@ -162,7 +166,7 @@ class PolicyPublisher:
         is out of DNS for a while."""
         s = self.settings
         try:
-            resolved = await asyncio.to_thread(lambda: {a for name in s.generation for a in resolve(name)})
+            resolved = await asyncio.to_thread(self._resolved)
         except OSError as err:
             log.warning("cannot resolve the generation replicas (%s); pushing to the known ones", err)
             return
