@@ -5,7 +5,9 @@
 One PPO step (GAE with a value head on the policy, 4 epochs) on fixed made-up rollouts of
 `--length` tokens, each config in a fresh process so that its peak is its own: peak memory
 (the process's peak RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA) and the step's
-seconds, against float32 without checkpointing measured in the same run.
+seconds, against float32 without checkpointing measured in the same run. Then the bytes a
+push of the trained policy sends: the full (or merged) weights, and a LoRA adapter alone
+(lora_publish adapter), in the float32 the replicas serve here.
 """
 
 from __future__ import annotations
@@ -58,7 +60,14 @@ def one_step(policy: str, prompts: str, device: str, rollouts: int, length: int,
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"peak_mib": peak, "seconds": seconds}
+    from rlhf_mesh.weights import lora_adapter_of, state_dict_of
+
+    policy = trainer.models.policy
+    result = {"peak_mib": peak, "seconds": seconds,
+              "push_bytes": sum(t.numel() * 4 for t in state_dict_of(policy).values())}  # what publish sends
+    if overrides.get("use_peft"):
+        result["adapter_push_bytes"] = sum(t.numel() * 4 for t in lora_adapter_of(policy)[0].values())
+    return result
 
 
 def main() -> None:
@@ -94,6 +103,12 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f}x | {r['seconds']:.2f} | "
               f"{r['seconds'] / base['seconds']:.2f}x |")
+    lora = results["LoRA (r 16, all linear layers)"]
+    print("\n| push | MB | of a full push |\n|---|---|---|")
+    print(f"| full weights | {base['push_bytes'] / 1e6:.1f} | 1.00x |")
+    print(f"| LoRA merged | {lora['push_bytes'] / 1e6:.1f} | {lora['push_bytes'] / base['push_bytes']:.2f}x |")
+    print(f"| LoRA adapter | {lora['adapter_push_bytes'] / 1e6:.1f} | "
+          f"{lora['adapter_push_bytes'] / base['push_bytes']:.3f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(results))
 

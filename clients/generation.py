@@ -85,6 +85,14 @@ class GenerationClient(Client):
 
         return self.push(prepare(state_dict_of(weights), version).full, timeout_s)
 
+    def push_adapter(self, peft_model, version: int, *, timeout_s: float = 600.0) -> generation_pb2.PushWeightsResponse:
+        """Make this replica (started with enable_lora) generate with `peft_model`'s active LoRA
+        adapter on its base model, as `version`; a few MB where a full push sends the whole model."""
+        from rlhf_mesh.weights import full_push, lora_adapter_of
+
+        tensors, adapter = lora_adapter_of(peft_model)
+        return self.push(full_push(tensors, version, adapter=adapter), timeout_s)
+
     def push(self, push, timeout_s: float = 600.0) -> generation_pb2.PushWeightsResponse:
         """Send a prepared `rlhf_mesh.weights.Push` (full, or a delta against the served version)."""
         from rlhf_mesh.weights import push_requests

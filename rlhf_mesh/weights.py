@@ -169,9 +169,11 @@ def _unchanged(tensors: dict[str, torch.Tensor], base: Snapshot | None) -> set[s
 
 
 def manifest(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None,
-             unchanged: set[str] | None = None) -> generation_pb2.WeightManifest:
-    """The manifest of a full push of `tensors` becoming `version`; the digests of tensors equal to
-    `base`'s (`unchanged`, found when not given) are taken from its manifest, not computed again."""
+             unchanged: set[str] | None = None, adapter: generation_pb2.LoraAdapter | None = None
+             ) -> generation_pb2.WeightManifest:
+    """The manifest of a full push of `tensors` becoming `version` (with `adapter`: of a LoRA
+    adapter); the digests of tensors equal to `base`'s (`unchanged`, found when not given) are
+    taken from its manifest, not computed again."""
     known = {spec.name: spec.blake3_digest for spec in base.manifest.tensors} if base is not None else {}
     if unchanged is None:
         unchanged = _unchanged(tensors, base)
@@ -184,15 +186,36 @@ def manifest(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | No
             name=name, dtype=PROTO_DTYPES[tensor.dtype], shape=list(tensor.shape),
             size_bytes=tensor.numel() * tensor.element_size(), blake3_digest=known[name] if reused else digest(tensor),
         ))
-    return generation_pb2.WeightManifest(policy_version=version, tensors=specs)
+    return generation_pb2.WeightManifest(policy_version=version, tensors=specs, lora_adapter=adapter)
 
 
-def full_push(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None) -> Push:
+def full_push(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None,
+              adapter: generation_pb2.LoraAdapter | None = None) -> Push:
     """Every tensor's raw bytes (digests of those equal to `base`'s reused)."""
-    return Push(manifest(tensors, version, base), [raw_bytes(t) for t in tensors.values()])
+    return Push(manifest(tensors, version, base, adapter=adapter), [raw_bytes(t) for t in tensors.values()])
 
 
-def prepare(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None) -> Update:
+def lora_adapter_of(peft_model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], generation_pb2.LoraAdapter]:
+    """A PEFT model's active LoRA adapter as an adapter push sends it: its tensors under the names
+    `save_pretrained` writes to adapter_model.safetensors, on CPU, and its configuration."""
+    from peft import get_peft_model_state_dict
+
+    name = peft_model.active_adapter
+    config = peft_model.peft_config[name]
+    if config.peft_type != "LORA":
+        raise ValueError(f"adapter {name!r} is {config.peft_type}, not LoRA")
+    tensors = get_peft_model_state_dict(peft_model, adapter_name=name)
+    if isinstance(config.target_modules, str):
+        raise ValueError(f"adapter {name!r}: target_modules as a pattern ({config.target_modules!r}) cannot be "
+                         "pushed; list the modules")
+    spec = generation_pb2.LoraAdapter(r=config.r, lora_alpha=config.lora_alpha,
+                                      target_modules=sorted(config.target_modules),
+                                      use_rslora=config.use_rslora)
+    return {n: t.detach().to("cpu") for n, t in tensors.items()}, spec
+
+
+def prepare(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None,
+            adapter: generation_pb2.LoraAdapter | None = None) -> Update:
     """`tensors` as `version`: the full push, and with `base` the delta push, hashed once for both.
     The snapshot holds a copy, so a model trained on afterwards leaves it as pushed.
 
@@ -202,9 +225,9 @@ def prepare(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | Non
     """
     tensors = {name: t.detach().clone() for name, t in tensors.items()}  # the base of a later delta: frozen
     unchanged = _unchanged(tensors, base)  # compared once, for the digests and the delta
-    full = manifest(tensors, version, base, unchanged)
+    full = manifest(tensors, version, base, unchanged, adapter)
     push, snapshot = Push(full, [raw_bytes(t) for t in tensors.values()]), Snapshot(version, tensors, full)
-    if base is None:
+    if base is None or adapter is not None:  # an adapter is small: always sent in full
         return Update(snapshot, push, None)
     compressor = zstandard.ZstdCompressor(level=1)
     delta = generation_pb2.WeightManifest(policy_version=version, tensors=full.tensors, base_version=base.version)

@@ -52,10 +52,12 @@ def _served_greedy(client: GenerationClient, steps: int) -> tuple[list[int], lis
     return list(sample.prompt_token_ids), list(sample.completion_token_ids)
 
 
-async def _train(tiny_models, reward_server, tmp_path, each_step=None, **settings) -> list[dict[str, float]]:
-    """The learner in this process against a fresh generation server; after every step the
-    generator serves version = step, and `each_step(run, client, step)` checks the rest."""
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
+async def _train(tiny_models, reward_server, tmp_path, each_step=None, generation_flags=(), **settings
+                 ) -> list[dict[str, float]]:
+    """The learner in this process against a fresh generation server (started with
+    `generation_flags`); after every step the generator serves version = step, and
+    `each_step(run, client, step)` checks the rest."""
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", *generation_flags)
     run = Run(LearnerSettings(
         policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward_server.address,
         prompts=tiny_models["prompts"], output_dir=tmp_path / "run", **settings,
@@ -101,11 +103,13 @@ async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
         assert all(name in h for h in history), name
 
 
+@pytest.mark.parametrize("lora_publish", ["merged", "adapter"])
 async def test_a_lora_run_raises_the_reward_and_the_generator_serves_its_merged_model(
-        tiny_models, reward_server, tmp_path):
-    """use_peft: the replicas are pushed the base weights with the adapter merged in; after every
-    step their greedy output equals PEFT's own merge of the learner's model, and the reward on
-    held-out prompts (the same prompts and seeds at every evaluation) goes up."""
+        tiny_models, reward_server, tmp_path, lora_publish):
+    """use_peft: the replicas are pushed the base weights with the adapter merged in, or the adapter
+    alone (they run it with vLLM's LoRA); after every step their greedy output equals PEFT's own
+    merge of the learner's model, and the reward on held-out prompts (the same prompts and seeds
+    at every evaluation) goes up."""
     import copy
 
     def serves_the_merged_policy(run, client, step):
@@ -113,16 +117,24 @@ async def test_a_lora_run_raises_the_reward_and_the_generator_serves_its_merged_
         prompt_ids, served = _served_greedy(client, 12)
         assert served == greedy(merged, prompt_ids, 12), f"step {step}"
 
-    history = await _train(tiny_models, reward_server, tmp_path, serves_the_merged_policy, steps=12,
+    adapter = lora_publish == "adapter"
+    history = await _train(tiny_models, reward_server, tmp_path, serves_the_merged_policy,
+                           ("--enable-lora", "--max-lora-rank", "8") if adapter else (), steps=12,
                            batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=5e-2,
                            kl_coef=0.1, seed=0, advantage_estimator="grpo", use_peft=True, lora_r=8, lora_alpha=16,
-                           lora_target_modules=["all-linear"], eval_prompts=tiny_models["prompts"], eval_steps=1)
-    # 196 prompts; measured -0.17 after step 1 and +0.22 after step 12, a rise of the means below of
-    # 0.30-0.33 over runs (vLLM's batching on CPU makes runs differ slightly, and they diverge)
+                           lora_target_modules=["all-linear"], lora_publish=lora_publish,
+                           eval_prompts=tiny_models["prompts"], eval_steps=1)
+    # 196 prompts; merged: measured -0.17 after step 1 and +0.22 after step 12, a rise of the means
+    # below of 0.30-0.33 over runs (vLLM's batching on CPU makes runs differ slightly, and they diverge)
     rewards = [h["eval/reward_mean"] for h in history]
-    print(f"held-out reward per step {rewards}")
+    print(f"held-out reward per step {rewards}, bytes per push {history[-1]['push/sent_bytes']:.0f}")
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
-    assert [h["push/delta_replicas"] for h in history] == [0.0] + [1.0] * 11
+    full_bytes = sum(t.numel() * 4 for t in AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).parameters())
+    if adapter:  # the adapter goes in full every step: rank 8 of every linear layer
+        assert [h["push/delta_replicas"] for h in history] == [0.0] * 12
+        assert all(h["push/sent_bytes"] < 0.1 * full_bytes for h in history)
+    else:
+        assert [h["push/delta_replicas"] for h in history] == [0.0] + [1.0] * 11
 
 
 async def test_async_mode_trains_on_rollouts_at_most_one_version_old(tiny_models, reward_server, tmp_path):

@@ -267,7 +267,7 @@ async def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_r
         settings, AutoModelForCausalLM.from_pretrained(tiny_models["policy"]), keep_snapshots=False)
     report = await publisher.publish(1)
     assert calls == [(["a:1", "b:1"], 1), (["b:1"], 1)]  # only the replica that failed is pushed again
-    assert report.sent_bytes == report.full_bytes == 2 * sum(t.numel() * 4 for t in publisher.weights().values())
+    assert report.sent_bytes == report.full_bytes == 2 * sum(t.numel() * 4 for t in publisher.weights()[0].values())
     assert publisher.published.version == 1
     publisher.replicas = ["a:1", "c:1"]
     with pytest.raises(LearnerError, match="c:1: INVALID_ARGUMENT: bad manifest"):
@@ -498,6 +498,16 @@ def test_lora_trains_the_adapter_alone_against_the_base_and_resumes_exactly(tiny
     for name, tensor in got.items():
         assert torch.equal(tensor, weights[name]), name
     assert resumed[-1]["losses/policy_loss"] == scalars[-1]["losses/policy_loss"]
+
+
+@pytest.mark.parametrize("bad", [{}, {"use_peft": True, "weight_transport": "collective"}])
+def test_adapter_pushes_need_lora_and_the_in_band_transport(tiny_models, bad):
+    from pydantic import ValidationError
+
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+
+    with pytest.raises(ValidationError, match="lora_publish adapter needs use_peft and weight_transport grpc"):
+        LearnerSettings(**_trainer_settings(tiny_models, lora_publish="adapter", **bad))
 
 
 def test_the_reporter_writes_every_step_to_tensorboard_and_to_wandb_offline(tmp_path, monkeypatch):

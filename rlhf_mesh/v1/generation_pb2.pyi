@@ -269,7 +269,9 @@ class Sample(_message.Message):
     policy_version_start: _builtins.int
     """Policy version serving when the sample started."""
     policy_version_end: _builtins.int
-    """Policy version serving when the sample finished; larger than start when an update landed mid-sample."""
+    """Policy version serving when the sample finished; larger than start when an update landed mid-sample.
+    A sample generated with a pushed LoRA adapter keeps it to the end: both are the adapter's version.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids of the prompt as the model saw it (chat template applied)."""
@@ -405,6 +407,7 @@ class GetModelInfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     MAX_SAMPLES_PER_PROMPT_FIELD_NUMBER: _builtins.int
     WORKER_COUNT_FIELD_NUMBER: _builtins.int
+    MAX_LORA_RANK_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Model path or name as loaded."""
     policy_version: _builtins.int
@@ -425,6 +428,8 @@ class GetModelInfoResponse(_message.Message):
     """Largest n (samples per prompt) the server accepts."""
     worker_count: _builtins.int
     """Engine workers (tensor x pipeline parallel) that join a collective weight-transfer group."""
+    max_lora_rank: _builtins.int
+    """Largest LoRA rank an adapter push may have; 0 when the replica was started without LoRA."""
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """End-of-sequence token ids."""
@@ -443,10 +448,11 @@ class GetModelInfoResponse(_message.Message):
         dtype: _builtins.str = ...,
         max_samples_per_prompt: _builtins.int = ...,
         worker_count: _builtins.int = ...,
+        max_lora_rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "pad_token_id", b"pad_token_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "has_chat_template", b"has_chat_template", "max_model_len_tokens", b"max_model_len_tokens", "max_samples_per_prompt", b"max_samples_per_prompt", "model_id", b"model_id", "pad_token_id", b"pad_token_id", "policy_version", b"policy_version", "vocab_size", b"vocab_size", "worker_count", b"worker_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "has_chat_template", b"has_chat_template", "max_lora_rank", b"max_lora_rank", "max_model_len_tokens", b"max_model_len_tokens", "max_samples_per_prompt", b"max_samples_per_prompt", "model_id", b"model_id", "pad_token_id", b"pad_token_id", "policy_version", b"policy_version", "vocab_size", b"vocab_size", "worker_count", b"worker_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bos_token_id: _TypeAlias = _typing.Literal["bos_token_id"]  # noqa: Y015
     _WhichOneofArgType__bos_token_id: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id"]  # noqa: Y015
@@ -516,6 +522,7 @@ class WeightManifest(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     TENSORS_FIELD_NUMBER: _builtins.int
     BASE_VERSION_FIELD_NUMBER: _builtins.int
+    LORA_ADAPTER_FIELD_NUMBER: _builtins.int
     policy_version: _builtins.int
     """Policy version served after the update; must be greater than the one served now."""
     base_version: _builtins.int
@@ -526,22 +533,73 @@ class WeightManifest(_message.Message):
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Every tensor of the update."""
 
+    @_builtins.property
+    def lora_adapter(self) -> Global___LoraAdapter:
+        """Set for an adapter push (in-band, in full, to a replica started with LoRA enabled): the
+        tensors are a LoRA adapter of the served base model under PEFT's names
+        (`base_model.model.<module>.lora_A.weight`, `...lora_B.weight`), and it becomes the adapter
+        every new sample is generated with. Samples already running finish on the adapter they
+        started with; it is unloaded after them.
+        """
+
     def __init__(
         self,
         *,
         policy_version: _builtins.int = ...,
         tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
         base_version: _builtins.int | None = ...,
+        lora_adapter: Global___LoraAdapter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "base_version", b"base_version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "_lora_adapter", b"_lora_adapter", "base_version", b"base_version", "lora_adapter", b"lora_adapter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "base_version", b"base_version", "policy_version", b"policy_version", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "_lora_adapter", b"_lora_adapter", "base_version", b"base_version", "lora_adapter", b"lora_adapter", "policy_version", b"policy_version", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__base_version: _TypeAlias = _typing.Literal["base_version"]  # noqa: Y015
     _WhichOneofArgType__base_version: _TypeAlias = _typing.Literal["_base_version", b"_base_version"]  # noqa: Y015
+    _WhichOneofReturnType__lora_adapter: _TypeAlias = _typing.Literal["lora_adapter"]  # noqa: Y015
+    _WhichOneofArgType__lora_adapter: _TypeAlias = _typing.Literal["_lora_adapter", b"_lora_adapter"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__base_version) -> _WhichOneofReturnType__base_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lora_adapter) -> _WhichOneofReturnType__lora_adapter | None: ...
 
 Global___WeightManifest: _TypeAlias = WeightManifest  # noqa: Y015
+
+@_typing.final
+class LoraAdapter(_message.Message):
+    """The configuration of a pushed LoRA adapter, as PEFT's LoraConfig names it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    R_FIELD_NUMBER: _builtins.int
+    LORA_ALPHA_FIELD_NUMBER: _builtins.int
+    TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    USE_RSLORA_FIELD_NUMBER: _builtins.int
+    r: _builtins.int
+    """Rank r: lora_A is [r, in_features], lora_B is [out_features, r]."""
+    lora_alpha: _builtins.float
+    """The update is lora_alpha / r * B A (lora_alpha / sqrt(r) with use_rslora)."""
+    use_rslora: _builtins.bool
+    """Rank-stabilized scaling."""
+    @_builtins.property
+    def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Module names the adapter applies to, e.g. "q_proj"."""
+
+    def __init__(
+        self,
+        *,
+        r: _builtins.int = ...,
+        lora_alpha: _builtins.float = ...,
+        target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        use_rslora: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lora_alpha", b"lora_alpha", "r", b"r", "target_modules", b"target_modules", "use_rslora", b"use_rslora"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraAdapter: _TypeAlias = LoraAdapter  # noqa: Y015
 
 @_typing.final
 class WeightChunk(_message.Message):

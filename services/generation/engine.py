@@ -3,13 +3,17 @@
 Each sample is its own engine request (n=1), as vLLM fans out n>1 itself; that lets
 every sample stream the moment it finishes. vLLM labels every
 generated token with the weight version that produced it; those labels give a sample's
-policy_version_start and policy_version_end.
+policy_version_start and policy_version_end. With LoRA enabled, a pushed adapter is loaded as
+its own vLLM LoRA request (id = its policy version): new samples use the newest one, a running
+sample keeps the one it started with, and an adapter no sample uses any more is unloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from vllm import SamplingParams
 from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput
 from vllm.utils.async_utils import merge_async_iterators
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -67,6 +72,9 @@ class PolicyEngine:
         self.update_lock = asyncio.Lock()  # one weight update at a time
         self._session: asyncio.Future[tuple[float, float, float]] | None = None  # the vLLM update session
         self.broken = ""  # why the weights can no longer be trusted (a failed apply)
+        self.adapter: LoRARequest | None = None  # the pushed LoRA adapter new samples use
+        self._adapter_users: collections.Counter[int] = collections.Counter()  # running samples per adapter
+        self._unloading: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Start the engine (in a thread: it blocks for the whole load) and run one warm-up generation."""
@@ -94,6 +102,8 @@ class PolicyEngine:
     async def close(self) -> None:
         if self.llm is not None:
             self.llm.shutdown()
+        if self.adapter is not None:  # an older one still in use is left to remove_orphans at the next start
+            shutil.rmtree(self.adapter.lora_path, ignore_errors=True)
 
     def info(self) -> generation_pb2.GetModelInfoResponse:
         tok = self.tokenizer
@@ -106,7 +116,13 @@ class PolicyEngine:
             bos_token_id=tok.bos_token_id, has_chat_template=bool(getattr(tok, "chat_template", None)),
             dtype=str(self.llm.model_config.dtype).removeprefix("torch."),
             max_samples_per_prompt=self.settings.max_samples_per_prompt, worker_count=self.workers,
+            max_lora_rank=self.max_lora_rank,
         )
+
+    @property
+    def max_lora_rank(self) -> int:
+        """The largest adapter rank served; 0 without LoRA."""
+        return self.settings.max_lora_rank if self.settings.enable_lora else 0
 
     async def wait_for_version(self, version: int, timeout_s: float) -> bool:
         """Whether `version` or a newer one is served within `timeout_s`."""
@@ -187,6 +203,43 @@ class PolicyEngine:
         POLICY_VERSION.set(version)
         return (time.perf_counter() - paused) * 1000
 
+    async def serve_adapter(self, folder: str, version: int) -> float:
+        """Load the adapter in `folder` (adapter_folder) in every worker and serve it as `version`
+        to new samples; the previous one is unloaded once no sample uses it. Hold `update_lock`.
+        Raises WeightRejected when vLLM refuses it (nothing changed then). Returns the load's ms."""
+        started = time.perf_counter()
+        request = LoRARequest(f"policy-v{version}", version, folder)
+        try:
+            await self.llm.add_lora(request)
+        except Exception as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise WeightRejected(f"the adapter does not load: {err}") from None
+        previous = self.adapter
+        async with self.version_changed:
+            self.adapter, self.version = request, version
+            self.version_changed.notify_all()
+        POLICY_VERSION.set(version)
+        self._release_adapter(previous, 0)
+        return (time.perf_counter() - started) * 1000
+
+    def _release_adapter(self, adapter: LoRARequest | None, samples: int) -> None:
+        """`samples` samples are done with `adapter`; an old one nothing uses is unloaded."""
+        if adapter is None:
+            return
+        self._adapter_users[adapter.lora_int_id] -= samples
+        if adapter is not self.adapter and self._adapter_users[adapter.lora_int_id] <= 0:
+            del self._adapter_users[adapter.lora_int_id]
+            task = asyncio.ensure_future(self._unload(adapter))
+            self._unloading.add(task)
+            task.add_done_callback(self._unloading.discard)
+
+    async def _unload(self, adapter: LoRARequest) -> None:
+        try:
+            await self.llm.remove_lora(adapter.lora_int_id)
+        except Exception:  # the engine is shutting down: the folder goes with the process (remove_orphans)
+            log.warning("could not unload the adapter of policy version %d", adapter.lora_int_id, exc_info=True)
+        shutil.rmtree(adapter.lora_path, ignore_errors=True)
+
     def admit(self, plan: Plan) -> None:
         """Reserve queue room for the plan's samples (released by generate); raises QueueFull."""
         if self.queued + plan.num_samples > self.settings.max_queued_samples:
@@ -205,13 +258,17 @@ class PolicyEngine:
         """
         request_id = uuid.uuid4().hex
         inputs = self.llm.renderer.render_cmpl([{"prompt_token_ids": ids} for ids in plan.prompt_ids])
+        adapter = self.adapter  # every sample of the call keeps it to its end
         samples = [
-            self._sample(f"{request_id}-{p}-{s}", engine_input, plan.sample_params(p, s), p, s, stream_tokens)
+            self._sample(f"{request_id}-{p}-{s}", engine_input, plan.sample_params(p, s), p, s, stream_tokens,
+                         adapter)
             for p, engine_input in enumerate(inputs)
             for s in range(plan.n)
         ]
         started, first = time.perf_counter(), True
         remaining = len(samples)
+        if adapter is not None:
+            self._adapter_users[adapter.lora_int_id] += len(samples)
         try:
             async for _, event in merge_async_iterators(*samples):
                 if event.HasField("sample"):
@@ -223,18 +280,20 @@ class PolicyEngine:
                 yield event
         finally:
             self._release(remaining)
+            self._release_adapter(adapter, len(samples))
 
     def _release(self, count: int) -> None:
         self.queued -= count
         QUEUED.set(self.queued)
 
     async def _sample(
-        self, request_id: str, engine_input: dict, params, prompt_index: int, sample_index: int, stream_tokens: bool
+        self, request_id: str, engine_input: dict, params, prompt_index: int, sample_index: int, stream_tokens: bool,
+        adapter: LoRARequest | None,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         tokens: list[int] = []
         logprobs: list[float] = []
         text = ""
-        async for output in self.llm.generate(engine_input, params, request_id):
+        async for output in self.llm.generate(engine_input, params, request_id, lora_request=adapter):
             completion: CompletionOutput = output.outputs[0]
             new = list(completion.token_ids)
             tokens += new
@@ -247,6 +306,8 @@ class PolicyEngine:
                 spans = completion.weight_versions or []
                 start = int(spans[0].version) if spans else self.version
                 end = int(spans[-1].version) if spans else start
+                if adapter is not None:  # full pushes are refused while an adapter is served
+                    start = end = adapter.lora_int_id
                 GENERATED_TOKENS.inc(len(tokens))
                 SAMPLES.labels(completion.finish_reason).inc()
                 yield generation_pb2.GenerateResponse(sample=generation_pb2.Sample(

@@ -18,10 +18,13 @@ from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull
 from rlhf_mesh.services.generation.settings import GenerationSettings
 from rlhf_mesh.services.generation.staging import (
     BaseFile,
+    NotServable,
     StagingFile,
     StaleBase,
     StaleVersion,
     WeightRejected,
+    adapter_folder,
+    check_adapter,
     check_delta,
     check_manifest,
     remove_orphans,
@@ -98,7 +101,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                       messages: AsyncIterator[generation_pb2.PushWeightsRequest | generation_pb2.FetchWeightsResponse]
                       ) -> generation_pb2.PushWeightsResponse:
         """Stage, verify and serve an in-band push (or a peer's stream of its weights); raises
-        UpdateInProgress, StaleVersion, StaleBase or WeightRejected, and then nothing changed."""
+        UpdateInProgress, StaleVersion, StaleBase, NotServable or WeightRejected, and then nothing
+        changed. An adapter push (`lora_adapter`) becomes the served adapter, the base stays."""
         async with self._updating(manifest) as load_as:
             started = time.perf_counter()
             staging = await asyncio.to_thread(StagingFile, self.settings.weight_staging_dir, manifest, self.base)
@@ -110,10 +114,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 received = time.perf_counter()
                 await asyncio.to_thread(staging.verify)
                 verified = time.perf_counter()
-                self._replace_base(None)  # the served weights change: the old base serves no delta any more
-                _, apply_ms, paused_ms = await self.engine.apply_staged(staging.path, load_as, manifest.policy_version)
-                if self.settings.keep_weight_base:
-                    self._replace_base(BaseFile(staging.keep(), manifest))
+                if manifest.HasField("lora_adapter"):  # generation goes on meanwhile: nothing pauses
+                    folder = adapter_folder(staging.keep(), manifest)
+                    apply_ms, paused_ms = await self.engine.serve_adapter(folder, manifest.policy_version), 0.0
+                else:
+                    self._replace_base(None)  # the served weights change: the old base serves no delta any more
+                    _, apply_ms, paused_ms = await self.engine.apply_staged(staging.path, load_as,
+                                                                            manifest.policy_version)
+                    if self.settings.keep_weight_base:
+                        self._replace_base(BaseFile(staging.keep(), manifest))
             finally:
                 staging.close()
             timings = generation_pb2.WeightUpdateTimings(
@@ -129,8 +138,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                 f"this replica serves policy version {served}, not one above {request.above_version}")
         if base is None or base.version != served:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"this replica keeps no full copy of version {served} (it came by a collective push, "
-                                "or keep_weight_base is off)")
+                                f"this replica keeps no full copy of version {served} (it came by a collective push "
+                                "or is a LoRA adapter, or keep_weight_base is off)")
         reader = base.reopen()  # opened now: a push that replaces the base meanwhile leaves it readable
         messages = reader.messages()
         try:
@@ -168,8 +177,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if not self.engine.in_group:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this replica's workers are in no weight-transfer group: call InitWeightTransfer first")
-        if manifest.HasField("base_version"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "delta pushes are in-band only (PushWeights)")
+        if manifest.HasField("base_version") or manifest.HasField("lora_adapter"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "delta and adapter pushes are in-band only (PushWeights)")
         async with _refusals(context), self._updating(manifest) as load_as:
             self._replace_base(None)  # the base will no longer be the served version
             transfer_ms, apply_ms, paused_ms = await self.engine.receive_collective(manifest, load_as)
@@ -185,6 +195,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if self.engine.updating:
             raise UpdateInProgress("another weight update is in progress; retry after it")
         async with self.engine.update_lock:
+            if manifest.HasField("lora_adapter"):
+                check_adapter(manifest, self.engine.layout, self.engine.max_lora_rank, self.engine.version)
+                yield {}
+                return
+            if self.engine.adapter is not None:  # samples report the adapter's version: the base stays
+                raise NotServable(f"this replica serves a LoRA adapter (policy version {self.engine.version}): "
+                                  "push adapters, or restart it to push full weights")
             load_as = check_manifest(manifest, self.engine.layout, self.engine.aliases, self.engine.dtype,
                                      self.engine.version)
             check_delta(manifest, self.base, self.engine.version)
@@ -206,7 +223,7 @@ async def _refusals(context: grpc.aio.ServicerContext):
         yield
     except UpdateInProgress as err:
         await context.abort(grpc.StatusCode.ABORTED, str(err))
-    except (StaleVersion, StaleBase) as err:
+    except (StaleVersion, StaleBase, NotServable) as err:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
     except WeightRejected as err:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))

@@ -35,6 +35,14 @@ class GenerationSettings(ServiceSettings):
         "processed_logprobs",
         description="completion_logprobs after temperature/top-k/top-p (the sampling distribution) or raw",
     )
+    enable_lora: bool = Field(
+        False, description="serve LoRA adapters pushed by the learner (adapter pushes) on top of the base model"
+    )
+    max_lora_rank: int = Field(16, ge=1, description="largest rank of a pushed adapter (vLLM's max_lora_rank)")
+    max_loras: int = Field(
+        2, ge=1, description="adapters in one batch: the new one, and the one samples that started before its "
+        "push still use"
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="any other vLLM AsyncEngineArgs, e.g. max_num_batched_tokens=4096"
     )
@@ -115,4 +123,6 @@ class GenerationSettings(ServiceSettings):
             logprobs_mode=self.logprobs_mode,
             weight_transfer_config={"backend": "rlhf_mesh"},  # services/generation/weight_transfer.py
         )
+        if self.enable_lora:
+            explicit |= dict(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
         return {**{k: v for k, v in explicit.items() if v is not None}, **self.engine_args}

@@ -5,6 +5,9 @@ at its offset) in a memory-backed folder; once every byte is in and every digest
 the vLLM workers read the file (services/generation/weight_transfer.py). A push that fails
 or is interrupted only ever touched its own staging file.
 
+An adapter push (a LoRA adapter, `check_adapter`) is staged the same way, then moved into a
+folder laid out as PEFT saves an adapter, which vLLM loads.
+
 A delta push names a base version: the service keeps the staging file of its last in-band
 push (`BaseFile`) and rebuilds each changed tensor from its zstd-framed XOR against it;
 unchanged ones are copied from it. The digests of the whole tensors are checked either way,
@@ -16,6 +19,8 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -34,12 +39,15 @@ PREFIX = "rlhf-mesh-push-"  # then the owner's pid: staging files and bases of a
 
 
 def remove_orphans(folder: str) -> list[Path]:
-    """Remove the staging files (and kept bases) of processes that are gone, e.g. killed mid-push."""
+    """Remove the staging files, kept bases and adapters of processes that are gone, e.g. killed mid-push."""
     removed = []
-    for path in Path(folder).glob(f"{PREFIX}*.safetensors"):
+    for path in Path(folder).glob(f"{PREFIX}*"):
         owner = path.name.removeprefix(PREFIX).split("-", 1)[0]
         if owner.isdigit() and not psutil.pid_exists(int(owner)):
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
@@ -96,6 +104,76 @@ def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tu
         raise WeightRejected(f"missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                              f"({len(missing)} of {len(layout)})")
     return load_as
+
+
+class NotServable(ValueError):
+    """The replica is not in a state to take this kind of push (FAILED_PRECONDITION)."""
+
+
+_ADAPTER_TENSOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+
+
+def check_adapter(manifest: generation_pb2.WeightManifest, layout: dict[str, tuple[int, ...]], max_lora_rank: int,
+                  served_version: int) -> None:
+    """A LoRA adapter of the served base model (PEFT's tensor names), within the served rank, for a
+    newer version. max_lora_rank 0: the replica was started without LoRA."""
+    if not max_lora_rank:
+        raise NotServable("this replica serves no LoRA adapters: start it with enable_lora")
+    if manifest.policy_version <= served_version:
+        raise StaleVersion(
+            f"policy_version {manifest.policy_version} is not above the served version {served_version}"
+        )
+    if manifest.HasField("base_version"):
+        raise WeightRejected("an adapter push is sent in full: no base_version")
+    adapter = manifest.lora_adapter
+    if not 1 <= adapter.r <= max_lora_rank:
+        raise WeightRejected(f"lora_adapter.r {adapter.r} is not within 1..{max_lora_rank} (max_lora_rank)")
+    if not adapter.lora_alpha > 0 or not adapter.target_modules:
+        raise WeightRejected("lora_adapter needs lora_alpha > 0 and target_modules")
+    parts: dict[str, set[str]] = {}
+    for i, spec in enumerate(manifest.tensors):
+        where = f"tensors[{i}] {spec.name!r}"
+        match = _ADAPTER_TENSOR.fullmatch(spec.name)
+        if match is None:
+            raise WeightRejected(f"{where}: not a LoRA tensor (base_model.model.<module>.lora_A|lora_B.weight)")
+        module, part = match["module"], match["part"]
+        base = layout.get(f"{module}.weight")
+        if base is None or len(base) != 2:
+            raise WeightRejected(f"{where}: {module!r} is not a linear layer of the served policy")
+        if not any(module == t or module.endswith(f".{t}") for t in adapter.target_modules):  # PEFT's matching
+            targets = list(adapter.target_modules)
+            raise WeightRejected(f"{where}: {module!r} is not in target_modules "
+                                 f"{targets[:8]}{' ...' if len(targets) > 8 else ''}")
+        if part in parts.setdefault(module, set()):
+            raise WeightRejected(f"{where}: given twice")
+        parts[module].add(part)
+        expected = (adapter.r, base[1]) if part == "A" else (base[0], adapter.r)
+        if tuple(spec.shape) != expected:
+            raise WeightRejected(f"{where}: shape {list(spec.shape)}, expected {list(expected)}")
+        dtype = TORCH_DTYPES.get(spec.dtype)
+        if dtype is None or spec.size_bytes != torch.Size(spec.shape).numel() * dtype.itemsize:
+            raise WeightRejected(f"{where}: size_bytes {spec.size_bytes} does not match its shape and dtype")
+        if len(spec.blake3_digest) != 32:
+            raise WeightRejected(f"{where}: blake3_digest must be 32 bytes")
+    if not parts:
+        raise WeightRejected("an adapter push needs at least one module's lora_A and lora_B")
+    half = sorted(module for module, got in parts.items() if len(got) != 2)
+    if half:
+        raise WeightRejected(f"lora_A or lora_B missing for {half[:5]}")
+
+
+def adapter_folder(staged: str, manifest: generation_pb2.WeightManifest) -> str:
+    """A verified adapter push as PEFT saves an adapter (what vLLM loads): the staged safetensors
+    file moved into a folder beside it, with its adapter_config.json."""
+    adapter = manifest.lora_adapter
+    folder = Path(staged).with_name(f"{PREFIX}{os.getpid()}-adapter-{manifest.policy_version}")
+    folder.mkdir()
+    Path(staged).rename(folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": adapter.r, "lora_alpha": adapter.lora_alpha, "use_rslora": adapter.use_rslora,
+        "target_modules": list(adapter.target_modules), "bias": "none",
+    }))
+    return str(folder)
 
 
 class StaleBase(ValueError):

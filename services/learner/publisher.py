@@ -27,7 +27,7 @@ from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.retry import RETRYABLE, Retry, failure
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import TORCH_DTYPES, Snapshot, Update, full_push, prepare, state_dict_of
+from rlhf_mesh.weights import TORCH_DTYPES, Snapshot, Update, full_push, lora_adapter_of, prepare, state_dict_of
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class PolicyPublisher:
         # computed against them; in async mode training changes the live ones before a restarted
         # replica is repaired). None: version 0, which every replica loads from disk.
         self.published: Snapshot | None = None
-        self.deltas = s.weight_delta and s.weight_transport == "grpc"
+        self.adapter_only = s.use_peft and s.lora_publish == "adapter"  # else a LoRA policy goes merged
+        self.deltas = s.weight_delta and s.weight_transport == "grpc" and not self.adapter_only
         self.keep_tensors = keep_snapshots or self.deltas
         self.dtype = torch.float32  # the replicas' own, read at connect()
         self._credentials = s.credentials()
@@ -105,6 +106,11 @@ class PolicyPublisher:
         self.dtype = getattr(torch, dtypes.pop())
         if self.dtype not in TORCH_DTYPES.values():
             raise LearnerError(f"generation replicas serve {self.dtype}, which cannot be pushed")
+        if self.adapter_only:
+            short = [a for a, info in zip(self.replicas, infos, strict=True) if info.max_lora_rank < s.lora_r]
+            if short:
+                raise LearnerError(f"lora_publish adapter: replicas {short} serve no LoRA adapters of rank "
+                                   f"{s.lora_r} (start them with enable_lora and max_lora_rank >= {s.lora_r})")
         if s.weight_transport == "collective":
             self._sender = await asyncio.to_thread(self._new_sender, self.replicas)
         served = [info.policy_version for info in infos]
@@ -118,7 +124,7 @@ class PolicyPublisher:
             await self.publish(self.version(step))
         elif self.version(step) > 0:  # what a replica that restarts must be given again
             version = self.version(step)
-            self.published = (self._kept(await asyncio.to_thread(prepare, self.weights(), version))
+            self.published = (self._kept(await asyncio.to_thread(prepare, *self.weights(), version))
                               if self.keep_tensors else  # nothing to hash: no delta is computed against it
                               Snapshot(version, {}, generation_pb2.WeightManifest(policy_version=version)))
 
@@ -127,10 +133,11 @@ class PolicyPublisher:
             await client.close()
         self._close_sender()
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The policy's tensors as its checkpoint names them (a tied one once), in the replicas' dtype
-        (`prepare` copies what it keeps)."""
-        return {name: t.to(self.dtype) for name, t in state_dict_of(self.policy).items()}
+    def weights(self) -> tuple[dict[str, torch.Tensor], generation_pb2.LoraAdapter | None]:
+        """What a push sends, in the replicas' dtype (`prepare` copies what it keeps): the policy's
+        tensors as its checkpoint names them (a tied one once), or its LoRA adapter's and its config."""
+        tensors, adapter = lora_adapter_of(self.policy) if self.adapter_only else (state_dict_of(self.policy), None)
+        return {name: t.to(self.dtype) for name, t in tensors.items()}, adapter
 
     async def publish(self, version: int) -> PushReport:
         """Every replica serves `version` = the current policy when this returns. Replicas that
@@ -139,7 +146,8 @@ class PolicyPublisher:
         if s.resolve_replicas:
             await self._adopt_new_replicas()
         base = self.published if self.deltas and self.published is not None else None
-        update = await asyncio.to_thread(prepare, self.weights(), version, base)
+        tensors, adapter = self.weights()
+        update = await asyncio.to_thread(prepare, tensors, version, base, adapter)
         send = self._send_collective if s.weight_transport == "collective" else self._send_in_band
         pending, report = list(self.replicas), PushReport()
 
@@ -256,8 +264,9 @@ class PolicyPublisher:
         log.warning("generation replica %s serves policy version %d, not %d: pushing the weights again",
                     client.address, served, published.version)
         # Sync mode keeps no tensors: nothing trains while rollouts are collected, the policy is them.
-        tensors = published.tensors or self.weights()
-        full = Update(published, full_push(tensors, published.version, published), None)  # digests reused
+        tensors, adapter = self.weights()
+        full = Update(published, full_push(published.tensors or tensors, published.version, published, adapter),
+                      None)  # digests reused
         result, = await asyncio.to_thread(send_update, [client.address], full, self.settings.rpc_timeout_s,
                                           **self._credentials)
         if not result.ok:

@@ -119,7 +119,11 @@ class LearnerSettings(ServiceSettings):
     )
     use_peft: bool = Field(
         False, description="train a LoRA adapter of the policy (PEFT) instead of its weights; the reference is the "
-        "policy with the adapter disabled, and the replicas are pushed the merged weights"
+        "policy with the adapter disabled"
+    )
+    lora_publish: Literal["merged", "adapter"] = Field(
+        "merged", description="what a LoRA policy's pushes send: the merged full weights (to any replica) or the "
+        "adapter alone (to replicas started with enable_lora; in-band)"
     )
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (the update is alpha / r * B A)")
@@ -199,6 +203,8 @@ class LearnerSettings(ServiceSettings):
             )
         if self.use_peft and self.reference is not None:
             raise ValueError("use_peft: the reference is the policy with its adapter disabled; leave reference unset")
+        if self.lora_publish == "adapter" and not (self.use_peft and self.weight_transport == "grpc"):
+            raise ValueError("lora_publish adapter needs use_peft and weight_transport grpc")
         if self.eval_steps and self.eval_prompts is None:
             raise ValueError("eval_steps needs eval_prompts")
         if self.advantage_estimator != "gae" and self.num_samples_per_prompt < 2:
