@@ -124,7 +124,8 @@ class PolicyPublisher:
             await self.publish(self.version(step))
         elif self.version(step) > 0:  # what a replica that restarts must be given again
             version = self.version(step)
-            self.published = (self._kept(await asyncio.to_thread(prepare, *self.weights(), version))
+            tensors, adapter = self.weights()
+            self.published = (self._kept(await asyncio.to_thread(prepare, tensors, version, None, adapter))
                               if self.keep_tensors else  # nothing to hash: no delta is computed against it
                               Snapshot(version, {}, generation_pb2.WeightManifest(policy_version=version)))
 
