@@ -96,7 +96,8 @@ def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[st
     A transformers model gives its tensors as `save_pretrained` writes them, which is what the
     served checkpoint holds: a tied parameter once, and fused layers (mixture-of-experts experts
     in transformers 5) under their checkpoint names. A PEFT model gives its base model's, with
-    the active LoRA adapter merged in (computed aside: the model itself is left unmerged).
+    the active LoRA adapter merged in (computed aside: the model itself is left unmerged). A model
+    sharded with FSDP2 gives the same, gathered: every rank must call it.
     """
     if hasattr(weights, "peft_config"):
         model, tensors = weights.get_base_model(), _merged_lora(weights)
@@ -104,12 +105,23 @@ def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[st
         model, tensors = weights, weights.state_dict()
     else:
         model, tensors = None, weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-    if model is not None:
-        from transformers.core_model_loading import revert_weight_conversion
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    if model is None:
+        return {name: on_cpu(t) for name, t in tensors.items()}
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        tensors = revert_weight_conversion(model, remove_tied_weights_from_state_dict(tensors, model))
-    return {name: t.detach().to("cpu") for name, t in tensors.items()}
+    tensors = remove_tied_weights_from_state_dict(tensors, model)
+    return revert_weight_conversion(model, {name: on_cpu(t) for name, t in tensors.items()})
+
+
+def on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whole, detached, on CPU: an FSDP2 shard (DTensor) is gathered from every rank,
+    a collective that every rank of the learner makes in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu")
 
 
 @torch.no_grad()
@@ -211,7 +223,7 @@ def lora_adapter_of(peft_model: torch.nn.Module) -> tuple[dict[str, torch.Tensor
     spec = generation_pb2.LoraAdapter(r=config.r, lora_alpha=config.lora_alpha,
                                       target_modules=sorted(config.target_modules),
                                       use_rslora=config.use_rslora)
-    return {n: t.detach().to("cpu") for n, t in tensors.items()}, spec
+    return {n: on_cpu(t) for n, t in tensors.items()}, spec
 
 
 def prepare(tensors: dict[str, torch.Tensor], version: int, base: Snapshot | None = None,

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.clients.health import wait_until_serving
+from rlhf_mesh.services.learner.checkpoints import latest_checkpoint
 from rlhf_mesh.services.learner.run import Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
@@ -353,6 +354,61 @@ def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_model
     _trained_alike(history(tmp_path / "straight"), resumed, rel=1e-4)
 
 
+def test_fsdp_lora_torchrun_killed_with_kill_9_resumes_like_an_uninterrupted_run(tiny_models, reward_server,
+                                                                                  tmp_path):
+    """`torchrun --nproc-per-node 2 -m rlhf_mesh train --fsdp --use-peft` straight through, and the
+    same command with every process of it killed by SIGKILL (a node lost) once step 2's
+    checkpoint is written (it may have written one more before the kill lands), then run again:
+    the rerun resumes from the newest checkpoint's adapter and gathered optimizer state, pushes
+    its weights above the generator's, and its steps equal the uninterrupted run's."""
+    import json
+    import signal
+    import subprocess
+
+    import psutil
+
+    from support import free_port
+
+    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
+    out = tmp_path / "killed"
+
+    def command(output_dir: Path) -> list[str]:
+        return [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                "-m", "rlhf_mesh", "train", "--fsdp", "--use-peft", "--lora-r", "4", "--learning-rate", "1e-3",
+                "--policy", str(tiny_models["policy"]), "--generation", generation.address,
+                "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", "6",
+                "--save-steps", "1", "--batch-size", "8", "--gradient-accumulation-steps", "2",
+                "--response-length", "8", "--output-dir", str(output_dir)]
+
+    try:
+        straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+        assert straight.returncode == 0, straight.stderr[-3000:]
+        with (tmp_path / "killed.log").open("w") as log:
+            process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=log)
+            wait_for(lambda: (out / "checkpoints" / "step-000002").is_dir() or process.poll() is not None,
+                     timeout_s=600, what="the step-2 checkpoint")
+            ranks = psutil.Process(process.pid).children(recursive=True)  # torchrun starts each in a session of its own
+            for victim in [psutil.Process(process.pid), *ranks]:
+                victim.kill()
+            process.wait(timeout=60)
+            psutil.wait_procs(ranks, timeout=60)
+        assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+        newest = latest_checkpoint(out)
+        assert newest is not None and 2 <= int(newest.name[5:]) < 6  # killed mid-run
+        rerun = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert f"resumed from {newest}" in rerun.stderr
+        assert f"pushing the learner's step-{int(newest.name[5:])} weights as version" in rerun.stderr
+    finally:
+        generation.stop()
+
+    def history(output_dir: Path) -> list[dict[str, float]]:
+        return json.loads((output_dir / "checkpoints" / "step-000006" / "history.json").read_text())
+
+    assert [h["step"] for h in history(out)] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    _trained_alike(history(tmp_path / "straight"), history(out), rel=1e-4)
+
+
 def _trained_alike(expected: list[dict[str, float]], got: list[dict[str, float]], rel: float) -> None:
     """Every step's scalars agree, but for wall times, the version numbers and the push sizes (a rerun
     pushes above the generator's, and in full: the generator holds no base of that version)."""
@@ -364,11 +420,13 @@ def _trained_alike(expected: list[dict[str, float]], got: list[dict[str, float]]
             assert after[name] == pytest.approx(value, rel=rel, abs=1e-5), (before["step"], name)
 
 
-def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, tmp_path, parallel):
     """`rlhf-mesh train` in one process, and `rlhf-mesh serve learner` as two torchrun launches of
-    one rank each, as two pods of a Job run it (DDP over gloo): rank 0 serves the LearnerService,
-    generates, pushes and checkpoints; rank 1 trains its share and answers health checks. On the
-    same data and seed the steps agree and the generator ends up serving the two-rank policy.
+    one rank each, as two pods of a Job run it (DDP, or FSDP2 shards, over gloo): rank 0 serves the
+    LearnerService, generates, pushes and checkpoints; rank 1 trains its share (and under FSDP2
+    gathers its shards for every push, evaluation and checkpoint) and answers health checks. On
+    the same data and seed the steps agree and the generator ends up serving the two-rank policy.
     Both runs compute the same micro-batches and only the order in which gradients are summed
     differs (float rounding): the tolerance is that of float32 sums, and greedy outputs match."""
     import json
@@ -380,7 +438,8 @@ def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, t
     generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
     flags = ["--policy", str(tiny_models["policy"]), "--generation", generation.address,
              "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", "3",
-             "--batch-size", "8", "--gradient-accumulation-steps", "2", "--response-length", "8"]
+             "--batch-size", "8", "--gradient-accumulation-steps", "2", "--response-length", "8",
+             "--eval-prompts", str(tiny_models["prompts"]), "--eval-steps", "2"]
     threads = {"OMP_NUM_THREADS": "1"}  # one thread per process in both runs, as torchrun sets it: the same kernels
     master = str(free_port())
     nodes: list[ChildServer] = []
@@ -392,7 +451,8 @@ def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, t
             nodes.append(ChildServer(
                 [PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
                  str(rank), "--master-addr", "127.0.0.1", "--master-port", master, "-m", "rlhf_mesh", "serve",
-                 "learner", *flags, "--output-dir", str(tmp_path / "two"), "--start-paused", "--linger-s", "0"],
+                 "learner", *flags, "--output-dir", str(tmp_path / "two"), "--start-paused", "--linger-s", "0",
+                 *(["--fsdp"] if parallel == "fsdp" else [])],
                 tmp_path / f"rank{rank}.log", env=threads))
         for node in nodes:  # the follower's probes pass too while it waits for rank 0
             wait_until_serving(node.address, timeout_s=300, alive=node.alive)

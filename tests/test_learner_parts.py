@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import grpc
 import pyarrow as pa
@@ -99,6 +100,14 @@ def test_unknown_config_keys_are_refused(tmp_path):
     assert result.returncode == 2 and "kl_coeff" in result.stderr
 
 
+def _weights_of(model_dir):
+    """A publisher's source of weights: a model's, as a push sends them."""
+    from rlhf_mesh.weights import state_dict_of
+
+    tensors = state_dict_of(AutoModelForCausalLM.from_pretrained(model_dir))
+    return lambda: (tensors, None)
+
+
 def _rollout(version: int, prompt_index: int):
     from rlhf_mesh.services.learner.rollouts import Rollout
 
@@ -121,7 +130,7 @@ async def test_rollouts_older_than_the_staleness_bound_are_never_trained_on(tiny
     run = run_module.Run(settings)  # with its data and models, without services
     run.dataset = PromptDataset.load(settings.prompts)
     run.trainer = Trainer(settings)
-    run.publisher = PolicyPublisher(settings, run.trainer.models.policy, keep_snapshots=True)
+    run.publisher = PolicyPublisher(settings, run.trainer.push_weights, keep_snapshots=True)
     run.trainer.step = 3  # the last step: nothing is prefetched after it
     served_versions = iter([1, 2])  # step 3 may use version 2 (lag 1), never version 1 (lag 2)
 
@@ -234,7 +243,6 @@ async def test_a_replica_that_stays_down_fails_the_step_after_the_retries():
 
 
 async def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_restart(monkeypatch, tiny_models):
-    from transformers import AutoModelForCausalLM
 
     from rlhf_mesh.clients.push import ReplicaResult
     from rlhf_mesh.services.learner import publisher as publisher_module
@@ -263,8 +271,7 @@ async def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_r
     monkeypatch.setattr(publisher_module.asyncio, "sleep", no_wait)
     settings = LearnerSettings(policy=str(tiny_models["policy"]), generation=["a:1", "b:1"], reward="r:1",
                                prompts=tiny_models["prompts"])
-    publisher = publisher_module.PolicyPublisher(
-        settings, AutoModelForCausalLM.from_pretrained(tiny_models["policy"]), keep_snapshots=False)
+    publisher = publisher_module.PolicyPublisher(settings, _weights_of(tiny_models["policy"]), keep_snapshots=False)
     report = await publisher.publish(1)
     assert calls == [(["a:1", "b:1"], 1), (["b:1"], 1)]  # only the replica that failed is pushed again
     assert report.sent_bytes == report.full_bytes == 2 * sum(t.numel() * 4 for t in publisher.weights()[0].values())
@@ -283,7 +290,6 @@ async def test_a_replica_the_autoscaler_adds_gets_the_next_push_and_generates(mo
     """resolve_replicas: every publish looks the headless name up again; a replica that appeared
     (and caught up from a peer) is pushed the new version, as a delta when it holds the last one,
     and joins the generators. A replica missing from DNS for a while (restarting) is kept."""
-    from transformers import AutoModelForCausalLM
 
     from rlhf_mesh.clients.push import ReplicaResult
     from rlhf_mesh.services.learner import publisher as publisher_module
@@ -302,8 +308,7 @@ async def test_a_replica_the_autoscaler_adds_gets_the_next_push_and_generates(mo
     monkeypatch.setattr(publisher_module, "resolve", lambda name: behind[0])
     settings = LearnerSettings(policy=str(tiny_models["policy"]), generation=["generation:50051"], reward="r:1",
                                prompts=tiny_models["prompts"], resolve_replicas=True)
-    publisher = publisher_module.PolicyPublisher(
-        settings, AutoModelForCausalLM.from_pretrained(tiny_models["policy"]), keep_snapshots=False)
+    publisher = publisher_module.PolicyPublisher(settings, _weights_of(tiny_models["policy"]), keep_snapshots=False)
     publisher.replicas = list(behind[0])  # as connect() found them
     await publisher.publish(1)
     for found in behind[1:]:
@@ -317,7 +322,8 @@ async def test_a_replica_the_autoscaler_adds_gets_the_next_push_and_generates(mo
 
 
 def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps: list, out: str) -> None:
-    """One rank of a data-parallel learner (torchrun's environment) training on fixed rollouts."""
+    """One rank of a data-parallel learner (torchrun's environment) training on fixed rollouts:
+    rank 0 writes each step's scalars and pushed weights, and the checkpoint after the last."""
     import os
 
     from rlhf_mesh.services.learner.settings import LearnerSettings
@@ -330,13 +336,14 @@ def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps:
     if rank > 0:
         trainer.follow()
         return
-    scalars = []
+    scalars, pushed = [], []
     for rollouts in steps:
         scalars.append(trainer.train(rollouts))
         trainer.step += 1
+        pushed.append({name: t.clone() for name, t in trainer.push_weights()[0].items()})  # a view, unsharded
     checkpoint = trainer.save_checkpoint()
     trainer.close()
-    torch.save({"scalars": scalars, "policy": trainer.models.policy.state_dict(),
+    torch.save({"scalars": scalars, "pushed": pushed, "policy": pushed[-1], "checkpoint": str(checkpoint),
                 "rng": torch.load(checkpoint / "trainer.pt", weights_only=False)["rng"]}, out)
 
 
@@ -367,23 +374,12 @@ def _trainer_settings(tiny_models, **overrides) -> dict:
 def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
     """DDP over 2 gloo ranks, each taking half of every mini-batch's micro-batches, equals one
     process taking them all: the same micro-batches, gradients summed in another order."""
-    import random
 
-    import torch.multiprocessing as mp
 
-    rng = random.Random(0)
     steps = _fixed_steps(3)
     settings = _trainer_settings(tiny_models, gradient_accumulation_steps=2, value_head=critic == "value head",
                                  advantage_estimator="grpo" if critic == "grpo" else "gae")
-    runs = {}
-    for world_size in (1, 2):
-        out = tmp_path / f"world-{world_size}.pt"
-        port = 29500 + rng.randrange(10000)
-        mp.spawn(_train_as_rank, args=(world_size, port, {**settings, "output_dir": str(tmp_path / str(world_size))},
-                                       steps, str(out)), nprocs=world_size)
-        runs[world_size] = torch.load(out, weights_only=False)
-
-    one, two = runs[1], runs[2]
+    one, two = (_spawn(world_size, settings, steps, tmp_path / str(world_size)) for world_size in (1, 2))
     assert len(two["rng"]) == 2  # each rank's RNG states are checkpointed
     for name, weight in one["policy"].items():
         torch.testing.assert_close(two["policy"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
@@ -393,6 +389,59 @@ def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
         for name, value in expected.items():
             if not name.startswith("time/"):
                 assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def _spawn(world_size: int, settings: dict, steps: list, output_dir) -> dict:
+    """`_train_as_rank` on `world_size` processes; what rank 0 wrote."""
+    import random
+
+    import torch.multiprocessing as mp
+
+    out = output_dir / "rank0.pt"
+    port = 29500 + random.randrange(10000)
+    mp.spawn(_train_as_rank, args=(world_size, port, {**settings, "output_dir": str(output_dir)}, steps, str(out)),
+             nprocs=world_size)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("variant", ["critic model, gradient checkpointing", "LoRA, value head"])
+def test_fsdp2_ranks_train_like_one_process_and_resume(tiny_models, tmp_path, variant):
+    """fsdp: each of 2 gloo ranks keeps half of every parameter (fully_shard per decoder layer)
+    and gathers each layer for its pass. Against one unsharded process on the same rollouts the
+    same micro-batches are computed and only the order of the gradient sums differs, so the
+    pushed weights (gathered from the shards) and every scalar agree to float32 rounding. The
+    checkpoint, gathered too, is the pushed model, and 2 sharded ranks resumed from it after step 2
+    end step 3 where the uninterrupted process does (a kill -9 loses nothing past a checkpoint)."""
+    from peft import PeftModel
+
+    from rlhf_mesh.weights import state_dict_of
+
+    steps = _fixed_steps(3, seed=4)
+    lora = variant.startswith("LoRA")
+    settings = _trainer_settings(tiny_models, gradient_accumulation_steps=2, value_head=lora, use_peft=lora,
+                                 lora_r=4, lora_alpha=8, gradient_checkpointing=not lora,
+                                 learning_rate=1e-2 if lora else 1e-3)
+    one = _spawn(1, settings, steps, tmp_path / "one")
+    two = _spawn(2, {**settings, "fsdp": True}, steps[:2], tmp_path / "two")
+    resumed = _spawn(2, {**settings, "fsdp": True, "resume_from": two["checkpoint"]}, steps[2:], tmp_path / "resumed")
+
+    close = {"rtol": 1e-5, "atol": 1e-6}  # as DDP's: float32 sums in another order
+    for step, got in ((0, two["pushed"][0]), (1, two["pushed"][1]), (2, resumed["pushed"][0])):
+        assert got.keys() == one["pushed"][step].keys()
+        for name, expected in one["pushed"][step].items():
+            torch.testing.assert_close(got[name], expected, **close, msg=f"step {step + 1} {name}")
+    initial = state_dict_of(AutoModelForCausalLM.from_pretrained(tiny_models["policy"]))
+    assert not all(torch.equal(one["policy"][n], t) for n, t in initial.items())  # training moved the weights
+    for expected, got in zip(one["scalars"], two["scalars"] + resumed["scalars"], strict=True):
+        for name, value in expected.items():
+            if not name.startswith("time/"):
+                assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert len(two["rng"]) == 2
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    saved = Path(two["checkpoint"]) / "policy"
+    loaded = PeftModel.from_pretrained(base, saved) if lora else AutoModelForCausalLM.from_pretrained(saved)
+    for name, tensor in state_dict_of(loaded).items():  # the sharded checkpoint is the model it pushed
+        assert torch.equal(tensor, two["pushed"][1][name]), name
 
 
 def _train(settings: dict, steps: list, output_dir) -> tuple[list[dict], dict, object]:

@@ -1,10 +1,13 @@
 """Data parallelism under torchrun: rank 0 (the leader) talks to the services, pushes weights and
-writes checkpoints; every rank trains its share of each step's micro-batches with DDP.
+writes checkpoints; every rank trains its share of each step's micro-batches, with a full copy
+of the models (DDP) or a shard of them (FSDP2, `fully_shard` per decoder layer).
 
 `torchrun --nproc-per-node N -m rlhf_mesh train ...` starts N processes with RANK and
 WORLD_SIZE set; gloo is the backend on CPU, NCCL on GPU (rank r on cuda:LOCAL_RANK). The
 other ranks (followers) wait for the leader's messages: a step's rollouts to train on, a
-request for their RNG states, or None, the end of the run.
+request for their RNG states, or None, the end of the run. With FSDP2 every forward pass, and
+every gathering of full weights (for a push, a checkpoint, an evaluation), is a collective: the
+followers take part in those too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -89,15 +93,30 @@ class World:
                                        broadcast_buffers=False)
 
     @staticmethod
+    def shard(module: torch.nn.Module | None) -> None:
+        """FSDP2 in place: each decoder layer (the classes a transformers model names in
+        `_no_split_modules`) is one unit whose parameters are gathered for its pass, the rest
+        of `module` (embeddings, head, final norm: tied ones stay tied) the root unit."""
+        if module is None:
+            return
+        blocks = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+        for layer in [m for m in module.modules() if type(m).__name__ in blocks]:
+            fully_shard(layer)
+        fully_shard(module)
+
+    @staticmethod
     def accumulating(modules: list[torch.nn.Module | None], last: bool) -> contextlib.AbstractContextManager:
-        """DDP's no_sync on every wrapped module but for the last micro-batch of a rank's share."""
+        """No gradient sync over the ranks but for the last micro-batch of a rank's share
+        (DDP's no_sync; FSDP2 keeps the unsharded gradients until then)."""
         stack = contextlib.ExitStack()
-        if not last:
-            for module in modules:
-                if isinstance(module, DistributedDataParallel):
-                    stack.enter_context(module.no_sync())
+        for module in modules:
+            if isinstance(module, FSDPModule):
+                module.set_requires_gradient_sync(last)
+            elif isinstance(module, DistributedDataParallel) and not last:
+                stack.enter_context(module.no_sync())
         return stack
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+

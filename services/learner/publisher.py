@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +28,10 @@ from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.retry import RETRYABLE, Retry, failure
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import TORCH_DTYPES, Snapshot, Update, full_push, lora_adapter_of, prepare, state_dict_of
+from rlhf_mesh.weights import TORCH_DTYPES, Snapshot, Update, full_push, prepare
+
+# The policy's tensors as a push sends them, and the LoRA adapter's config when they are an adapter's.
+Weights = tuple[dict[str, torch.Tensor], generation_pb2.LoraAdapter | None]
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +62,9 @@ class PushReport:
 class PolicyPublisher:
     """The generation replicas as the learner sees them: whom to push to, how, and what they were given."""
 
-    def __init__(self, settings: LearnerSettings, policy: torch.nn.Module, keep_snapshots: bool) -> None:
+    def __init__(self, settings: LearnerSettings, policy_weights: Callable[[], Weights], keep_snapshots: bool) -> None:
         self.settings = s = settings
-        self.policy = policy
+        self.policy_weights = policy_weights  # the trainer's push_weights
         self.replicas = list(s.generation)  # one address per replica
         self.generators: list[AsyncGenerationClient] = []
         self.offset = 0
@@ -124,20 +128,21 @@ class PolicyPublisher:
             await self.publish(self.version(step))
         elif self.version(step) > 0:  # what a replica that restarts must be given again
             version = self.version(step)
-            tensors, adapter = self.weights()
-            self.published = (self._kept(await asyncio.to_thread(prepare, tensors, version, None, adapter))
-                              if self.keep_tensors else  # nothing to hash: no delta is computed against it
-                              Snapshot(version, {}, generation_pb2.WeightManifest(policy_version=version)))
+            if self.keep_tensors:
+                tensors, adapter = self.weights()
+                self.published = self._kept(await asyncio.to_thread(prepare, tensors, version, None, adapter))
+            else:  # nothing to hash: no delta is computed against it
+                self.published = Snapshot(version, {}, generation_pb2.WeightManifest(policy_version=version))
 
     async def close(self) -> None:
         for client in self.generators:
             await client.close()
         self._close_sender()
 
-    def weights(self) -> tuple[dict[str, torch.Tensor], generation_pb2.LoraAdapter | None]:
+    def weights(self) -> Weights:
         """What a push sends, in the replicas' dtype (`prepare` copies what it keeps): the policy's
         tensors as its checkpoint names them (a tied one once), or its LoRA adapter's and its config."""
-        tensors, adapter = lora_adapter_of(self.policy) if self.adapter_only else (state_dict_of(self.policy), None)
+        tensors, adapter = self.policy_weights()
         return {name: t.to(self.dtype) for name, t in tensors.items()}, adapter
 
     async def publish(self, version: int) -> PushReport:
@@ -265,9 +270,13 @@ class PolicyPublisher:
         log.warning("generation replica %s serves policy version %d, not %d: pushing the weights again",
                     client.address, served, published.version)
         # Sync mode keeps no tensors: nothing trains while rollouts are collected, the policy is them.
-        tensors, adapter = self.weights()
-        full = Update(published, full_push(published.tensors or tensors, published.version, published, adapter),
-                      None)  # digests reused
+        # (Async mode keeps them: the policy trains meanwhile, and under FSDP2 its ranks are busy.)
+        if published.tensors:
+            tensors = published.tensors
+            adapter = published.manifest.lora_adapter if published.manifest.HasField("lora_adapter") else None
+        else:
+            tensors, adapter = self.weights()
+        full = Update(published, full_push(tensors, published.version, published, adapter), None)  # digests reused
         result, = await asyncio.to_thread(send_update, [client.address], full, self.settings.rpc_timeout_s,
                                           **self._credentials)
         if not result.ok:

@@ -98,7 +98,7 @@ class Run:
                                              scalars={k: v for k, v in h.items() if k != "step"})
             for h in self.trainer.history
         ]
-        self.publisher = PolicyPublisher(s, self.trainer.models.policy, keep_snapshots=self.max_lag > 0)
+        self.publisher = PolicyPublisher(s, self.trainer.push_weights, keep_snapshots=self.max_lag > 0)
         self.reward = AsyncRewardClient(s.reward, timeout_s=s.rpc_timeout_s, **s.credentials())
         try:
             await self.reward.list_models(timeout_s=s.services_wait_s, wait_for_ready=True)

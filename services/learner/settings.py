@@ -117,6 +117,10 @@ class LearnerSettings(ServiceSettings):
         False, description="recompute the policy's and critic's activations in the backward pass: less memory, "
         "one more forward"
     )
+    fsdp: bool = Field(
+        False, description="under torchrun: shard the policy, reference and critic over the ranks with FSDP2 "
+        "(fully_shard per decoder layer) instead of a full copy on each rank (DDP)"
+    )
     use_peft: bool = Field(
         False, description="train a LoRA adapter of the policy (PEFT) instead of its weights; the reference is the "
         "policy with the adapter disabled"

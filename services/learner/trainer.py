@@ -2,9 +2,11 @@
 
 `Trainer.train(rollouts)` is one step's update and needs no service: log-probs of the policy
 and the reference, values, advantages, then the PPO epochs over mini-batches (data-parallel
-over the ranks of a torchrun world). Rank 0 calls it; the other ranks `follow()` and train
-their shares of the same step. Collecting rollouts and publishing the weights is the run's
-job (run.py, rollouts.py, publisher.py).
+over the ranks of a torchrun world, with DDP or FSDP2). Rank 0 calls it; the other ranks
+`follow()` and train their shares of the same step, and take part in whatever else needs
+every rank (under FSDP2: gathering the weights for a push or a checkpoint, the evaluation's
+KL). Collecting rollouts and publishing the weights is the run's job (run.py, rollouts.py,
+publisher.py).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from transformers import get_scheduler
 
 from rlhf_mesh.hub import resolve_model
@@ -37,12 +41,26 @@ from rlhf_mesh.services.learner.models import (
 )
 from rlhf_mesh.services.learner.rollouts import Rollout, component_means
 from rlhf_mesh.services.learner.settings import LearnerSettings
+from rlhf_mesh.v1 import generation_pb2
+from rlhf_mesh.weights import lora_adapter_of, on_cpu, state_dict_of
 
 log = logging.getLogger(__name__)
 
 
 def _rng_state() -> dict[str, object]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _whole(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` on CPU, gathered from every rank under FSDP2 (each rank must call it);
+    tied parameters stay one tensor, so `save_pretrained` writes them once."""
+    gathered: dict[int, torch.Tensor] = {}
+    tensors = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in gathered:
+            gathered[id(tensor)] = on_cpu(tensor)
+        tensors[name] = gathered[id(tensor)]
+    return tensors
 
 
 class Trainer:
@@ -76,8 +94,16 @@ class Trainer:
             critic, s.value_head, with_critic=s.advantage_estimator == "gae", device=self.device,
             reference_dtype=self.dtype, gradient_checkpointing=s.gradient_checkpointing, lora=lora,
         )
-        self.parameters = [p for m in (self.models.policy, self.models.critic) if m is not None
-                           for p in m.parameters() if p.requires_grad]  # with LoRA: the adapter's
+        critic = self.models.critic
+        if resume is not None and critic is not None and critic.is_head:
+            critic.load_state_dict(torch.load(resume / "value_head.pt"))
+        # FSDP2: every rank keeps a shard of each model (the optimizer is made for the shards).
+        self.sharded = s.fsdp and self.world.size > 1
+        if self.sharded:
+            for module in (self.models.reference, self.models.policy, critic):
+                self.world.shard(module)
+        self._trainable = torch.nn.ModuleList([m for m in (self.models.policy, critic) if m is not None])
+        self.parameters = [p for p in self._trainable.parameters() if p.requires_grad]  # with LoRA: the adapter's
         self._lora_dropouts = lora_dropouts(self.models.policy)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=s.learning_rate, eps=1e-5, weight_decay=s.weight_decay)
         warmup = s.warmup_steps or math.ceil(s.warmup_ratio * s.optimizer_steps)
@@ -90,15 +116,20 @@ class Trainer:
         self.history: list[dict[str, float]] = []  # every step's scalars, checkpointed with the run
         if resume is not None:
             self._restore(resume)
-        # What training runs forward and backward through: the models, or DDP around them.
-        self._policy, self._critic = self.world.wrap(self.models.policy), self.world.wrap(self.models.critic)
+        # What training runs forward and backward through: the (sharded) models, or DDP around them.
+        self._policy, self._critic = ((self.models.policy, self.models.critic) if self.sharded else
+                                      (self.world.wrap(self.models.policy), self.world.wrap(self.models.critic)))
 
     def _restore(self, checkpoint: Path) -> None:
         """Optimizer, KL coefficient, step, history and RNG states of a checkpoint (its models are loaded)."""
         state = torch.load(checkpoint / "trainer.pt", weights_only=False)
-        if self.models.critic is not None and self.models.critic.is_head:
-            self.models.critic.load_state_dict(torch.load(checkpoint / "value_head.pt"))
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if all(isinstance(p, str) for g in optimizer["param_groups"] for p in g["params"]):
+            # By parameter name, whole: it loads on any number of ranks, sharded or not.
+            set_optimizer_state_dict(self._trainable, self.optimizer, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+        else:  # a checkpoint written before they were named: by position
+            self.optimizer.load_state_dict(optimizer)
         if "scheduler" in state:  # a checkpoint written before schedules were: constant, no scaling
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
@@ -124,13 +155,18 @@ class Trainer:
         return self._train(rollouts)
 
     def follow(self) -> None:
-        """A follower rank: train on the leader's rollouts, send it the RNG states, until the run ends."""
+        """A follower rank: train on the leader's rollouts, and take part in its evaluations, pushes
+        and checkpoints, until the run ends."""
         while (message := self.world.broadcast()) is not None:
             kind, self.step, rollouts = message
             if kind == "train":
                 self._train(rollouts)
+            elif kind == "kl":
+                self._kl(rollouts)
+            elif kind == "weights":
+                self._push_weights()
             else:
-                self.world.gather(_rng_state())
+                self._checkpoint_state()
         self._leave_world()
 
     def close(self) -> None:
@@ -160,10 +196,12 @@ class Trainer:
         with torch.no_grad():
             old_logprobs, ref_logprobs = torch.zeros_like(mask), torch.zeros_like(mask)
             values = torch.zeros_like(mask) if self.models.critic is not None else None
-            for rows in self._micro_batches(len(batch))[self.world.rank::self.world.size]:
-                old_logprobs[rows], ref_logprobs[rows], value = self._score_rows(batch.select(rows))
-                if values is not None:
-                    values[rows] = value
+            for rows, mine in self._rank_micro_batches(len(batch)):
+                logprobs, ref, value = self._score_rows(batch.select(rows))
+                if mine:
+                    old_logprobs[rows], ref_logprobs[rows] = logprobs, ref
+                    if values is not None:
+                        values[rows] = value
             for part in (old_logprobs, ref_logprobs, values):
                 if part is not None:
                     self.world.sum(part)
@@ -207,6 +245,15 @@ class Trainer:
         rows = torch.arange(count) if order is None else order
         return list(rows.split(self.settings.micro_batch_size))
 
+    def _rank_micro_batches(self, count: int) -> Iterator[tuple[torch.Tensor, bool]]:
+        """This rank's micro-batches of a pass without gradients over `count` rows, and whether
+        each is its own. Under FSDP2 a forward pass is a collective, so every rank makes as many:
+        one short of them passes its first micro-batch again and drops what it gives (False)."""
+        micro, size = self._micro_batches(count), self.world.size
+        end = -(-len(micro) // size) * size if self.sharded else len(micro)
+        for i in range(self.world.rank, end, size):
+            yield (micro[i], True) if i < len(micro) else (micro[0], False)
+
     def _score_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Policy log-probs, reference log-probs and values of a micro-batch (no gradients)."""
         t, critic = self.settings.temperature, self.models.critic
@@ -225,18 +272,37 @@ class Trainer:
 
     def kl(self, rollouts: list[Rollout]) -> float:
         """The mean over `rollouts` of their summed per-token KL to the reference (no update)."""
+        self.world.broadcast(("kl", self.step, rollouts))
+        return self._kl(rollouts)
+
+    def _kl(self, rollouts: list[Rollout]) -> float:
         s = self.settings
         batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                            self.pad_id).to(self.device)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            for rows in self._micro_batches(len(batch)):
+            for rows, mine in self._rank_micro_batches(len(batch)):
                 micro = batch.select(rows.to(self.device))
                 with self._autocast():
                     _, logprobs, _ = forward(self.models.policy, micro, s.temperature)
                     ref_logprobs = self._reference_logprobs(micro)
-                total += float((ppo.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * micro.mask).sum())
-        return total / len(rollouts)
+                if mine:
+                    total += (ppo.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * micro.mask).sum()
+        return float(self.world.sum(total)) / len(rollouts)
+
+    def push_weights(self) -> tuple[dict[str, torch.Tensor], generation_pb2.LoraAdapter | None]:
+        """What a push of the policy sends: its tensors as its checkpoint names them, or with
+        `lora_publish: adapter` its LoRA adapter's and their config; gathered from every rank
+        under FSDP2."""
+        if self.sharded:
+            self.world.broadcast(("weights", self.step, None))
+        return self._push_weights()
+
+    def _push_weights(self) -> tuple[dict[str, torch.Tensor], generation_pb2.LoraAdapter | None]:
+        policy, s = self.models.policy, self.settings
+        if s.use_peft and s.lora_publish == "adapter":
+            return lora_adapter_of(policy)
+        return state_dict_of(policy), None
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -295,7 +361,7 @@ class Trainer:
                     note("objective/entropy", entropy)
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, s.max_grad_norm)
-                note("losses/grad_norm", grad_norm)
+                note("losses/grad_norm", on_cpu(grad_norm))  # under FSDP2 a DTensor: the norm over every shard
                 note("charts/learning_rate", torch.tensor(self.scheduler.get_last_lr()[0]))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -312,20 +378,35 @@ class Trainer:
         """Write the run's state under output_dir/checkpoints/step-N, atomically."""
         from transformers import AutoTokenizer
 
-        self.world.broadcast(("rng", self.step, None))
-        rng = self.world.gather(_rng_state())  # one per rank
+        self.world.broadcast(("checkpoint", self.step, None))
+        rng, models, optimizer = self._checkpoint_state()
+        policy, critic = self.models.policy, self.models.critic
 
         def write(folder: Path) -> None:
-            self.models.policy.save_pretrained(folder / "policy")
+            policy.save_pretrained(folder / "policy", state_dict=models.get("policy"))
             AutoTokenizer.from_pretrained(self.policy_path).save_pretrained(folder / "policy")
-            critic = self.models.critic
             if critic is not None and critic.is_head:
-                torch.save(critic.state_dict(), folder / "value_head.pt")
+                torch.save(models.get("critic") or critic.state_dict(), folder / "value_head.pt")
             elif critic is not None:
-                critic.model.save_pretrained(folder / "critic")
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
+                critic.model.save_pretrained(folder / "critic", state_dict=models.get("critic"))
+            torch.save({"step": self.step, "optimizer": optimizer, "kl_coef": self.kl_ctl.value,
                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng},
                        folder / "trainer.pt")
             (folder / "history.json").write_text(json.dumps(self.history))
 
         return write_atomically(self.settings.output_dir / "checkpoints" / f"step-{self.step:06d}", write)
+
+    def _checkpoint_state(self) -> tuple[list[dict[str, object]], dict[str, dict[str, torch.Tensor]], dict]:
+        """On every rank, what a checkpoint holds beyond the leader's own state: every rank's RNG
+        states, the sharded models gathered whole (none unsharded: they save themselves), and the
+        optimizer's state by parameter name (on the leader)."""
+        rng = self.world.gather(_rng_state())
+        models = {}
+        if self.sharded:
+            models["policy"] = _whole(self.models.policy)
+            critic = self.models.critic
+            if critic is not None:
+                models["critic"] = _whole(critic if critic.is_head else critic.model)
+        optimizer = get_optimizer_state_dict(self._trainable, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return rng, models, optimizer
