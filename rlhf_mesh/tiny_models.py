@@ -50,6 +50,8 @@ PRESETS = {
     "small": Preset(512, 1408, 6, 8, 4, 1024),
     # About 100M parameters: weight-push benchmarks.
     "base": Preset(768, 2816, 12, 12, 4, 2048),
+    # About 400M parameters: the learner's memory at a size where weights outweigh the runtime.
+    "large": Preset(1024, 4096, 24, 16, 8, 2048),
 }
 
 _SUBJECTS = ["the cat", "a robot", "my friend", "the teacher", "our team", "the river", "a small bird",

@@ -97,7 +97,7 @@ def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[st
     served checkpoint holds: a tied parameter once, and fused layers (mixture-of-experts experts
     in transformers 5) under their checkpoint names. A PEFT model gives its base model's, with
     the active LoRA adapter merged in (computed aside: the model itself is left unmerged). A model
-    sharded with FSDP2 gives the same, gathered: every rank must call it.
+    sharded with FSDP2 gives the same, gathered on rank 0 (`on_cpu`): every rank must call it.
     """
     if hasattr(weights, "peft_config"):
         model, tensors = weights.get_base_model(), _merged_lora(weights)
@@ -115,12 +115,15 @@ def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[st
 
 
 def on_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor whole, detached, on CPU: an FSDP2 shard (DTensor) is gathered from every rank,
-    a collective that every rank of the learner makes in the same order."""
+    """A tensor whole, detached, on CPU. An FSDP2 shard (DTensor) is gathered from every rank, a
+    collective that all ranks make in the same order; rank 0 alone keeps the values, the others
+    the shape (on the meta device), so that gathering a whole model costs them no memory."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
+        tensor = tensor.full_tensor().detach()
+        if dist.get_rank() > 0:
+            return tensor.to("meta")
     return tensor.detach().to("cpu")
 
 

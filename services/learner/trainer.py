@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from rlhf_mesh.hub import resolve_model
@@ -52,8 +53,8 @@ def _rng_state() -> dict[str, object]:
 
 
 def _whole(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` on CPU, gathered from every rank under FSDP2 (each rank must call it);
-    tied parameters stay one tensor, so `save_pretrained` writes them once."""
+    """`module.state_dict()` on CPU, gathered on rank 0 under FSDP2 (each rank must call it); tied
+    parameters stay one tensor, so `save_pretrained` writes them once."""
     gathered: dict[int, torch.Tensor] = {}
     tensors = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
@@ -99,6 +100,8 @@ class Trainer:
             critic.load_state_dict(torch.load(resume / "value_head.pt"))
         # FSDP2: every rank keeps a shard of each model (the optimizer is made for the shards).
         self.sharded = s.fsdp and self.world.size > 1
+        if s.fsdp and not self.sharded:
+            log.warning("fsdp: one process, nothing to shard (start the learner under torchrun)")
         if self.sharded:
             for module in (self.models.reference, self.models.policy, critic):
                 self.world.shard(module)
@@ -292,7 +295,7 @@ class Trainer:
 
     def push_weights(self) -> tuple[dict[str, torch.Tensor], generation_pb2.LoraAdapter | None]:
         """What a push of the policy sends: its tensors as its checkpoint names them, or with
-        `lora_publish: adapter` its LoRA adapter's and their config; gathered from every rank
+        `lora_publish: adapter` its LoRA adapter's and their config; gathered on the leader
         under FSDP2."""
         if self.sharded:
             self.world.broadcast(("weights", self.step, None))
@@ -361,7 +364,9 @@ class Trainer:
                     note("objective/entropy", entropy)
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, s.max_grad_norm)
-                note("losses/grad_norm", on_cpu(grad_norm))  # under FSDP2 a DTensor: the norm over every shard
+                if isinstance(grad_norm, DTensor):  # under FSDP2: the norm over every shard, on every rank
+                    grad_norm = grad_norm.full_tensor()
+                note("losses/grad_norm", grad_norm)
                 note("charts/learning_rate", torch.tensor(self.scheduler.get_last_lr()[0]))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
