@@ -15,7 +15,10 @@ bfloat16 and every push carries all its tensors in bfloat16. Measured in this on
   (FetchWeights, verified and applied as a push), against a full in-band push of the same
   weights from this process to a third, fresh replica (how the learner repairs one);
 - fan-out: the sender's CPU-seconds (every thread of this process: hashing, gRPC, gloo) for a
-  full push to 3 replicas, against a push to 1, in-band and collective.
+  full push to 3 replicas, against a push to 1, in-band and collective;
+- adapter: a LoRA adapter (r 16 on every linear layer, as `lora_publish: adapter` sends it) to a
+  replica started with `--enable-lora`, whole call (vLLM's add_lora included), against the
+  full in-band push above (what `lora_publish: merged` sends).
 Prints bytes, seconds, GB/s, the split between transfer, verification and apply, and how
 long generation was paused per update.
 """
@@ -151,6 +154,31 @@ def fan_out(clients: list[GenerationClient], weights: dict[str, torch.Tensor], v
     return {t: (median(cpu[t, 1]), median(cpu[t, n])) for t in ("in-band", "collective")}, version
 
 
+def adapter_pushes(model: str, pushes: int) -> list[tuple[int, float]]:
+    """Bytes and seconds of each adapter push to a fresh LoRA-enabled replica (a new adapter each time)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_mesh.weights import full_push, lora_adapter_of
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                                LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    runs = []
+    with server(replica_args(model, "--enable-lora", "--max-lora-rank", "16", "--metrics-port", "0")) as address, \
+            GenerationClient(address, timeout_s=600) as client:
+        for version in range(1, pushes + 2):  # the first warms the engine's LoRA path
+            with torch.no_grad():
+                for name, parameter in peft_model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.normal_(0, 1e-3)
+            started = time.perf_counter()
+            tensors, adapter = lora_adapter_of(peft_model)  # as the learner's publisher: in the replica's dtype
+            reply = client.push(full_push({n: t.to(torch.bfloat16) for n, t in tensors.items()}, version,
+                                          adapter=adapter))
+            runs.append((reply.received_bytes, time.perf_counter() - started))
+    return runs[1:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="policy folder (default: build the `base` preset)")
@@ -196,6 +224,7 @@ def main() -> None:
                 repair_s = time.perf_counter() - started
                 sender_cpu, _ = fan_out([client, peer, other], weights, served.snapshot.version + 1, args.pushes)
     gloo = raw_gloo(list(weights.values()), args.pushes)
+    adapters = adapter_pushes(model, args.pushes)
 
     print("| push | MB | seconds | GB/s | transfer ms | verify ms | apply ms | paused ms |")
     print("|---|---|---|---|---|---|---|---|")
@@ -233,6 +262,10 @@ def main() -> None:
         print(f"sender CPU-seconds of a full {transport} push (user + system): {sum(one):.2f} ({one[0]:.2f} + "
               f"{one[1]:.2f}) to 1 replica, {sum(three):.2f} ({three[0]:.2f} + {three[1]:.2f}) to 3: "
               f"{sum(three) / sum(one):.2f}x (target <= 1.5)")
+    adapter_bytes, adapter_s = adapters[0][0], statistics.median(s for _, s in adapters)
+    print(f"\nLoRA adapter push (r 16, every linear layer): {adapter_bytes / 1e6:.1f} MB, {adapter_s:.2f} s; "
+          f"merged (a full in-band push) {size / 1e6:.0f} MB, {in_band_s:.2f} s: {adapter_bytes / size:.3f}x the "
+          f"bytes (target <= 0.05), {adapter_s / in_band_s:.2f}x the seconds")
 
 
 if __name__ == "__main__":

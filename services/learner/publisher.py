@@ -72,8 +72,7 @@ class PolicyPublisher:
         # computed against them; in async mode training changes the live ones before a restarted
         # replica is repaired). None: version 0, which every replica loads from disk.
         self.published: Snapshot | None = None
-        self.adapter_only = s.use_peft and s.lora_publish == "adapter"  # else a LoRA policy goes merged
-        self.deltas = s.weight_delta and s.weight_transport == "grpc" and not self.adapter_only
+        self.deltas = s.weight_delta and s.weight_transport == "grpc" and not s.adapter_pushes
         self.keep_tensors = keep_snapshots or self.deltas
         self.dtype = torch.float32  # the replicas' own, read at connect()
         self._credentials = s.credentials()
@@ -110,7 +109,7 @@ class PolicyPublisher:
         self.dtype = getattr(torch, dtypes.pop())
         if self.dtype not in TORCH_DTYPES.values():
             raise LearnerError(f"generation replicas serve {self.dtype}, which cannot be pushed")
-        if self.adapter_only:
+        if s.adapter_pushes:
             short = [a for a, info in zip(self.replicas, infos, strict=True) if info.max_lora_rank < s.lora_r]
             if short:
                 raise LearnerError(f"lora_publish adapter: replicas {short} serve no LoRA adapters of rank "

@@ -236,6 +236,11 @@ class LearnerSettings(ServiceSettings):
         return self.steps * self.num_ppo_epochs * self.num_mini_batches
 
     @property
+    def adapter_pushes(self) -> bool:
+        """A LoRA policy published as its adapter alone (else a LoRA policy goes merged)."""
+        return self.use_peft and self.lora_publish == "adapter"
+
+    @property
     def rollouts_per_step(self) -> int:
         return self.batch_size * self.num_samples_per_prompt
 

@@ -302,10 +302,8 @@ class Trainer:
         return self._push_weights()
 
     def _push_weights(self) -> tuple[dict[str, torch.Tensor], generation_pb2.LoraAdapter | None]:
-        policy, s = self.models.policy, self.settings
-        if s.use_peft and s.lora_publish == "adapter":
-            return lora_adapter_of(policy)
-        return state_dict_of(policy), None
+        policy = self.models.policy
+        return lora_adapter_of(policy) if self.settings.adapter_pushes else (state_dict_of(policy), None)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
