@@ -243,7 +243,6 @@ async def test_a_replica_that_stays_down_fails_the_step_after_the_retries():
 
 
 async def test_a_weight_push_is_retried_on_the_replicas_that_failed_while_they_restart(monkeypatch, tiny_models):
-
     from rlhf_mesh.clients.push import ReplicaResult
     from rlhf_mesh.services.learner import publisher as publisher_module
     from rlhf_mesh.services.learner.errors import LearnerError
@@ -290,7 +289,6 @@ async def test_a_replica_the_autoscaler_adds_gets_the_next_push_and_generates(mo
     """resolve_replicas: every publish looks the headless name up again; a replica that appeared
     (and caught up from a peer) is pushed the new version, as a delta when it holds the last one,
     and joins the generators. A replica missing from DNS for a while (restarting) is kept."""
-
     from rlhf_mesh.clients.push import ReplicaResult
     from rlhf_mesh.services.learner import publisher as publisher_module
     from rlhf_mesh.services.learner.settings import LearnerSettings
@@ -340,7 +338,8 @@ def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps:
     for rollouts in steps:
         scalars.append(trainer.train(rollouts))
         trainer.step += 1
-        pushed.append({name: t.clone() for name, t in trainer.push_weights()[0].items()})  # a view, unsharded
+        weights, _ = trainer.push_weights()  # unsharded, views of the live parameters: copied
+        pushed.append({name: t.clone() for name, t in weights.items()})
     checkpoint = trainer.save_checkpoint()
     trainer.close()
     torch.save({"scalars": scalars, "pushed": pushed, "policy": pushed[-1], "checkpoint": str(checkpoint),
@@ -374,8 +373,6 @@ def _trainer_settings(tiny_models, **overrides) -> dict:
 def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
     """DDP over 2 gloo ranks, each taking half of every mini-batch's micro-batches, equals one
     process taking them all: the same micro-batches, gradients summed in another order."""
-
-
     steps = _fixed_steps(3)
     settings = _trainer_settings(tiny_models, gradient_accumulation_steps=2, value_head=critic == "value head",
                                  advantage_estimator="grpo" if critic == "grpo" else "gae")
