@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -92,17 +93,18 @@ class World:
         return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
                                        broadcast_buffers=False)
 
-    @staticmethod
-    def shard(module: torch.nn.Module | None) -> None:
+    def shard(self, module: torch.nn.Module | None, device: torch.device) -> None:
         """FSDP2 in place: each decoder layer (the classes a transformers model names in
         `_no_split_modules`) is one unit whose parameters are gathered for its pass, the rest
-        of `module` (embeddings, head, final norm: tied ones stay tied) the root unit."""
+        of `module` (embeddings, head, final norm: tied ones stay tied) the root unit. Each
+        unit's shard moves to `device` as it is made."""
         if module is None:
             return
+        mesh = init_device_mesh(device.type, (self.size,))
         blocks = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
         for layer in [m for m in module.modules() if type(m).__name__ in blocks]:
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
 
     @staticmethod
     def accumulating(modules: list[torch.nn.Module | None], last: bool) -> contextlib.AbstractContextManager:

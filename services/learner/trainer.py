@@ -89,22 +89,25 @@ class Trainer:
             lora = functools.partial(with_lora, adapter=str(resume / "policy") if resume is not None else None,
                                      r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
                                      target_modules=s.lora_target_modules)
+        # FSDP2: every rank keeps a shard of each model (the optimizer is made for the shards). The
+        # models load in host memory and each unit moves to the device as it is sharded, so no
+        # device ever holds a whole model.
+        self.sharded = s.fsdp and self.world.size > 1
+        if s.fsdp and not self.sharded:
+            log.warning("fsdp: one process, nothing to shard (start the learner under torchrun)")
         self.models = load_models(
             str(resume / "policy") if resume is not None and lora is None else self.policy_path,
             reference or (self.policy_path if resume is not None else None),  # the reference stays the initial policy
-            critic, s.value_head, with_critic=s.advantage_estimator == "gae", device=self.device,
-            reference_dtype=self.dtype, gradient_checkpointing=s.gradient_checkpointing, lora=lora,
+            critic, s.value_head, with_critic=s.advantage_estimator == "gae",
+            device=torch.device("cpu") if self.sharded else self.device, reference_dtype=self.dtype,
+            gradient_checkpointing=s.gradient_checkpointing, lora=lora,
         )
         critic = self.models.critic
         if resume is not None and critic is not None and critic.is_head:
             critic.load_state_dict(torch.load(resume / "value_head.pt"))
-        # FSDP2: every rank keeps a shard of each model (the optimizer is made for the shards).
-        self.sharded = s.fsdp and self.world.size > 1
-        if s.fsdp and not self.sharded:
-            log.warning("fsdp: one process, nothing to shard (start the learner under torchrun)")
         if self.sharded:
             for module in (self.models.reference, self.models.policy, critic):
-                self.world.shard(module)
+                self.world.shard(module, self.device)
         self._trainable = torch.nn.ModuleList([m for m in (self.models.policy, critic) if m is not None])
         self.parameters = [p for p in self._trainable.parameters() if p.requires_grad]  # with LoRA: the adapter's
         self._lora_dropouts = lora_dropouts(self.models.policy)
