@@ -120,4 +120,7 @@ class World:
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
+            # Every rank's last message is in before any rank tears its connections down: a rank
+            # whose peer closed them while gloo still read aborted at exit.
+            dist.barrier()
             dist.destroy_process_group()
