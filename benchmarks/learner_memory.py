@@ -118,7 +118,7 @@ def main() -> None:
     policy = args.model or str(models["policy"])
     print(f"policy {policy}, {args.rollouts} rollouts x {args.length} tokens, device {args.device}", flush=True)
     results = {}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(64 << 10)} if args.device == "cpu" else {})}
     for name, overrides in CONFIGS.items():
         if name != "float32" and name not in args.configs:
             continue
