@@ -106,13 +106,52 @@ def _feedback_export(args: argparse.Namespace) -> int:
     from rlhf_mesh.clients.feedback import FeedbackClient
 
     with FeedbackClient(args.addr, timeout_s=args.timeout_s, **_credentials(args)) as client:
-        pairs, summary = client.export_preferences(args.min_rating_margin)
+        pairs, summary = client.export_preferences(args.min_rating_margin, campaign_id=args.campaign,
+                                                   min_raters_backing=args.min_raters_backing,
+                                                   min_agreement=args.min_agreement)
     with open(args.output, "w") as out:
         for pair in pairs:
             out.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
-                                  "feedback_id": pair.feedback_id}) + "\n")
+                                  "feedback_id": pair.feedback_id, "raters_backing": pair.raters_backing,
+                                  "raters": pair.raters}) + "\n")
     print(f"{summary.pairs} pairs from {summary.used_feedback} feedback items ({summary.skipped_feedback} "
-          f"skipped: ties, single ratings) -> {args.output}")
+          f"skipped: ties, single ratings, too little agreement) -> {args.output}")
+    return 0
+
+
+def _campaign(args: argparse.Namespace) -> int:
+    from rlhf_mesh.clients.feedback import FeedbackClient
+    from rlhf_mesh.v1 import feedback_pb2
+
+    with FeedbackClient(args.addr, timeout_s=args.timeout_s, **_credentials(args)) as client:
+        if args.campaign_action == "create":
+            created = client.create_campaign(feedback_pb2.Campaign(
+                campaign_id=args.id, title=args.title or "",
+                guidelines=args.guidelines.read_text() if args.guidelines else "",
+                judgements=[feedback_pb2.JudgementKind.Value(f"JUDGEMENT_KIND_{j.upper().replace('-', '_')}")
+                            for j in args.judgements.split(",")],
+                rating_scale=args.rating_scale, judgements_per_item=args.per_item))
+            kinds = ", ".join(feedback_pb2.JudgementKind.Name(j).removeprefix("JUDGEMENT_KIND_").lower()
+                              for j in created.judgements)
+            print(f"campaign {created.campaign_id}: {kinds}; {created.judgements_per_item} raters per item")
+        elif args.campaign_action == "list":
+            print(f"{'campaign':<24}{'per item':>9}{'items':>7}{'closed':>8}{'judgements':>12}{'skips':>7}")
+            for c in client.campaigns():
+                p = c.progress
+                print(f"{c.campaign_id:<24}{c.judgements_per_item:>9}{p.items:>7}{p.closed_items:>8}"
+                      f"{p.judgements:>12}{p.skips:>7}")
+        else:
+            def number(stats, field: str) -> str:
+                return f"{getattr(stats, field):.3f}" if stats.HasField(field) else "-"
+
+            for stats in client.campaign_stats(args.id or ""):
+                print(f"campaign {stats.campaign_id}: alpha {number(stats, 'alpha_choice')} (choices, nominal), "
+                      f"{number(stats, 'alpha_rating')} (ratings, ordinal); "
+                      f"pairwise agreement {number(stats, 'percent_agreement')}")
+                for r in stats.raters:
+                    print(f"  {r.rater_id:<24}{r.judgements:>6} judged{r.skips:>6} skipped")
+                for pair in stats.pairs:
+                    print(f"  {pair.rater_a} / {pair.rater_b}: agreed on {pair.agreed} of {pair.units}")
     return 0
 
 
@@ -135,9 +174,9 @@ def _feedback_sample(args: argparse.Namespace) -> int:
                                      policy_version=info.policy_version)
              for i, p in enumerate(prompts) if len(set(responses[i])) > 1 and all(r.strip() for r in responses[i])]
     with FeedbackClient(args.feedback, timeout_s=args.timeout_s, **_credentials(args)) as client:
-        reply = client.add_rating_items(items)
+        reply = client.add_rating_items(items, campaign_id=args.campaign)
     print(f"queued {reply.added} of {len(prompts)} prompts (skipped: identical or empty responses); "
-          f"{reply.pending} waiting for raters")
+          f"{reply.pending} waiting for raters in {args.campaign or 'default'}")
     return 0
 
 
@@ -243,13 +282,37 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="JSONL file of {prompt, chosen, rejected, feedback_id}")
     export.add_argument("--min-rating-margin", type=float, default=0.0,
                         help="smallest rating difference that makes a pair")
+    export.add_argument("--campaign", default="", help="only this campaign's feedback")
+    export.add_argument("--min-raters-backing", type=int, default=0,
+                        help="only pairs at least this many of an item's raters back")
+    export.add_argument("--min-agreement", type=float, default=0.0,
+                        help="only pairs at least this share of an item's raters back (e.g. 0.66: 2 of 3)")
     export.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the call")
     export.set_defaults(run=_feedback_export)
+    campaign = feedback.add_parser("campaign", help="create, list and follow labelling campaigns"
+                                   ).add_subparsers(dest="campaign_action", required=True)
+    create = campaign.add_parser("create", parents=[secured], help="create a campaign")
+    create.add_argument("--id", required=True, help="campaign id: a-z, 0-9, '-' and '_'")
+    create.add_argument("--title", help="title shown to raters (default: the id)")
+    create.add_argument("--guidelines", type=Path, help="markdown file of guidelines for raters")
+    create.add_argument("--judgements", default="choice",
+                        help="comma-separated: choice, rating, correction, tie, both-bad (default: choice)")
+    create.add_argument("--rating-scale", type=int, default=5, help="ratings are 1 to this")
+    create.add_argument("--per-item", type=int, default=1, help="raters that judge each item (k)")
+    listing = campaign.add_parser("list", parents=[secured], help="campaigns and their progress")
+    stats = campaign.add_parser("stats", parents=[secured],
+                                help="judgements per rater, pairwise agreement, Krippendorff's alpha")
+    stats.add_argument("--id", help="only this campaign")
+    for command in (create, listing, stats):
+        command.add_argument("--addr", required=True, help="HOST:PORT of the FeedbackService")
+        command.add_argument("--timeout-s", type=float, default=60.0, help="deadline of the call")
+        command.set_defaults(run=_campaign)
     sample = feedback.add_parser("sample", parents=[secured],
                                  help="generate responses to prompts and queue them for the rater page")
     sample.add_argument("--prompts", required=True, help='JSONL with a "prompt" per line')
     sample.add_argument("--generation", required=True, help="HOST:PORT of a GenerationService")
     sample.add_argument("--feedback", required=True, help="HOST:PORT of the FeedbackService")
+    sample.add_argument("--campaign", default="", help="campaign to add the items to (default: default)")
     sample.add_argument("-n", type=int, default=2, help="responses per prompt")
     sample.add_argument("--max-tokens", type=int, default=48)
     sample.add_argument("--temperature", type=float, default=1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from pathlib import Path
 
 from aiohttp import web
 
@@ -47,3 +48,16 @@ async def start_site(application: web.Application, host: str, port: int,
             await runner.cleanup()
         raise
     return runner, runner.addresses[0][1]
+
+
+def ssl_context(cert: Path | None, key: Path | None, client_ca: Path | None) -> ssl.SSLContext | None:
+    """TLS for an HTTP port from a service's tls_cert and tls_key (None without a cert); with
+    `client_ca`, clients must present a certificate it signed."""
+    if cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

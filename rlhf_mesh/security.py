@@ -37,7 +37,7 @@ from rlhf_mesh.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RoleName = Literal["score", "generate", "feedback", "monitor", "admin"]
+RoleName = Literal["score", "generate", "feedback", "monitor", "admin", "rate"]
 ADMIN = common_pb2.ROLE_ADMIN
 
 
@@ -56,14 +56,14 @@ def required_role(method: str) -> int:
     return descriptor.GetOptions().Extensions[common_pb2.required_role] or ADMIN
 
 
-class _Token(BaseModel, extra="forbid"):
+class Token(BaseModel, extra="forbid"):
     name: str = Field(min_length=1)
     token: SecretStr = Field(min_length=16)
     roles: list[RoleName] = Field(min_length=1)
 
 
 class _TokensFile(BaseModel, extra="forbid"):
-    tokens: list[_Token]
+    tokens: list[Token]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Reloading(Generic[T]):
             return True
 
 
-def load_tokens(path: Path) -> list[_Token]:
+def load_tokens(path: Path) -> list[Token]:
     """The tokens of a token file; ValueError naming the problem (never a token's value)."""
     try:
         return _TokensFile.model_validate(yaml.safe_load(path.read_text()) or {}).tokens
@@ -132,11 +132,10 @@ class TokenAuth:
 
     def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may go on; else the status and a message for the caller."""
-        self._tokens.changed()
         presented = [v for k, v in metadata if k == "authorization" and isinstance(v, str)]
         if not presented or not presented[0].startswith("Bearer "):
             return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (metadata 'authorization: Bearer <token>')"
-        holder = self._holder(presented[0].removeprefix("Bearer ").encode())
+        holder = self.holder(presented[0].removeprefix("Bearer "))
         if holder is None:
             return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
         role = required_role(method)
@@ -146,7 +145,10 @@ class TokenAuth:
             )
         return None
 
-    def _holder(self, candidate: bytes) -> _Token | None:
+    def holder(self, token: str) -> Token | None:
+        """The entry of the token file that holds `token` (the file re-read when it changed)."""
+        self._tokens.changed()
+        candidate = token.encode()
         # Every token is compared, in constant time each, so timing tells nothing about which matched.
         found = None
         for entry in self._tokens.value:

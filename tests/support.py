@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import urllib.request
@@ -212,3 +213,30 @@ def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
             step = int(items.pop("_step"))
             steps[step] = {k: v for k, v in items.items() if not k.startswith("_")}
     return steps
+
+
+def fresh_postgres() -> str:
+    """The URL of the test PostgreSQL database (RLHF_MESH_TEST_POSTGRES_URL, which `.ci/run` sets),
+    emptied of the feedback store's tables; skips without one, except under CI where it fails."""
+    import pytest
+    import sqlalchemy
+
+    url = os.environ.get("RLHF_MESH_TEST_POSTGRES_URL", "")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("RLHF_MESH_TEST_POSTGRES_URL is not set: CI must run the PostgreSQL tests")
+        pytest.skip("no PostgreSQL: set RLHF_MESH_TEST_POSTGRES_URL=postgresql://USER:PASSWORD@HOST/DB")
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(
+            "DROP TABLE IF EXISTS feedback, rating_items, campaigns, assignments, alembic_version CASCADE"))
+    engine.dispose()
+    return url
+
+
+def write_tokens(path: Path, roles: dict[str, list[str]]) -> dict[str, str]:
+    """A tokens file giving each name its roles; returns each name's token."""
+    tokens = {name: f"{name}-token-{'x' * 16}" for name in roles}
+    path.write_text("tokens:\n" + "".join(f"  - {{name: {name}, token: {tokens[name]}, roles: [{', '.join(r)}]}}\n"
+                                          for name, r in roles.items()))
+    return tokens

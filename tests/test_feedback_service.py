@@ -1,44 +1,29 @@
 """FeedbackService over gRPC, on SQLite and on a real PostgreSQL server.
 
 PostgreSQL comes from RLHF_MESH_TEST_POSTGRES_URL (`.ci/run` installs and starts one on
-loopback); without it the PostgreSQL cases skip, except under CI where they must run.
+loopback); without it the PostgreSQL cases skip, except under CI where they must run
+(support.fresh_postgres).
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import grpc
 import pytest
-import sqlalchemy
 
 from rlhf_mesh.clients.feedback import FeedbackClient, feedback
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.v1 import feedback_pb2
 
-from support import PYTHON, ChildServer
-
-POSTGRES_URL = os.environ.get("RLHF_MESH_TEST_POSTGRES_URL", "")
-
-
-def _fresh_postgres() -> str:
-    if not POSTGRES_URL:
-        if os.environ.get("CI"):
-            pytest.fail("RLHF_MESH_TEST_POSTGRES_URL is not set: CI must run the PostgreSQL tests")
-        pytest.skip("no PostgreSQL: set RLHF_MESH_TEST_POSTGRES_URL=postgresql://USER:PASSWORD@HOST/DB")
-    engine = sqlalchemy.create_engine(POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://", 1))
-    with engine.begin() as connection:
-        connection.execute(sqlalchemy.text("DROP TABLE IF EXISTS feedback, rating_items, alembic_version"))
-    engine.dispose()
-    return POSTGRES_URL
+from support import PYTHON, ChildServer, fresh_postgres
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database(request, tmp_path_factory) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('db') / 'feedback.db'}"
-    return _fresh_postgres()
+    return fresh_postgres()
 
 
 def _serve(database: str, log_path) -> ChildServer:
@@ -65,11 +50,12 @@ def test_each_kind_is_stored_and_listed_as_given(feedback_server):
         feedback("Say hi", ["hi", "hello"], rater_id=rater, choice=1, model_id="policy", policy_version=3),
         feedback("Say hi", ["hi", "yo", "hey"], rater_id=rater, scores=[2, 5, 3.5], scale=(1, 5)),
         feedback("Say hi", ["hii"], rater_id=rater, correction=(0, "Hi!")),
+        feedback("Say hi", ["hi", "yo"], rater_id=rater, both_bad=True),
     ]
     with FeedbackClient(feedback_server.address) as client:
         replies = [client.submit(item) for item in items]
         listed = list(client.list(rater_id=rater))
-    assert [r.already_stored for r in replies] == [False] * 3
+    assert [r.already_stored for r in replies] == [False] * 4
     assert [f.feedback_id for f in listed] == [r.feedback_id for r in replies]
     for given, stored, reply in zip(items, listed, replies, strict=True):
         expected = feedback_pb2.Feedback()
@@ -150,9 +136,12 @@ def test_export_turns_choices_ratings_and_corrections_into_pairs(feedback_server
         (feedback("P", ["a", "x" * 1001], rater_id="r", choice=0), "responses[1] is longer than max_text_bytes=1000"),
         (feedback("P", ["a"], rater_id="r", correction=(1, "b")), "correction.response_index 1 is not"),
         (feedback_pb2.Feedback(rater_id="r", prompt="P", responses=["a"]), "no judgement"),
+        (feedback("P", ["a"], rater_id="r", tie=True), "a tie needs two or more responses"),
+        (feedback_pb2.Feedback(rater_id="r", prompt="P", responses=["a", "b"], choice=feedback_pb2.Choice(),
+                               campaign_id="default", item_id=1), "campaign_id and item_id are set by the server"),
     ],
     ids=["choice-index", "choice-one", "rating-scale", "rating-count", "empty-response", "empty-prompt",
-         "no-rater", "oversized", "correction-index", "no-judgement"],
+         "no-rater", "oversized", "correction-index", "no-judgement", "tie-one", "campaign-item"],
 )
 def test_bad_feedback_is_refused_and_nothing_is_written(feedback_server, item, message):
     item.rater_id = item.rater_id and _rater()

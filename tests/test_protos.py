@@ -38,7 +38,8 @@ def test_every_service_has_its_rpcs():
         "rlhf_mesh.v1.RewardService": sorted(["Score", "ScoreStream", "ListModels", "ReloadModel"]),
         "rlhf_mesh.v1.LearnerService": sorted(["GetStatus", "WatchMetrics", "SaveCheckpoint", "Pause", "Resume"]),
         "rlhf_mesh.v1.FeedbackService": sorted(
-            ["SubmitFeedback", "ListFeedback", "ExportPreferences", "AddRatingItems"]
+            ["SubmitFeedback", "ListFeedback", "ExportPreferences", "AddRatingItems", "CreateCampaign",
+             "ListCampaigns", "ListCampaignStats"]
         ),
     }
     generate = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].methods_by_name["Generate"]

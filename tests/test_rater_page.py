@@ -1,6 +1,6 @@
-"""The rater page in a real headless Chromium (Debian's, driven by Playwright): responses
-sampled from the GenerationService are queued, a person picks and rates with the keyboard,
-and the feedback is in the store."""
+"""The rater page in a real headless Chromium (Debian's, driven by Playwright) against a real
+FeedbackService: raters log in with their tokens, judge with the keyboard, and the store has
+exactly what they did. Set RLHF_MESH_SCREENSHOTS=DIR to keep the page's screenshots there."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import subprocess
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,7 @@ from rlhf_mesh.clients.feedback import FeedbackClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.v1 import feedback_pb2
 
-from support import PYTHON, ROOT, ChildServer, free_port, start_generation_server
+from support import PYTHON, ROOT, ChildServer, free_port, write_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +25,19 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Without the background-networking flags Chromium keeps dialling out of this closed network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+ROLES = {"boss": ["admin"], "ann": ["rate"], "bob": ["rate"]}
+GUIDELINES = """Pick the response that **answers the question** best.
+
+- Prefer correct over fluent.
+- Press `t` when they are equally good, `b` when both are bad.
+"""
+HOSTILE = [  # model output that must render as text and run nothing
+    "<script>window.__pwned = 'script'</script>Sure!",
+    '<img src=x onerror="window.__pwned = \'img\'"> Here: [click me](javascript:window.__pwned=\'link\')',
+]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def chromium():
     if CHROMIUM is None:
         if os.environ.get("CI"):
@@ -39,62 +51,204 @@ def chromium():
         browser.close()
 
 
-def test_a_rater_picks_and_rates_in_the_browser_and_the_store_has_it(chromium, tiny_models, tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rater-page")
+    tokens = write_tokens(folder / "tokens.yaml", ROLES)
+    port = free_port()
+    child = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", f"sqlite:///{folder / 'fb.db'}",
+                         "--rater-port", str(port), "--tokens-file", str(folder / "tokens.yaml")],
+                        folder / "feedback.log")
+    wait_until_serving(child.address, timeout_s=60, alive=child.alive)
+    child.url, child.tokens = f"http://localhost:{port}/", tokens
+    yield child
+    child.stop()
+
+
+def _campaign(server, kinds: list[int], k: int, items: list[tuple[str, list[str]]]) -> str:
+    name = f"c-{uuid.uuid4().hex[:6]}"
+    with FeedbackClient(server.address, token=server.tokens["boss"]) as client:
+        client.create_campaign(feedback_pb2.Campaign(campaign_id=name, title="Which answer is better?",
+                                                     guidelines=GUIDELINES, judgements=kinds, judgements_per_item=k))
+        client.add_rating_items([feedback_pb2.RatingItem(prompt=p, responses=r) for p, r in items], campaign_id=name)
+    return name
+
+
+def _log_in(browser, server, rater: str, campaign: str, viewport=(1280, 900)):
+    page = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]}).new_page()
+    page.goto(server.url)
+    page.wait_for_selector("#login:not([hidden])")
+    page.fill("#token", server.tokens[rater])
+    page.press("#token", "Enter")
+    page.wait_for_selector(f"#who:text('{rater}')")
+    page.click(f"a[href='#campaign={campaign}']")
+    page.wait_for_selector("#item:not([hidden]), #done:not([hidden])")
+    page.click("h1")  # focus on the page: keys now choose
+    return page
+
+
+def _judgements(server, campaign: str) -> list[feedback_pb2.Feedback]:
+    with FeedbackClient(server.address, token=server.tokens["boss"]) as client:
+        return [f for f in client.list(page_size=1000) if f.campaign_id == campaign]
+
+
+CHOICE, TIE, BOTH_BAD, RATING, CORRECTION = (
+    feedback_pb2.JUDGEMENT_KIND_CHOICE, feedback_pb2.JUDGEMENT_KIND_TIE, feedback_pb2.JUDGEMENT_KIND_BOTH_BAD,
+    feedback_pb2.JUDGEMENT_KIND_RATING, feedback_pb2.JUDGEMENT_KIND_CORRECTION)
+
+
+def test_two_raters_at_once_see_each_item_once_and_it_closes_after_both(chromium, server):
+    items = [(f"What is {i} + {i}?", [f"It is {2 * i}.", f"It is {2 * i + 1}."]) for i in range(3)]
+    name = _campaign(server, [CHOICE, TIE], k=2, items=items)
+    pages = {rater: _log_in(chromium, server, rater, name) for rater in ("ann", "bob")}
+    seen = {rater: [] for rater in pages}
+    for step in range(3):
+        for rater, page in pages.items():  # both hold the same item: k = 2 places
+            page.wait_for_selector(f"#progress:text('You: {step} judged')")
+            seen[rater].append(page.text_content("#prompt").strip())
+            page.keyboard.press("1" if rater == "ann" or step != 1 else "2")
+            page.keyboard.press("Enter")
+        if step < 2:
+            assert seen["ann"][-1] == seen["bob"][-1]
+    for page in pages.values():
+        page.wait_for_selector("#done:not([hidden])")
+    pages["bob"].wait_for_selector("#progress:text('3 of 3 items closed')")
+    pages["ann"].reload()  # still logged in (the tab keeps the token), and the item closed meanwhile
+    pages["ann"].wait_for_selector("#progress:text('You: 3 judged, 0 skipped · campaign: 3 of 3 items closed')")
+    assert seen["ann"] == seen["bob"] == [p for p, _ in items]
+    stored = _judgements(server, name)
+    assert sorted((f.rater_id, f.prompt, f.choice.chosen_index) for f in stored) == sorted(
+        [("ann", p, 0) for p, _ in items] + [("bob", p, 1 if i == 1 else 0) for i, (p, _) in enumerate(items)])
+
+    admin = _log_in(chromium, server, "boss", name)
+    admin.goto(f"{server.url}#stats={name}")
+    admin.wait_for_selector("#stats:not([hidden])")
+    assert [r.split("\t") for r in admin.inner_text("#stats-raters").strip().splitlines()] == [
+        ["ann", "3", "0"], ["bob", "3", "0"]]
+    assert admin.inner_text("#stats-pairs").split() == ["ann", "bob", "3", "2", "0.667"]
+    assert "pairwise agreement 0.667" in admin.text_content("#stats-summary")
+
+
+def test_skip_tie_undo_and_the_guidelines(chromium, server):
+    items = [(f"Question {i}", [f"Answer {i}a", f"Answer {i}b"]) for i in range(3)]
+    name = _campaign(server, [CHOICE, TIE, BOTH_BAD], k=2, items=items)
+    page = _log_in(chromium, server, "ann", name)
+    assert page.inner_text("#guidelines-body strong") == "answers the question"
+    assert page.get_attribute("#guidelines", "open") is not None  # open before the first judgement
+    first = page.text_content("#prompt").strip()
+    page.keyboard.press("s")  # skip: the next item
+    page.wait_for_selector("#progress:text('1 skipped')")
+    second = page.text_content("#prompt").strip()
+    page.keyboard.press("t")
+    assert "selected" in page.get_attribute("#tie", "class")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#progress:text('You: 1 judged')")
+    page.keyboard.press("u")  # undo the tie: the item is back
+    page.wait_for_selector("#status:text('Reopened item')")
+    assert page.text_content("#prompt").strip() == second
+    assert "You: 0 judged" in page.text_content("#progress")
+    page.keyboard.press("b")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#progress:text('You: 1 judged')")
+    third = page.text_content("#prompt").strip()
+    page.keyboard.press("2")
+    assert page.get_attribute(".response[data-index='1']", "class") == "response chosen"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#done:not([hidden])")
+    assert (first, second, third) == tuple(p for p, _ in items)
+    stored = _judgements(server, name)
+    assert sorted((f.prompt, f.WhichOneof("judgement"), f.tie.both_bad, f.choice.chosen_index) for f in stored) == [
+        (second, "tie", True, 0), (third, "choice", False, 1)]
+
+
+def test_model_output_renders_as_text_and_runs_nothing(chromium, server, tmp_path):
+    prompt = "Explain `eval` in **one** line:\n\n```python\nprint('<b>hi</b>')\n```"
+    name = _campaign(server, [CHOICE, RATING, CORRECTION, TIE], k=1, items=[(prompt, HOSTILE)])
+    page = _log_in(chromium, server, "ann", name)
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    responses = page.locator(".response .markdown")
+    assert responses.nth(0).inner_text().strip() == "<script>window.__pwned = 'script'</script>Sure!"
+    assert "<img src=x onerror=" in responses.nth(1).inner_text()
+    assert page.locator("#responses script, #responses img, a[href^='javascript']").count() == 0
+    assert page.inner_text("#prompt code >> nth=0") == "eval" and page.inner_text("#prompt strong") == "one"
+    assert page.inner_text("#prompt pre code").strip() == "print('<b>hi</b>')"
+    page.get_by_text("[click me](javascript:").click()  # text, not a link: clicking does nothing
+    assert page.evaluate("window.__pwned") is None and errors == []
+    # A rating of each response and a correction of the picked one, as a person would enter them.
+    page.keyboard.press("1")
+    page.fill("#correction", "It runs a string as code.")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#done:not([hidden])")
+    [stored] = _judgements(server, name)
+    assert stored.correction == feedback_pb2.Correction(response_index=0,
+                                                        corrected_response="It runs a string as code.")
+    assert list(stored.responses) == HOSTILE
+
+
+def test_side_by_side_when_wide_stacked_when_narrow(chromium, server):
+    items = [("Write a haiku about *gradients*.", ["Loss slopes to the sea,\nsteps follow the falling hill,\n"
+                                                   "minima at rest.",
+                                                   "Gradients flow down\n```\nw -= lr * grad\n```\nthe model learns."])]
+    name = _campaign(server, [CHOICE, TIE, BOTH_BAD, RATING], k=2, items=items)
+    shots = os.environ.get("RLHF_MESH_SCREENSHOTS")
+    for width, side_by_side in ((1280, True), (420, False)):
+        page = _log_in(chromium, server, "ann" if side_by_side else "bob", name, viewport=(width, 900))
+        first, second = (page.locator(".response").nth(i).bounding_box() for i in range(2))
+        if side_by_side:
+            assert first["y"] == second["y"] and second["x"] > first["x"] + first["width"] - 1
+        else:
+            assert first["x"] == second["x"] and second["y"] >= first["y"] + first["height"]
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
+        if shots:
+            page.keyboard.press("1")
+            page.screenshot(path=str(Path(shots) / f"rater-page-{'wide' if side_by_side else 'narrow'}.png"),
+                            full_page=True)
+
+
+def test_unauthenticated_calls_get_401_and_store_nothing(chromium, server):
+    name = _campaign(server, [CHOICE], k=1, items=[("Q", ["a", "b"])])
+    page = chromium.new_page()
+    page.goto(server.url)
+    page.wait_for_selector("#login:not([hidden])")
+    reply = page.request.post(f"{server.url}api/campaigns/{name}/judgements", data={"item_id": 1, "choice": 0})
+    assert reply.status == 401 and "log in" in reply.json()["error"]
+    reply = page.request.get(f"{server.url}api/campaigns/{name}/next")
+    assert reply.status == 401
+    page.fill("#token", "not-a-valid-token-at-all")
+    page.press("#token", "Enter")
+    page.wait_for_selector("#status:text('invalid token')")
+    assert _judgements(server, name) == []
+
+
+def test_responses_sampled_from_the_policy_are_judged_in_the_browser(chromium, server, tiny_models, tmp_path):
+    from support import start_generation_server
+
     generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
-    page_port = free_port()
-    store = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", f"sqlite:///{tmp_path / 'fb.db'}",
-                         "--rater-port", str(page_port)], tmp_path / "feedback.log")
     try:
-        wait_until_serving(store.address, timeout_s=60, alive=store.alive)
         prompts = tmp_path / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("The cat likes", "A robot helps",
-                                                                              "The city reads")))
+        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("The cat likes", "A robot helps")))
+        token = tmp_path / "admin.token"
+        token.write_text(server.tokens["boss"])
         sampled = subprocess.run(
             [PYTHON, "-m", "rlhf_mesh", "feedback", "sample", "--prompts", str(prompts), "--generation",
-             generation.address, "--feedback", store.address, "-n", "2", "--max-tokens", "12", "--seed", "3"],
-            capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert sampled.returncode == 0, sampled.stderr
-        assert "queued 3 of 3 prompts" in sampled.stdout
-
-        page = chromium.new_page()
-        page.goto(f"http://localhost:{page_port}/")
-        page.fill("#rater", "ann")
-        page.dispatch_event("#rater", "change")
-        page.wait_for_selector("#remaining:text('3')")
-        first_prompt = page.text_content("#prompt")
-        page.click("h1")  # focus leaves the rater box: keys now choose
-        page.keyboard.press("2")
-        assert page.get_attribute(".response[data-index='1']", "class") == "response chosen"
-        page.keyboard.press("Enter")
-        page.wait_for_selector("#remaining:text('2')")
-
-        second_prompt = page.text_content("#prompt")
-        for select, value in zip(page.query_selector_all(".response select"), ("4", "1"), strict=True):
-            select.select_option(value)
-        page.click("#submit")
-        page.wait_for_selector("#remaining:text('1')")
-
-        page.keyboard.press("1")
-        page.fill("#correction", "A better answer, thank you.")
-        page.keyboard.press("Control+Enter")
-        page.wait_for_selector("#done:not([hidden])")
-        assert page.text_content("#remaining") == "0"
+             generation.address, "--feedback", server.address, "--token-file", str(token), "-n", "2",
+             "--max-tokens", "12", "--seed", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     finally:
-        store.stop()
         generation.stop()
+    assert sampled.returncode == 0, sampled.stderr
+    assert "queued 2 of 2 prompts" in sampled.stdout
 
-    restarted = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", f"sqlite:///{tmp_path / 'fb.db'}",
-                             "--rater-port", "0"], tmp_path / "feedback2.log")
-    try:
-        wait_until_serving(restarted.address, timeout_s=60, alive=restarted.alive)
-        with FeedbackClient(restarted.address) as client:
-            stored = list(client.list(rater_id="ann"))
-    finally:
-        restarted.stop()
-    assert [f.WhichOneof("judgement") for f in stored] == ["choice", "rating", "correction"]
-    choice, rating, correction = stored
-    assert (choice.prompt, choice.choice.chosen_index) == (first_prompt, 1)
-    assert (rating.prompt, list(rating.rating.scores)) == (second_prompt, [4.0, 1.0])
-    assert correction.correction == feedback_pb2.Correction(response_index=0,
-                                                            corrected_response="A better answer, thank you.")
-    assert all(f.model_id == str(tiny_models["policy"]) and len(f.responses) == 2 for f in stored)
+    page = _log_in(chromium, server, "ann", "default")
+    first_prompt = page.text_content("#prompt").strip()
+    for select, value in zip(page.query_selector_all(".response select"), ("4", "1"), strict=True):
+        select.select_option(value)
+    page.click("#submit")
+    page.wait_for_selector("#progress:text('You: 1 judged')")
+    page.keyboard.press("2")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#done:not([hidden])")
+    rating, choice = _judgements(server, "default")
+    assert (rating.prompt, list(rating.rating.scores), rating.rater_id) == (first_prompt, [4.0, 1.0], "ann")
+    assert (choice.choice.chosen_index, choice.rater_id) == (1, "ann")
+    assert all(f.model_id == str(tiny_models["policy"]) and len(f.responses) == 2 for f in (rating, choice))

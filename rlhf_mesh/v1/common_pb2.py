@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rlhf_mesh/v1/common.proto\x12\x0crlhf_mesh.v1\x1a google/protobuf/descriptor.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43onversation\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.rlhf_mesh.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"y\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.rlhf_mesh.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.rlhf_mesh.v1.ConversationH\x00\x42\x06\n\x04kind\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t*t\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_SCORE\x10\x01\x12\x11\n\rROLE_GENERATE\x10\x02\x12\x11\n\rROLE_FEEDBACK\x10\x03\x12\x10\n\x0cROLE_MONITOR\x10\x04\x12\x0e\n\nROLE_ADMIN\x10\x05:K\n\rrequired_role\x12\x1e.google.protobuf.MethodOptions\x18\x83\x87\x03 \x01(\x0e\x32\x12.rlhf_mesh.v1.Roleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rlhf_mesh/v1/common.proto\x12\x0crlhf_mesh.v1\x1a google/protobuf/descriptor.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43onversation\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.rlhf_mesh.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"y\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.rlhf_mesh.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.rlhf_mesh.v1.ConversationH\x00\x42\x06\n\x04kind\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t*\x83\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_SCORE\x10\x01\x12\x11\n\rROLE_GENERATE\x10\x02\x12\x11\n\rROLE_FEEDBACK\x10\x03\x12\x10\n\x0cROLE_MONITOR\x10\x04\x12\x0e\n\nROLE_ADMIN\x10\x05\x12\r\n\tROLE_RATE\x10\x06:K\n\rrequired_role\x12\x1e.google.protobuf.MethodOptions\x18\x83\x87\x03 \x01(\x0e\x32\x12.rlhf_mesh.v1.Roleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf_mesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=376
-  _globals['_ROLE']._serialized_end=492
+  _globals['_ROLE']._serialized_start=377
+  _globals['_ROLE']._serialized_end=508
   _globals['_CHATMESSAGE']._serialized_start=77
   _globals['_CHATMESSAGE']._serialized_end=121
   _globals['_CONVERSATION']._serialized_start=123

@@ -39,6 +39,8 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     """Following a training run."""
     ROLE_ADMIN: _Role.ValueType  # 5
     """Weight pushes, model reloads, rating queues, pause/resume and checkpoints; admin may call every RPC."""
+    ROLE_RATE: _Role.ValueType  # 6
+    """Judging the items of feedback campaigns on the rater page (HTTP); no RPC requires it."""
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """What a token must be allowed to do to call an RPC, when the server checks tokens."""
@@ -55,6 +57,8 @@ ROLE_MONITOR: Role.ValueType  # 4
 """Following a training run."""
 ROLE_ADMIN: Role.ValueType  # 5
 """Weight pushes, model reloads, rating queues, pause/resume and checkpoints; admin may call every RPC."""
+ROLE_RATE: Role.ValueType  # 6
+"""Judging the items of feedback campaigns on the rater page (HTTP); no RPC requires it."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
 @_typing.final

@@ -34,6 +34,8 @@ class _FeedbackKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Feedback
     """The best of two or more responses."""
     FEEDBACK_KIND_CORRECTION: _FeedbackKind.ValueType  # 3
     """A corrected version of one response."""
+    FEEDBACK_KIND_TIE: _FeedbackKind.ValueType  # 4
+    """No response is better than another."""
 
 class FeedbackKind(_FeedbackKind, metaclass=_FeedbackKindEnumTypeWrapper):
     """Kind of feedback."""
@@ -46,7 +48,45 @@ FEEDBACK_KIND_CHOICE: FeedbackKind.ValueType  # 2
 """The best of two or more responses."""
 FEEDBACK_KIND_CORRECTION: FeedbackKind.ValueType  # 3
 """A corrected version of one response."""
+FEEDBACK_KIND_TIE: FeedbackKind.ValueType  # 4
+"""No response is better than another."""
 Global___FeedbackKind: _TypeAlias = FeedbackKind  # noqa: Y015
+
+class _JudgementKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JudgementKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JudgementKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JUDGEMENT_KIND_UNSPECIFIED: _JudgementKind.ValueType  # 0
+    """Not set."""
+    JUDGEMENT_KIND_CHOICE: _JudgementKind.ValueType  # 1
+    """Pick the best response."""
+    JUDGEMENT_KIND_RATING: _JudgementKind.ValueType  # 2
+    """Rate every response from 1 to rating_scale."""
+    JUDGEMENT_KIND_CORRECTION: _JudgementKind.ValueType  # 3
+    """Correct the picked response."""
+    JUDGEMENT_KIND_TIE: _JudgementKind.ValueType  # 4
+    """Say that no response is better."""
+    JUDGEMENT_KIND_BOTH_BAD: _JudgementKind.ValueType  # 5
+    """Say that every response is unacceptable."""
+
+class JudgementKind(_JudgementKind, metaclass=_JudgementKindEnumTypeWrapper):
+    """A judgement a campaign asks raters for."""
+
+JUDGEMENT_KIND_UNSPECIFIED: JudgementKind.ValueType  # 0
+"""Not set."""
+JUDGEMENT_KIND_CHOICE: JudgementKind.ValueType  # 1
+"""Pick the best response."""
+JUDGEMENT_KIND_RATING: JudgementKind.ValueType  # 2
+"""Rate every response from 1 to rating_scale."""
+JUDGEMENT_KIND_CORRECTION: JudgementKind.ValueType  # 3
+"""Correct the picked response."""
+JUDGEMENT_KIND_TIE: JudgementKind.ValueType  # 4
+"""Say that no response is better."""
+JUDGEMENT_KIND_BOTH_BAD: JudgementKind.ValueType  # 5
+"""Say that every response is unacceptable."""
+Global___JudgementKind: _TypeAlias = JudgementKind  # noqa: Y015
 
 @_typing.final
 class Rating(_message.Message):
@@ -129,6 +169,28 @@ class Correction(_message.Message):
 Global___Correction: _TypeAlias = Correction  # noqa: Y015
 
 @_typing.final
+class Tie(_message.Message):
+    """No response is better than another: equally good, or all unacceptable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOTH_BAD_FIELD_NUMBER: _builtins.int
+    both_bad: _builtins.bool
+    """All responses are unacceptable ("both bad"), rather than equally good."""
+    def __init__(
+        self,
+        *,
+        both_bad: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["both_bad", b"both_bad"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tie: _TypeAlias = Tie  # noqa: Y015
+
+@_typing.final
 class Feedback(_message.Message):
     """One piece of human feedback on responses to a prompt."""
 
@@ -143,7 +205,10 @@ class Feedback(_message.Message):
     RATING_FIELD_NUMBER: _builtins.int
     CHOICE_FIELD_NUMBER: _builtins.int
     CORRECTION_FIELD_NUMBER: _builtins.int
+    TIE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    ITEM_ID_FIELD_NUMBER: _builtins.int
     feedback_id: _builtins.str
     """Client-chosen id that makes resubmission idempotent; the server assigns one when empty."""
     rater_id: _builtins.str
@@ -154,6 +219,10 @@ class Feedback(_message.Message):
     """Model that produced the responses."""
     policy_version: _builtins.int
     """Policy version that produced the responses."""
+    campaign_id: _builtins.str
+    """Campaign of the judged item, for feedback from the rater page; set by the server."""
+    item_id: _builtins.int
+    """The judged item of that campaign; set by the server."""
     @_builtins.property
     def responses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The responses judged, at least one (two or more for a choice)."""
@@ -171,6 +240,10 @@ class Feedback(_message.Message):
         """A corrected response."""
 
     @_builtins.property
+    def tie(self) -> Global___Tie:
+        """No preference."""
+
+    @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the server stored it; set by the server."""
 
@@ -186,13 +259,16 @@ class Feedback(_message.Message):
         rating: Global___Rating | None = ...,
         choice: Global___Choice | None = ...,
         correction: Global___Correction | None = ...,
+        tie: Global___Tie | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        campaign_id: _builtins.str = ...,
+        item_id: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "correction", b"correction", "created_at", b"created_at", "judgement", b"judgement", "rating", b"rating"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "correction", b"correction", "created_at", b"created_at", "judgement", b"judgement", "rating", b"rating", "tie", b"tie"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "correction", b"correction", "created_at", b"created_at", "feedback_id", b"feedback_id", "judgement", b"judgement", "model_id", b"model_id", "policy_version", b"policy_version", "prompt", b"prompt", "rater_id", b"rater_id", "rating", b"rating", "responses", b"responses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "choice", b"choice", "correction", b"correction", "created_at", b"created_at", "feedback_id", b"feedback_id", "item_id", b"item_id", "judgement", b"judgement", "model_id", b"model_id", "policy_version", b"policy_version", "prompt", b"prompt", "rater_id", b"rater_id", "rating", b"rating", "responses", b"responses", "tie", b"tie"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_judgement: _TypeAlias = _typing.Literal["rating", "choice", "correction"]  # noqa: Y015
+    _WhichOneofReturnType_judgement: _TypeAlias = _typing.Literal["rating", "choice", "correction", "tie"]  # noqa: Y015
     _WhichOneofArgType_judgement: _TypeAlias = _typing.Literal["judgement", b"judgement"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_judgement) -> _WhichOneofReturnType_judgement | None: ...
 
@@ -330,8 +406,17 @@ class ExportPreferencesRequest(_message.Message):
 
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     MIN_RATING_MARGIN_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    MIN_RATERS_BACKING_FIELD_NUMBER: _builtins.int
+    MIN_AGREEMENT_FIELD_NUMBER: _builtins.int
     min_rating_margin: _builtins.float
     """Smallest rating difference that makes a pair from two rated responses."""
+    campaign_id: _builtins.str
+    """Only this campaign's feedback, when set."""
+    min_raters_backing: _builtins.int
+    """Only pairs that at least this many raters of the item back (0 or 1: every pair)."""
+    min_agreement: _builtins.float
+    """Only pairs that at least this share of the item's raters back, in [0, 1]."""
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
         """Only feedback stored at or after this time, when set."""
@@ -341,10 +426,13 @@ class ExportPreferencesRequest(_message.Message):
         *,
         created_after: _timestamp_pb2.Timestamp | None = ...,
         min_rating_margin: _builtins.float = ...,
+        campaign_id: _builtins.str = ...,
+        min_raters_backing: _builtins.int = ...,
+        min_agreement: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "min_rating_margin", b"min_rating_margin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "created_after", b"created_after", "min_agreement", b"min_agreement", "min_raters_backing", b"min_raters_backing", "min_rating_margin", b"min_rating_margin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,6 +448,8 @@ class PreferencePair(_message.Message):
     CHOSEN_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     FEEDBACK_ID_FIELD_NUMBER: _builtins.int
+    RATERS_BACKING_FIELD_NUMBER: _builtins.int
+    RATERS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt."""
     chosen: _builtins.str
@@ -367,7 +457,11 @@ class PreferencePair(_message.Message):
     rejected: _builtins.str
     """The other response."""
     feedback_id: _builtins.str
-    """Id of the feedback the pair came from."""
+    """Id of the (first) feedback the pair came from."""
+    raters_backing: _builtins.int
+    """How many raters' judgements give this pair (1 for feedback outside a campaign)."""
+    raters: _builtins.int
+    """How many raters judged the item."""
     def __init__(
         self,
         *,
@@ -375,10 +469,12 @@ class PreferencePair(_message.Message):
         chosen: _builtins.str = ...,
         rejected: _builtins.str = ...,
         feedback_id: _builtins.str = ...,
+        raters_backing: _builtins.int = ...,
+        raters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "feedback_id", b"feedback_id", "prompt", b"prompt", "rejected", b"rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "feedback_id", b"feedback_id", "prompt", b"prompt", "raters", b"raters", "raters_backing", b"raters_backing", "rejected", b"rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -398,7 +494,7 @@ class ExportSummary(_message.Message):
     used_feedback: _builtins.int
     """Feedback items that produced at least one pair."""
     skipped_feedback: _builtins.int
-    """Feedback items that produced no pair (ties, single ratings)."""
+    """Feedback items that produced no pair (ties, single ratings, too little agreement)."""
     def __init__(
         self,
         *,
@@ -482,11 +578,14 @@ Global___RatingItem: _TypeAlias = RatingItem  # noqa: Y015
 
 @_typing.final
 class AddRatingItemsRequest(_message.Message):
-    """Items for the rating queue."""
+    """Items for a campaign."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ITEMS_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign; empty for "default" (choices, 1-5 ratings and corrections, one rater per item)."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RatingItem]:
         """The items, in the order raters should see them."""
@@ -495,10 +594,11 @@ class AddRatingItemsRequest(_message.Message):
         self,
         *,
         items: _abc.Iterable[Global___RatingItem] | None = ...,
+        campaign_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "items", b"items"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -506,7 +606,7 @@ Global___AddRatingItemsRequest: _TypeAlias = AddRatingItemsRequest  # noqa: Y015
 
 @_typing.final
 class AddRatingItemsResponse(_message.Message):
-    """The rating queue after the items were added."""
+    """The campaign after the items were added."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -515,7 +615,7 @@ class AddRatingItemsResponse(_message.Message):
     added: _builtins.int
     """Items added."""
     pending: _builtins.int
-    """Items waiting for a rater, the new ones included."""
+    """Items of the campaign still waiting for judgements, the new ones included."""
     def __init__(
         self,
         *,
@@ -529,3 +629,349 @@ class AddRatingItemsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AddRatingItemsResponse: _TypeAlias = AddRatingItemsResponse  # noqa: Y015
+
+@_typing.final
+class CampaignProgress(_message.Message):
+    """How far a campaign is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    CLOSED_ITEMS_FIELD_NUMBER: _builtins.int
+    JUDGEMENTS_FIELD_NUMBER: _builtins.int
+    SKIPS_FIELD_NUMBER: _builtins.int
+    items: _builtins.int
+    """Items in the campaign."""
+    closed_items: _builtins.int
+    """Items with judgements_per_item judgements."""
+    judgements: _builtins.int
+    """Judgements stored."""
+    skips: _builtins.int
+    """Items skipped, over all raters."""
+    def __init__(
+        self,
+        *,
+        items: _builtins.int = ...,
+        closed_items: _builtins.int = ...,
+        judgements: _builtins.int = ...,
+        skips: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_items", b"closed_items", "items", b"items", "judgements", b"judgements", "skips", b"skips"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignProgress: _TypeAlias = CampaignProgress  # noqa: Y015
+
+@_typing.final
+class Campaign(_message.Message):
+    """A labelling campaign: items, what raters are asked, and how many raters judge each item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    GUIDELINES_FIELD_NUMBER: _builtins.int
+    JUDGEMENTS_FIELD_NUMBER: _builtins.int
+    RATING_SCALE_FIELD_NUMBER: _builtins.int
+    JUDGEMENTS_PER_ITEM_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """Id: 1 to 64 of a-z, 0-9, '-' and '_'."""
+    title: _builtins.str
+    """Title shown to raters."""
+    guidelines: _builtins.str
+    """Guidelines for raters, in markdown."""
+    rating_scale: _builtins.int
+    """Highest score of a rating (ratings are 1 to rating_scale); default 5."""
+    judgements_per_item: _builtins.int
+    """Raters that judge each item (k); default 1."""
+    @_builtins.property
+    def judgements(self) -> _containers.RepeatedScalarFieldContainer[Global___JudgementKind.ValueType]:
+        """The judgements asked for; choice when empty."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was created; set by the server."""
+
+    @_builtins.property
+    def progress(self) -> Global___CampaignProgress:
+        """Progress; set by the server in listings."""
+
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        title: _builtins.str = ...,
+        guidelines: _builtins.str = ...,
+        judgements: _abc.Iterable[Global___JudgementKind.ValueType] | None = ...,
+        rating_scale: _builtins.int = ...,
+        judgements_per_item: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        progress: Global___CampaignProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "created_at", b"created_at", "guidelines", b"guidelines", "judgements", b"judgements", "judgements_per_item", b"judgements_per_item", "progress", b"progress", "rating_scale", b"rating_scale", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Campaign: _TypeAlias = Campaign  # noqa: Y015
+
+@_typing.final
+class CreateCampaignRequest(_message.Message):
+    """Create a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign; created_at and progress are ignored."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCampaignRequest: _TypeAlias = CreateCampaignRequest  # noqa: Y015
+
+@_typing.final
+class CreateCampaignResponse(_message.Message):
+    """The created campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """As stored, defaults filled in."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCampaignResponse: _TypeAlias = CreateCampaignResponse  # noqa: Y015
+
+@_typing.final
+class ListCampaignsRequest(_message.Message):
+    """List the campaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsRequest: _TypeAlias = ListCampaignsRequest  # noqa: Y015
+
+@_typing.final
+class ListCampaignsResponse(_message.Message):
+    """Every campaign, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Campaign]:
+        """The campaigns, with progress."""
+
+    def __init__(
+        self,
+        *,
+        campaigns: _abc.Iterable[Global___Campaign] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsResponse: _TypeAlias = ListCampaignsResponse  # noqa: Y015
+
+@_typing.final
+class ListCampaignStatsRequest(_message.Message):
+    """Agreement statistics of campaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """Only this campaign, when set."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignStatsRequest: _TypeAlias = ListCampaignStatsRequest  # noqa: Y015
+
+@_typing.final
+class RaterStats(_message.Message):
+    """What one rater did in a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATER_ID_FIELD_NUMBER: _builtins.int
+    JUDGEMENTS_FIELD_NUMBER: _builtins.int
+    SKIPS_FIELD_NUMBER: _builtins.int
+    rater_id: _builtins.str
+    """The rater."""
+    judgements: _builtins.int
+    """Judgements stored."""
+    skips: _builtins.int
+    """Items skipped."""
+    def __init__(
+        self,
+        *,
+        rater_id: _builtins.str = ...,
+        judgements: _builtins.int = ...,
+        skips: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["judgements", b"judgements", "rater_id", b"rater_id", "skips", b"skips"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaterStats: _TypeAlias = RaterStats  # noqa: Y015
+
+@_typing.final
+class PairAgreement(_message.Message):
+    """How often two raters agree on the items both judged."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATER_A_FIELD_NUMBER: _builtins.int
+    RATER_B_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    AGREED_FIELD_NUMBER: _builtins.int
+    rater_a: _builtins.str
+    """One rater."""
+    rater_b: _builtins.str
+    """The other rater."""
+    units: _builtins.int
+    """Units both judged (an item's choice or tie; each rated response)."""
+    agreed: _builtins.int
+    """Units where both gave the same value."""
+    def __init__(
+        self,
+        *,
+        rater_a: _builtins.str = ...,
+        rater_b: _builtins.str = ...,
+        units: _builtins.int = ...,
+        agreed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreed", b"agreed", "rater_a", b"rater_a", "rater_b", b"rater_b", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairAgreement: _TypeAlias = PairAgreement  # noqa: Y015
+
+@_typing.final
+class CampaignStats(_message.Message):
+    """Agreement statistics of one campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    RATERS_FIELD_NUMBER: _builtins.int
+    PAIRS_FIELD_NUMBER: _builtins.int
+    PERCENT_AGREEMENT_FIELD_NUMBER: _builtins.int
+    ALPHA_CHOICE_FIELD_NUMBER: _builtins.int
+    ALPHA_RATING_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign."""
+    percent_agreement: _builtins.float
+    """Share of agreeing pairs of values over all units judged twice or more."""
+    alpha_choice: _builtins.float
+    """Krippendorff's alpha, nominal, of choices (the chosen index, tie or both bad); unset without data."""
+    alpha_rating: _builtins.float
+    """Krippendorff's alpha, ordinal, of ratings (each response a unit); unset without data."""
+    @_builtins.property
+    def raters(self) -> _containers.RepeatedCompositeFieldContainer[Global___RaterStats]:
+        """Per rater, by rater id."""
+
+    @_builtins.property
+    def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairAgreement]:
+        """Per pair of raters with units in common."""
+
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        raters: _abc.Iterable[Global___RaterStats] | None = ...,
+        pairs: _abc.Iterable[Global___PairAgreement] | None = ...,
+        percent_agreement: _builtins.float | None = ...,
+        alpha_choice: _builtins.float | None = ...,
+        alpha_rating: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha_choice", b"_alpha_choice", "_alpha_rating", b"_alpha_rating", "_percent_agreement", b"_percent_agreement", "alpha_choice", b"alpha_choice", "alpha_rating", b"alpha_rating", "percent_agreement", b"percent_agreement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha_choice", b"_alpha_choice", "_alpha_rating", b"_alpha_rating", "_percent_agreement", b"_percent_agreement", "alpha_choice", b"alpha_choice", "alpha_rating", b"alpha_rating", "campaign_id", b"campaign_id", "pairs", b"pairs", "percent_agreement", b"percent_agreement", "raters", b"raters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alpha_choice: _TypeAlias = _typing.Literal["alpha_choice"]  # noqa: Y015
+    _WhichOneofArgType__alpha_choice: _TypeAlias = _typing.Literal["_alpha_choice", b"_alpha_choice"]  # noqa: Y015
+    _WhichOneofReturnType__alpha_rating: _TypeAlias = _typing.Literal["alpha_rating"]  # noqa: Y015
+    _WhichOneofArgType__alpha_rating: _TypeAlias = _typing.Literal["_alpha_rating", b"_alpha_rating"]  # noqa: Y015
+    _WhichOneofReturnType__percent_agreement: _TypeAlias = _typing.Literal["percent_agreement"]  # noqa: Y015
+    _WhichOneofArgType__percent_agreement: _TypeAlias = _typing.Literal["_percent_agreement", b"_percent_agreement"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha_choice) -> _WhichOneofReturnType__alpha_choice | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha_rating) -> _WhichOneofReturnType__alpha_rating | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__percent_agreement) -> _WhichOneofReturnType__percent_agreement | None: ...
+
+Global___CampaignStats: _TypeAlias = CampaignStats  # noqa: Y015
+
+@_typing.final
+class ListCampaignStatsResponse(_message.Message):
+    """Statistics per campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___CampaignStats]:
+        """One per campaign, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        campaigns: _abc.Iterable[Global___CampaignStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignStatsResponse: _TypeAlias = ListCampaignStatsResponse  # noqa: Y015

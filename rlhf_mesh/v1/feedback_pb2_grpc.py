@@ -55,6 +55,21 @@ class FeedbackServiceStub:
                 request_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsRequest.SerializeToString,
                 response_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsResponse.FromString,
                 _registered_method=True)
+        self.CreateCampaign = channel.unary_unary(
+                '/rlhf_mesh.v1.FeedbackService/CreateCampaign',
+                request_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.CreateCampaignRequest.SerializeToString,
+                response_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.CreateCampaignResponse.FromString,
+                _registered_method=True)
+        self.ListCampaigns = channel.unary_unary(
+                '/rlhf_mesh.v1.FeedbackService/ListCampaigns',
+                request_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignsRequest.SerializeToString,
+                response_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignsResponse.FromString,
+                _registered_method=True)
+        self.ListCampaignStats = channel.unary_unary(
+                '/rlhf_mesh.v1.FeedbackService/ListCampaignStats',
+                request_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignStatsRequest.SerializeToString,
+                response_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignStatsResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
@@ -83,7 +98,28 @@ class FeedbackServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AddRatingItems(self, request, context):
-        """Queues prompts with responses for people to judge on the rater page.
+        """Queues prompts with responses for people to judge on the rater page, in a campaign.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCampaign(self, request, context):
+        """Creates a labelling campaign: guidelines, the judgements it asks for, raters per item.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCampaigns(self, request, context):
+        """Lists the campaigns with their progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCampaignStats(self, request, context):
+        """Judgements per rater, pairwise agreement and Krippendorff's alpha of each campaign.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +147,21 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.AddRatingItems,
                     request_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsRequest.FromString,
                     response_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsResponse.SerializeToString,
+            ),
+            'CreateCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCampaign,
+                    request_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.CreateCampaignRequest.FromString,
+                    response_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.CreateCampaignResponse.SerializeToString,
+            ),
+            'ListCampaigns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCampaigns,
+                    request_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignsRequest.FromString,
+                    response_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignsResponse.SerializeToString,
+            ),
+            'ListCampaignStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCampaignStats,
+                    request_deserializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignStatsRequest.FromString,
+                    response_serializer=rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +273,87 @@ class FeedbackService:
             '/rlhf_mesh.v1.FeedbackService/AddRatingItems',
             rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsRequest.SerializeToString,
             rlhf__mesh_dot_v1_dot_feedback__pb2.AddRatingItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf_mesh.v1.FeedbackService/CreateCampaign',
+            rlhf__mesh_dot_v1_dot_feedback__pb2.CreateCampaignRequest.SerializeToString,
+            rlhf__mesh_dot_v1_dot_feedback__pb2.CreateCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCampaigns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf_mesh.v1.FeedbackService/ListCampaigns',
+            rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignsRequest.SerializeToString,
+            rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCampaignStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf_mesh.v1.FeedbackService/ListCampaignStats',
+            rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignStatsRequest.SerializeToString,
+            rlhf__mesh_dot_v1_dot_feedback__pb2.ListCampaignStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

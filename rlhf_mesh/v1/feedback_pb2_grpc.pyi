@@ -40,7 +40,13 @@ class FeedbackServiceStub:
     ExportPreferences: _grpc.UnaryStreamMultiCallable[_feedback_pb2.ExportPreferencesRequest, _feedback_pb2.ExportPreferencesResponse]
     """Streams (prompt, chosen, rejected) pairs derived from stored feedback, then a summary."""
     AddRatingItems: _grpc.UnaryUnaryMultiCallable[_feedback_pb2.AddRatingItemsRequest, _feedback_pb2.AddRatingItemsResponse]
-    """Queues prompts with responses for people to judge on the rater page."""
+    """Queues prompts with responses for people to judge on the rater page, in a campaign."""
+    CreateCampaign: _grpc.UnaryUnaryMultiCallable[_feedback_pb2.CreateCampaignRequest, _feedback_pb2.CreateCampaignResponse]
+    """Creates a labelling campaign: guidelines, the judgements it asks for, raters per item."""
+    ListCampaigns: _grpc.UnaryUnaryMultiCallable[_feedback_pb2.ListCampaignsRequest, _feedback_pb2.ListCampaignsResponse]
+    """Lists the campaigns with their progress."""
+    ListCampaignStats: _grpc.UnaryUnaryMultiCallable[_feedback_pb2.ListCampaignStatsRequest, _feedback_pb2.ListCampaignStatsResponse]
+    """Judgements per rater, pairwise agreement and Krippendorff's alpha of each campaign."""
 
 @_typing.type_check_only
 class FeedbackServiceAsyncStub(FeedbackServiceStub):
@@ -54,7 +60,13 @@ class FeedbackServiceAsyncStub(FeedbackServiceStub):
     ExportPreferences: _aio.UnaryStreamMultiCallable[_feedback_pb2.ExportPreferencesRequest, _feedback_pb2.ExportPreferencesResponse]  # type: ignore[assignment]
     """Streams (prompt, chosen, rejected) pairs derived from stored feedback, then a summary."""
     AddRatingItems: _aio.UnaryUnaryMultiCallable[_feedback_pb2.AddRatingItemsRequest, _feedback_pb2.AddRatingItemsResponse]  # type: ignore[assignment]
-    """Queues prompts with responses for people to judge on the rater page."""
+    """Queues prompts with responses for people to judge on the rater page, in a campaign."""
+    CreateCampaign: _aio.UnaryUnaryMultiCallable[_feedback_pb2.CreateCampaignRequest, _feedback_pb2.CreateCampaignResponse]  # type: ignore[assignment]
+    """Creates a labelling campaign: guidelines, the judgements it asks for, raters per item."""
+    ListCampaigns: _aio.UnaryUnaryMultiCallable[_feedback_pb2.ListCampaignsRequest, _feedback_pb2.ListCampaignsResponse]  # type: ignore[assignment]
+    """Lists the campaigns with their progress."""
+    ListCampaignStats: _aio.UnaryUnaryMultiCallable[_feedback_pb2.ListCampaignStatsRequest, _feedback_pb2.ListCampaignStatsResponse]  # type: ignore[assignment]
+    """Judgements per rater, pairwise agreement and Krippendorff's alpha of each campaign."""
 
 class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
     """Durable collection of human feedback and its export as preference pairs."""
@@ -89,6 +101,30 @@ class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _feedback_pb2.AddRatingItemsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feedback_pb2.AddRatingItemsResponse, _abc.Awaitable[_feedback_pb2.AddRatingItemsResponse]]:
-        """Queues prompts with responses for people to judge on the rater page."""
+        """Queues prompts with responses for people to judge on the rater page, in a campaign."""
+
+    @_abc_1.abstractmethod
+    def CreateCampaign(
+        self,
+        request: _feedback_pb2.CreateCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedback_pb2.CreateCampaignResponse, _abc.Awaitable[_feedback_pb2.CreateCampaignResponse]]:
+        """Creates a labelling campaign: guidelines, the judgements it asks for, raters per item."""
+
+    @_abc_1.abstractmethod
+    def ListCampaigns(
+        self,
+        request: _feedback_pb2.ListCampaignsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedback_pb2.ListCampaignsResponse, _abc.Awaitable[_feedback_pb2.ListCampaignsResponse]]:
+        """Lists the campaigns with their progress."""
+
+    @_abc_1.abstractmethod
+    def ListCampaignStats(
+        self,
+        request: _feedback_pb2.ListCampaignStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feedback_pb2.ListCampaignStatsResponse, _abc.Awaitable[_feedback_pb2.ListCampaignStatsResponse]]:
+        """Judgements per rater, pairwise agreement and Krippendorff's alpha of each campaign."""
 
 def add_FeedbackServiceServicer_to_server(servicer: FeedbackServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

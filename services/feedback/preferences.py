@@ -3,12 +3,18 @@
 - choice: the chosen response beats every other response (n - 1 pairs);
 - rating: response i beats response j when score_i - score_j > min_rating_margin (ties and
   single ratings yield nothing);
-- correction: the corrected text beats the response it corrects (unless they are equal).
+- correction: the corrected text beats the response it corrects (unless they are equal);
+- tie (equally good, or both bad): nothing.
+
+Where several raters judged one campaign item, each pair counts the raters whose judgement
+gives it (`raters_backing` of `raters`), and an export can keep only the pairs enough of
+them back.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,7 +23,7 @@ from rlhf_mesh.services.feedback.store import FeedbackRow
 from rlhf_mesh.v1 import feedback_pb2
 
 KINDS = {"rating": feedback_pb2.FEEDBACK_KIND_RATING, "choice": feedback_pb2.FEEDBACK_KIND_CHOICE,
-         "correction": feedback_pb2.FEEDBACK_KIND_CORRECTION}
+         "correction": feedback_pb2.FEEDBACK_KIND_CORRECTION, "tie": feedback_pb2.FEEDBACK_KIND_TIE}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 
@@ -53,7 +59,7 @@ def validate(feedback: feedback_pb2.Feedback, limits: Limits) -> None:
     kind = feedback.WhichOneof("judgement")
     count = len(feedback.responses)
     if kind is None:
-        raise InvalidFeedback("no judgement: set rating, choice or correction")
+        raise InvalidFeedback("no judgement: set rating, choice, correction or tie")
     if kind == "rating":
         rating = feedback.rating
         if not rating.scale_max > rating.scale_min:
@@ -64,10 +70,10 @@ def validate(feedback: feedback_pb2.Feedback, limits: Limits) -> None:
             if not rating.scale_min <= score <= rating.scale_max:
                 raise InvalidFeedback(
                     f"rating.scores[{i}] = {score} is outside the scale [{rating.scale_min}, {rating.scale_max}]")
-    elif kind == "choice":
+    elif kind in ("choice", "tie"):
         if count < 2:
-            raise InvalidFeedback("a choice needs two or more responses")
-        if feedback.choice.chosen_index >= count:
+            raise InvalidFeedback(f"a {kind} needs two or more responses")
+        if kind == "choice" and feedback.choice.chosen_index >= count:
             raise InvalidFeedback(f"choice.chosen_index {feedback.choice.chosen_index} is not a response index "
                                   f"(there are {count})")
     else:
@@ -89,13 +95,15 @@ def to_row(feedback: feedback_pb2.Feedback) -> FeedbackRow:
         judgement = {"scores": list(r.scores), "scale_min": r.scale_min, "scale_max": r.scale_max}
     elif kind == "choice":
         judgement = {"chosen_index": feedback.choice.chosen_index}
+    elif kind == "tie":
+        judgement = {"both_bad": feedback.tie.both_bad}
     else:
         c = feedback.correction
         judgement = {"response_index": c.response_index, "corrected_response": c.corrected_response}
     return FeedbackRow(
         feedback_id=feedback.feedback_id, rater_id=feedback.rater_id, prompt=feedback.prompt,
         responses=list(feedback.responses), model_id=feedback.model_id, policy_version=feedback.policy_version,
-        kind=kind, judgement=judgement,
+        kind=kind, judgement=judgement, campaign_id=feedback.campaign_id or None, item_id=feedback.item_id or None,
     )
 
 
@@ -111,10 +119,12 @@ def to_proto(row: FeedbackRow) -> feedback_pb2.Feedback:
         "rating": lambda: {"rating": feedback_pb2.Rating(**j)},
         "choice": lambda: {"choice": feedback_pb2.Choice(**j)},
         "correction": lambda: {"correction": feedback_pb2.Correction(**j)},
+        "tie": lambda: {"tie": feedback_pb2.Tie(**j)},
     }[row.kind]()
     return feedback_pb2.Feedback(
         feedback_id=row.feedback_id, rater_id=row.rater_id, prompt=row.prompt, responses=row.responses,
-        model_id=row.model_id, policy_version=row.policy_version, created_at=timestamp(row), **judgement,
+        model_id=row.model_id, policy_version=row.policy_version, created_at=timestamp(row),
+        campaign_id=row.campaign_id or "", item_id=row.item_id or 0, **judgement,
     )
 
 
@@ -134,6 +144,26 @@ def pairs(row: FeedbackRow, min_rating_margin: float = 0.0) -> list[feedback_pb2
         return [pair(a, b) if sa > sb else pair(b, a)
                 for (sa, a), (sb, b) in itertools.combinations(scored, 2)
                 if abs(sa - sb) > min_rating_margin and a != b]
+    if row.kind == "tie":
+        return []
     original = responses[j["response_index"]]
     corrected = j["corrected_response"]
     return [pair(corrected, original)] if corrected != original else []
+
+
+def backed_pairs(rows: list[FeedbackRow], min_rating_margin: float = 0.0, min_raters_backing: int = 0,
+                 min_agreement: float = 0.0) -> tuple[list[feedback_pb2.PreferencePair], int]:
+    """The pairs of the judgements of one item (one per rater) with how many raters back each, those
+    backed by at least `min_raters_backing` raters and `min_agreement` of them; and how many of the
+    rows gave a kept pair."""
+    found = [{(p.chosen, p.rejected): p for p in pairs(row, min_rating_margin)} for row in rows]
+    backing = Counter(key for by_key in found for key in by_key)
+    kept = {key for key, n in backing.items() if n >= min_raters_backing and n >= min_agreement * len(rows)}
+    result, first = [], {}
+    for by_key in found:
+        for key, pair in by_key.items():
+            if key in kept and key not in first:
+                first[key] = pair
+                pair.raters_backing, pair.raters = backing[key], len(rows)
+                result.append(pair)
+    return result, sum(1 for by_key in found if kept & by_key.keys())

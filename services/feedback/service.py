@@ -1,4 +1,4 @@
-"""The FeedbackService servicer: validate, store durably, list, export preference pairs."""
+"""The FeedbackService servicer: validate, store durably, list, export preference pairs, run campaigns."""
 
 from __future__ import annotations
 
@@ -10,12 +10,20 @@ import math
 import grpc
 from prometheus_client import Counter
 
-from rlhf_mesh.services.feedback import rater_page
+from rlhf_mesh.services.feedback import agreement, rater_page
+from rlhf_mesh.services.feedback.campaigns import (
+    DEFAULT,
+    JUDGEMENTS,
+    CampaignError,
+    Campaigns,
+    Conflict,
+    NotFound,
+)
 from rlhf_mesh.services.feedback.preferences import (
     KIND_NAMES,
     InvalidFeedback,
     Limits,
-    pairs,
+    backed_pairs,
     timestamp,
     to_proto,
     to_row,
@@ -23,6 +31,7 @@ from rlhf_mesh.services.feedback.preferences import (
 )
 from rlhf_mesh.services.feedback.settings import FeedbackSettings
 from rlhf_mesh.services.feedback.store import (
+    CampaignRow,
     ConflictingResubmission,
     FeedbackStore,
     RatingItemRow,
@@ -37,6 +46,10 @@ SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
 SUBMITTED = Counter("rlhf_mesh_feedback_submitted_total", "SubmitFeedback calls by outcome.", ["kind", "status"])
 EXPORT_PAGE_ROWS = 500  # rows read per query while exporting, so memory stays flat
 MAX_PAGE_SIZE = 1000
+MAX_GUIDELINES_BYTES = 64 << 10
+JUDGEMENT_NAMES = {feedback_pb2.JudgementKind.Value(f"JUDGEMENT_KIND_{name.upper()}"): name for name in JUDGEMENTS}
+CAMPAIGN_ERRORS = {NotFound: grpc.StatusCode.NOT_FOUND, Conflict: grpc.StatusCode.ALREADY_EXISTS,
+                   CampaignError: grpc.StatusCode.INVALID_ARGUMENT}
 
 
 async def _created_after(request, context: grpc.aio.ServicerContext) -> datetime.datetime | None:
@@ -48,15 +61,40 @@ async def _created_after(request, context: grpc.aio.ServicerContext) -> datetime
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"created_after: {err}")
 
 
+def campaign_proto(row: CampaignRow, progress=None) -> feedback_pb2.Campaign:
+    campaign = feedback_pb2.Campaign(
+        campaign_id=row.campaign_id, title=row.title, guidelines=row.guidelines,
+        judgements=[feedback_pb2.JudgementKind.Value(f"JUDGEMENT_KIND_{j.upper()}") for j in row.judgements],
+        rating_scale=row.rating_scale, judgements_per_item=row.judgements_per_item)
+    campaign.created_at.FromDatetime(row.created_at)
+    if progress is not None:
+        campaign.progress.CopyFrom(feedback_pb2.CampaignProgress(
+            items=progress.items, closed_items=progress.closed_items, judgements=progress.judgements,
+            skips=progress.skips))
+    return campaign
+
+
+async def _campaign_call(context: grpc.aio.ServicerContext, work, *args):
+    """`work(*args)` in a thread; a CampaignError aborts the call with its status."""
+    try:
+        return await asyncio.to_thread(work, *args)
+    except CampaignError as err:
+        await context.abort(next(code for kind, code in CAMPAIGN_ERRORS.items() if isinstance(err, kind)), str(err))
+
+
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
-    def __init__(self, store: FeedbackStore, limits: Limits) -> None:
+    def __init__(self, store: FeedbackStore, limits: Limits, campaigns: Campaigns | None = None) -> None:
         self.store = store
         self.limits = limits
+        self.campaigns = campaigns
 
     async def SubmitFeedback(self, request, context):
         feedback = request.feedback
         kind = feedback.WhichOneof("judgement") or "none"
         try:
+            if feedback.campaign_id or feedback.item_id:
+                raise InvalidFeedback("campaign_id and item_id are set by the server: judge campaign items on "
+                                      "the rater page")
             validate(feedback, self.limits)
             stored = await asyncio.to_thread(self.store.submit, to_row(feedback))
         except InvalidFeedback as err:
@@ -91,26 +129,29 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     async def ExportPreferences(self, request, context):
         if not request.min_rating_margin >= 0 or math.isinf(request.min_rating_margin):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "min_rating_margin must be a finite number >= 0")
+        if not 0 <= request.min_agreement <= 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "min_agreement must be in [0, 1]")
+        if request.campaign_id:
+            await _campaign_call(context, self.campaigns.get, request.campaign_id)
         created_after = await _created_after(request, context)
         summary = feedback_pb2.ExportSummary()
-        after = 0
+        after = None
         while True:
-            rows, last = await asyncio.to_thread(self.store.list, created_after=created_after, after_seq=after,
-                                                 limit=EXPORT_PAGE_ROWS)
+            groups, after = await asyncio.to_thread(self.store.units, campaign_id=request.campaign_id,
+                                                    created_after=created_after, after=after,
+                                                    limit=EXPORT_PAGE_ROWS)
             found = []
-            for row in rows:
-                row_pairs = pairs(row, request.min_rating_margin)
-                found += row_pairs
-                summary.pairs += len(row_pairs)
-                if row_pairs:
-                    summary.used_feedback += 1
-                else:
-                    summary.skipped_feedback += 1
+            for rows in groups:
+                pairs, used = backed_pairs(rows, request.min_rating_margin, request.min_raters_backing,
+                                           request.min_agreement)
+                found += pairs
+                summary.pairs += len(pairs)
+                summary.used_feedback += used
+                summary.skipped_feedback += len(rows) - used
             if found:
                 yield feedback_pb2.ExportPreferencesResponse(pairs=found)
-            if last is None:
+            if after is None:
                 break
-            after = last
         yield feedback_pb2.ExportPreferencesResponse(summary=summary)
 
     async def AddRatingItems(self, request, context):
@@ -122,8 +163,49 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"items[{i}]: {err}")
         rows = [RatingItemRow(prompt=i.prompt, responses=list(i.responses), model_id=i.model_id,
                               policy_version=i.policy_version) for i in request.items]
-        pending = await asyncio.to_thread(self.store.add_items, rows)
+        pending = await _campaign_call(context, self.campaigns.add_items, request.campaign_id or DEFAULT, rows)
         return feedback_pb2.AddRatingItemsResponse(added=len(rows), pending=pending)
+
+    async def CreateCampaign(self, request, context):
+        given = request.campaign
+        problem = None
+        if len(given.guidelines.encode()) > MAX_GUIDELINES_BYTES:
+            problem = f"guidelines are longer than {MAX_GUIDELINES_BYTES} bytes"
+        elif any(j not in JUDGEMENT_NAMES for j in given.judgements):
+            problem = "judgements: every kind must be one of " + ", ".join(
+                feedback_pb2.JudgementKind.Name(k) for k in JUDGEMENT_NAMES)
+        elif len(given.title) > 256:
+            problem = "title is longer than 256 characters"
+        elif given.rating_scale == 1 or given.rating_scale > 10:
+            problem = f"rating_scale {given.rating_scale} is not in [2, 10]"
+        elif given.judgements_per_item > 100:
+            problem = f"judgements_per_item {given.judgements_per_item} is above 100"
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"campaign: {problem}")
+        judgements = list(dict.fromkeys(JUDGEMENT_NAMES[j] for j in given.judgements)) or ["choice"]
+        row = CampaignRow(campaign_id=given.campaign_id, title=given.title or given.campaign_id,
+                          guidelines=given.guidelines, judgements=judgements, rating_scale=given.rating_scale or 5,
+                          judgements_per_item=given.judgements_per_item or 1)
+        created = await _campaign_call(context, self.campaigns.create, row)
+        log.info("campaign %r: %s, %d per item", created.campaign_id, ", ".join(judgements),
+                 created.judgements_per_item)
+        return feedback_pb2.CreateCampaignResponse(campaign=campaign_proto(created))
+
+    async def ListCampaigns(self, request, context):
+        def listing():
+            return [campaign_proto(row, self.campaigns.progress(row.campaign_id)) for row in self.campaigns.list()]
+
+        return feedback_pb2.ListCampaignsResponse(campaigns=await asyncio.to_thread(listing))
+
+    async def ListCampaignStats(self, request, context):
+        def compute(campaign_ids: list[str]) -> list[feedback_pb2.CampaignStats]:
+            return [agreement.stats(c, *self.campaigns.judged(c)) for c in campaign_ids]
+
+        if request.campaign_id:
+            ids = [(await _campaign_call(context, self.campaigns.get, request.campaign_id)).campaign_id]
+        else:
+            ids = [row.campaign_id for row in await asyncio.to_thread(self.campaigns.list)]
+        return feedback_pb2.ListCampaignStatsResponse(campaigns=await asyncio.to_thread(compute, ids))
 
 
 class FeedbackService:
@@ -143,10 +225,10 @@ class FeedbackService:
     async def start(self) -> None:
         self.store = await asyncio.to_thread(FeedbackStore, self.settings.db)
         self.servicer.store = self.store
+        self.servicer.campaigns = Campaigns(self.store, self.settings.assignment_lease_s)
         log.info("feedback store: %s (schema at head)", self.store.engine.url.render_as_string(hide_password=True))
         if self.settings.rater_page:
-            self._page, _ = await rater_page.start(self.store, self.limits, self.settings.host,
-                                                   self.settings.rater_port)
+            self._page, _ = await rater_page.start(self.servicer, self.settings)
 
     async def close(self) -> None:
         if self._page is not None:

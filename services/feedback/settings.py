@@ -20,3 +20,8 @@ class FeedbackSettings(ServiceSettings):
     max_text_bytes: int = Field(64 << 10, gt=0, description="longest prompt, response or correction, UTF-8 bytes")
     rater_page: bool = Field(True, description="serve the rater page (HTTP) beside the gRPC port")
     rater_port: int = Field(8054, ge=0, le=65535, description="HTTP port of the rater page (0 picks a free one)")
+    rater_identity_header: str | None = Field(
+        None, description="header in which a trusted authenticating proxy in front of the rater page names the "
+        "rater (e.g. X-Forwarded-User); off unless set, and only safe when the proxy is the page's only way in")
+    assignment_lease_s: float = Field(
+        1800.0, gt=0, description="how long a rater holds an item before it goes back to the other raters")

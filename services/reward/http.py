@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import ssl
 import time
 import uuid
 from typing import Any
@@ -28,7 +27,7 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format
 
-from rlhf_mesh.http_site import start_site
+from rlhf_mesh.http_site import ssl_context, start_site
 from rlhf_mesh.security import TokenAuth
 from rlhf_mesh.services.reward.dispatch import REQUESTS, ScoreDispatcher
 from rlhf_mesh.services.reward.reward_model import InvalidSample
@@ -110,19 +109,10 @@ class RewardHttp:
         return application
 
     async def start(self, host: str, port: int) -> int:
-        self.runner, bound = await start_site(self.app(), host, port, ssl_context=self._ssl())
-        return bound
-
-    def _ssl(self) -> ssl.SSLContext | None:
         s = self.settings
-        if s.tls_cert is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(s.tls_cert, s.tls_key)
-        if s.tls_client_ca is not None:
-            context.load_verify_locations(s.tls_client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        self.runner, bound = await start_site(self.app(), host, port,
+                                              ssl_context=ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca))
+        return bound
 
     async def close(self) -> None:
         if self.runner is not None:
