@@ -268,7 +268,8 @@ def _item_id(body: dict) -> int:
 
 async def start(servicer, settings: FeedbackSettings) -> tuple[web.AppRunner, int]:
     """Serve the page (HTTPS with the service's tls_cert); returns the runner and the bound port."""
-    tls = ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    # Server TLS only: raters log in with tokens, and browsers hold no client certificates.
+    tls = ssl_context(settings.tls_cert, settings.tls_key, None)
     runner, bound = await start_site(RaterPage(servicer, settings).app(), settings.host, settings.rater_port, tls)
     log.info("rater page on %s://localhost:%d/", "https" if tls else "http", bound)
     return runner, bound
