@@ -12,6 +12,8 @@ from rlhf_mesh.services.feedback.campaigns import Campaigns, Conflict, Judged
 from rlhf_mesh.services.feedback.preferences import backed_pairs
 from rlhf_mesh.services.feedback.store import CampaignRow, FeedbackRow, FeedbackStore, RatingItemRow
 
+from support import fresh_postgres
+
 # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", example C: 4 observers, 12 units,
 # values 1-5, missing data. Published: nominal 0.743, ordinal 0.815.
 EXAMPLE_C = {
@@ -188,9 +190,10 @@ def test_threads_racing_for_items_never_overfill_or_repeat(campaigns):
     assert (progress.judgements, progress.closed_items) == (36, 12)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("limit", [1, 2, 3, 500])
-def test_export_reads_each_item_whole_across_pages_and_the_rest_in_storage_order(tmp_path, limit):
-    store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
+def test_export_reads_each_item_whole_across_pages_and_the_rest_in_storage_order(tmp_path, limit, backend):
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}" if backend == "sqlite" else fresh_postgres())
     # Storage order interleaves items and feedback outside campaigns; item 7 has 5 judgements.
     plan = [None, 7, 3, None, 7, 3, 7, None, 9, 7, 7]
     for i, item in enumerate(plan):

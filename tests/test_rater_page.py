@@ -211,10 +211,14 @@ def test_unauthenticated_calls_get_401_and_store_nothing(chromium, server):
     page = chromium.new_page()
     page.goto(server.url)
     page.wait_for_selector("#login:not([hidden])")
-    reply = page.request.post(f"{server.url}api/campaigns/{name}/judgements", data={"item_id": 1, "choice": 0})
-    assert reply.status == 401 and "log in" in reply.json()["error"]
-    reply = page.request.get(f"{server.url}api/campaigns/{name}/next")
-    assert reply.status == 401
+    # The browser's own fetch, as a script on the page would send it, with no token.
+    status, body = page.evaluate("""async (path) => {
+        const reply = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                                         body: JSON.stringify({item_id: 1, choice: 0})});
+        return [reply.status, await reply.json()];
+    }""", f"api/campaigns/{name}/judgements")
+    assert status == 401 and "log in" in body["error"]
+    assert page.evaluate("async (path) => (await fetch(path)).status", f"api/campaigns/{name}/next") == 401
     page.fill("#token", "not-a-valid-token-at-all")
     page.press("#token", "Enter")
     page.wait_for_selector("#status:text('invalid token')")

@@ -47,7 +47,8 @@ SUBMITTED = Counter("rlhf_mesh_feedback_submitted_total", "SubmitFeedback calls 
 EXPORT_PAGE_ROWS = 500  # rows read per query while exporting, so memory stays flat
 MAX_PAGE_SIZE = 1000
 MAX_GUIDELINES_BYTES = 64 << 10
-JUDGEMENT_NAMES = {feedback_pb2.JudgementKind.Value(f"JUDGEMENT_KIND_{name.upper()}"): name for name in JUDGEMENTS}
+JUDGEMENT_KINDS = {name: feedback_pb2.JudgementKind.Value(f"JUDGEMENT_KIND_{name.upper()}") for name in JUDGEMENTS}
+JUDGEMENT_NAMES = {kind: name for name, kind in JUDGEMENT_KINDS.items()}
 CAMPAIGN_ERRORS = {NotFound: grpc.StatusCode.NOT_FOUND, Conflict: grpc.StatusCode.ALREADY_EXISTS,
                    CampaignError: grpc.StatusCode.INVALID_ARGUMENT}
 
@@ -64,7 +65,7 @@ async def _created_after(request, context: grpc.aio.ServicerContext) -> datetime
 def campaign_proto(row: CampaignRow, progress=None) -> feedback_pb2.Campaign:
     campaign = feedback_pb2.Campaign(
         campaign_id=row.campaign_id, title=row.title, guidelines=row.guidelines,
-        judgements=[feedback_pb2.JudgementKind.Value(f"JUDGEMENT_KIND_{j.upper()}") for j in row.judgements],
+        judgements=[JUDGEMENT_KINDS[j] for j in row.judgements],
         rating_scale=row.rating_scale, judgements_per_item=row.judgements_per_item)
     campaign.created_at.FromDatetime(row.created_at)
     if progress is not None:

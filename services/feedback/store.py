@@ -28,8 +28,10 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     case,
+    cast,
     create_engine,
     event,
+    literal,
     or_,
     select,
 )
@@ -211,7 +213,8 @@ class FeedbackStore:
         """Feedback grouped by what was judged: every piece of feedback outside campaigns alone, in
         storage order, then all judgements of each campaign item together. Returns about `limit` rows in
         whole groups, and the key to go on from (None at the end)."""
-        key = case((FeedbackRow.item_id.is_(None), FeedbackRow.seq - OUTSIDE), else_=FeedbackRow.item_id)
+        key = cast(case((FeedbackRow.item_id.is_(None), FeedbackRow.seq - literal(OUTSIDE, BigInteger)),
+                        else_=FeedbackRow.item_id), BigInteger)
 
         def read(*where, limit: int | None) -> list:
             query = select(FeedbackRow, key).where(*where).order_by(key, FeedbackRow.seq).limit(limit)
