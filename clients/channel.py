@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,12 @@ class Client(_Client):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C can land inside grpc's own bookkeeping of a call, after which close() waits
+            # forever; the program is stopping, so the close must not hold it up.
+            threading.Thread(target=self.close, daemon=True).start()
+            return
         self.close()
 
 
