@@ -234,9 +234,13 @@ def fresh_postgres() -> str:
     return url
 
 
-def write_tokens(path: Path, roles: dict[str, list[str]]) -> dict[str, str]:
-    """A tokens file giving each name its roles; returns each name's token."""
-    tokens = {name: f"{name}-token-{'x' * 16}" for name in roles}
-    path.write_text("tokens:\n" + "".join(f"  - {{name: {name}, token: {tokens[name]}, roles: [{', '.join(r)}]}}\n"
-                                          for name, r in roles.items()))
+def write_tokens(path: Path, **roles: list[str]) -> dict[str, str]:
+    """A tokens file with one fresh token per name and its roles; returns name -> token."""
+    import secrets
+
+    import yaml
+
+    tokens = {name: secrets.token_hex(16) for name in roles}
+    path.write_text(yaml.safe_dump({"tokens": [{"name": name, "token": tokens[name], "roles": r}
+                                               for name, r in roles.items()]}))
     return tokens

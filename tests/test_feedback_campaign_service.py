@@ -16,7 +16,7 @@ from rlhf_mesh.clients.feedback import FeedbackClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.v1 import feedback_pb2
 
-from support import PYTHON, ROOT, ChildServer, free_port, fresh_postgres, write_tokens
+from support import PYTHON, ROOT, ChildServer, free_port, fresh_postgres, write_pki, write_tokens
 
 ROLES = {"boss": ["admin"], "ann": ["rate"], "bob": ["rate"], "cat": ["rate"], "eve": ["feedback"]}
 CHOICE, TIE, BOTH_BAD, RATING = (feedback_pb2.JUDGEMENT_KIND_CHOICE, feedback_pb2.JUDGEMENT_KIND_TIE,
@@ -52,7 +52,7 @@ class Page:
 def server(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp("campaigns")
     database = f"sqlite:///{folder / 'feedback.db'}" if request.param == "sqlite" else fresh_postgres()
-    tokens = write_tokens(folder / "tokens.yaml", ROLES)
+    tokens = write_tokens(folder / "tokens.yaml", **ROLES)
     port = free_port()
     child = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", database, "--rater-port", str(port),
                          "--tokens-file", str(folder / "tokens.yaml")], folder / "feedback.log")
@@ -225,5 +225,25 @@ def test_a_trusted_proxy_header_names_the_rater_when_configured(tmp_path):
             assert proxied.judge("default", item["item_id"], choice=1).status_code == 200
             assert proxied.item("default") is None  # the one item is closed
             assert [(f.rater_id, f.choice.chosen_index) for f in client.list()] == [("dana@example.org", 1)]
+    finally:
+        assert child.stop() == 0
+
+
+def test_the_rater_page_serves_https_without_asking_browsers_for_a_client_certificate(tmp_path):
+    pki = write_pki(tmp_path / "pki")
+    tokens = write_tokens(tmp_path / "tokens.yaml", ann=["rate"])
+    port, health = free_port(), free_port()
+    child = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", f"sqlite:///{tmp_path / 'f.db'}",
+                         "--rater-port", str(port), "--tokens-file", str(tmp_path / "tokens.yaml"),
+                         "--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]),
+                         "--tls-client-ca", str(pki["ca.pem"]), "--health-port", str(health)],
+                        tmp_path / "feedback.log")
+    try:
+        wait_until_serving(f"localhost:{health}", timeout_s=60, alive=child.alive)
+        browser = httpx.Client(base_url=f"https://localhost:{port}", verify=str(pki["ca.pem"]), timeout=30)
+        assert browser.get("/").status_code == 200  # gRPC wants client certificates; the page does not
+        assert browser.get("/api/me", headers={"Authorization": f"Bearer {tokens['ann']}"}).json()["rater_id"] == "ann"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://localhost:{port}/", timeout=10)  # no plaintext on the TLS port
     finally:
         assert child.stop() == 0

@@ -63,7 +63,7 @@ def _rate(url: str, token: str, seed: int, until: float, told: dict, statuses: C
 def test_twenty_raters_for_a_minute_lose_and_duplicate_nothing(backend, tmp_path):
     url = f"sqlite:///{tmp_path / 'feedback.db'}" if backend == "sqlite" else fresh_postgres()
     names = {f"rater{i:02d}": ["rate"] for i in range(RATERS)} | {"boss": ["admin"]}
-    tokens = write_tokens(tmp_path / "tokens.yaml", names)
+    tokens = write_tokens(tmp_path / "tokens.yaml", **names)
     port = free_port()
     server = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", url, "--rater-port", str(port),
                           "--tokens-file", str(tmp_path / "tokens.yaml"), "--log-level", "WARNING"],

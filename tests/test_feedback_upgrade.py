@@ -52,7 +52,7 @@ def test_a_database_of_the_previous_schema_upgrades_in_place(backend, tmp_path):
                 connection.execute(sqlalchemy.text(
                     f"SELECT setval(pg_get_serial_sequence('{table}', '{key}'), (SELECT max({key}) FROM {table}))"))
 
-    tokens = write_tokens(tmp_path / "tokens.yaml", {"ann": ["rate"], "bob": ["rate"], "boss": ["admin"]})
+    tokens = write_tokens(tmp_path / "tokens.yaml", ann=["rate"], bob=["rate"], boss=["admin"])
     port = free_port()
     server = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", url, "--rater-port", str(port),
                           "--tokens-file", str(tmp_path / "tokens.yaml")], tmp_path / "feedback.log")

@@ -54,7 +54,7 @@ def chromium():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rater-page")
-    tokens = write_tokens(folder / "tokens.yaml", ROLES)
+    tokens = write_tokens(folder / "tokens.yaml", **ROLES)
     port = free_port()
     child = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", f"sqlite:///{folder / 'fb.db'}",
                          "--rater-port", str(port), "--tokens-file", str(folder / "tokens.yaml")],

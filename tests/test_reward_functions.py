@@ -22,7 +22,7 @@ from rlhf_mesh.services.reward import functions
 from rlhf_mesh.services.reward.settings import parse_composite
 from rlhf_mesh.v1 import reward_pb2
 
-from support import PYTHON, ROOT, ChildServer, free_port
+from support import PYTHON, ROOT, ChildServer, free_port, write_tokens
 
 USER = "reward_functions_for_tests"
 FUNCTIONS = ["math", "exact", f"length={USER}:length", f"echo={USER}:echo_reference", f"raises={USER}:raises",
@@ -232,21 +232,20 @@ def test_http_errors_name_the_field(server, path, body, status, message):
 def test_http_tokens_and_overload(tiny_models, tmp_path):
     """The HTTP port checks the same tokens as gRPC (401 without, 403 without the score role) and
     answers 429 when the model's queue is full."""
-    tokens = tmp_path / "tokens.yaml"
-    tokens.write_text("tokens:\n  - {name: trainer, token: trainer-token-0123456789, roles: [score]}\n"
-                      "  - {name: ui, token: monitor-token-0123456789, roles: [monitor]}\n")
+    tokens = write_tokens(tmp_path / "tokens.yaml", trainer=["score"], ui=["monitor"])
     http_port = free_port()
     child = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"rm={tiny_models['reward']}",
-                         "--tokens-file", str(tokens), "--max-queue-samples", "2", "--http-port", str(http_port)],
+                         "--tokens-file", str(tmp_path / "tokens.yaml"), "--max-queue-samples", "2",
+                         "--http-port", str(http_port)],
                         tmp_path / "server.log")
     try:
         wait_until_serving(child.address, timeout_s=300, alive=child.alive)
         url = f"http://127.0.0.1:{http_port}/get_reward"
         assert _post(url, {"query": ["x"]})[0] == 401
         assert _post(url, {"query": ["x"]}, token="wrong-token-0123456789")[0] == 401
-        assert _post(url, {"query": ["x"]}, token="monitor-token-0123456789")[0] == 403
-        assert _post(url, {"query": ["x"]}, token="trainer-token-0123456789")[0] == 200
-        status, reply = _post(url, {"query": ["x", "y", "z"]}, token="trainer-token-0123456789")
+        assert _post(url, {"query": ["x"]}, token=tokens["ui"])[0] == 403
+        assert _post(url, {"query": ["x"]}, token=tokens["trainer"])[0] == 200
+        status, reply = _post(url, {"query": ["x", "y", "z"]}, token=tokens["trainer"])
         assert status == 429 and "reward queue is full" in reply["error"]["message"]
     finally:
         assert child.stop() == 0

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,17 +22,9 @@ from rlhf_mesh.clients.reward import AsyncRewardClient, RewardClient, to_sample
 from rlhf_mesh.security import TokenAuth, required_role
 from rlhf_mesh.v1 import common_pb2, reward_pb2
 
-from support import PYTHON, ChildServer, free_port, wait_for, write_pki
+from support import PYTHON, ChildServer, free_port, wait_for, write_pki, write_tokens
 
 PAIR = ("What is 2 + 2?", "4, thank you.")
-
-
-def _tokens(path: Path, **roles: list[str]) -> dict[str, str]:
-    """Write a token file with one fresh token per name; return name -> token."""
-    tokens = {name: secrets.token_hex(16) for name in roles}
-    entries = [{"name": name, "token": tokens[name], "roles": r} for name, r in roles.items()]
-    path.write_text(yaml.safe_dump({"tokens": entries}))
-    return tokens
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +33,7 @@ def secured(tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secured")
     pki = write_pki(tmp / "pki")
     tokens_file = tmp / "tokens.yaml"
-    tokens = _tokens(tokens_file, scorer=["score"], operator=["admin"], watcher=["monitor"])
+    tokens = write_tokens(tokens_file, scorer=["score"], operator=["admin"], watcher=["monitor"])
     health_port = free_port()
     server = ChildServer(
         [PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"tiny={tiny_models['reward']}",
@@ -149,7 +140,7 @@ def test_stream_limit_ends_a_stream_that_runs_too_long(secured):
 def test_rotated_tokens_and_certificates_apply_without_restart(secured):
     address, tls, server = secured["server"].address, secured["tls"], secured["server"]
     old = secured["tokens"]
-    new = _tokens(secured["tokens_file"], scorer=["score"], operator=["admin"], watcher=["monitor"])
+    new = write_tokens(secured["tokens_file"], scorer=["score"], operator=["admin"], watcher=["monitor"])
     wait_for(lambda: _accepted(address, tls, new["scorer"]), what="the new token is accepted")  # checked once a second
     with RewardClient(address, timeout_s=30, tls=tls, token=new["scorer"]) as client:
         assert len(client.scores([PAIR])) == 1
@@ -196,7 +187,7 @@ def _accepted(address: str, tls: TlsConfig, token: str) -> bool:
             return False
 
 
-def test_token_file_is_validated_without_echoing_tokens(tmp_path):
+def test_token_file_is_validated_without_echoingwrite_tokens(tmp_path):
     path = tmp_path / "tokens.yaml"
     path.write_text(yaml.safe_dump({"tokens": [{"name": "a", "token": "short-secret", "roles": ["root"]}]}))
     with pytest.raises(ValueError) as err:
