@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import krippendorff
 import numpy as np
 
-from rlhf_mesh.services.feedback.campaigns import Judged
+from rlhf_mesh.services.feedback.campaigns import Campaigns, Judged
 from rlhf_mesh.v1 import feedback_pb2
 
 Unit = tuple
@@ -86,3 +86,9 @@ def stats(campaign_id: str, judgements: list[Judged], skips: dict[str, int]) -> 
         if value is not None and not math.isnan(value):
             setattr(result, field, value)
     return result
+
+
+def of_campaign(campaigns: Campaigns, campaign_id: str) -> feedback_pb2.CampaignStats:
+    """The statistics of a stored campaign (NotFound for an unknown one)."""
+    campaigns.get(campaign_id)
+    return stats(campaign_id, *campaigns.judged(campaign_id))

@@ -34,8 +34,8 @@ from rlhf_mesh.clients.feedback import feedback
 from rlhf_mesh.http_site import ssl_context, start_site
 from rlhf_mesh.security import TokenAuth
 from rlhf_mesh.services.feedback import agreement
-from rlhf_mesh.services.feedback.campaigns import CampaignError, Conflict, NotFound
-from rlhf_mesh.services.feedback.preferences import InvalidFeedback, to_row, validate
+from rlhf_mesh.services.feedback.campaigns import CampaignError, Campaigns, Conflict, NotFound
+from rlhf_mesh.services.feedback.preferences import InvalidFeedback, Limits, to_row, validate
 from rlhf_mesh.services.feedback.settings import FeedbackSettings
 from rlhf_mesh.services.feedback.store import CampaignRow, ConflictingResubmission, RatingItemRow
 
@@ -114,9 +114,9 @@ def _judgement(body: dict, item: RatingItemRow, campaign: CampaignRow):
 
 
 class RaterPage:
-    def __init__(self, servicer, settings: FeedbackSettings) -> None:
-        self.campaigns = servicer.campaigns
-        self.limits = servicer.limits
+    def __init__(self, campaigns: Campaigns, limits: Limits, settings: FeedbackSettings) -> None:
+        self.campaigns = campaigns
+        self.limits = limits
         self.settings = settings
         self.auth = TokenAuth(settings.tokens_file) if settings.tokens_file else None
         if self.auth is None and not settings.rater_identity_header:
@@ -220,13 +220,7 @@ class RaterPage:
         rater = self.rater(request)
         if not rater.admin:
             raise Refused(403, f"{rater.rater_id!r} lacks the role 'admin' that agreement needs")
-        campaign_id = request.match_info["campaign"]
-
-        def compute():
-            self.campaigns.get(campaign_id)
-            return agreement.stats(campaign_id, *self.campaigns.judged(campaign_id))
-
-        stats = await asyncio.to_thread(compute)
+        stats = await asyncio.to_thread(agreement.of_campaign, self.campaigns, request.match_info["campaign"])
         return web.json_response(json_format.MessageToDict(stats, preserving_proto_field_name=True,
                                                            always_print_fields_with_no_presence=True))
 
@@ -266,10 +260,11 @@ def _item_id(body: dict) -> int:
     return item_id
 
 
-async def start(servicer, settings: FeedbackSettings) -> tuple[web.AppRunner, int]:
+async def start(campaigns: Campaigns, limits: Limits, settings: FeedbackSettings) -> tuple[web.AppRunner, int]:
     """Serve the page (HTTPS with the service's tls_cert); returns the runner and the bound port."""
     # Server TLS only: raters log in with tokens, and browsers hold no client certificates.
     tls = ssl_context(settings.tls_cert, settings.tls_key, None)
-    runner, bound = await start_site(RaterPage(servicer, settings).app(), settings.host, settings.rater_port, tls)
+    page = RaterPage(campaigns, limits, settings)
+    runner, bound = await start_site(page.app(), settings.host, settings.rater_port, tls)
     log.info("rater page on %s://localhost:%d/", "https" if tls else "http", bound)
     return runner, bound

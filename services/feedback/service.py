@@ -199,14 +199,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         return feedback_pb2.ListCampaignsResponse(campaigns=await asyncio.to_thread(listing))
 
     async def ListCampaignStats(self, request, context):
-        def compute(campaign_ids: list[str]) -> list[feedback_pb2.CampaignStats]:
-            return [agreement.stats(c, *self.campaigns.judged(c)) for c in campaign_ids]
+        def compute() -> list[feedback_pb2.CampaignStats]:
+            ids = [request.campaign_id] if request.campaign_id else [c.campaign_id for c in self.campaigns.list()]
+            return [agreement.of_campaign(self.campaigns, c) for c in ids]
 
-        if request.campaign_id:
-            ids = [(await _campaign_call(context, self.campaigns.get, request.campaign_id)).campaign_id]
-        else:
-            ids = [row.campaign_id for row in await asyncio.to_thread(self.campaigns.list)]
-        return feedback_pb2.ListCampaignStatsResponse(campaigns=await asyncio.to_thread(compute, ids))
+        return feedback_pb2.ListCampaignStatsResponse(campaigns=await _campaign_call(context, compute))
 
 
 class FeedbackService:
@@ -229,7 +226,7 @@ class FeedbackService:
         self.servicer.campaigns = Campaigns(self.store, self.settings.assignment_lease_s)
         log.info("feedback store: %s (schema at head)", self.store.engine.url.render_as_string(hide_password=True))
         if self.settings.rater_page:
-            self._page, _ = await rater_page.start(self.servicer, self.settings)
+            self._page, _ = await rater_page.start(self.servicer.campaigns, self.limits, self.settings)
 
     async def close(self) -> None:
         if self._page is not None:
