@@ -244,3 +244,30 @@ def write_tokens(path: Path, **roles: list[str]) -> dict[str, str]:
     path.write_text(yaml.safe_dump({"tokens": [{"name": name, "token": tokens[name], "roles": r}
                                                for name, r in roles.items()]}))
     return tokens
+
+
+class RaterApi:
+    """One identity on the rater page's HTTP API (a bearer token, or headers a proxy would set)."""
+
+    def __init__(self, url: str, token: str | None = None, headers: dict | None = None, timeout_s: float = 30) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=timeout_s,
+                                 headers={**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})})
+
+    def next(self, campaign: str):
+        return self.http.get(f"/api/campaigns/{campaign}/next")
+
+    def item(self, campaign: str) -> dict | None:
+        reply = self.next(campaign)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["item"]
+
+    def judge(self, campaign: str, item_id: int, **judgement):
+        return self.http.post(f"/api/campaigns/{campaign}/judgements", json={"item_id": item_id, **judgement})
+
+    def skip(self, campaign: str, item_id: int):
+        return self.http.post(f"/api/campaigns/{campaign}/skip", json={"item_id": item_id})
+
+    def undo(self, campaign: str):
+        return self.http.post(f"/api/campaigns/{campaign}/undo", json={})

@@ -16,36 +16,11 @@ from rlhf_mesh.clients.feedback import FeedbackClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.v1 import feedback_pb2
 
-from support import PYTHON, ROOT, ChildServer, free_port, fresh_postgres, write_pki, write_tokens
+from support import PYTHON, ROOT, ChildServer, RaterApi, free_port, fresh_postgres, write_pki, write_tokens
 
 ROLES = {"boss": ["admin"], "ann": ["rate"], "bob": ["rate"], "cat": ["rate"], "eve": ["feedback"]}
 CHOICE, TIE, BOTH_BAD, RATING = (feedback_pb2.JUDGEMENT_KIND_CHOICE, feedback_pb2.JUDGEMENT_KIND_TIE,
                                  feedback_pb2.JUDGEMENT_KIND_BOTH_BAD, feedback_pb2.JUDGEMENT_KIND_RATING)
-
-
-class Page:
-    """One identity on the rater page's API."""
-
-    def __init__(self, url: str, token: str | None = None, headers: dict | None = None) -> None:
-        self.http = httpx.Client(base_url=url, timeout=30,
-                                 headers={**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})})
-
-    def next(self, campaign: str) -> httpx.Response:
-        return self.http.get(f"/api/campaigns/{campaign}/next")
-
-    def item(self, campaign: str) -> dict | None:
-        reply = self.next(campaign)
-        assert reply.status_code == 200, reply.text
-        return reply.json()["item"]
-
-    def judge(self, campaign: str, item_id: int, **judgement) -> httpx.Response:
-        return self.http.post(f"/api/campaigns/{campaign}/judgements", json={"item_id": item_id, **judgement})
-
-    def skip(self, campaign: str, item_id: int) -> httpx.Response:
-        return self.http.post(f"/api/campaigns/{campaign}/skip", json={"item_id": item_id})
-
-    def undo(self, campaign: str) -> httpx.Response:
-        return self.http.post(f"/api/campaigns/{campaign}/undo", json={})
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -84,7 +59,7 @@ def test_three_raters_judge_every_item_and_the_export_keeps_what_two_of_three_ba
         "bob": [{"choice": 0}, {"choice": 0}, {"tie": True}, {"choice": 0}],
         "cat": [{"choice": 0}, {"choice": 1}, {"both_bad": True}, {"tie": True}],
     }
-    pages = {r: Page(server.url, server.tokens[r]) for r in verdicts}
+    pages = {r: RaterApi(server.url, server.tokens[r]) for r in verdicts}
     seen = {r: [] for r in verdicts}
     for step in range(4):
         for rater, page in pages.items():  # the three take turns: each holds one of the item's three places
@@ -131,7 +106,7 @@ def test_three_raters_judge_every_item_and_the_export_keeps_what_two_of_three_ba
 
 def test_skip_and_undo_through_the_api(server):
     name = _campaign(server, CHOICE, RATING, k=2, items=2)
-    ann, bob = Page(server.url, server.tokens["ann"]), Page(server.url, server.tokens["bob"])
+    ann, bob = RaterApi(server.url, server.tokens["ann"]), RaterApi(server.url, server.tokens["bob"])
     first = ann.item(name)
     assert ann.skip(name, first["item_id"]).json()["progress"]["my_skips"] == 1
     second = ann.item(name)
@@ -155,15 +130,15 @@ def test_skip_and_undo_through_the_api(server):
 
 def test_bad_requests_get_their_status_and_store_nothing(server):
     name = _campaign(server, CHOICE, k=2, items=1)
-    ann = Page(server.url, server.tokens["ann"])
+    ann = RaterApi(server.url, server.tokens["ann"])
     item_id = ann.item(name)["item_id"]
-    bob = Page(server.url, server.tokens["bob"])
-    nobody = Page(server.url)
+    bob = RaterApi(server.url, server.tokens["bob"])
+    nobody = RaterApi(server.url)
     cases = [
         (nobody.next(name), 401, "log in"),
         (nobody.judge(name, item_id, choice=0), 401, "log in"),
-        (Page(server.url, "not-a-token-at-all").next(name), 401, "invalid token"),
-        (Page(server.url, server.tokens["eve"]).next(name), 403, "lacks the role 'rate'"),
+        (RaterApi(server.url, "not-a-token-at-all").next(name), 401, "invalid token"),
+        (RaterApi(server.url, server.tokens["eve"]).next(name), 403, "lacks the role 'rate'"),
         (ann.http.get(f"/api/campaigns/{name}/stats"), 403, "'admin'"),
         (ann.next("no-such-campaign"), 404, "no campaign"),
         (bob.judge(name, item_id, choice=0), 409, "not assigned to you"),
@@ -176,7 +151,7 @@ def test_bad_requests_get_their_status_and_store_nothing(server):
     ]
     for reply, status, message in cases:
         assert (reply.status_code, message in reply.json()["error"]) == (status, True), reply.text
-    assert Page(server.url, server.tokens["boss"]).http.get(f"/api/campaigns/{name}/stats").status_code == 200
+    assert RaterApi(server.url, server.tokens["boss"]).http.get(f"/api/campaigns/{name}/stats").status_code == 200
     with _admin(server) as client:
         assert [f for f in client.list(page_size=1000) if f.campaign_id == name] == []
 
@@ -218,8 +193,8 @@ def test_a_trusted_proxy_header_names_the_rater_when_configured(tmp_path):
         with FeedbackClient(child.address) as client:
             client.add_rating_items([feedback_pb2.RatingItem(prompt="p", responses=["a", "b"])])
             url = f"http://127.0.0.1:{port}"
-            assert Page(url).next("default").status_code == 401
-            proxied = Page(url, headers={"X-Forwarded-User": "dana@example.org"})
+            assert RaterApi(url).next("default").status_code == 401
+            proxied = RaterApi(url, headers={"X-Forwarded-User": "dana@example.org"})
             assert proxied.http.get("/api/me").json()["rater_id"] == "dana@example.org"
             item = proxied.item("default")
             assert proxied.judge("default", item["item_id"], choice=1).status_code == 200

@@ -10,7 +10,6 @@ import threading
 import time
 from collections import Counter
 
-import httpx
 import pytest
 import sqlalchemy
 
@@ -18,7 +17,7 @@ from rlhf_mesh.clients.feedback import FeedbackClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.v1 import feedback_pb2
 
-from support import PYTHON, ChildServer, free_port, fresh_postgres, write_tokens
+from support import PYTHON, ChildServer, RaterApi, free_port, fresh_postgres, write_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -31,32 +30,30 @@ ITEMS = 3000
 def _rate(url: str, token: str, seed: int, until: float, told: dict, statuses: Counter) -> None:
     """One rater: judge (a choice or a tie), sometimes skip, undo, or submit twice."""
     rng = random.Random(seed)
-    with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}) as http:
-        while time.monotonic() < until:
-            reply = http.get("/api/campaigns/load/next")
-            statuses[("next", reply.status_code)] += 1
-            item = reply.json().get("item")
-            if item is None:
-                return
-            roll = rng.random()
-            if roll < 0.1:
-                statuses[("skip", http.post("/api/campaigns/load/skip", json={"item_id": item["item_id"]})
-                          .status_code)] += 1
-                continue
-            verdict = {"tie": True} if roll < 0.2 else {"choice": rng.randrange(2)}
-            body = {"item_id": item["item_id"], **verdict}
-            reply = http.post("/api/campaigns/load/judgements", json=body)
-            statuses[("judge", reply.status_code)] += 1
-            if reply.status_code == 200 and not reply.json()["already_stored"]:
-                told[item["item_id"]] = verdict
-            if roll > 0.95:  # a retried submit is stored once
-                again = http.post("/api/campaigns/load/judgements", json=body)
-                statuses[("retry", again.status_code, again.json().get("already_stored"))] += 1
-            elif roll > 0.9:
-                undone = http.post("/api/campaigns/load/undo", json={})
-                statuses[("undo", undone.status_code)] += 1
-                if undone.status_code == 200:
-                    del told[undone.json()["item_id"]]
+    rater = RaterApi(url, token, timeout_s=60)
+    while time.monotonic() < until:
+        reply = rater.next("load")
+        statuses[("next", reply.status_code)] += 1
+        item = reply.json().get("item")
+        if item is None:
+            return
+        roll = rng.random()
+        if roll < 0.1:
+            statuses[("skip", rater.skip("load", item["item_id"]).status_code)] += 1
+            continue
+        verdict = {"tie": True} if roll < 0.2 else {"choice": rng.randrange(2)}
+        reply = rater.judge("load", item["item_id"], **verdict)
+        statuses[("judge", reply.status_code)] += 1
+        if reply.status_code == 200 and not reply.json()["already_stored"]:
+            told[item["item_id"]] = verdict
+        if roll > 0.95:  # a retried submit is stored once
+            again = rater.judge("load", item["item_id"], **verdict)
+            statuses[("retry", again.status_code, again.json().get("already_stored"))] += 1
+        elif roll > 0.9:
+            undone = rater.undo("load")
+            statuses[("undo", undone.status_code)] += 1
+            if undone.status_code == 200:
+                del told[undone.json()["item_id"]]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 
-import httpx
 import pytest
 import sqlalchemy
 
@@ -14,7 +13,7 @@ from rlhf_mesh.clients.feedback import FeedbackClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.services.feedback.store import upgrade
 
-from support import PYTHON, ChildServer, free_port, fresh_postgres, write_tokens
+from support import PYTHON, ChildServer, RaterApi, free_port, fresh_postgres, write_tokens
 
 OLD_ROWS = {
     "feedback": [
@@ -70,12 +69,10 @@ def test_a_database_of_the_previous_schema_upgrades_in_place(backend, tmp_path):
             assert (default.progress.items, default.progress.closed_items, default.progress.judgements) == (2, 1, 1)
 
             # The judged item stays closed: raters get the one left, and the first to ask holds it.
-            page = {r: httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
-                                    headers={"Authorization": f"Bearer {tokens[r]}"}) for r in ("ann", "bob")}
-            item = page["ann"].get("/api/campaigns/default/next").json()["item"]
-            assert item["item_id"] == 2
-            assert page["bob"].get("/api/campaigns/default/next").json()["item"] is None
-            judged = page["ann"].post("/api/campaigns/default/judgements", json={"item_id": 2, "choice": 0})
+            ann, bob = (RaterApi(f"http://127.0.0.1:{port}", tokens[r]) for r in ("ann", "bob"))
+            assert ann.item("default")["item_id"] == 2
+            assert bob.item("default") is None
+            judged = ann.judge("default", 2, choice=0)
             assert judged.status_code == 200, judged.text
             assert judged.json()["progress"]["closed_items"] == 2
 

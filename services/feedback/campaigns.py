@@ -209,10 +209,8 @@ class Campaigns:
             return item.item_id
 
     def progress(self, campaign_id: str, rater_id: str = "") -> Progress:
+        campaign = self.get(campaign_id)
         with Session(self.engine) as session:
-            campaign = session.get(CampaignRow, campaign_id)
-            if campaign is None:
-                raise NotFound(f"no campaign {campaign_id!r}")
             items, closed, judgements = session.execute(select(
                 func.count(), func.count().filter(RatingItemRow.judgements >= campaign.judgements_per_item),
                 func.coalesce(func.sum(RatingItemRow.judgements), 0),
