@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from rlhf_mesh.processes import ChildProcess, free_port
 
@@ -30,6 +31,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MAX_MODEL_LEN = 256  # of the test generation servers
+T = TypeVar("T")
 
 
 class ChildServer(ChildProcess):
@@ -43,12 +45,14 @@ class ChildServer(ChildProcess):
                          env=env, cwd=ROOT, port=port)
 
 
-def wait_for(condition: Callable[[], object], timeout_s: float = 60.0, what: str = "the condition") -> None:
-    """Poll `condition` until it holds: a test's way to order events, never a fixed sleep."""
+def wait_for(condition: Callable[[], T], timeout_s: float = 60.0, what: str = "the condition") -> T:
+    """Poll `condition` until it holds, and return what it returned then: a test's way to order
+    events, never a fixed sleep."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while not (value := condition()):
         assert time.monotonic() < deadline, f"{what} did not hold within {timeout_s:g} s"
         time.sleep(0.02)
+    return value
 
 
 def scrape(server: ChildServer) -> str:

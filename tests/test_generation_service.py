@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import grpc
 import pytest
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf_mesh.clients.generation import generate_request
 from rlhf_mesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
-from support import MAX_MODEL_LEN, PYTHON, ROOT, ChildServer, greedy, metric, scrape
+from support import MAX_MODEL_LEN, PYTHON, ROOT, ChildServer, greedy, metric, scrape, wait_for
 
 pytestmark = pytest.mark.slow  # a vLLM engine
 
@@ -100,20 +99,19 @@ def test_stop_strings_end_the_text(generation_client):
     assert stopped.text == greedy.text[: greedy.text.index(stop)]
 
 
-def _wait_for_engine_requests(generation_server: ChildServer, count: int, timeout_s: float = 60) -> str:
-    """Metrics once vLLM reports `count` requests running or waiting."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def _idle(generation_server: ChildServer) -> str:
+    """Metrics once vLLM has no request running or waiting."""
+    def metrics_if_idle() -> str | None:
         text = scrape(generation_server)
-        if metric(text, "vllm:num_requests_running") + metric(text, "vllm:num_requests_waiting") == count:
-            return text
-        time.sleep(0.1)
-    raise AssertionError(f"vLLM never had {count} requests")
+        busy = metric(text, "vllm:num_requests_running") + metric(text, "vllm:num_requests_waiting")
+        return None if busy else text
+
+    return wait_for(metrics_if_idle, what="vLLM having no requests")
 
 
 def test_cancel_and_deadline_abort_engine_requests(generation_server, generation_client):
     tokens = "vllm:generation_tokens_total"
-    before = metric(_wait_for_engine_requests(generation_server, 0), tokens)
+    before = metric(_idle(generation_server), tokens)
     stub = generation_client.stub
     # 768 samples of 192 tokens: more than the engine finishes in the seconds a cancel can
     # take to arrive when the engine holds both cores, and more than it finishes in 15 s.
@@ -123,27 +121,49 @@ def test_cancel_and_deadline_abort_engine_requests(generation_server, generation
                          timeout=60)
     next(call)  # generating
     call.cancel()
-    after_cancel = _wait_for_engine_requests(generation_server, 0)
+    after_cancel = _idle(generation_server)
     assert metric(after_cancel, tokens) - before < all_tokens  # cut short, not run to the end
     assert metric(after_cancel, "rlhf_mesh_generation_queued_samples") == 0
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(generate_request(prompts, n=n, max_tokens=max_tokens, ignore_eos=True), timeout=0.5))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    idle = _wait_for_engine_requests(generation_server, 0)
-    time.sleep(1)
-    # Nothing keeps generating for nobody: the token count stands still once idle.
-    assert metric(scrape(generation_server), tokens) == metric(idle, tokens)
+    idle = _idle(generation_server)
     assert metric(idle, "rlhf_mesh_generation_queued_samples") == 0
+    # Nothing keeps generating for nobody: once idle, the token count grows by what the next call
+    # generates and nothing more.
+    assert len(next(generation_client.generate(PROMPTS[:1], max_tokens=4, ignore_eos=True)).completion_token_ids) == 4
+    wait_for(lambda: metric(scrape(generation_server), tokens) == metric(idle, tokens) + 4,
+             what="vLLM counting the 4 tokens of the next call, and no others")
 
 
-def test_min_policy_version_waits_until_the_deadline_then_fails(generation_client):
+def test_min_policy_version_waits_until_the_deadline_then_fails(generation_server, generation_client):
+    """A call for a version not served yet waits at the server (counted as waiting), then is answered
+    FAILED_PRECONDITION before its deadline: the client's own deadline would say DEADLINE_EXCEEDED."""
+    import threading
+
     assert next(generation_client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=0)).policy_version_end == 0
-    started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as err:
-        list(generation_client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=1, timeout_s=2.0))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "min_policy_version 1" in err.value.details()
-    assert 1.5 <= time.monotonic() - started < 2.0
+    def refused(text: str) -> float:
+        return metric(text, "rlhf_mesh_generation_requests_total", status="failed_precondition")
+
+    before = refused(scrape(generation_server))
+    errors: list[grpc.RpcError] = []
+
+    def call() -> None:
+        try:
+            list(generation_client.generate(PROMPTS[:1], max_tokens=2, min_policy_version=1, timeout_s=8.0))
+        except grpc.RpcError as err:
+            errors.append(err)
+
+    waiting = threading.Thread(target=call)
+    waiting.start()
+    wait_for(lambda: metric(scrape(generation_server), "rlhf_mesh_generation_waiting_calls") == 1,
+             timeout_s=8, what="the call waiting for version 1")
+    waiting.join(timeout=60)
+    err, = errors
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "min_policy_version 1 was not reached before the deadline" in err.details()
+    after = scrape(generation_server)
+    assert metric(after, "rlhf_mesh_generation_waiting_calls") == 0 and refused(after) == before + 1
 
 
 def _prompt(**kind) -> common_pb2.Prompt:

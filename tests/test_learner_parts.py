@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from rlhf_mesh.services.learner.data import DatasetError, PromptDataset
 from rlhf_mesh.services.learner.models import forward, make_batch, token_logprobs
 
-from support import PYTHON, ROOT
+from support import PYTHON, ROOT, wait_for
 
 ROWS = [{"prompt": f"prompt {i}", "messages": [{"role": "user", "content": f"chat {i}"}]} for i in range(5)]
 
@@ -607,26 +607,32 @@ def test_a_learner_killed_mid_checkpoint_leaves_the_last_complete_one_usable(tin
     half-written `.partial` folder exists: the newest complete checkpoint still loads, a rerun
     resumes from it, and the next checkpoint replaces the half-written one."""
     import signal
-    import time
 
     from rlhf_mesh.services.learner.checkpoints import latest_checkpoint
     from rlhf_mesh.services.learner.settings import LearnerSettings
     from rlhf_mesh.services.learner.trainer import Trainer
 
     checkpoints = tmp_path / "checkpoints"
-    resumed_steps, half_written = [], []
-    for _ in range(3):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).state_dict()  # the writer never trains it
+
+    def kill_mid_checkpoint() -> None:
+        """Start a writer, let it complete two more checkpoints, kill it in the middle of the next one."""
+        done_before = len(list(checkpoints.glob("step-*"))) if checkpoints.is_dir() else 0
         writer = subprocess.Popen([PYTHON, "-c", CHECKPOINT_FOREVER, str(tiny_models["policy"]),
                                    str(tiny_models["prompts"]), str(tmp_path)], cwd=ROOT, stderr=subprocess.DEVNULL)
-        done_before = len(list(checkpoints.glob("step-*"))) if checkpoints.is_dir() else 0
-        deadline = time.monotonic() + 120
-        # Let it complete a few checkpoints, then kill it in the middle of the next one.
-        while not (checkpoints.is_dir() and len(list(checkpoints.glob("step-*"))) >= done_before + 2
-                   and any(checkpoints.glob(".step-*.partial"))):
-            assert writer.poll() is None and time.monotonic() < deadline
-            time.sleep(0.001)
+
+        def mid_checkpoint() -> bool:
+            assert writer.poll() is None, "the checkpoint writer exited"
+            return (checkpoints.is_dir() and len(list(checkpoints.glob("step-*"))) >= done_before + 2
+                    and any(checkpoints.glob(".step-*.partial")))
+
+        wait_for(mid_checkpoint, timeout_s=120, what="a checkpoint half-written after two more complete ones")
         writer.send_signal(signal.SIGKILL)
         writer.wait(timeout=30)
+
+    resumed_steps, half_written = [], []
+    for _ in range(3):
+        kill_mid_checkpoint()
         for name in half_written:  # the rerun wrote the step it had been killed in, whole
             assert (checkpoints / name.removeprefix(".").removesuffix(".partial") / "trainer.pt").is_file()
         half_written = [p.name for p in checkpoints.glob(".step-*.partial")]
@@ -634,6 +640,7 @@ def test_a_learner_killed_mid_checkpoint_leaves_the_last_complete_one_usable(tin
         trainer = Trainer(LearnerSettings(policy=str(tiny_models["policy"]), generation=["localhost:1"],
                                           reward="localhost:2", prompts=tiny_models["prompts"], output_dir=tmp_path))
         assert trainer.step == int(newest.name.removeprefix("step-")) and trainer.history[-1]["step"] == trainer.step
-        assert AutoModelForCausalLM.from_pretrained(newest / "policy") is not None
+        restored = AutoModelForCausalLM.from_pretrained(newest / "policy").state_dict()
+        assert restored.keys() == policy.keys() and all(torch.equal(restored[k], t) for k, t in policy.items())
         resumed_steps.append(trainer.step)
     assert resumed_steps == sorted(resumed_steps) and len(set(resumed_steps)) == 3  # each rerun went on
