@@ -83,6 +83,15 @@ def one_step(policy: str, prompts: str, device: str, rollouts: int, length: int,
     return result
 
 
+def merge_ranks(reports: list[dict]) -> dict:
+    """One row from what each rank reported, in whatever order: rank 0's figures (only it times
+    the step and counts push bytes) with the largest peak of any rank."""
+    ranks = sorted(reports, key=lambda r: r["rank"])
+    if not ranks or ranks[0]["rank"] != 0:
+        raise ValueError(f"no figures from rank 0 among ranks {[r['rank'] for r in ranks]}")
+    return {**ranks[0], "peak_mib": max(r["peak_mib"] for r in ranks), "peaks_mib": [r["peak_mib"] for r in ranks]}
+
+
 def _peak_mib(device: str) -> float:
     import torch
 
@@ -104,11 +113,14 @@ def main() -> None:
                         help="the configs to run (float32, the baseline, always runs)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         policy, prompts, overrides = json.loads(args.child)
         result = one_step(policy, prompts, args.device, args.rollouts, args.length, overrides)
-        print(json.dumps({"rank": int(os.environ.get("RANK", "0")), **result}), flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        # A file per rank: lines that torchrun's ranks print to one pipe can interleave.
+        (Path(args.child_out) / f"rank{rank}.json").write_text(json.dumps({"rank": rank, **result}))
         return
     import torch
 
@@ -117,7 +129,8 @@ def main() -> None:
     models = build(Path(tempfile.mkdtemp()) / "models", preset=args.preset)
     policy = args.model or str(models["policy"])
     print(f"policy {policy}, {args.rollouts} rollouts x {args.length} tokens, device {args.device}", flush=True)
-    results = {}
+    results: dict[str, dict] = {}
+    failed = []
     env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(64 << 10)} if args.device == "cpu" else {})}
     for name, overrides in CONFIGS.items():
         if name != "float32" and name not in args.configs:
@@ -128,24 +141,37 @@ def main() -> None:
         child = json.dumps([policy, str(models["prompts"]), overrides])
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                   str(args.ranks)] if overrides.get("fsdp") else [sys.executable]
-        out = subprocess.run([*launch, __file__, "--device", args.device, "--rollouts", str(args.rollouts),
-                              "--length", str(args.length), "--child", child],
-                             capture_output=True, text=True, check=True, env=env).stdout
-        ranks = [json.loads(line) for line in out.splitlines() if line.startswith('{"rank"')]
-        results[name] = {**ranks[0], "peak_mib": max(r["peak_mib"] for r in ranks),
-                         "peaks_mib": [r["peak_mib"] for r in sorted(ranks, key=lambda r: r["rank"])]}
+        out = tempfile.mkdtemp()
+        run = subprocess.run([*launch, __file__, "--device", args.device, "--rollouts", str(args.rollouts),
+                              "--length", str(args.length), "--child", child, "--child-out", out],
+                             capture_output=True, text=True, env=env)
+        try:
+            if run.returncode != 0:
+                raise ValueError(f"exit code {run.returncode}: {run.stderr[-2000:]}")
+            results[name] = merge_ranks([json.loads(f.read_text()) for f in Path(out).glob("rank*.json")])
+        except ValueError as err:  # the rows measured so far still count
+            failed.append(name)
+            print(f"  {name}: FAILED, {err}", file=sys.stderr, flush=True)
+            continue
         print(f"  {name}: {results[name]}", flush=True)
+        if args.json:  # after every row, so that a later failure keeps the rows measured
+            Path(args.json).write_text(json.dumps(results))
+    if "float32" not in results:
+        sys.exit("learner_memory: the float32 baseline failed; no ratios")
     base = results["float32"]
     print("\n| config | peak MiB | of float32 | step s | of float32 |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f}x | {r['seconds']:.2f} | "
               f"{r['seconds'] / base['seconds']:.2f}x |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results))
     lora = results.get("LoRA (r 16, all linear layers)")
-    if lora is None:
-        return
+    if lora is not None:
+        print_push_table(base, lora)
+    if failed:
+        sys.exit(f"learner_memory: {', '.join(failed)} failed")
+
+
+def print_push_table(base: dict, lora: dict) -> None:
     print("\n| push | MB | of a full push |\n|---|---|---|")
     print(f"| full weights | {base['push_bytes'] / 1e6:.1f} | 1.00x |")
     print(f"| LoRA merged | {lora['push_bytes'] / 1e6:.1f} | {lora['push_bytes'] / base['push_bytes']:.2f}x |")
