@@ -1,14 +1,21 @@
-"""Random and adversarial messages to every RPC of the reward, feedback, generation and learner services.
+"""Random and adversarial messages to every RPC of the reward, feedback, generation and learner
+services, and random bodies to the RewardService's HTTP port.
 
 Messages are drawn from the request types' descriptors (extreme integers, NaN and infinite
 floats, huge strings and repeated fields, deep chat lists, unknown enum values, random
 bytes, truncated and empty client streams). Every reply must be OK or a precise status —
 never INTERNAL, UNAVAILABLE (a crash) or DEADLINE_EXCEEDED (a hang) — the server must stay
 up with bounded memory, and valid calls between the garbage must keep their exact results.
+The HTTP bodies are JSON of every shape in every field (lone surrogates, token ids past 2^32,
+integers of 5000 digits, deep nesting), raw bytes, other media types and charsets, and false
+gzip: every reply is a 200 or a 4xx in vLLM's error shape, never a 5xx.
 """
 
 from __future__ import annotations
 
+import gzip
+import http.client
+import json
 import time
 
 import grpc
@@ -25,7 +32,7 @@ from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import RewardClient
 from rlhf_mesh.v1 import feedback_pb2, generation_pb2, learner_pb2, learner_pb2_grpc, reward_pb2
 
-from support import PYTHON, ChildServer, start_generation_server
+from support import PYTHON, ChildServer, free_port, start_generation_server
 
 pytestmark = pytest.mark.slow
 
@@ -172,6 +179,98 @@ def test_fuzz_reward_service(tiny_models, tmp_path):
             fuzz(server, reward_pb2.DESCRIPTOR.services_by_name["RewardService"], 1500,
                  lambda: client.scores([("What is 2 + 2?", "4, thank you."), [{"role": "user", "content": "Hi"}]]),
                  skip=("ReloadModel",))  # reloading random paths is the admin's business; its errors are tested
+    finally:
+        assert server.stop() == 0
+
+
+HOSTILE_STRINGS = ["", "x", "\ud800", "a\udfff b", "é" * 5000, "\x00", "<think>a</think> 4", r"\boxed{2}"]
+HTTP_FIELDS = ["model", "query", "prompts", "labels", "input", "use_activation", "add_special_tokens", "samples"]
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.sampled_from([0, 5, -1, 2**32, 2**64, 10**30, 0.5, 1e308]),
+              st.integers(), st.floats(allow_nan=False), st.sampled_from(HOSTILE_STRINGS), st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(
+        st.sampled_from(["text", "prompt", "response", "tokenIds", "ids", "query", "chat", "role", "content",
+                         "reference", "metadata", "\ud800"]) | st.text(max_size=5), inner, max_size=4)),
+    max_leaves=20)
+RAW_BODIES = [b"", b"{", b"[1, 2]", b"null", b"\xff\xfe{}", b'{"input": [1' + b"1" * 5000 + b"]}",
+              b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"query": ["a"]}' * 3]
+
+
+@st.composite
+def http_calls(draw) -> tuple[str, bytes, dict[str, str]]:
+    """A path, a body and headers for the RewardService's HTTP port."""
+    path = draw(st.sampled_from(["/get_reward", "/classify", "/pooling", "/v1/score", "/rm/get_reward",
+                                 "/total/v1/score", "/nope/get_reward", "/math/get_reward"]))
+    fields = draw(st.dictionaries(st.sampled_from(HTTP_FIELDS), JSON_VALUES, max_size=4))
+    texts = st.lists(st.sampled_from(HOSTILE_STRINGS) | st.text(max_size=30), min_size=1, max_size=4)
+    valid = {"/get_reward": {"query": draw(texts)}, "/classify": {"input": draw(texts)},
+             "/pooling": {"input": draw(st.lists(st.lists(st.integers(0, 2**33), min_size=1, max_size=5),
+                                                 min_size=1, max_size=3))},
+             "/v1/score": {"samples": [{"text": {"prompt": p, "response": p}} for p in draw(texts)]}}
+    near_valid = valid[next(k for k in valid if path.endswith(k))] | draw(
+        st.dictionaries(st.sampled_from(HTTP_FIELDS), JSON_VALUES, max_size=1))
+    body = draw(st.one_of(
+        st.just(json.dumps(near_valid).encode()), st.just(json.dumps(fields).encode()),
+        JSON_VALUES.map(lambda v: json.dumps(v).encode()), st.sampled_from(RAW_BODIES), st.binary(max_size=64)))
+    headers = {"Content-Type": draw(st.sampled_from(["application/json", "application/json",
+                                                     "application/json; charset=utf-8",
+                                                     "application/json; charset=foo", "text/plain", ""]))}
+    encoding = draw(st.sampled_from([None, None, None, "gzip", "gzip-false", "br"]))
+    if encoding == "gzip":
+        body = gzip.compress(body)
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding.removesuffix("-false")
+    return path, body, headers
+
+
+def test_fuzz_reward_http(tiny_models, tmp_path):
+    port = free_port()
+    server = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"rm={tiny_models['reward']}",
+                          "--function", "math", "--composite", "total=0.5*rm+0.5*math", "--max-length", "96",
+                          "--http-port", str(port)], tmp_path / "reward.log")
+    statuses: list[int] = []
+
+    def post(host: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection(host, port, timeout=CALL_TIMEOUT_S)
+        try:
+            connection.request("POST", path, body, {k: v for k, v in headers.items() if v})
+            reply = connection.getresponse()
+            return reply.status, json.loads(reply.read())
+        finally:
+            connection.close()
+
+    def valid_call() -> list[float]:
+        status, reply = post("::1", "/total/get_reward", json.dumps(
+            {"query": [r"What is 1+1? \boxed{2}", "Hi"], "labels": ["2", ""]}).encode(),
+            {"Content-Type": "application/json"})
+        assert status == 200, reply
+        return reply["rewards"]
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(call=http_calls(), host=st.sampled_from(["127.0.0.1", "::1"]))
+    def random_calls(call, host) -> None:
+        status, reply = post(host, *call)
+        statuses.append(status)
+        if status != 200:
+            assert status < 500 and set(reply["error"]) == {"message", "type", "param", "code"}, (call, reply)
+            assert reply["error"]["code"] == status and reply["error"]["message"]
+        if len(statuses) % 25 == 0:
+            assert valid_call() == expected
+            assert server.alive()
+
+    try:
+        wait_until_serving(server.address, timeout_s=300, alive=server.alive)
+        expected = valid_call()
+        process = psutil.Process(server.process.pid)
+        rss_before = process.memory_info().rss
+        random_calls()
+        assert server.alive() and valid_call() == expected
+        growth = process.memory_info().rss - rss_before
+        assert growth < MEMORY_GROWTH_LIMIT, f"resident memory grew by {growth >> 20} MiB"
+        assert {200, 400, 404, 415} <= set(statuses)
+        print(f"reward HTTP: {len(statuses)} calls, statuses {sorted(set(statuses))}, "
+              f"memory {rss_before >> 20} -> {process.memory_info().rss >> 20} MiB")
     finally:
         assert server.stop() == 0
 

@@ -203,7 +203,8 @@ def test_json_score_is_the_protos_json_form(server, client):
     body = {"model": "math", "samples": [{"text": {"prompt": "q", "response": r"\boxed{2}"}, "reference": "2"}]}
     status, reply = _post(f"{server.http}/v1/score", body)
     assert status == 200, reply
-    assert reply == {"model": "math", "results": [{"score": 1.0}]}
+    assert reply == {"model": "math", "results": [{"score": 1.0, "truncated": False, "numTokens": 0, "modelVersion": "",
+                                                   "components": [], "skipped": False}]}
     status, reply = _post(f"{server.http}/rm/v1/score", {"samples": [{"tokenIds": {"ids": [5, 6, 7]}}]})
     assert reply["results"][0]["score"] == pytest.approx(client.scores([[5, 6, 7]], model="rm")[0], abs=1e-6)
 

@@ -265,6 +265,6 @@ async def start(campaigns: Campaigns, limits: Limits, settings: FeedbackSettings
     # Server TLS only: raters log in with tokens, and browsers hold no client certificates.
     tls = ssl_context(settings.tls_cert, settings.tls_key, None)
     page = RaterPage(campaigns, limits, settings)
-    runner, bound = await start_site(page.app(), settings.host, settings.rater_port, tls)
+    runner, bound = await start_site(page.app(), settings.host, settings.rater_port, tls, settings=settings)
     log.info("rater page on %s://localhost:%d/", "https" if tls else "http", bound)
     return runner, bound

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from rlhf_mesh.http_site import HttpPortSettings
 from rlhf_mesh.settings import ServiceSettings
 
 
-class FeedbackSettings(ServiceSettings):
+class FeedbackSettings(ServiceSettings, HttpPortSettings):
     model_config = SettingsConfigDict(env_prefix="RLHF_MESH_FEEDBACK_")
 
     port: int = Field(50054, ge=0, le=65535, description="gRPC port (0 picks a free one)")

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from rlhf_mesh.http_site import HttpPortSettings
 from rlhf_mesh.settings import ServiceSettings
 
 _TERM = re.compile(r"\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([A-Za-z_][\w.-]*)\s*")
@@ -31,7 +32,7 @@ def parse_composite(spec: str) -> tuple[str, list[tuple[float, str]]]:
     return name.strip(), parts
 
 
-class RewardSettings(ServiceSettings):
+class RewardSettings(ServiceSettings, HttpPortSettings):
     model_config = SettingsConfigDict(env_prefix="RLHF_MESH_REWARD_")
 
     port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 picks a free one)")
