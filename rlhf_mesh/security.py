@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,13 +31,14 @@ from typing import Generic, Literal, TypeVar
 import grpc
 import yaml
 from google.protobuf import descriptor_pool
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
 from rlhf_mesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 RoleName = Literal["score", "generate", "feedback", "monitor", "admin", "rate"]
 ADMIN = common_pb2.ROLE_ADMIN
 
@@ -60,6 +62,14 @@ class Token(BaseModel, extra="forbid"):
     name: str = Field(min_length=1)
     token: SecretStr = Field(min_length=16)
     roles: list[RoleName] = Field(min_length=1)
+
+    @field_validator("token")
+    @classmethod
+    def _visible_ascii(cls, token: SecretStr) -> SecretStr:
+        # What a header or gRPC metadata can carry; anything else could never be presented.
+        if not _VISIBLE_ASCII.fullmatch(token.get_secret_value()):
+            raise ValueError("a token is printable ASCII without spaces")
+        return token
 
 
 class _TokensFile(BaseModel, extra="forbid"):
@@ -133,9 +143,10 @@ class TokenAuth:
     def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may go on; else the status and a message for the caller."""
         presented = [v for k, v in metadata if k == "authorization" and isinstance(v, str)]
-        if not presented or not presented[0].startswith("Bearer "):
+        token = bearer_token(presented[0]) if presented else None
+        if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (metadata 'authorization: Bearer <token>')"
-        holder = self.holder(presented[0].removeprefix("Bearer "))
+        holder = self.holder(token)
         if holder is None:
             return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
         role = required_role(method)
@@ -148,6 +159,8 @@ class TokenAuth:
     def holder(self, token: str) -> Token | None:
         """The entry of the token file that holds `token` (the file re-read when it changed)."""
         self._tokens.changed()
+        if not _VISIBLE_ASCII.fullmatch(token):  # no token holds it (and encode() could fail on it)
+            return None
         candidate = token.encode()
         # Every token is compared, in constant time each, so timing tells nothing about which matched.
         found = None
@@ -155,6 +168,13 @@ class TokenAuth:
             if hmac.compare_digest(candidate, entry.token.get_secret_value().encode()):
                 found = entry
         return found
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value (the scheme in any case), or None."""
+    scheme, _, token = authorization.strip(" \t").partition(" ")
+    token = token.lstrip(" \t")
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

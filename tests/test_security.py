@@ -91,6 +91,10 @@ def test_tokens_and_roles(secured):
         # Health needs no token, on the TLS port as on the plaintext one.
         reply = health_pb2_grpc.HealthStub(anonymous.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # The scheme is case-insensitive (RFC 9110): "bearer", as some clients write it, works.
+        request = reward_pb2.ScoreRequest(samples=[to_sample(PAIR)])
+        lower = anonymous.stub.Score(request, timeout=30, metadata=(("authorization", f"bearer {tokens['scorer']}"),))
+        assert len(lower.results) == 1
     with RewardClient(address, timeout_s=30, tls=tls, token=secrets.token_hex(16)) as forged:
         assert _code(lambda: forged.scores([PAIR])) == (grpc.StatusCode.UNAUTHENTICATED, "invalid token")
     with RewardClient(address, timeout_s=30, tls=tls, token=tokens["watcher"]) as watcher:
@@ -194,6 +198,31 @@ def test_token_file_is_validated_without_echoingwrite_tokens(tmp_path):
         TokenAuth(path)
     assert "tokens.0.token" in str(err.value) and "tokens.0.roles" in str(err.value)
     assert "short-secret" not in str(err.value)
+    # A token that no header or metadata could carry is refused when the file loads.
+    path.write_text(yaml.safe_dump({"tokens": [{"name": "a", "token": "geheim-schlüssel-4711", "roles": ["score"]}]}))
+    with pytest.raises(ValueError) as err:
+        TokenAuth(path)
+    assert "tokens.0.token" in str(err.value) and "ASCII" in str(err.value) and "schlüssel" not in str(err.value)
+
+
+def test_the_bearer_scheme_in_any_case_and_odd_tokens_are_checked_without_errors(tmp_path):
+    """What the HTTP ports hand over from a header: any scheme case; any characters at all."""
+    token = write_tokens(tmp_path / "tokens.yaml", scorer=["score"])["scorer"]
+    auth = TokenAuth(tmp_path / "tokens.yaml")
+
+    def check(value: str) -> grpc.StatusCode | None:
+        refused = auth.check("/rlhf_mesh.v1.RewardService/Score", [("authorization", value)])
+        if refused is not None:
+            assert token not in refused[1]
+        return None if refused is None else refused[0]
+
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        assert check(f"{scheme} {token}") is None
+    assert check(f"  Bearer   {token} ") is None
+    for value in (token, f"Basic {token}", f"Bearer{token}", "Bearer ", f"Bearer {token}\r",
+                  "Bearer \ud800", f"Bearer {token[:-1]}\udcff", "Bearer schlüssel-geheim-4711", "Bearer \x00" * 3):
+        assert check(value) == grpc.StatusCode.UNAUTHENTICATED, repr(value)
+    assert auth.holder("\ud800" * 16) is None and auth.holder(token).name == "scorer"
 
 
 def test_cli_calls_a_secured_service(secured, tmp_path):
