@@ -11,25 +11,27 @@ to the client), Prometheus metrics on their own HTTP port, and SIGTERM/SIGINT ->
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http.server import HTTPServer
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from rlhf_mesh.clients.channel import channel_options
 from rlhf_mesh.hub import ModelNotFound
-from rlhf_mesh.security import TokenAuth, server_credentials
+from rlhf_mesh.security import ADMIN, TokenAuth, required_role, server_credentials
 from rlhf_mesh.settings import ServiceSettings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ RPCS = Counter("rlhf_mesh_rpcs_total", "Finished RPCs.", ["service", "method", "
 RPC_SECONDS = Histogram(
     "rlhf_mesh_rpc_duration_seconds", "RPC handling time.", ["service", "method"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300),
+)
+INFLIGHT_BYTES = Gauge(
+    "rlhf_mesh_request_bytes_in_flight", "Bytes of request messages being handled (max_inflight_bytes).", ["service"]
 )
 
 
@@ -80,14 +85,16 @@ class Running:
 
 
 class _Guard(grpc.aio.ServerInterceptor):
-    """Tokens and roles, unavailable until ready, stream time limit, exceptions -> INTERNAL, RPC metrics."""
+    """Admission before work (tokens and roles from the call's metadata, unavailable until ready, the
+    bytes of requests in flight), stream time limit, exceptions -> INTERNAL, RPC metrics."""
 
     def __init__(self, service: str, ready: Callable[[], bool], auth: TokenAuth | None,
-                 max_stream_s: float | None) -> None:
+                 max_stream_s: float | None, max_inflight_bytes: int) -> None:
         self._service = service
         self._ready = ready
         self._auth = auth
         self._max_stream_s = max_stream_s
+        self._inflight = _InFlight(service, max_inflight_bytes)
 
     async def intercept_service(
         self,
@@ -98,33 +105,41 @@ class _Guard(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(_ALWAYS_OPEN):
             return handler
+        refused = self._refusal(method, details.invocation_metadata or ())
+        if refused is not None:
+            # A request-streaming handler that never reads: grpc hands a unary handler its message
+            # (up to max_message_bytes) before calling it, this one gets the call without it.
+            return grpc.stream_unary_rpc_method_handler(self._refuse(method, *refused))
         kind = _handler_kind(handler)
         behavior = getattr(handler, kind)
+        parse = _parser(handler.request_deserializer)
         limit_s = self._max_stream_s if kind != "unary_unary" else None
         if kind.endswith("_stream"):
-            wrap = self._wrap_stream(method, behavior, limit_s)
+            wrap = self._wrap_stream(method, behavior, parse, limit_s)
         else:
-            wrap = self._wrap_unary(method, behavior, limit_s)
+            wrap = self._wrap_unary(method, behavior, parse, limit_s)
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(
-            wrap,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        # Requests arrive as bytes: their size is charged to the in-flight budget before they are parsed.
+        return factory(wrap, request_deserializer=None, response_serializer=handler.response_serializer)
 
-    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The request to hand on (a checked stream for request streams), or abort."""
+    def _refusal(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> tuple[grpc.StatusCode, str] | None:
         if self._auth is not None:
-            denied = self._auth.check(method, context.invocation_metadata() or ())
+            denied = self._auth.check(method, metadata)
             if denied is not None:
-                await context.abort(*denied)
+                return denied
         if not self._ready():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self._service} service is not ready yet")
-        if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        if hasattr(request, "__aiter__"):
-            return _checked(request)
-        return request
+            return grpc.StatusCode.UNAVAILABLE, f"{self._service} service is not ready yet"
+        return None
+
+    def _refuse(self, method: str, code: grpc.StatusCode, message: str) -> Callable[..., Awaitable[None]]:
+        async def refuse(_: Any, context: grpc.aio.ServicerContext) -> None:
+            started = time.perf_counter()
+            try:
+                await context.abort(code, message)
+            finally:
+                self._observe(method, context, started)
+
+        return refuse
 
     async def _fail(self, method: str, context: grpc.aio.ServicerContext) -> None:
         ref = uuid.uuid4().hex[:12]
@@ -144,16 +159,18 @@ class _Guard(grpc.aio.ServerInterceptor):
         RPC_SECONDS.labels(self._service, short).observe(time.perf_counter() - started)
 
     def _wrap_unary(
-        self, method: str, behavior: Callable[..., Awaitable[Any]], limit_s: float | None
+        self, method: str, behavior: Callable[..., Awaitable[Any]], parse: Callable[[bytes], Any],
+        limit_s: float | None,
     ) -> Callable[..., Awaitable[Any]]:
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
+            held = _Held(self._inflight)
             try:
-                request = await self._admit(method, request, context)
+                request = _request(raw, parse, held)
                 async with asyncio.timeout(limit_s) as budget:
                     return await behavior(request, context)
-            except _BadStream as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            except _Refused as err:
+                await context.abort(err.code, str(err))
             except TimeoutError:
                 if not budget.expired():
                     await self._fail(method, context)
@@ -163,19 +180,22 @@ class _Guard(grpc.aio.ServerInterceptor):
             except Exception:
                 await self._fail(method, context)
             finally:
+                held.release()
                 self._observe(method, context, started)
 
         return guarded
 
     def _wrap_stream(
-        self, method: str, behavior: Callable[..., AsyncIterator[Any]], limit_s: float | None
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]], parse: Callable[[bytes], Any],
+        limit_s: float | None,
     ) -> Callable[..., AsyncIterator[Any]]:
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            held = _Held(self._inflight)
             responses = None
             deadline = None if limit_s is None else time.monotonic() + limit_s
             try:
-                responses = behavior(await self._admit(method, request, context), context)
+                responses = behavior(_request(raw, parse, held), context)
                 while True:
                     # No `async with timeout` here: it must not span a yield of a generator.
                     remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -184,8 +204,8 @@ class _Guard(grpc.aio.ServerInterceptor):
                     except StopAsyncIteration:
                         break
                     yield response
-            except _BadStream as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            except _Refused as err:
+                await context.abort(err.code, str(err))
             except TimeoutError:
                 if deadline is None or time.monotonic() < deadline:
                     await self._fail(method, context)
@@ -197,21 +217,64 @@ class _Guard(grpc.aio.ServerInterceptor):
             finally:
                 if responses is not None:
                     await responses.aclose()
+                held.release()
                 self._observe(method, context, started)
 
         return guarded
 
 
-@dataclass(frozen=True)
-class _Undecodable:
-    """A request message that did not parse; the call gets INVALID_ARGUMENT instead of grpc's INTERNAL."""
+class _Refused(Exception):
+    """A request the guard turns into `code` with this message; raised rather than aborted where a
+    servicer reads its request stream in another task than the one writing replies (an abort there
+    would race the write on the same call)."""
 
-    message: str
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+class _Overloaded(_Refused):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class _InFlight:
+    """The bytes of request messages received and not yet done with, server-wide, and their limit."""
+
+    def __init__(self, service: str, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._gauge = INFLIGHT_BYTES.labels(service)
+
+    def add(self, size: int) -> None:
+        self.size += size
+        self._gauge.set(self.size)
+
+
+class _Held:
+    """What one call holds of the in-flight budget: its request message for a unary request, the
+    message last handed to the servicer for a request stream, until the call ends."""
+
+    def __init__(self, inflight: _InFlight) -> None:
+        self._inflight = inflight
+        self._size = 0
+
+    def take(self, size: int) -> None:
+        """Hold `size` bytes instead of what was held; _Overloaded if they do not fit."""
+        self.release()
+        budget = self._inflight
+        if budget.size + size > budget.limit:
+            raise _Overloaded(f"the server is handling {budget.size} bytes of requests and this {size}-byte one "
+                              f"would pass its max_inflight_bytes={budget.limit}; retry shortly")
+        budget.add(size)
+        self._size = size
+
+    def release(self) -> None:
+        self._inflight.add(-self._size)
+        self._size = 0
+
+
+def _parser(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """The handler's deserializer, raising _Refused (INVALID_ARGUMENT) where grpc would say INTERNAL."""
     if deserialize is None:
-        return None
+        return lambda data: data
     name = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
     expected = name.full_name if name is not None else "request message"
 
@@ -219,25 +282,29 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
         try:
             return deserialize(data)
         except Exception as err:  # any parse failure: the caller's bad bytes
-            return _Undecodable(f"request is not a valid {expected}: {err}")
+            raise _Refused(f"request is not a valid {expected}: {err}") from None
 
     return parse
 
 
-class _BadStream(Exception):
-    """A request stream message did not parse; the guard turns it into INVALID_ARGUMENT."""
+def _request(raw: bytes | AsyncIterator[bytes], parse: Callable[[bytes], Any], held: _Held) -> Any:
+    """What the servicer gets: a unary request charged and parsed, or a request stream whose
+    messages are charged and parsed one by one as the servicer reads them."""
+    if isinstance(raw, bytes):
+        held.take(len(raw))
+        return parse(raw)
+    return _checked(raw, parse, held)
 
 
-async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """A request stream that raises _BadStream at the first message that did not parse.
-
-    It raises rather than aborting: a servicer may read its requests in another task than the
-    one writing replies, and an abort there would race the write on the same call.
-    """
+async def _checked(requests: AsyncIterator[bytes], parse: Callable[[bytes], Any], held: _Held) -> AsyncIterator[Any]:
+    """The messages of a request stream; the first that does not fit or parse raises _Refused naming its index."""
     index = 0
-    async for request in requests:
-        if isinstance(request, _Undecodable):
-            raise _BadStream(f"stream message {index}: {request.message}")
+    async for raw in requests:
+        try:
+            held.take(len(raw))
+            request = parse(raw)
+        except _Refused as err:
+            raise type(err)(f"stream message {index}: {err}") from None
         yield request
         index += 1
 
@@ -252,8 +319,9 @@ async def start(service: Service, settings: ServiceSettings) -> Running:
     """Bind, start and load `service`; health turns SERVING once `service.start()` returns."""
     ready = False
     auth = TokenAuth(settings.tokens_file) if settings.tokens_file else None
+    guard = _Guard(service.name, lambda: ready, auth, settings.max_stream_s, settings.max_inflight_bytes)
     server = grpc.aio.server(
-        interceptors=[_Guard(service.name, lambda: ready, auth, settings.max_stream_s)],
+        interceptors=[guard],
         options=[
             *channel_options(settings.max_message_bytes),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -285,17 +353,45 @@ async def start(service: Service, settings: ServiceSettings) -> Running:
         if health_server.add_insecure_port(f"{settings.host}:{settings.health_port}") == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.health_port}")
         await health_server.start()
-    metrics, _ = start_http_server(settings.metrics_port)
+    metrics_host = settings.metrics_host or settings.host
+    metrics, _ = start_http_server(settings.metrics_port, addr=_http_address(metrics_host))
     await server.start()
-    log.info("%s: gRPC on port %d (%s%s), metrics on http port %d; loading", service.name, port,
-             "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
-             ", tokens" if auth else "", metrics.server_port)
+    log.info("%s: gRPC on port %d of %s (%s%s), metrics on http port %d of %s; loading", service.name, port,
+             settings.host, "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
+             ", tokens" if auth else "", metrics.server_port, metrics_host)
+    if auth is None and not _loopback(settings.host):
+        log.warning("%s: no tokens_file, and %s is not a loopback address: anyone who reaches this port may call "
+                    "every RPC, the admin RPCs (%s) too; set tokens_file, or host 127.0.0.1", service.name,
+                    settings.host, ", ".join(_admin_rpcs(names)) or "none")
     await service.start()
     ready = True
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s: SERVING", service.name)
     return Running(server, health_servicer, port, metrics, asyncio.Event(), health_server)
+
+
+def _http_address(host: str) -> str:
+    """`host` as an HTTP server binds it: gRPC's wildcards (`[::]`, `0.0.0.0`) as every IPv4 interface."""
+    host = host.strip("[]")
+    return "0.0.0.0" if host in ("", "::", "0.0.0.0") else host
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to any interface
+        return False
+
+
+def _admin_rpcs(services: list[str]) -> list[str]:
+    """The RPCs of `services` that need the admin role."""
+    pool = descriptor_pool.Default()
+    return [method.name for name in services for method in pool.FindServiceByName(name).methods
+            if required_role(f"/{name}/{method.name}") == ADMIN]
 
 
 async def drain(running: Running, service: Service, grace_s: float, notice_s: float = 0.0) -> None:

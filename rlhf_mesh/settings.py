@@ -50,12 +50,20 @@ class ServiceSettings(FileSettings):
     host: str = Field("[::]", description="address to listen on")
     port: int = Field(50050, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus HTTP port (0 picks a free one)")
+    metrics_host: str | None = Field(
+        None, description="address the metrics port listens on (default: host; a wildcard such as [::] means "
+        "every IPv4 interface)"
+    )
     drain_notice_s: float = Field(
         1.0, ge=0, description="on SIGTERM, how long health reports NOT_SERVING before new calls are refused"
     )
     drain_grace_s: float = Field(30.0, gt=0, description="then, the time in-flight calls get to finish")
     max_message_bytes: int = Field(64 << 20, gt=0, description="largest gRPC message received or sent")
     max_concurrent_rpcs: int = Field(1024, gt=0, description="calls served at once; more get RESOURCE_EXHAUSTED")
+    max_inflight_bytes: int = Field(
+        256 << 20, gt=0, description="bytes of request messages handled at once, server-wide (a request stream "
+        "counts the message it is on); a request past it gets RESOURCE_EXHAUSTED. At least max_message_bytes"
+    )
     max_stream_s: float | None = Field(
         None, gt=0, description="longest a streaming call may last before DEADLINE_EXCEEDED (default: no limit)"
     )
@@ -75,6 +83,13 @@ class ServiceSettings(FileSettings):
         None, ge=0, le=65535, description="plaintext port serving only grpc.health.v1, for probes that cannot "
         "speak TLS (kubelet); health on the main port needs no token either"
     )
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> ServiceSettings:
+        if self.max_inflight_bytes < self.max_message_bytes:
+            raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) is below max_message_bytes "
+                             f"({self.max_message_bytes}): a request of the largest size could never be served")
+        return self
 
     @model_validator(mode="after")
     def _tls_complete(self) -> ServiceSettings:

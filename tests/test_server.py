@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import time
 import urllib.request
 
 import grpc
+import psutil
 import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -107,3 +109,20 @@ def test_invalid_settings_exit_with_a_message_naming_the_key(child_server, tmp_p
     server = child_server([*PROBE, "--config", str(config)])
     assert server.process.wait(timeout=60) == 2
     assert "bogus_key: Extra inputs are not permitted" in server.log()
+
+
+def test_open_admin_rpcs_are_warned_about_and_the_metrics_port_follows_the_host(child_server):
+    """Without tokens on a reachable address, the log says which admin RPCs anyone may call."""
+    exposed = child_server(PROBE)
+    wait_until_serving(exposed.address, timeout_s=60, alive=exposed.alive)
+    warning = next(line for line in exposed.log().splitlines() if "admin RPCs" in line)
+    assert " WARNING " in warning and "SaveCheckpoint, Pause, Resume" in warning and "tokens_file" in warning
+    local = child_server([*PROBE, "--host", "127.0.0.1"])
+    wait_until_serving(f"127.0.0.1:{local.port}", timeout_s=60, alive=local.alive)
+    assert "admin RPCs" not in local.log()
+    listening = [c.laddr for c in psutil.Process(local.process.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert {port for _, port in listening} == {local.port, local.metrics_port}
+    for ip, port in listening:  # gRPC listens on 127.0.0.1 as ::ffff:127.0.0.1
+        address = ipaddress.ip_address(ip)
+        assert (getattr(address, "ipv4_mapped", None) or address).is_loopback, (ip, port)
