@@ -60,35 +60,34 @@ def resolve(target: str) -> list[str]:
     return sorted({f"[{i[4][0]}]:{port}" if ":" in i[4][0] else f"{i[4][0]}:{port}" for i in infos})
 
 
-def service_config(service: str, max_attempts: int = 5, health_checked: bool = True) -> str:
-    """round_robin over every resolved address (headless Services) and retries of UNAVAILABLE.
+def service_config(service: str, retries: bool = True, health_checked: bool = True) -> str:
+    """round_robin over every resolved address (headless Services), and with `retries` up to 5
+    attempts of a call that fails UNAVAILABLE (a replica that restarts or drains).
 
     With `health_checked`, only replicas whose grpc.health.v1 reports `service` SERVING get
     calls: one that drains or still loads its model is skipped until it serves.
     """
     health = {"healthCheckConfig": {"serviceName": service}} if health_checked else {}
+    retry = {"retryPolicy": {
+        "maxAttempts": 5,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }} if retries else {}
     return json.dumps({
         "loadBalancingConfig": [{"round_robin": {}}],
         **health,
-        "methodConfig": [{
-            "name": [{"service": service}],
-            "retryPolicy": {
-                "maxAttempts": max_attempts,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }],
+        "methodConfig": [{"name": [{"service": service}], **retry}],
     })
 
 
-def _options(service: str, max_message_bytes: int, tls: TlsConfig | None,
-             health_checked: bool) -> list[tuple[str, int | str]]:
+def _options(service: str, max_message_bytes: int, tls: TlsConfig | None, health_checked: bool,
+             retries: bool) -> list[tuple[str, int | str]]:
     options: list[tuple[str, int | str]] = [
         *channel_options(max_message_bytes),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", service_config(service, health_checked=health_checked)),
+        ("grpc.service_config", service_config(service, retries, health_checked)),
         # A restarted replica is found again within 2 s (gRPC's default backoff grows to 120 s).
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", 2000),
@@ -151,13 +150,16 @@ class _AsyncBearerToken(
 
 
 def open_channel(address: str, service: str, *, tls: TlsConfig | None = None, token: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_checked: bool = True) -> grpc.Channel:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, health_checked: bool = True,
+                 retries: bool = True) -> grpc.Channel:
     """A blocking channel to `address` configured for `service` (its full proto name).
 
     `token` goes with every call as `authorization: Bearer <token>`; give `tls` with it, a
-    token sent in plaintext can be read on the way. `health_checked`: see service_config.
+    token sent in plaintext can be read on the way. `health_checked`, `retries`: see
+    service_config; a caller with a retry policy of its own opens channels without one, so
+    that the two do not multiply.
     """
-    options = _options(service, max_message_bytes, tls, health_checked)
+    options = _options(service, max_message_bytes, tls, health_checked, retries)
     if tls is not None:
         channel = grpc.secure_channel(address, tls.credentials(), options=options)
     else:
@@ -166,9 +168,9 @@ def open_channel(address: str, service: str, *, tls: TlsConfig | None = None, to
 
 
 def open_aio_channel(address: str, service: str, *, tls: TlsConfig | None = None, token: str | None = None,
-                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retries: bool = True) -> grpc.aio.Channel:
     """The asyncio twin of open_channel."""
-    options = _options(service, max_message_bytes, tls, health_checked=True)
+    options = _options(service, max_message_bytes, tls, health_checked=True, retries=retries)
     interceptors = [_AsyncBearerToken(token)] if token else None
     if tls is not None:
         return grpc.aio.secure_channel(address, tls.credentials(), options=options, interceptors=interceptors)
@@ -192,11 +194,16 @@ class _Client:
 
 
 class Client(_Client):
-    """Base of the blocking clients; use as a context manager or call close()."""
+    """Base of the blocking clients; use as a context manager or call close().
+
+    `retries=False`: the channel does not retry UNAVAILABLE itself (the caller does; see open_channel).
+    """
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
-                 token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        channel = open_channel(address, self.service, tls=tls, token=token, max_message_bytes=max_message_bytes)
+                 token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 retries: bool = True) -> None:
+        channel = open_channel(address, self.service, tls=tls, token=token, max_message_bytes=max_message_bytes,
+                               retries=retries)
         super().__init__(address, channel, timeout_s)
 
     def close(self) -> None:
@@ -218,8 +225,10 @@ class AsyncClient(_Client):
     """Base of the asyncio clients; use with `async with` or await close()."""
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, tls: TlsConfig | None = None,
-                 token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        channel = open_aio_channel(address, self.service, tls=tls, token=token, max_message_bytes=max_message_bytes)
+                 token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 retries: bool = True) -> None:
+        channel = open_aio_channel(address, self.service, tls=tls, token=token,
+                                   max_message_bytes=max_message_bytes, retries=retries)
         super().__init__(address, channel, timeout_s)
 
     async def close(self) -> None:

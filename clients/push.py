@@ -64,11 +64,11 @@ def push_to_replicas(targets: str | Sequence[str], weights: torch.nn.Module | di
 
 
 def send_update(addresses: Sequence[str], update: Update, timeout_s: float = 600.0, *,
-                tls: TlsConfig | None = None, token: str | None = None) -> list[ReplicaResult]:
+                tls: TlsConfig | None = None, token: str | None = None, retries: bool = True) -> list[ReplicaResult]:
     """`update` to every replica in parallel: its delta where it has one, and the full push to a
-    replica that refuses the delta (so correctness never depends on it)."""
+    replica that refuses the delta (so correctness never depends on it). `retries`: see open_channel."""
     def one(address: str) -> ReplicaResult:
-        with GenerationClient(address, tls=tls, token=token) as client:
+        with GenerationClient(address, tls=tls, token=token, retries=retries) as client:
             try:
                 refused = None
                 if update.delta is not None:

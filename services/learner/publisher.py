@@ -25,7 +25,7 @@ from rlhf_mesh.clients.channel import resolve
 from rlhf_mesh.clients.generation import AsyncGenerationClient, GenerationClient
 from rlhf_mesh.clients.push import CollectiveSender, ReplicaResult, send_update
 from rlhf_mesh.services.learner.errors import LearnerError
-from rlhf_mesh.services.learner.retry import RETRYABLE, Retry, failure
+from rlhf_mesh.services.learner.retry import RETRYABLE, Retry, failure, learner_client
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.v1 import generation_pb2
 from rlhf_mesh.weights import TORCH_DTYPES, Snapshot, Update, full_push, prepare
@@ -80,7 +80,7 @@ class PolicyPublisher:
         self._retry = Retry(attempts=s.replica_retries)
 
     def _client(self, address: str) -> GenerationClient:
-        return GenerationClient(address, timeout_s=self.settings.rpc_timeout_s, **self._credentials)
+        return learner_client(GenerationClient, address, self.settings)
 
     def version(self, step: int) -> int:
         """The policy version of the learner's weights after `step` steps, as the replicas serve it."""
@@ -96,8 +96,7 @@ class PolicyPublisher:
         if s.resolve_replicas:  # the replicas behind a headless Service, as they are now
             self.replicas = sorted(self._resolved())
             log.info("generation replicas: %s", ", ".join(self.replicas))
-        self.generators = [AsyncGenerationClient(a, timeout_s=s.rpc_timeout_s, **self._credentials)
-                           for a in self.replicas]
+        self.generators = [learner_client(AsyncGenerationClient, a, s) for a in self.replicas]
         try:
             infos = await asyncio.gather(*(g.model_info(timeout_s=s.services_wait_s, wait_for_ready=True)
                                            for g in self.generators))
@@ -186,7 +185,7 @@ class PolicyPublisher:
         for address in sorted(resolved - set(self.replicas)):
             log.info("generation replica %s joined; it gets this push and generates from the next step", address)
             self.replicas.append(address)
-            self.generators.append(AsyncGenerationClient(address, timeout_s=s.rpc_timeout_s, **self._credentials))
+            self.generators.append(learner_client(AsyncGenerationClient, address, s))
             self._close_sender()  # a new group of every replica for the next broadcast
 
     def _kept(self, update: Update) -> Snapshot:
@@ -196,7 +195,7 @@ class PolicyPublisher:
 
     def _send_in_band(self, replicas: list[str], update: Update, report: PushReport) -> None:
         """Raises PushFailed naming the replicas that did not take the push."""
-        results = send_update(replicas, update, self.settings.rpc_timeout_s, **self._credentials)
+        results = send_update(replicas, update, self.settings.rpc_timeout_s, retries=False, **self._credentials)
         self._count(results, update, report)
         failed = [r for r in results if not r.ok]
         if failed:
@@ -277,6 +276,6 @@ class PolicyPublisher:
             tensors, adapter = self.weights()
         full = Update(published, full_push(tensors, published.version, published, adapter), None)  # digests reused
         result, = await asyncio.to_thread(send_update, [client.address], full, self.settings.rpc_timeout_s,
-                                          **self._credentials)
+                                          retries=False, **self._credentials)
         if not result.ok:
             raise result.error

@@ -2,7 +2,8 @@
 
 Only what a restarting or draining server produces is retried: UNAVAILABLE, and a call cut by
 its deadline or cancelled by the server's shutdown. A refusal (INVALID_ARGUMENT,
-FAILED_PRECONDITION, ...) or a server bug (INTERNAL, UNKNOWN) fails the step at once.
+FAILED_PRECONDITION, ...) or a server bug (INTERNAL, UNKNOWN) fails the step at once. The
+learner's channels retry nothing themselves (`learner_client`): a call is tried `attempts` times in all.
 """
 
 from __future__ import annotations
@@ -12,17 +13,27 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from rlhf_mesh.services.learner.errors import LearnerError
+
+if TYPE_CHECKING:
+    from rlhf_mesh.services.learner.settings import LearnerSettings
 
 log = logging.getLogger("rlhf_mesh.services.learner")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 T = TypeVar("T")
+C = TypeVar("C")
+
+
+def learner_client(cls: type[C], address: str, settings: LearnerSettings) -> C:
+    """A client of the learner's: a deadline of rpc_timeout_s on every call, its credentials, and
+    no retry policy on the channel (under Retry's it would multiply the attempts)."""
+    return cls(address, timeout_s=settings.rpc_timeout_s, retries=False, **settings.credentials())
 
 
 def failure(err: grpc.RpcError) -> str:

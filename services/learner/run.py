@@ -23,7 +23,7 @@ from rlhf_mesh.services.learner.data import PromptDataset
 from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.publisher import PolicyPublisher
 from rlhf_mesh.services.learner.report import Reporter, write_report
-from rlhf_mesh.services.learner.retry import Retry, failure
+from rlhf_mesh.services.learner.retry import Retry, failure, learner_client
 from rlhf_mesh.services.learner.rollouts import Collected, RolloutCollector, component_means
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.services.learner.trainer import Trainer
@@ -99,7 +99,7 @@ class Run:
             for h in self.trainer.history
         ]
         self.publisher = PolicyPublisher(s, self.trainer.push_weights, keep_snapshots=self.max_lag > 0)
-        self.reward = AsyncRewardClient(s.reward, timeout_s=s.rpc_timeout_s, **s.credentials())
+        self.reward = learner_client(AsyncRewardClient, s.reward, s)
         try:
             await self.reward.list_models(timeout_s=s.services_wait_s, wait_for_ready=True)
         except grpc.aio.AioRpcError as err:
