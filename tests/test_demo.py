@@ -75,6 +75,6 @@ def test_ctrl_c_stops_every_service(tmp_path, tiny_models):
         _, stderr = demo.communicate()
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((out / "logs").glob("*.log")))
         pytest.fail(f"the demo was still running 120 s after Ctrl-C; its stderr:\n{stderr[-3000:]}\n{logs}")
-    assert demo.returncode == 130 and "interrupted; stopping the services" in stderr
+    assert demo.returncode == 130 and "interrupted; stopping the services" in stderr, stderr[-3000:]
     addresses = _addresses("".join(lines))
     assert len(addresses) == 3 and all(_closed(*a) for a in addresses)

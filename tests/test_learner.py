@@ -1,11 +1,16 @@
 """The PPO learner against the real services: vLLM generation, a transformers reward model,
 gRPC on localhost. The reward model is the tiny one with its score head scaled x20: a random
-but learnable preference whose scores are of order 1, so a few steps move them."""
+but learnable preference whose scores are of order 1, so a few steps move them.
+
+The tests share the module's generation server (conftest's `generation_server`), as replicas
+outlive learners: each run starts by pushing its own weights above the served version
+(publisher.connect), so it trains from its policy whatever an earlier test left there. Only
+the LoRA-adapter run (a replica serving an adapter takes no full push), the second replica of
+the two-replica test and the tests that kill their generator start their own."""
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import grpc
@@ -48,17 +53,33 @@ def reward_server(sharp_reward, tmp_path_factory):
     server.stop()
 
 
+def _offset(*replicas: ChildServer) -> int:
+    """How far a fresh run's policy versions are moved on `replicas` (publisher.connect): 0 where
+    every one serves version 0 from disk, else one above the highest served version."""
+    served = []
+    for replica in replicas:
+        with GenerationClient(replica.address) as client:
+            served.append(client.model_info().policy_version)
+    return max(served) + 1 if any(served) else 0
+
+
+def _first_push(offset: int) -> float:
+    """push/delta_replicas of a run's step 1 on one replica: a full push (0) where the replica
+    serves version 0 from disk and holds no base for a delta, else a delta against the weights
+    the run's start pushed it."""
+    return 0.0 if offset == 0 else 1.0
+
+
 def _served_greedy(client: GenerationClient, steps: int) -> tuple[list[int], list[int]]:
     sample = next(client.generate([PROBE], temperature=0.0, max_tokens=steps, ignore_eos=True))
     return list(sample.prompt_token_ids), list(sample.completion_token_ids)
 
 
-async def _train(tiny_models, reward_server, tmp_path, each_step=None, generation_flags=(), **settings
+async def _train(tiny_models, reward_server, generation: ChildServer, tmp_path, each_step=None, **settings
                  ) -> list[dict[str, float]]:
-    """The learner in this process against a fresh generation server (started with
-    `generation_flags`); after every step the generator serves version = step, and
-    `each_step(run, client, step)` checks the rest."""
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", *generation_flags)
+    """The learner in this process against `generation`; after every step the generator serves
+    version step + _offset, and `each_step(run, client, step)` checks the rest."""
+    offset = _offset(generation)
     run = Run(LearnerSettings(
         policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward_server.address,
         prompts=tiny_models["prompts"], output_dir=tmp_path / "run", **settings,
@@ -69,23 +90,23 @@ async def _train(tiny_models, reward_server, tmp_path, each_step=None, generatio
         with GenerationClient(generation.address) as client:
             for step in range(1, run.settings.steps + 1):
                 history.append(await run.run_step())
-                assert client.model_info().policy_version == step
+                assert client.model_info().policy_version == step + offset
                 if each_step is not None:
                     each_step(run, client, step)
     finally:
         await run.close()
-        generation.stop()
     return history
 
 
 async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
-        tiny_models, reward_server, tmp_path):
+        tiny_models, reward_server, generation_server, tmp_path):
     def serves_the_learners_policy(run, client, step):
         prompt_ids, served = _served_greedy(client, 12)
         assert served == greedy(run.trainer.models.policy, prompt_ids, 12), f"step {step}"
 
-    history = await _train(tiny_models, reward_server, tmp_path, serves_the_learners_policy, steps=12,
-                           batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=3e-3,
+    first_push = _first_push(_offset(generation_server))
+    history = await _train(tiny_models, reward_server, generation_server, tmp_path, serves_the_learners_policy,
+                           steps=12, batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=3e-3,
                            kl_coef=0.1, seed=0)
     rewards = [h["charts/reward_mean"] for h in history]
     kls = [h["objective/kl"] for h in history]
@@ -95,10 +116,13 @@ async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
     assert max(kls) < 12.0, kls
     # The learner's recomputed log-probs and vLLM's (both float32) agree.
     assert max(h["sampling/logprob_diff_mean"] for h in history) < 1e-3
-    # Step 1 is a full push (the replica loaded version 0 from disk), every later one a delta
-    # against the step before: the checks above hold on weights that came as deltas.
-    assert [h["push/delta_replicas"] for h in history] == [0.0] + [1.0] * 11
-    assert history[0]["push/sent_fraction"] == 1.0 and all(h["push/sent_fraction"] < 1.0 for h in history[1:])
+    # Step 1 is a full push where the replica loaded version 0 from disk (the module's first run),
+    # every later one a delta against the step before: the checks above hold on weights that
+    # came as deltas.
+    assert [h["push/delta_replicas"] for h in history] == [first_push] + [1.0] * 11
+    sent = [h["push/sent_fraction"] for h in history]
+    assert (sent[0] == 1.0) if first_push == 0 else (sent[0] < 1.0)
+    assert all(fraction < 1.0 for fraction in sent[1:])
     for name in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "losses/clipfrac",
                  "objective/entropy", "time/generate_s", "time/train_s", "time/push_s"):
         assert all(name in h for h in history), name
@@ -106,11 +130,12 @@ async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
 
 @pytest.mark.parametrize("lora_publish", ["merged", "adapter"])
 async def test_a_lora_run_raises_the_reward_and_the_generator_serves_its_merged_model(
-        tiny_models, reward_server, tmp_path, lora_publish):
+        tiny_models, reward_server, tmp_path, request, lora_publish):
     """use_peft: the replicas are pushed the base weights with the adapter merged in, or the adapter
-    alone (they run it with vLLM's LoRA); after every step their greedy output equals PEFT's own
-    merge of the learner's model, and the reward on held-out prompts (the same prompts and seeds
-    at every evaluation) goes up."""
+    alone (to a replica of their own that runs it with vLLM's LoRA: one serving an adapter takes no
+    full push); after every step their greedy output equals PEFT's own merge of the learner's
+    model, and the reward on held-out prompts (the same prompts and seeds at every evaluation)
+    goes up."""
     import copy
 
     def serves_the_merged_policy(run, client, step):
@@ -119,12 +144,21 @@ async def test_a_lora_run_raises_the_reward_and_the_generator_serves_its_merged_
         assert served == greedy(merged, prompt_ids, 12), f"step {step}"
 
     adapter = lora_publish == "adapter"
-    history = await _train(tiny_models, reward_server, tmp_path, serves_the_merged_policy,
-                           ("--enable-lora", "--max-lora-rank", "8") if adapter else (), steps=12,
-                           batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=5e-2,
-                           kl_coef=0.1, seed=0, advantage_estimator="grpo", use_peft=True, lora_r=8, lora_alpha=16,
-                           lora_target_modules=["all-linear"], lora_publish=lora_publish,
-                           eval_prompts=tiny_models["prompts"], eval_steps=1)
+    if adapter:
+        generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log", "--enable-lora",
+                                             "--max-lora-rank", "8")
+    else:
+        generation = request.getfixturevalue("generation_server")
+    first_push = _first_push(_offset(generation))
+    try:
+        history = await _train(tiny_models, reward_server, generation, tmp_path, serves_the_merged_policy, steps=12,
+                               batch_size=16, num_samples_per_prompt=4, response_length=24, learning_rate=5e-2,
+                               kl_coef=0.1, seed=0, advantage_estimator="grpo", use_peft=True, lora_r=8,
+                               lora_alpha=16, lora_target_modules=["all-linear"], lora_publish=lora_publish,
+                               eval_prompts=tiny_models["prompts"], eval_steps=1)
+    finally:
+        if adapter:
+            generation.stop()
     # 196 prompts; merged: measured -0.17 after step 1 and +0.22 after step 12, a rise of the means
     # below of 0.30-0.33 over runs (vLLM's batching on CPU makes runs differ slightly, and they diverge)
     rewards = [h["eval/reward_mean"] for h in history]
@@ -135,12 +169,14 @@ async def test_a_lora_run_raises_the_reward_and_the_generator_serves_its_merged_
         assert [h["push/delta_replicas"] for h in history] == [0.0] * 12
         assert all(h["push/sent_bytes"] < 0.1 * full_bytes for h in history)
     else:
-        assert [h["push/delta_replicas"] for h in history] == [0.0] + [1.0] * 11
+        assert [h["push/delta_replicas"] for h in history] == [first_push] + [1.0] * 11
 
 
-async def test_async_mode_trains_on_rollouts_at_most_one_version_old(tiny_models, reward_server, tmp_path):
-    history = await _train(tiny_models, reward_server, tmp_path, steps=4, batch_size=8, num_samples_per_prompt=2,
-                           response_length=16, learning_rate=1e-3, async_generation=True, max_policy_lag=1)
+async def test_async_mode_trains_on_rollouts_at_most_one_version_old(tiny_models, reward_server, generation_server,
+                                                                     tmp_path):
+    history = await _train(tiny_models, reward_server, generation_server, tmp_path, steps=4, batch_size=8,
+                           num_samples_per_prompt=2, response_length=16, learning_rate=1e-3, async_generation=True,
+                           max_policy_lag=1)
     # Step 0 trains on version 0; every later step on rollouts started under the version before it.
     assert [h["async/lag_max"] for h in history] == [0.0, 1.0, 1.0, 1.0]
     assert all(h["async/lag_1_share"] > 0 for h in history[1:])
@@ -150,17 +186,15 @@ def _status(stub) -> learner_pb2.GetStatusResponse:
     return stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=10)
 
 
-def _wait_for_state(stub, state: learner_pb2.LearnerState, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _status(stub).state != state:
-        assert time.monotonic() < deadline, f"the learner did not reach {learner_pb2.LearnerState.Name(state)}"
-        time.sleep(0.1)
+def _wait_for_state(stub, state: learner_pb2.LearnerState) -> None:
+    wait_for(lambda: _status(stub).state == state, timeout_s=120,
+             what=f"the learner reaching {learner_pb2.LearnerState.Name(state)}")
 
 
 def test_serve_learner_trains_two_replicas_and_answers_its_controls(
-        tiny_models, reward_server, tmp_path):
-    replicas = [start_generation_server(tiny_models["policy"], tmp_path / f"generation{i}.log")
-                for i in range(2)]
+        tiny_models, reward_server, generation_server, tmp_path):
+    replicas = [generation_server, start_generation_server(tiny_models["policy"], tmp_path / "generation1.log")]
+    offset = _offset(*replicas)
     out = tmp_path / "run"
     learner = ChildServer(
         [PYTHON, "-m", "rlhf_mesh", "serve", "learner", "--policy", str(tiny_models["policy"]),
@@ -181,16 +215,15 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
             watch = stub.WatchMetrics(learner_pb2.WatchMetricsRequest(from_step=1), timeout=300)
             assert stub.Resume(learner_pb2.ResumeRequest(), timeout=10).state == learner_pb2.LEARNER_STATE_RUNNING
             first = next(watch)
-            assert first.step == 1 and first.policy_version == 1
+            assert first.step == 1 and first.policy_version == offset + 1
             assert {"charts/reward_mean", "objective/kl", "losses/policy_loss"} <= set(first.scalars)
 
             assert stub.Pause(learner_pb2.PauseRequest(), timeout=10).state == learner_pb2.LEARNER_STATE_PAUSED
             _wait_for_state(stub, learner_pb2.LEARNER_STATE_PAUSED)
             paused_at = _status(stub).step
-            time.sleep(2)
-            assert _status(stub).step == paused_at < STEPS
             saved = stub.SaveCheckpoint(learner_pb2.SaveCheckpointRequest(), timeout=120)
             assert saved.step == paused_at and (Path(saved.path) / "policy" / "config.json").is_file()
+            assert _status(stub).step == paused_at < STEPS  # no step ran while it checkpointed
 
             stub.Resume(learner_pb2.ResumeRequest(), timeout=10)
             streamed = [first, *watch]  # the stream ends with the run
@@ -202,13 +235,13 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
                 assert {"eval/kl", "eval/response_length", "eval/eos_rate"} <= set(m.scalars)
                 assert 0 < m.scalars["eval/response_length"] <= 8
             status = _status(stub)
-            assert status.state == learner_pb2.LEARNER_STATE_FINISHED and status.policy_version == STEPS
+            assert status.state == learner_pb2.LEARNER_STATE_FINISHED and status.policy_version == offset + STEPS
             assert status.last_checkpoint_step == STEPS
         assert learner.process.wait(60) == 0  # the server stops by itself after linger_s
         final = AutoModelForCausalLM.from_pretrained(status.last_checkpoint_path + "/policy", dtype=torch.float32)
         for replica in replicas:
             with GenerationClient(replica.address) as client:
-                assert client.model_info().policy_version == STEPS
+                assert client.model_info().policy_version == offset + STEPS
                 prompt_ids, served = _served_greedy(client, 12)
                 assert served == greedy(final.eval(), prompt_ids, 12)
         assert (out / "ppo.png").stat().st_size > 0 and (out / "summary.txt").is_file()
@@ -218,8 +251,7 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
         wait_for(lambda: wandb_history(run_dir) == expected, timeout_s=30, what="the W&B history")
     finally:
         learner.stop()
-        for replica in replicas:
-            replica.stop()
+        replicas[1].stop()
 
 
 @pytest.mark.parametrize("transport", ["grpc", "collective"])
@@ -302,7 +334,8 @@ def _serving(server: ChildServer) -> ChildServer:
     return server
 
 
-def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_models, reward_server, tmp_path):
+def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_models, reward_server, generation_server,
+                                                                      tmp_path):
     """`rlhf-mesh train` run straight through, and the same command stopped twice: SIGTERM after
     its step-1 checkpoint (it finishes its step, checkpoints and exits 143), then SIGKILL after
     step 3's. Each rerun resumes from the newest checkpoint and first pushes its weights to the
@@ -311,12 +344,11 @@ def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_model
     import signal
     import subprocess
 
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
     out = tmp_path / "stopped"
 
     def command(output_dir: Path) -> list[str]:
         return [PYTHON, "-m", "rlhf_mesh", "train", "--policy", str(tiny_models["policy"]),
-                "--generation", generation.address, "--reward", reward_server.address,
+                "--generation", generation_server.address, "--reward", reward_server.address,
                 "--prompts", str(tiny_models["prompts"]), "--steps", "4", "--save-steps", "1", "--batch-size", "8",
                 "--response-length", "8", "--output-dir", str(output_dir)]
 
@@ -324,27 +356,23 @@ def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_model
         log = tmp_path / f"learner-{sig.name}.log"
         with log.open("w") as stderr:
             process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=stderr)
-            deadline = time.monotonic() + 600
-            while not (out / "checkpoints" / f"step-{step:06d}").is_dir():
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_for(lambda: (out / "checkpoints" / f"step-{step:06d}").is_dir() or process.poll() is not None,
+                     timeout_s=600, what=f"the step-{step} checkpoint")
+            assert process.poll() is None, log.read_text()[-2000:]
             process.send_signal(sig)
             process.wait(timeout=600)
         assert process.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL), log.read_text()[-2000:]
         return log.read_text()
 
-    try:
-        straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
-        assert straight.returncode == 0, straight.stderr[-2000:]
-        first = stop_after(1, signal.SIGTERM)
-        assert "stopped at step" in first and "rerun the command to go on" in first
-        second = stop_after(3, signal.SIGKILL)
-        assert "resumed from" in second and "pushing the learner's step-" in second
-        last = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
-        assert last.returncode == 0, last.stderr[-2000:]
-        assert "step-000003" in last.stderr and "pushing the learner's step-3 weights as version" in last.stderr
-    finally:
-        generation.stop()
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = stop_after(1, signal.SIGTERM)
+    assert "stopped at step" in first and "rerun the command to go on" in first
+    second = stop_after(3, signal.SIGKILL)
+    assert "resumed from" in second and "pushing the learner's step-" in second
+    last = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert "step-000003" in last.stderr and "pushing the learner's step-3 weights as version" in last.stderr
 
     def history(output_dir: Path) -> list[dict[str, float]]:
         return json.loads((output_dir / "checkpoints" / "step-000004" / "history.json").read_text())
@@ -355,7 +383,7 @@ def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_model
 
 
 def test_fsdp_lora_torchrun_killed_with_kill_9_resumes_like_an_uninterrupted_run(tiny_models, reward_server,
-                                                                                  tmp_path):
+                                                                                  generation_server, tmp_path):
     """`torchrun --nproc-per-node 2 -m rlhf_mesh train --fsdp --use-peft` straight through, and the
     same command with every process of it killed by SIGKILL (a node lost) once step 2's
     checkpoint is written (it may have written one more before the kill lands), then run again:
@@ -369,38 +397,34 @@ def test_fsdp_lora_torchrun_killed_with_kill_9_resumes_like_an_uninterrupted_run
 
     from support import free_port
 
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
     out = tmp_path / "killed"
 
     def command(output_dir: Path) -> list[str]:
         return [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                 "-m", "rlhf_mesh", "train", "--fsdp", "--use-peft", "--lora-r", "4", "--learning-rate", "1e-3",
-                "--policy", str(tiny_models["policy"]), "--generation", generation.address,
+                "--policy", str(tiny_models["policy"]), "--generation", generation_server.address,
                 "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", "6",
                 "--save-steps", "1", "--batch-size", "8", "--gradient-accumulation-steps", "2",
                 "--response-length", "8", "--output-dir", str(output_dir)]
 
-    try:
-        straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
-        assert straight.returncode == 0, straight.stderr[-3000:]
-        with (tmp_path / "killed.log").open("w") as log:
-            process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=log)
-            wait_for(lambda: (out / "checkpoints" / "step-000002").is_dir() or process.poll() is not None,
-                     timeout_s=600, what="the step-2 checkpoint")
-            ranks = psutil.Process(process.pid).children(recursive=True)  # torchrun starts each in a session of its own
-            for victim in [psutil.Process(process.pid), *ranks]:
-                victim.kill()
-            process.wait(timeout=60)
-            psutil.wait_procs(ranks, timeout=60)
-        assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-        newest = latest_checkpoint(out)
-        assert newest is not None and 2 <= int(newest.name[5:]) < 6  # killed mid-run
-        rerun = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert f"resumed from {newest}" in rerun.stderr
-        assert f"pushing the learner's step-{int(newest.name[5:])} weights as version" in rerun.stderr
-    finally:
-        generation.stop()
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    with (tmp_path / "killed.log").open("w") as log:
+        process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(lambda: (out / "checkpoints" / "step-000002").is_dir() or process.poll() is not None,
+                 timeout_s=600, what="the step-2 checkpoint")
+        ranks = psutil.Process(process.pid).children(recursive=True)  # torchrun starts each in a session of its own
+        for victim in [psutil.Process(process.pid), *ranks]:
+            victim.kill()
+        process.wait(timeout=60)
+        psutil.wait_procs(ranks, timeout=60)
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    newest = latest_checkpoint(out)
+    assert newest is not None and 2 <= int(newest.name[5:]) < 6  # killed mid-run
+    rerun = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {newest}" in rerun.stderr
+    assert f"pushing the learner's step-{int(newest.name[5:])} weights as version" in rerun.stderr
 
     def history(output_dir: Path) -> list[dict[str, float]]:
         return json.loads((output_dir / "checkpoints" / "step-000006" / "history.json").read_text())
@@ -421,7 +445,7 @@ def _trained_alike(expected: list[dict[str, float]], got: list[dict[str, float]]
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, tmp_path, parallel):
+def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, generation_server, tmp_path, parallel):
     """`rlhf-mesh train` in one process, and `rlhf-mesh serve learner` as two torchrun launches of
     one rank each, as two pods of a Job run it (DDP, or FSDP2 shards, over gloo): rank 0 serves the
     LearnerService, generates, pushes and checkpoints; rank 1 trains its share (and under FSDP2
@@ -435,8 +459,7 @@ def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, t
 
     from support import free_port
 
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
-    flags = ["--policy", str(tiny_models["policy"]), "--generation", generation.address,
+    flags = ["--policy", str(tiny_models["policy"]), "--generation", generation_server.address,
              "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", "3",
              "--batch-size", "8", "--gradient-accumulation-steps", "2", "--response-length", "8",
              "--eval-prompts", str(tiny_models["prompts"]), "--eval-steps", "2"]
@@ -465,10 +488,9 @@ def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, t
             stub.Resume(learner_pb2.ResumeRequest(), timeout=30)
         for node in nodes:
             assert node.process.wait(timeout=600) == 0, node.log()[-3000:]
-        with GenerationClient(generation.address) as client:
+        with GenerationClient(generation_server.address) as client:
             served = _served_greedy(client, 12)
     finally:
-        generation.stop()
         for node in nodes:
             node.stop()
 
