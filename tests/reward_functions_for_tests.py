@@ -1,5 +1,5 @@
 """User reward functions the reward-function tests load by name (`--function NAME=reward_functions_for_tests:fn`),
-one for every way a function can go wrong."""
+one for every way a function can go wrong, and one a test orders calls with (`waits`)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,19 @@ def wrong_count(prompts, completions, **kwargs):
 
 def nan(prompts, completions, **kwargs):
     return [float("nan")] * len(completions)
+
+
+def waits(prompts, completions, gate, log, **kwargs):
+    """Notes each call in the file `log` (one line of its responses), then waits until the file
+    `gate` exists: a test orders the pool's calls with it, never with a clock."""
+    with open(log[0], "a") as file:
+        file.write(" ".join(completions) + "\n")
+    while not os.path.exists(gate[0]):
+        time.sleep(0.01)
+    return [1.0] * len(completions)
+
+
+def allocates(prompts, completions, **kwargs):
+    """Asks for 1 GiB (calloc'd: no page is touched unless the allocation succeeds)."""
+    memory = bytes(1 << 30)
+    return [float(len(memory) > 0)] * len(completions)

@@ -1,8 +1,9 @@
 """Reward functions and composites in the RewardService, and the HTTP protocols of other
 frameworks on its HTTP port, against a live server: built-in verifiers, a user function
 loaded from a module, a composite's total against its components' own scores, functions that
-raise, hang, kill their worker or miscount (the server goes on), and every HTTP endpoint's
-shapes and error codes over IPv4 and IPv6."""
+raise, hang, kill their worker, miscount or allocate past their worker's memory (the server
+goes on), the function pool's fair share between callers, queue bound and timeout counted
+from arrival, and every HTTP endpoint's shapes and error codes over IPv4 and IPv6."""
 
 from __future__ import annotations
 
@@ -19,15 +20,17 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import RewardClient
 from rlhf_mesh.services.reward import functions
+from rlhf_mesh.services.reward.function_pool import FairQueue
 from rlhf_mesh.services.reward.settings import parse_composite
 from rlhf_mesh.v1 import reward_pb2
 
-from support import PYTHON, ROOT, ChildServer, free_port, write_tokens
+from support import PYTHON, ROOT, ChildServer, free_port, metric, scrape, wait_for, write_tokens
 
 USER = "reward_functions_for_tests"
 FUNCTIONS = ["math", "exact", f"length={USER}:length", f"echo={USER}:echo_reference", f"raises={USER}:raises",
              f"hangs={USER}:hangs",
-             f"kills={USER}:kills_its_worker", f"miscounts={USER}:wrong_count", f"nan={USER}:nan"]
+             f"kills={USER}:kills_its_worker", f"miscounts={USER}:wrong_count", f"nan={USER}:nan",
+             f"waits={USER}:waits", f"allocates={USER}:allocates"]
 
 
 def test_math_verifies_equivalent_answers():
@@ -57,7 +60,8 @@ def server(tiny_models, tmp_path_factory):
     args = [PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"rm={tiny_models['reward']}",
             *(f"--function={f}" for f in FUNCTIONS), "--reward", "total=0.8*rm+0.2*math",
             "--reward", "graded=1*echo+0.5*rm",
-            "--reward", "broken=1*rm+1*raises", "--function-timeout-s", "3", "--http-port", str(http_port)]
+            "--reward", "broken=1*rm+1*raises", "--function-timeout-s", "3", "--function-workers", "2",
+            "--function-worker-memory-mb", "512", "--http-port", str(http_port)]
     child = ChildServer(args, tmp_path_factory.mktemp("reward") / "server.log", env={"PYTHONPATH": str(ROOT / "tests")})
     wait_until_serving(child.address, timeout_s=300, alive=child.alive)
     child.http = f"http://127.0.0.1:{http_port}"
@@ -113,11 +117,12 @@ def test_a_composite_is_the_weighted_sum_of_its_components(client):
 
 
 @pytest.mark.parametrize(("function", "code", "message"), [
-    ("raises", grpc.StatusCode.INTERNAL, "raised RuntimeError: this function always fails"),
+    ("raises", grpc.StatusCode.INTERNAL, "raised RuntimeError (its message is in the server log"),
     ("hangs", grpc.StatusCode.DEADLINE_EXCEEDED, "ran past its 3 s timeout"),
     ("kills", grpc.StatusCode.INTERNAL, "killed its worker process (exit code 7)"),
     ("miscounts", grpc.StatusCode.INTERNAL, "returned 4 scores for 3 samples"),
     ("nan", grpc.StatusCode.INTERNAL, "a finite number or None is needed"),
+    ("allocates", grpc.StatusCode.INTERNAL, "ran out of memory: its worker may use 512 MiB"),
     ("broken", grpc.StatusCode.INTERNAL, "reward function raises"),
 ])
 def test_a_failing_function_fails_its_call_and_the_server_goes_on(client, function, code, message):
@@ -127,6 +132,129 @@ def test_a_failing_function_fails_its_call_and_the_server_goes_on(client, functi
     # the worker was replaced: functions and models go on serving
     assert [r.score for r in client.score(MATH[:2], model="math").results] == [1.0, 0.0]
     assert len(client.scores(MATH, model="total")) == 3
+
+
+def test_a_function_s_exception_text_goes_to_the_log_not_to_the_caller(server, client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.score(MATH, model="raises")
+    details = err.value.details()
+    assert "this function always fails" not in details
+    reference = details.rsplit("reference ", 1)[1].rstrip(")")
+    log = wait_for(lambda: server.log() if reference in server.log() else "", what="the log line")
+    assert "this function always fails" in log.split(f"reference {reference}", 1)[1]
+
+
+@pytest.mark.parametrize("key", sorted(functions.RESERVED))
+def test_metadata_may_not_shadow_the_function_arguments(client, key):
+    with pytest.raises(grpc.RpcError) as err:
+        client.score([MATH[0], reward_pb2.ScoreSample(text=reward_pb2.PromptResponse(prompt="q", response="2"),
+                                                      reference="2", metadata={key: "x"})], model="math")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert f"samples[1]: metadata key {key!r} is reserved" in err.value.details()
+    assert client.scores([_sample("q", r"\boxed{2}", "2", hint="x")], model="math") == [1.0]
+
+
+def _waits(name: str, tmp_path, samples: int = 1) -> reward_pb2.ScoreRequest:
+    """A call of `waits`: its responses are noted in tmp_path/calls.log when it starts, and it
+    returns once tmp_path/gate exists."""
+    gate, log = str(tmp_path / "gate"), str(tmp_path / "calls.log")
+    return reward_pb2.ScoreRequest(model="waits", samples=[
+        _sample("q", name if samples == 1 else f"{name}.{i}", gate=gate, log=log) for i in range(samples)])
+
+
+def _started(tmp_path) -> list[str]:
+    log = tmp_path / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_the_timeout_counts_from_arrival(server, tmp_path):
+    """A call that waited out its timeout behind another fails without running (the server's
+    two workers: one for this caller, one kept for the others). One address, so one connection:
+    without tokens the caller is the peer."""
+    with RewardClient(f"127.0.0.1:{server.port}", timeout_s=60) as client:
+        running = client.stub.Score.future(_waits("A", tmp_path), timeout=60)
+        wait_for(lambda: _started(tmp_path) == ["A"], what="A started")
+        queued = client.stub.Score.future(_waits("B", tmp_path), timeout=60)
+        with pytest.raises(grpc.RpcError) as err:
+            queued.result()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "in the queue behind other calls" in err.value.details() and "it did not run" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            running.result()
+        assert "ran past its 3 s timeout (counted from its arrival)" in err.value.details()
+        assert _started(tmp_path) == ["A"]
+        assert client.scores(MATH[:1], model="math") == [1.0]
+
+
+def test_the_fair_queue_takes_callers_in_turn_and_keeps_workers_for_others():
+    queue = FairQueue(per_caller=2)
+    for i in range(4):
+        queue.push("flood", f"f{i}")
+    queue.push("honest", "h0")
+    queue.push("honest", "h1", size=2)
+    assert queue.depth == 7 and queue.largest() == "flood" and queue.newest("flood") == "f3"
+    assert [queue.pop() for _ in range(4)] == ["f0", "h0", "f1", "h1"]
+    assert queue.pop() is None  # each caller runs its share
+    queue.done("flood")
+    assert queue.pop() == "f2"
+    queue.remove("flood", lambda item: item == "f3")
+    assert queue.depth == 0 and queue.largest() is None and queue.pop() is None
+
+
+@pytest.fixture(scope="module")
+def pool_server(tmp_path_factory):
+    """Functions only, two callers by token, two workers (one per caller), four queued samples."""
+    folder = tmp_path_factory.mktemp("pool")
+    tokens = write_tokens(folder / "tokens.yaml", flood=["score"], honest=["score"])
+    child = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--function", "math",
+                         "--function", f"waits={USER}:waits", "--function-workers", "2",
+                         "--function-max-queued-samples", "4", "--function-timeout-s", "120",
+                         "--tokens-file", str(folder / "tokens.yaml")],
+                        folder / "server.log", env={"PYTHONPATH": str(ROOT / "tests")})
+    wait_until_serving(child.address, timeout_s=300, alive=child.alive)
+    child.tokens = tokens
+    yield child
+    assert child.stop() == 0
+
+
+def _queued(server) -> float:
+    return metric(scrape(server), "rlhf_mesh_reward_function_queue_depth_samples")
+
+
+def test_a_flood_leaves_a_worker_and_room_for_other_callers(pool_server, tmp_path):
+    """One caller floods the pool with calls that wait for the test's signal; another caller's
+    calls run before the flood's queued ones, and the queue bound refuses the flood's excess
+    (and pushes out its newest call to admit the other caller's)."""
+    with RewardClient(pool_server.address, token=pool_server.tokens["flood"]) as flood, \
+            RewardClient(pool_server.address, token=pool_server.tokens["honest"]) as honest:
+        floods = [flood.stub.Score.future(_waits("F1", tmp_path), timeout=120)]
+        wait_for(lambda: _started(tmp_path) == ["F1"], what="the flood's first call started")
+        for i in range(2, 5):  # one at a time, so they queue in this order
+            floods.append(flood.stub.Score.future(_waits(f"F{i}", tmp_path), timeout=120))
+            wait_for(lambda i=i: _queued(pool_server) == i - 1, what=f"F{i} queued")
+
+        assert honest.scores(MATH[:1], model="math", timeout_s=60) == [1.0]
+        assert _started(tmp_path) == ["F1"]  # the flood's queued calls still wait
+
+        with pytest.raises(grpc.RpcError) as err:  # 3 queued + 2 > 4, and the flood holds the most
+            flood.stub.Score(_waits("F5", tmp_path, samples=2), timeout=60)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in err.value.details() and "retry in" in err.value.details()
+        assert int(dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"]) >= 1000
+
+        other = honest.stub.Score.future(_waits("H", tmp_path, samples=2), timeout=120)
+        with pytest.raises(grpc.RpcError) as err:  # the flood's newest call gave way
+            floods[3].result()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "pushed out" in err.value.details()
+        wait_for(lambda: _started(tmp_path) == ["F1", "H.0 H.1"], what="the honest call started")
+
+        (tmp_path / "gate").touch()
+        assert [r.score for r in other.result().results] == [1.0, 1.0]
+        assert [len(f.result().results) for f in floods[:3]] == [1, 1, 1]
+    assert _started(tmp_path) == ["F1", "H.0 H.1", "F2", "F3"]
+    metrics = scrape(pool_server)
+    assert metric(metrics, "rlhf_mesh_reward_function_refused_calls_total", reason="full") == 1
+    assert metric(metrics, "rlhf_mesh_reward_function_refused_calls_total", reason="evicted") == 1
 
 
 def test_a_failing_function_fails_only_its_items_in_a_stream(client):

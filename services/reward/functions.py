@@ -3,7 +3,8 @@
 `prompts[i]` is the prompt text, or the chat messages before the response (a list of
 `{"role", "content"}`); `completions[i]` is the response text. kwargs carry `reference` (each
 sample's reference answer, None where it has none) and every metadata key as a list (None
-where a sample lacks it). None means "does not apply" (TRL: a skipped reward).
+where a sample lacks it); a metadata key may not be one of these argument names (RESERVED).
+None means "does not apply" (TRL: a skipped reward).
 
 Built-ins: `math` (math-verify equivalence of the response's answer, from `\\boxed{}` or the
 last expression, with the reference), `exact` (the stripped response equals the reference),
@@ -57,6 +58,13 @@ def format_(prompts: list, completions: list[str], **_: object) -> list[float | 
 
 
 BUILTINS: dict[str, RewardFunction] = {"math": math, "exact": exact, "regex": regex, "format": format_}
+
+# Built-ins score each sample alone, so the pool may run them one sample a task; a user
+# function gets its call's samples together (TRL passes a batch, and a reward may compare them).
+PER_SAMPLE = frozenset(BUILTINS)
+
+# The arguments the server itself passes; a metadata key of one of these names would collide.
+RESERVED = frozenset({"prompts", "completions", "reference"})
 
 
 def load(spec: str) -> RewardFunction:

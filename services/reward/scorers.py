@@ -17,18 +17,27 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from rlhf_mesh.services.reward import functions
 from rlhf_mesh.services.reward.batcher import Batcher, QueueFull
-from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool, FunctionTimedOut
+from rlhf_mesh.services.reward.function_pool import (
+    CallTooLarge,
+    FunctionFailed,
+    FunctionPool,
+    FunctionTimedOut,
+    PoolFull,
+)
 from rlhf_mesh.services.reward.reward_model import InvalidSample, RewardModel
 from rlhf_mesh.v1 import reward_pb2
 
 
 class ScoringError(Exception):
-    """A status for the caller (the whole call, or one item of a stream)."""
+    """A status for the caller (the whole call, or one item of a stream); an overload
+    (RESOURCE_EXHAUSTED) says when to retry."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 class Scorer:
@@ -127,6 +136,11 @@ def function_inputs(samples: list[reward_pb2.ScoreSample]) -> tuple[list, list[s
         else:
             raise InvalidSample(i, "reward functions score text (text, query or chat), not token_ids"
                                 if kind == "token_ids" else "has no input: set text, query, chat or token_ids")
+    for i, sample in enumerate(samples):
+        reserved = sorted(functions.RESERVED & sample.metadata.keys())
+        if reserved:
+            raise InvalidSample(i, f"metadata key {reserved[0]!r} is reserved: reward functions get "
+                                f"{', '.join(sorted(functions.RESERVED))} as arguments of their own")
     keys = sorted({key for sample in samples for key in sample.metadata})
     kwargs = {key: [s.metadata.get(key) for s in samples] for key in keys}
     kwargs["reference"] = [s.reference if s.reference else None for s in samples]
@@ -145,10 +159,15 @@ class FunctionScorer(Scorer):
         return reward_pb2.RewardModelInfo(name=self.name, path=self.spec, kind=reward_pb2.SCORER_KIND_FUNCTION,
                                           backend="function", is_default=is_default)
 
-    async def score(self, samples: list[reward_pb2.ScoreSample]) -> list[reward_pb2.ScoreResult]:
+    async def score(self, samples: list[reward_pb2.ScoreSample], *, caller: str = "") -> list[reward_pb2.ScoreResult]:
         prompts, completions, kwargs = function_inputs(samples)
         try:
-            scores = await self.pool.call(self.spec, prompts, completions, kwargs)
+            scores = await self.pool.call(self.spec, prompts, completions, kwargs, caller=caller)
+        except CallTooLarge as err:
+            raise ScoringError(grpc.StatusCode.INVALID_ARGUMENT, f"reward function {self.name}: {err}") from None
+        except PoolFull as err:
+            raise ScoringError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"reward function {self.name}: {err}",
+                               retry_after_s=err.retry_after_s) from None
         except FunctionTimedOut as err:
             raise ScoringError(grpc.StatusCode.DEADLINE_EXCEEDED, f"reward function {self.name}: {err}") from None
         except FunctionFailed as err:

@@ -120,7 +120,10 @@ class RewardService:
                      name, path, model.version, model.max_length, model.backend)
         functions = s.named_functions()
         if functions:
-            self.pool = FunctionPool(s.function_workers, s.function_timeout_s)
+            self.pool = FunctionPool(
+                [spec for _, spec in functions], workers=s.function_workers, timeout_s=s.function_timeout_s,
+                max_queued_samples=s.function_max_queued_samples, workers_per_caller=s.function_workers_per_caller,
+                memory_mb=s.function_worker_memory_mb)
             for name, spec in functions:
                 try:
                     await self.pool.check(spec)

@@ -50,8 +50,23 @@ class RewardSettings(ServiceSettings, HttpPortSettings):
         default_factory=list, description="composite reward NAME=WEIGHT*PART+WEIGHT*PART over models and functions, "
         "e.g. total=0.8*rm+0.2*math; repeat for several"
     )
-    function_workers: int = Field(2, ge=1, description="worker processes that run reward functions")
-    function_timeout_s: float = Field(10.0, gt=0, description="longest one reward function call may run")
+    function_workers: int = Field(3, ge=1, description="worker processes that run reward functions")
+    function_workers_per_caller: int | None = Field(
+        None, ge=1, description="most function workers one caller's calls hold at once; default function_workers - 1 "
+        "(at least 1), so a caller's slow calls always leave a worker for the others"
+    )
+    function_timeout_s: float = Field(
+        10.0, gt=0, description="longest one reward function call may take, counted from its arrival (queued time "
+        "included; a call that waited it out fails without running)"
+    )
+    function_max_queued_samples: int = Field(
+        4096, gt=0, description="samples queued for the function workers; beyond: RESOURCE_EXHAUSTED with a retry "
+        "hint (the caller holding the most queued samples gives way first), a larger call: INVALID_ARGUMENT"
+    )
+    function_worker_memory_mb: int = Field(
+        2048, ge=0, description="data memory (heap and private mappings) of each function worker in MiB; a call "
+        "that allocates past it fails alone; 0: no limit"
+    )
     http_port: int | None = Field(
         None, ge=0, le=65535, description="HTTP port of the JSON protocols (OpenRLHF /get_reward, vLLM /classify and "
         "/pooling, /v1/score); off unless set (0 picks a free one)"
