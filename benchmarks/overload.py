@@ -1,7 +1,8 @@
 """Overload: the RewardService or the GenerationService at 1x, 2x and 4x its sustainable load.
 
     python benchmarks/overload.py [--service reward|generation] [--model DIR] [--seconds 15]
-                                  [--max-queue-samples 64]
+                                  [--max-queued-samples 64]
+    python benchmarks/overload.py --head-of-line [--flood-calls 2] [--flood-samples 64] [--seconds 15]
 
 Without --model it builds the ~20M-parameter `small` reward model (the `tiny` policy for
 generation). A call is one sample of 20-200 tokens to score, or one prompt of 20-200 tokens to
@@ -13,9 +14,15 @@ open-loop queue only grows). Then calls arrive open-loop (Poisson) at 1x, 2x and
 all succeed), the share refused with RESOURCE_EXHAUSTED, p50/p99
 latency of the admitted calls, p99 time to a refusal, and the server's peak resident
 memory (with its child processes), sampled every 50 ms. Ratios against the 1x row: goodput (admitted calls/s) and
-peak memory. The bounded queue (`--max-queue-samples`) is what keeps both flat; its default
+peak memory. The bounded queue (`--max-queued-samples`) is what keeps both flat; its default
 of 64 one-sample calls stays below the 100 concurrent streams of one HTTP/2 connection, so
 no call waits unseen on the client side.
+
+`--head-of-line` (reward): one caller (a token holder) keeps `--flood-calls` calls of
+`--flood-samples` samples of about 1000 characters in flight, while another sends one short
+sample at a time, for `--seconds`; once with batches in arrival order (`--no-fair-batches`) and
+once shared between callers (the default). Printed per order: the small caller's p50/p99
+latency and calls, the flood's samples/s; then fair / arrival ratios of each.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+import yaml
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
@@ -157,6 +165,56 @@ async def run(address: str, pid: int, samples: list[list[int]], args: argparse.N
                   f"peak memory {rows[factor][1] / rows[1][1]:.2f}")
 
 
+FLOOD_TEXT = ("Tell me everything about the old river and the city on its banks. " * 15, "Sure. " * 10)
+
+
+async def head_of_line(address: str, tokens: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
+    """The small caller's latencies and the flood's samples/s while both call without pause."""
+    async with (AsyncRewardClient(address, token=tokens["flood"], timeout_s=300) as flood,
+                AsyncRewardClient(address, token=tokens["small"], timeout_s=300) as small):
+        await flood.scores([FLOOD_TEXT] * 8)  # warm-up
+        latencies: list[float] = []
+        flooded = 0
+        deadline = time.perf_counter() + args.seconds
+
+        async def flooder() -> None:
+            nonlocal flooded
+            while time.perf_counter() < deadline:
+                flooded += len(await flood.scores([FLOOD_TEXT] * args.flood_samples))
+
+        async def caller() -> None:
+            await asyncio.sleep(1.0)  # the flood is queued
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                await small.scores([("What is 2 + 2?", "4.")])
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(caller(), *(flooder() for _ in range(args.flood_calls)))
+        return {"p50": p(latencies, 50), "p99": p(latencies, 99), "calls": len(latencies),
+                "flood": flooded / (time.perf_counter() - started)}
+
+
+def run_head_of_line(model: str, args: argparse.Namespace) -> None:
+    folder = Path(tempfile.mkdtemp())
+    tokens = {name: f"{name}-benchmark-token-0123456789" for name in ("flood", "small")}
+    (folder / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [
+        {"name": name, "token": token, "roles": ["score"]} for name, token in tokens.items()]}))
+    print(f"head of line: model {model}, {args.flood_calls} flood calls of {args.flood_samples} samples in flight, "
+          f"{args.seconds:g} s per order", flush=True)
+    print("| batches | small caller p50 ms | p99 ms | calls | flood samples/s |\n|---|---|---|---|---|")
+    rows = {}
+    for order, flags in (("arrival", ["--no-fair-batches"]), ("fair", [])):
+        command = [sys.executable, "-m", "rlhf_mesh", "serve", "reward", "--model", model, "--metrics-port", "0",
+                   "--log-level", "WARNING", "--tokens-file", str(folder / "tokens.yaml"), *flags]
+        with server_process(command) as (address, _):
+            rows[order] = row = asyncio.run(head_of_line(address, tokens, args))
+        print(f"| {order} | {row['p50']:.0f} | {row['p99']:.0f} | {row['calls']} | {row['flood']:.1f} |", flush=True)
+    fair, arrival = rows["fair"], rows["arrival"]
+    print(f"fair / arrival: small caller p50 {fair['p50'] / arrival['p50']:.2f}, "
+          f"p99 {fair['p99'] / arrival['p99']:.2f}, flood samples/s {fair['flood'] / arrival['flood']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--service", choices=["reward", "generation"], default="reward")
@@ -165,10 +223,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each load level")
     parser.add_argument("--concurrency", type=int, help="closed-loop callers measuring the peak (default: as many "
                         "as the queue holds)")
-    parser.add_argument("--max-queue-samples", type=int, default=64, help="the server's queue bound")
+    parser.add_argument("--max-queued-samples", type=int, default=64, help="the server's queue bound")
+    parser.add_argument("--head-of-line", action="store_true", help="reward: a small caller beside a flooding one, "
+                        "batches in arrival order and shared between callers")
+    parser.add_argument("--flood-calls", type=int, default=2, help="--head-of-line: the flood's calls in flight")
+    parser.add_argument("--flood-samples", type=int, default=64, help="--head-of-line: samples per flood call")
     parser.add_argument("--max-tokens", type=int, default=128, help="generation: sampled tokens per call")
     args = parser.parse_args()
-    args.concurrency = args.concurrency or args.max_queue_samples
+    if args.head_of_line and args.service != "reward":
+        parser.error("--head-of-line measures the reward service")
+    args.concurrency = args.concurrency or args.max_queued_samples
     model = args.model
     if model is None:
         from rlhf_mesh.tiny_models import build
@@ -177,17 +241,19 @@ def main() -> None:
             model = str(build(Path(tempfile.mkdtemp()) / "models", preset="small")["reward"])
         else:
             model = str(build(Path(tempfile.mkdtemp()) / "models")["policy"])
+    if args.head_of_line:
+        run_head_of_line(model, args)
+        return
     from transformers import AutoConfig
 
     samples = make_samples(2048, AutoConfig.from_pretrained(model).vocab_size)
-    print(f"{args.service}: model {model}, queue bound {args.max_queue_samples}, {args.seconds:g} s per load",
+    print(f"{args.service}: model {model}, queue bound {args.max_queued_samples}, {args.seconds:g} s per load",
           flush=True)
     command = [sys.executable, "-m", "rlhf_mesh", "serve", args.service, "--model", model, "--metrics-port", "0",
                "--log-level", "WARNING"]
-    if args.service == "reward":
-        command += ["--max-queue-samples", str(args.max_queue_samples)]
-    else:
-        command += ["--max-queued-samples", str(args.max_queue_samples), "--max-model-len", str(200 + args.max_tokens)]
+    command += ["--max-queued-samples", str(args.max_queued_samples)]
+    if args.service == "generation":
+        command += ["--max-model-len", str(200 + args.max_tokens)]
     with server_process(command) as (address, process):
         asyncio.run(run(address, process.pid, samples, args))
 

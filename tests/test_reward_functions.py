@@ -360,11 +360,11 @@ def test_http_errors_name_the_field(server, path, body, status, message):
 
 def test_http_tokens_and_overload(tiny_models, tmp_path):
     """The HTTP port checks the same tokens as gRPC (401 without, 403 without the score role) and
-    answers 429 when the model's queue is full."""
+    answers 400 to a call larger than the model's whole queue (429 would say: retry)."""
     tokens = write_tokens(tmp_path / "tokens.yaml", trainer=["score"], ui=["monitor"])
     http_port = free_port()
     child = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"rm={tiny_models['reward']}",
-                         "--tokens-file", str(tmp_path / "tokens.yaml"), "--max-queue-samples", "2",
+                         "--tokens-file", str(tmp_path / "tokens.yaml"), "--max-queued-samples", "2",
                          "--http-port", str(http_port)],
                         tmp_path / "server.log")
     try:
@@ -375,7 +375,7 @@ def test_http_tokens_and_overload(tiny_models, tmp_path):
         assert _post(url, {"query": ["x"]}, token=tokens["ui"])[0] == 403
         assert _post(url, {"query": ["x"]}, token=tokens["trainer"])[0] == 200
         status, reply = _post(url, {"query": ["x", "y", "z"]}, token=tokens["trainer"])
-        assert status == 429 and "reward queue is full" in reply["error"]["message"]
+        assert status == 400 and "more than the queue's max_queued_samples=2" in reply["error"]["message"]
     finally:
         assert child.stop() == 0
 

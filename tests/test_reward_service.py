@@ -191,6 +191,24 @@ def test_health_answers_while_a_batch_computes(reward_server):
         assert len(call.result().results) == len(big)
 
 
+def test_health_answers_while_a_large_call_is_tokenized(reward_server):
+    """Tokenizing 4 MB of text takes the server seconds; it runs off the event loop, so a health
+    check sent meanwhile is answered while the call still holds its room for tokenizing."""
+    large = [("Tell me more about the old river. " * 30_000, "Sure.")] * 4
+
+    def tokenizing() -> float:
+        return metric(scrape(reward_server), "rlhf_mesh_reward_queue_reserved_tokens", model="tiny")
+
+    with grpc.insecure_channel(reward_server.address) as channel, RewardClient(reward_server.address) as client:
+        call = client.stub.Score.future(score_request(large, ""), timeout=120)
+        wait_for(tokenizing, what="the call is being tokenized")
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert tokenizing() > 0, "the health check was answered only after the tokenizing"
+        assert all(r.truncated for r in call.result().results)
+    assert tokenizing() == 0
+
+
 def test_truncation_error_mode(tiny_models, tmp_path):
     server = _start(tmp_path, tiny_models["reward"], "--max-length", "32", "--truncation", "error")
     try:
@@ -202,8 +220,12 @@ def test_truncation_error_mode(tiny_models, tmp_path):
         server.stop()
 
 
-def test_cancelled_samples_are_not_computed_and_a_full_queue_refuses(tiny_models, tmp_path):
-    server = _start(tmp_path, tiny_models["reward"], "--max-wait-ms", "3000", "--max-queue-samples", "4")
+def test_cancelled_samples_are_not_computed_and_admission_is_decided_before_the_work(tiny_models, tmp_path):
+    """A queue of 4 samples and 1500 tokens: a call that does not fit now is refused before it is
+    tokenized, with a retry hint gRPC's retry policy honours; one that can never fit gets
+    INVALID_ARGUMENT naming the limit, full queue or not."""
+    server = _start(tmp_path, tiny_models["reward"], "--max-wait-ms", "3000", "--max-queued-samples", "4",
+                    "--max-queued-tokens", "1500", "--max-sample-bytes", str(4 << 20))
     try:
         with RewardClient(server.address) as client:
             with pytest.raises(grpc.RpcError) as err:
@@ -213,13 +235,26 @@ def test_cancelled_samples_are_not_computed_and_a_full_queue_refuses(tiny_models
                      what="the two abandoned samples are dropped")
             assert metric(scrape(server), "rlhf_mesh_reward_tokens_total", model="tiny", kind="real") == 0
 
+            with pytest.raises(grpc.RpcError) as err:  # more tokens than the queue holds, on an empty queue
+                client.score([[5] * 1000, [6] * 1000])
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "2000 tokens, more than the queue's max_queued_tokens=1500" in err.value.details()
+
             waiting = client.stub.Score.future(client_request := reward_pb2.ScoreRequest(
                 samples=[to_sample(p) for p in PAIRS[:4]]), timeout=30)  # fills the queue of 4
             wait_for(lambda: metric(scrape(server), "rlhf_mesh_reward_queue_depth_samples", model="tiny") == 4,
                      what="the queue is full")
-            with pytest.raises(grpc.RpcError) as err:
-                client.score([PAIRS[0]], timeout_s=10)
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Tokenizing these 12 MB would take the server longer than the queued batch waits (3 s).
+            for refused in ([PAIRS[0]], [("Tell me more. " * 200_000, "Sure.")] * 4):
+                with pytest.raises(grpc.RpcError) as err:
+                    client.score(refused, timeout_s=30)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "max_queued_samples=4" in err.value.details()
+                assert int(dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"]) > 0
+            with pytest.raises(grpc.RpcError) as err:  # can never fit: not "retry later"
+                client.score(PAIRS[:5], timeout_s=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "5 samples, more than the queue's max_queued_samples=4" in err.value.details()
             assert not waiting.done(), "refused at once, not after the queued batch ran"
             assert len(waiting.result().results) == len(client_request.samples)
     finally:
@@ -335,3 +370,4 @@ def test_reload_swaps_the_model_without_failing_a_call(tiny_models, tmp_path, re
     for result in results:  # every score is the forward pass of the version it reports
         assert result.score == pytest.approx(expected[result.model_version], abs=1e-5)
     assert after.model_version == version_b and after.score == pytest.approx(score_b, abs=1e-5)
+

@@ -25,9 +25,11 @@ class ScoreDispatcher:
         self.registry = registry
         self.settings = settings
 
-    async def score(self, name: str, samples: list[reward_pb2.ScoreSample]) -> tuple[str, list[reward_pb2.ScoreResult]]:
+    async def score(self, name: str, samples: list[reward_pb2.ScoreSample], *, caller: str = ""
+                    ) -> tuple[str, list[reward_pb2.ScoreResult]]:
         """Scores of `samples` by the scorer `name` (empty: the default), and its name; raises
-        InvalidSample or ScoringError."""
+        InvalidSample or ScoringError. `caller` names who calls (a token's holder, or the peer
+        address): callers share the batches and workers fairly."""
         s = self.settings
         if not samples:
             raise ScoringError(grpc.StatusCode.INVALID_ARGUMENT, "samples is empty")
@@ -40,7 +42,7 @@ class ScoreDispatcher:
                 raise InvalidSample(i, f"is {size} bytes, more than max_sample_bytes={s.max_sample_bytes}")
         with self.registry.get(name).lease() as scorer:
             try:
-                results = await scorer.score(samples)
+                results = await scorer.score(samples, caller=caller)
             except asyncio.CancelledError:
                 SAMPLES.labels(scorer.name, "cancelled").inc(len(samples))
                 raise
@@ -51,12 +53,12 @@ class ScoreDispatcher:
         SAMPLES.labels(scorer.name, "ok").inc(len(samples))
         return scorer.name, results
 
-    async def score_request(self, name: str, samples: list[reward_pb2.ScoreSample]
+    async def score_request(self, name: str, samples: list[reward_pb2.ScoreSample], *, caller: str = ""
                             ) -> tuple[str, list[reward_pb2.ScoreResult]]:
         """`score` as one request (a Score call or an HTTP one), counted by outcome."""
         label = self.registry.label(name)
         try:
-            scored = await self.score(name, samples)
+            scored = await self.score(name, samples, caller=caller)
         except InvalidSample:
             REQUESTS.labels(label, "invalid").inc()
             raise

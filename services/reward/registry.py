@@ -33,8 +33,8 @@ class ScorerRegistry:
             model, s = scorer, self.settings
             batcher = Batcher(
                 model.name, model.score, max_batch_tokens=s.max_batch_tokens, max_wait_ms=s.max_wait_ms,
-                max_queue_samples=s.max_queue_samples,
-                max_padding_ratio=s.max_padding_ratio if model.pads_batches else 1.0,
+                max_queued_tokens=s.max_queued_tokens, max_queued_samples=s.max_queued_samples,
+                max_padding_ratio=s.max_padding_ratio if model.pads_batches else 1.0, fair=s.fair_batches,
             )
             batcher.start()
             scorer = ModelScorer(model, batcher)

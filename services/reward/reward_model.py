@@ -78,6 +78,30 @@ class Tokenization:
         self.truncation = truncation
         self.vocab_size = len(tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self._turn_tokens = self._tokens_per_turn()
+
+    def _tokens_per_turn(self) -> int:
+        """Tokens the template (or the special tokens) add to one turn of empty text."""
+        special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
+        if not self.has_chat_template:
+            return special
+        try:
+            rendered = self._render([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])
+        except Exception:  # a template that refuses empty turns; `bound` is checked after tokenizing anyway
+            return special
+        return max(special, -(-len(rendered) // 2))
+
+    def bound(self, sample: reward_pb2.ScoreSample) -> int:
+        """At most how many tokens `encode` makes of `sample`, from its size alone (admission before
+        tokenizing): a byte-level BPE token holds one byte of text or more, the template adds its
+        own per turn, and no input keeps more than max_length tokens."""
+        kind = sample.WhichOneof("input")
+        if kind == "token_ids":
+            count = len(sample.token_ids.ids)
+        else:
+            turns = len(sample.chat.messages) if kind == "chat" else 2 if kind == "text" else 1
+            count = sample.ByteSize() + turns * self._turn_tokens
+        return min(count, self.max_length)
 
     def encode(self, index: int, sample: reward_pb2.ScoreSample) -> Encoded:
         kind = sample.WhichOneof("input")

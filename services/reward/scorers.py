@@ -1,11 +1,13 @@
 """What the RewardService scores with, behind one interface: `await scorer.score(samples)`.
 
-- `ModelScorer`: a reward model and its batcher (cross-request batching, bounded queue).
+- `ModelScorer`: a reward model and its batcher (cross-request batching, a queue bounded in
+  samples and tokens, admission before tokenizing, batches shared fairly between callers).
 - `FunctionScorer`: a reward function, run in the worker pool (services/reward/function_pool.py).
 - `CompositeScorer`: a weighted sum of models and functions (TRL's `reward_weights`); the
   components of one call run concurrently, every component's score comes back beside the
   total, and a component that returns None for a sample is skipped (adds nothing).
 Each raises InvalidSample (a sample, INVALID_ARGUMENT) or ScoringError (the call's status).
+`caller` names who calls (a token's holder, or the peer address), for fair sharing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from rlhf_mesh.services.reward import functions
-from rlhf_mesh.services.reward.batcher import Batcher, QueueFull
+from rlhf_mesh.services.reward.batcher import Batcher, NeverFits, QueueFull
 from rlhf_mesh.services.reward.function_pool import (
     CallTooLarge,
     FunctionFailed,
@@ -49,7 +51,7 @@ class Scorer:
     def lease(self) -> Iterator[Scorer]:
         yield self
 
-    async def score(self, samples: list[reward_pb2.ScoreSample]) -> list[reward_pb2.ScoreResult]:
+    async def score(self, samples: list[reward_pb2.ScoreSample], *, caller: str = "") -> list[reward_pb2.ScoreResult]:
         raise NotImplementedError
 
     def info(self, is_default: bool) -> reward_pb2.RewardModelInfo:
@@ -95,14 +97,20 @@ class ModelScorer(Scorer):
         info.kind = reward_pb2.SCORER_KIND_MODEL
         return info
 
-    async def score(self, samples: list[reward_pb2.ScoreSample]) -> list[reward_pb2.ScoreResult]:
-        model = self.model
-        encoded = await asyncio.to_thread(lambda: [model.tokenization.encode(i, s) for i, s in enumerate(samples)])
+    async def score(self, samples: list[reward_pb2.ScoreSample], *, caller: str = "") -> list[reward_pb2.ScoreResult]:
+        model, tokenization = self.model, self.model.tokenization
         try:
-            futures = self.batcher.submit([e.ids for e in encoded])
+            # Admitted on a bound from the sizes, before the work; tokenized off the event loop.
+            with self.batcher.reserve(len(samples), sum(map(tokenization.bound, samples))) as room:
+                encoded = await asyncio.to_thread(lambda: [tokenization.encode(i, s) for i, s in enumerate(samples)])
+                futures = self.batcher.submit([e.ids for e in encoded], caller, room)
+        except NeverFits as err:
+            raise ScoringError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the call can never fit the queue of model {self.name}: {err}; split it") from None
         except QueueFull as err:
             raise ScoringError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"reward queue is full ({err}); retry later") from None
+                               f"reward queue is full ({err}); retry in {err.retry_after_s:.2g} s",
+                               retry_after_s=err.retry_after_s) from None
         try:
             scores = await asyncio.gather(*futures)
         except asyncio.CancelledError:
@@ -190,10 +198,10 @@ class CompositeScorer(Scorer):
             name=self.name, kind=reward_pb2.SCORER_KIND_COMPOSITE, backend="composite", is_default=is_default,
             parts=[reward_pb2.CompositePart(name=part, weight=weight) for weight, part in self.parts])
 
-    async def score(self, samples: list[reward_pb2.ScoreSample]) -> list[reward_pb2.ScoreResult]:
+    async def score(self, samples: list[reward_pb2.ScoreSample], *, caller: str = "") -> list[reward_pb2.ScoreResult]:
         with contextlib.ExitStack() as leases:
             scorers = [leases.enter_context(self.lookup(part).lease()) for _, part in self.parts]
-            per_part = await asyncio.gather(*(scorer.score(samples) for scorer in scorers))
+            per_part = await asyncio.gather(*(scorer.score(samples, caller=caller) for scorer in scorers))
         results = []
         for i in range(len(samples)):
             components = [

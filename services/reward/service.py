@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import grpc
 
 from rlhf_mesh.hub import resolve_model
+from rlhf_mesh.security import TokenAuth, bearer_token
 from rlhf_mesh.services.reward.dispatch import ScoreDispatcher
 from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool
 from rlhf_mesh.services.reward.registry import ModelReloader, ScorerRegistry
@@ -20,6 +22,13 @@ from rlhf_mesh.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+def retry_pushback(err: ScoringError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata by which gRPC's own retry policy waits as long as the server asks."""
+    if err.retry_after_s is None:
+        return ()
+    return (("grpc-retry-pushback-ms", str(math.ceil(err.retry_after_s * 1000))),)
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     """The gRPC front door: validate, call the dispatcher or the reloader, reply."""
 
@@ -27,14 +36,27 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.dispatcher = dispatcher
         self.reloader = reloader
         self.settings = dispatcher.settings
+        self.auth = TokenAuth(self.settings.tokens_file) if self.settings.tokens_file else None
+
+    def caller(self, context: grpc.aio.ServicerContext) -> str:
+        """Who calls, for fair sharing: the token's holder when tokens are on (the server checked
+        the token before this call), else the peer's address."""
+        if self.auth is not None:
+            for key, value in context.invocation_metadata() or ():
+                token = bearer_token(value) if key == "authorization" and isinstance(value, str) else None
+                holder = self.auth.holder(token) if token else None
+                if holder is not None:
+                    return holder.name
+        return context.peer()
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
         try:
-            name, results = await self.dispatcher.score_request(request.model, list(request.samples))
+            name, results = await self.dispatcher.score_request(request.model, list(request.samples),
+                                                                caller=self.caller(context))
         except InvalidSample as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except ScoringError as err:
-            await context.abort(err.code, str(err))
+            await context.abort(err.code, str(err), trailing_metadata=retry_pushback(err))
         return reward_pb2.ScoreResponse(results=results, model=name)
 
     async def ScoreStream(
@@ -45,11 +67,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         replies: asyncio.Queue[reward_pb2.ScoreStreamResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.settings.max_request_samples)
         pending: set[asyncio.Task[None]] = set()
+        caller = self.caller(context)
 
         async def one(request: reward_pb2.ScoreStreamRequest) -> None:
             reply = reward_pb2.ScoreStreamResponse(request_id=request.request_id)
             try:
-                reply.model, (result,) = await self.dispatcher.score(request.model, [request.sample])
+                reply.model, (result,) = await self.dispatcher.score(request.model, [request.sample], caller=caller)
                 reply.result.CopyFrom(result)
             except InvalidSample as err:
                 reply.error.CopyFrom(common_pb2.ItemError(

@@ -92,7 +92,17 @@ class RewardSettings(ServiceSettings, HttpPortSettings):
         0.1, ge=0, le=1, description="most padding tokens / all tokens of a padded batch; a sample may run alone"
     )
     max_wait_ms: float = Field(5.0, ge=0, description="longest a sample waits for batch-mates")
-    max_queue_samples: int = Field(8192, gt=0, description="queued samples per model; beyond: RESOURCE_EXHAUSTED")
+    max_queued_tokens: int = Field(
+        1 << 20, gt=0, description="tokens queued per model, counting calls still being tokenized at their upper "
+        "bound; beyond: RESOURCE_EXHAUSTED with a retry hint, and a call that could never fit: INVALID_ARGUMENT"
+    )
+    max_queued_samples: int = Field(
+        8192, gt=0, description="samples queued per model; beyond: RESOURCE_EXHAUSTED, as for max_queued_tokens"
+    )
+    fair_batches: bool = Field(
+        True, description="share batches between callers: the caller served the fewest tokens picks the next batch; "
+        "false: the oldest sample does, so one large call holds every later caller behind it"
+    )
     max_request_samples: int = Field(1024, gt=0, description="samples in one Score call")
     max_sample_bytes: int = Field(
         1 << 20, gt=0, description="largest sample (text, chat or ids) in protobuf bytes; more is INVALID_ARGUMENT"
