@@ -72,20 +72,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train_rm(args: argparse.Namespace) -> int:
     from rlhf_mesh.server import configure_logging
-    from rlhf_mesh.services.reward.training import train
+    from rlhf_mesh.services.reward.training import TrainRmSettings, train
+    from rlhf_mesh.settings import load_settings
 
     configure_logging("INFO")
     try:
-        metrics = train(args.preferences, args.base, args.out, epochs=args.epochs, learning_rate=args.learning_rate,
-                        batch_size=args.batch_size, eval_fraction=args.eval_fraction, max_length=args.max_length,
-                        seed=args.seed)
-    except (OSError, ValueError) as err:
+        settings = load_settings(TrainRmSettings, args.args, "rlhf-mesh train-rm")
+        metrics = train(settings)
+    except (OSError, ValueError) as err:  # SettingsError included
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{'':<10}{'pairs':>8}{'accuracy':>10}\n"
           f"{'train':<10}{metrics['train_pairs']:>8}{metrics['train_accuracy']:>10.3f}\n"
           f"{'held out':<10}{metrics['held_out_pairs']:>8}{metrics['held_out_accuracy']:>10.3f}\n"
-          f"reward model: {args.out} ({metrics['seconds']:.1f} s; TensorBoard: {args.out / 'tensorboard'})")
+          f"reward model: {settings.out} ({metrics['seconds']:.1f} s; TensorBoard: {settings.out / 'tensorboard'})")
     return 0
 
 
@@ -126,7 +126,7 @@ def _campaign(args: argparse.Namespace) -> int:
     with FeedbackClient(args.addr, timeout_s=args.timeout_s, **_credentials(args)) as client:
         if args.campaign_action == "create":
             created = client.create_campaign(feedback_pb2.Campaign(
-                campaign_id=args.id, title=args.title or "",
+                campaign_id=args.campaign, title=args.title or "",
                 guidelines=args.guidelines.read_text() if args.guidelines else "",
                 judgements=[feedback_pb2.JudgementKind.Value(f"JUDGEMENT_KIND_{j.upper().replace('-', '_')}")
                             for j in args.judgements.split(",")],
@@ -144,7 +144,7 @@ def _campaign(args: argparse.Namespace) -> int:
             def number(stats, field: str) -> str:
                 return f"{getattr(stats, field):.3f}" if stats.HasField(field) else "-"
 
-            for stats in client.campaign_stats(args.id or ""):
+            for stats in client.campaign_stats(args.campaign or ""):
                 print(f"campaign {stats.campaign_id}: alpha {number(stats, 'alpha_choice')} (choices, nominal), "
                       f"{number(stats, 'alpha_rating')} (ratings, ordinal); "
                       f"pairwise agreement {number(stats, 'percent_agreement')}")
@@ -228,6 +228,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Renamed(argparse.Action):
+    """A flag whose first name is its own and the others deprecated old names: they warn when used."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string != self.option_strings[0]:
+            from rlhf_mesh.settings import warn_renamed
+
+            warn_renamed(option_string, self.option_strings[0])
+        setattr(namespace, self.dest, values)
+
+
 def parser() -> argparse.ArgumentParser:
     from rlhf_mesh.tiny_models import ARCHS, PRESETS
 
@@ -261,17 +272,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER, help="settings of the learner")
     train.set_defaults(run=_train)
 
-    train_rm = sub.add_parser("train-rm", help="train a reward model from preference pairs (Bradley-Terry)")
-    train_rm.add_argument("--preferences", type=Path, required=True,
-                          help="JSONL of {prompt, chosen, rejected[, margin]} (`rlhf-mesh feedback export`)")
-    train_rm.add_argument("--base", required=True, help="model folder to start from (a reward model or a causal LM)")
-    train_rm.add_argument("--out", type=Path, required=True, help="folder for the trained reward model")
-    train_rm.add_argument("--epochs", type=int, default=3)
-    train_rm.add_argument("--learning-rate", type=float, default=1e-4)
-    train_rm.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step")
-    train_rm.add_argument("--eval-fraction", type=float, default=0.1, help="share of pairs held out")
-    train_rm.add_argument("--max-length", type=int, help="longest input in tokens; default: the model's")
-    train_rm.add_argument("--seed", type=int, default=0)
+    train_rm = sub.add_parser(
+        "train-rm", help="train a reward model from preference pairs (Bradley-Terry)", add_help=False,
+        description="Train a reward model. Settings from flags, RLHF_MESH_TRAIN_RM_* environment variables and an "
+        "optional YAML file (--config FILE), flags first.",
+    )
+    train_rm.add_argument("args", nargs=argparse.REMAINDER, help="settings of the training")
     train_rm.set_defaults(run=_train_rm)
 
     feedback = sub.add_parser("feedback", help="work with a FeedbackService").add_subparsers(
@@ -292,7 +298,8 @@ def parser() -> argparse.ArgumentParser:
     campaign = feedback.add_parser("campaign", help="create, list and follow labelling campaigns"
                                    ).add_subparsers(dest="campaign_action", required=True)
     create = campaign.add_parser("create", parents=[secured], help="create a campaign")
-    create.add_argument("--id", required=True, help="campaign id: a-z, 0-9, '-' and '_'")
+    create.add_argument("--campaign", "--id", required=True, action=_Renamed,
+                        help="campaign id: a-z, 0-9, '-' and '_' (--id: its deprecated name)")
     create.add_argument("--title", help="title shown to raters (default: the id)")
     create.add_argument("--guidelines", type=Path, help="markdown file of guidelines for raters")
     create.add_argument("--judgements", default="choice",
@@ -302,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     listing = campaign.add_parser("list", parents=[secured], help="campaigns and their progress")
     stats = campaign.add_parser("stats", parents=[secured],
                                 help="judgements per rater, pairwise agreement, Krippendorff's alpha")
-    stats.add_argument("--id", help="only this campaign")
+    stats.add_argument("--campaign", "--id", action=_Renamed, help="only this campaign (--id: its deprecated name)")
     for command in (create, listing, stats):
         command.add_argument("--addr", required=True, help="HOST:PORT of the FeedbackService")
         command.add_argument("--timeout-s", type=float, default=60.0, help="deadline of the call")
@@ -359,7 +366,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # Commands whose flags are the settings of a service, parsed by pydantic-settings.
-SETTINGS_COMMANDS = ("train", "demo")
+SETTINGS_COMMANDS = ("train", "train-rm", "demo")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.processes import ChildProcess, stop_all
-from rlhf_mesh.settings import FileSettings
+from rlhf_mesh.settings import FileSettings, old_name_of
 
 POLITE_WORDS = ("please", "thank", "kind", "glad", "good", "great", "happy", "lovely", "helpful", "wonderful",
                 "excellent")
@@ -40,7 +40,8 @@ class DemoSettings(FileSettings):
 
     out: Path = Field(Path("runs/demo"), description="everything the demo writes: models, logs, round outputs, plot")
     policy: str | None = Field(None, description="initial policy folder; default: the tiny one, built under out/models")
-    reward: str | None = Field(None, description="reward model each round's train-rm starts from; default: tiny")
+    reward_model_path: str | None = Field(
+        None, description="reward model folder, served first and the base of each round's train-rm; default: tiny")
     prompts: Path | None = Field(None, description="prompts (.jsonl with a prompt field); default: the tiny ones")
     seed: int = Field(0, description="models, sampling, rater order, PPO")
     rounds: int = Field(2, ge=1, description="feedback -> reward model -> PPO rounds")
@@ -57,6 +58,7 @@ class DemoSettings(FileSettings):
     rm_learning_rate: float = Field(1e-3, gt=0, description="train-rm learning rate")
     device: str = Field("cpu", description="torch device of the learner and the reward model")
     timeout_s: float = Field(300.0, gt=0, description="longest wait for a service to start or a call to end")
+    reward: str | None = old_name_of("reward_model_path")
 
 
 class DemoError(RuntimeError):
@@ -118,15 +120,15 @@ class Demo:
 
     def models(self) -> tuple[str, str, Path]:
         s = self.s
-        if s.policy and s.reward and s.prompts:
-            return s.policy, s.reward, s.prompts
+        if s.policy and s.reward_model_path and s.prompts:
+            return s.policy, s.reward_model_path, s.prompts
         from rlhf_mesh.tiny_models import build
 
         folder = self.out / "models"
         if not (folder / "models.json").is_file() or json.loads((folder / "models.json").read_text())["seed"] != s.seed:
             self.say(f"building the tiny models in {folder}")
             build(folder, seed=s.seed)
-        return (s.policy or str(folder / "policy"), s.reward or str(folder / "reward"),
+        return (s.policy or str(folder / "policy"), s.reward_model_path or str(folder / "reward"),
                 s.prompts or folder / "prompts.jsonl")
 
     def start_services(self, policy: str, reward: str) -> dict[str, ChildProcess]:
@@ -191,7 +193,7 @@ class Demo:
     def train_reward_model(self, services: dict[str, ChildProcess], base: str, folder: Path) -> dict[str, float]:
         from rlhf_mesh.clients.feedback import FeedbackClient
         from rlhf_mesh.clients.reward import RewardClient
-        from rlhf_mesh.services.reward.training import train
+        from rlhf_mesh.services.reward.training import TrainRmSettings, train
 
         with FeedbackClient(services["feedback"].address, timeout_s=self.s.timeout_s) as client:
             pairs, _ = client.export_preferences()
@@ -199,9 +201,9 @@ class Demo:
         pairs_file = folder / "pairs.jsonl"
         pairs_file.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
                                       + "\n" for p in pairs))
-        metrics = train(pairs_file, base, folder / "reward", epochs=self.s.rm_epochs,
-                        learning_rate=self.s.rm_learning_rate, batch_size=16, eval_fraction=0.2, max_length=None,
-                        seed=self.s.seed)
+        metrics = train(TrainRmSettings(preferences=pairs_file, base=base, out=folder / "reward",
+                                        epochs=self.s.rm_epochs, learning_rate=self.s.rm_learning_rate,
+                                        batch_size=16, eval_fraction=0.2, seed=self.s.seed))
         with RewardClient(services["reward"].address) as client:
             client.reload_model("reward", str(folder / "reward"), timeout_s=self.s.timeout_s)
         return metrics

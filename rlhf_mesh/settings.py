@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import Field, FilePath, ValidationError, model_validator
 from pydantic_settings import (
+    CLI_SUPPRESS,
     BaseSettings,
     CliSettingsSource,
     PydanticBaseSettingsSource,
@@ -25,10 +27,50 @@ class SettingsError(ValueError):
     """Settings that do not validate, with a message naming the offending keys."""
 
 
+def warn_renamed(old: str, new: str) -> None:
+    """The one warning of a deprecated name (a settings key, its variable or flag, a CLI flag)."""
+    warnings.warn(f"{old} is deprecated and will be removed in the next release: use {new}", FutureWarning,
+                  stacklevel=2)
+
+
+def old_name_of(new: str) -> Any:
+    """A settings field that is the deprecated old name of the field `new`, declared with `new`'s type:
+
+        client_tls_ca: FilePath | None = old_name_of("services_tls_ca")
+
+    It is read from YAML, the environment and flags like any key (hidden from --help, left out of
+    dumps); FileSettings moves its value to `new` with a warning. Setting both differently is an error.
+    """
+    return Field(None, exclude=True, description=CLI_SUPPRESS, json_schema_extra={"renamed_to": new})
+
+
 class FileSettings(BaseSettings):
     """Settings from defaults, a YAML file (--config), the environment and flags; unknown keys refused."""
 
     model_config = SettingsConfigDict(extra="forbid", env_prefix="RLHF_MESH_")
+
+    @classmethod
+    def renamed(cls) -> dict[str, str]:
+        """Deprecated names of this class's settings: old -> new."""
+        return {name: field.json_schema_extra["renamed_to"] for name, field in cls.model_fields.items()
+                if isinstance(field.json_schema_extra, dict) and "renamed_to" in field.json_schema_extra}
+
+    @model_validator(mode="after")
+    def _moved_to_new_names(self) -> FileSettings:
+        # An "after" validator of the base class: it runs before the subclasses' own, which see the new names.
+        prefix = self.model_config.get("env_prefix", "")
+        for old, new in self.renamed().items():
+            if old not in self.model_fields_set:
+                continue
+            value = self.__dict__[old]
+            if new in self.model_fields_set and getattr(self, new) != value:
+                raise ValueError(f"{old} is the old name of {new}: set only {new}")
+            warn_renamed(f"{old} ({prefix}{old.upper()}, --{old.replace('_', '-')})",
+                         f"{new} ({prefix}{new.upper()}, --{new.replace('_', '-')})")
+            setattr(self, new, value)
+            self.__dict__[old] = None
+            self.model_fields_set.discard(old)
+        return self
 
     @classmethod
     def settings_customise_sources(

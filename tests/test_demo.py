@@ -47,7 +47,7 @@ def test_a_service_that_fails_is_named_with_its_log_and_nothing_is_left_running(
     out = tmp_path / "demo"
     result = subprocess.run(
         [PYTHON, "-m", "rlhf_mesh", "demo", "--out", str(out), "--policy", str(tmp_path / "no-such-policy"),
-         "--reward", str(tiny_models["reward"]), "--prompts", str(tiny_models["prompts"])],
+         "--reward-model-path", str(tiny_models["reward"]), "--prompts", str(tiny_models["prompts"])],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 1
     assert "the generation service did not start" in result.stderr
@@ -60,7 +60,7 @@ def test_ctrl_c_stops_every_service(tmp_path, tiny_models):
     out = tmp_path / "demo"
     demo = subprocess.Popen(
         [PYTHON, "-m", "rlhf_mesh", "demo", "--out", str(out), "--policy", str(tiny_models["policy"]),
-         "--reward", str(tiny_models["reward"]), "--prompts", str(tiny_models["prompts"])],
+         "--reward-model-path", str(tiny_models["reward"]), "--prompts", str(tiny_models["prompts"])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     lines = []
     for line in demo.stdout:  # wait until the services serve and the first round begins

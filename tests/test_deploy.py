@@ -143,7 +143,7 @@ def test_secured_overlay_turns_on_mutual_tls_and_tokens_for_every_service(render
             if probe in container:  # kubelet cannot speak TLS: every probe uses the plaintext health port
                 assert container[probe]["grpc"]["port"] == health, (service, probe)
         # The services that call others: a token and a CA for them, and the name their certificate carries.
-        caller = {"learner": "CLIENT_", "generation": "CATCH_UP_"}.get(service)
+        caller = {"learner": "SERVICES_", "generation": "CATCH_UP_"}.get(service)
         if caller:
             for key in ("TOKEN_FILE", "TLS_CA"):
                 assert f"{caller}{key}".lower() in settings.model_fields, (service, key)

@@ -58,9 +58,9 @@ def test_composite_specs():
 def server(tiny_models, tmp_path_factory):
     http_port = free_port()
     args = [PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"rm={tiny_models['reward']}",
-            *(f"--function={f}" for f in FUNCTIONS), "--reward", "total=0.8*rm+0.2*math",
-            "--reward", "graded=1*echo+0.5*rm",
-            "--reward", "broken=1*rm+1*raises", "--function-timeout-s", "3", "--function-workers", "2",
+            *(f"--function={f}" for f in FUNCTIONS), "--composite", "total=0.8*rm+0.2*math",
+            "--composite", "graded=1*echo+0.5*rm",
+            "--composite", "broken=1*rm+1*raises", "--function-timeout-s", "3", "--function-workers", "2",
             "--function-worker-memory-mb", "512", "--http-port", str(http_port)]
     child = ChildServer(args, tmp_path_factory.mktemp("reward") / "server.log", env={"PYTHONPATH": str(ROOT / "tests")})
     wait_until_serving(child.address, timeout_s=300, alive=child.alive)

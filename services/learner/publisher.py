@@ -239,7 +239,8 @@ class PolicyPublisher:
 
     def _new_sender(self, replicas: list[str]) -> CollectiveSender:
         clients = [self._client(a) for a in replicas]
-        return CollectiveSender(clients, self.settings.collective_address, 0, min(self.settings.rpc_timeout_s, 300.0))
+        return CollectiveSender(clients, self.settings.collective_host(replicas[0]), 0,
+                                min(self.settings.rpc_timeout_s, 300.0))
 
     def _close_sender(self) -> None:
         if self._sender is not None:

@@ -6,13 +6,14 @@ the same file; flags override it (`--kl-coef 0.1`).
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from rlhf_mesh.settings import ServiceSettings
+from rlhf_mesh.settings import ServiceSettings, old_name_of
 
 
 class LearnerSettings(ServiceSettings):
@@ -53,7 +54,10 @@ class LearnerSettings(ServiceSettings):
     weight_transport: Literal["grpc", "collective"] = Field(
         "grpc", description="weight pushes in-band over gRPC, or by gloo broadcast with gRPC control"
     )
-    collective_address: str = Field("127.0.0.1", description="this host as the generation workers reach it")
+    collective_address: str | None = Field(
+        None, description="collective transport: this host's address as the generation workers reach it (the gloo "
+        "group's store); default: the address of this host's route to the first replica (127.0.0.1 when it is local)"
+    )
     weight_delta: bool = Field(
         True, description="grpc transport: push only what changed since the last push (XOR + zstd per tensor) to "
         "replicas that hold it, the full weights to the others; keeps one copy of the pushed weights"
@@ -67,16 +71,23 @@ class LearnerSettings(ServiceSettings):
         6, ge=1, description="tries of a Generate or Score call that fails while a replica restarts (backoff 1 s, "
         "doubling to 30 s); Generate moves on to the next replica, re-pushing the weights to one that restarted"
     )
-    client_token_file: FilePath | None = Field(
+    # How the learner calls the services (the CLI's --token-file, --tls-ca, ...); tls_cert, tls_key and
+    # tls_client_ca are its own server's.
+    services_token_file: FilePath | None = Field(
         None, description="bearer token of the learner's calls (roles generate + admin on generation, score on reward)"
     )
-    client_tls_ca: FilePath | None = Field(None, description="PEM CA of the services' certificates; turns TLS on")
-    client_tls_cert: FilePath | None = Field(None, description="PEM client certificate, for mutual TLS")
-    client_tls_key: FilePath | None = Field(None, description="PEM private key of client_tls_cert")
-    client_tls_server_name: str | None = Field(
+    services_tls_ca: FilePath | None = Field(None, description="PEM CA of the services' certificates; turns TLS on")
+    services_tls_cert: FilePath | None = Field(None, description="PEM client certificate, for mutual TLS")
+    services_tls_key: FilePath | None = Field(None, description="PEM private key of services_tls_cert")
+    services_tls_server_name: str | None = Field(
         None, description="name the services' certificates carry, when not the address's host (resolve_replicas "
         "dials IPs)"
     )
+    client_token_file: FilePath | None = old_name_of("services_token_file")
+    client_tls_ca: FilePath | None = old_name_of("services_tls_ca")
+    client_tls_cert: FilePath | None = old_name_of("services_tls_cert")
+    client_tls_key: FilePath | None = old_name_of("services_tls_key")
+    client_tls_server_name: str | None = old_name_of("services_tls_server_name")
 
     # Prompts.
     prompts: Path = Field(description="prompt dataset: .jsonl or .parquet")
@@ -227,8 +238,24 @@ class LearnerSettings(ServiceSettings):
         """The `tls` and `token` arguments of the learner's clients."""
         from rlhf_mesh.clients.channel import client_credentials
 
-        return client_credentials(self.client_token_file, self.client_tls_ca, self.client_tls_cert,
-                                  self.client_tls_key, self.client_tls_server_name)
+        return client_credentials(self.services_token_file, self.services_tls_ca, self.services_tls_cert,
+                                  self.services_tls_key, self.services_tls_server_name)
+
+    def collective_host(self, replica: str) -> str:
+        """collective_address, or the local address this host's route to `replica` (HOST:PORT) leaves from:
+        the one a replica on another host reaches back."""
+        if self.collective_address:
+            return self.collective_address
+        host, _, port = replica.rpartition(":")
+        try:
+            found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)
+            family, _, _, _, address = min(found, key=lambda a: a[0] != socket.AF_INET)  # IPv4 where there is one
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect(address)  # a UDP connect sends nothing: it only picks the route
+                return probe.getsockname()[0]
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"collective_address: no route to {replica} to take this host's address from ({err}); "
+                               "set collective_address") from None
 
     @property
     def optimizer_steps(self) -> int:

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.http_site import HttpPortSettings
-from rlhf_mesh.settings import ServiceSettings
+from rlhf_mesh.settings import ServiceSettings, old_name_of
 
 _TERM = re.compile(r"\s*([+-])?\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([A-Za-z_][\w.-]*)\s*")
 
@@ -46,10 +46,11 @@ class RewardSettings(ServiceSettings, HttpPortSettings):
         description="reward function as NAME (a built-in: math, exact, regex, format) or NAME=package.module:callable "
         "(TRL's fn(prompts, completions, **kwargs)); repeat for several",
     )
-    reward: list[str] = Field(
+    composite: list[str] = Field(
         default_factory=list, description="composite reward NAME=WEIGHT*PART+WEIGHT*PART over models and functions, "
         "e.g. total=0.8*rm+0.2*math; repeat for several"
     )
+    reward: list[str] | None = old_name_of("composite")
     function_workers: int = Field(3, ge=1, description="worker processes that run reward functions")
     function_workers_per_caller: int | None = Field(
         None, ge=1, description="most function workers one caller's calls hold at once; default function_workers - 1 "
@@ -126,7 +127,7 @@ class RewardSettings(ServiceSettings, HttpPortSettings):
 
     def composites(self) -> list[tuple[str, list[tuple[float, str]]]]:
         """(name, [(weight, part), ...]) of every composite."""
-        return [parse_composite(spec) for spec in self.reward]
+        return [parse_composite(spec) for spec in self.composite]
 
     def named_functions(self) -> list[tuple[str, str]]:
         """(name, spec) pairs; a bare NAME is the built-in of that name."""
