@@ -371,3 +371,14 @@ def test_reload_swaps_the_model_without_failing_a_call(tiny_models, tmp_path, re
         assert result.score == pytest.approx(expected[result.model_version], abs=1e-5)
     assert after.model_version == version_b and after.score == pytest.approx(score_b, abs=1e-5)
 
+
+def test_the_old_name_of_max_queued_samples_still_works_with_a_warning():
+    from rlhf_mesh.services.reward.settings import RewardSettings
+    from rlhf_mesh.settings import SettingsError, load_settings
+
+    with pytest.warns(FutureWarning, match=r"max_queue_samples .*is deprecated.*: use max_queued_samples"):
+        assert load_settings(RewardSettings, ["--model", "m", "--max-queue-samples", "7"], "reward"
+                             ).max_queued_samples == 7
+    with pytest.raises(SettingsError, match="max_queue_samples is the old name of max_queued_samples"):
+        load_settings(RewardSettings, ["--model", "m", "--max-queue-samples", "7", "--max-queued-samples", "8"],
+                      "reward")

@@ -100,6 +100,7 @@ class RewardSettings(ServiceSettings, HttpPortSettings):
     max_queued_samples: int = Field(
         8192, gt=0, description="samples queued per model; beyond: RESOURCE_EXHAUSTED, as for max_queued_tokens"
     )
+    max_queue_samples: int | None = old_name_of("max_queued_samples")
     fair_batches: bool = Field(
         True, description="share batches between callers: the caller served the fewest tokens picks the next batch; "
         "false: the oldest sample does, so one large call holds every later caller behind it"
