@@ -4,6 +4,7 @@ to judge, on SQLite and PostgreSQL; identities from the tokens file or a trusted
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import uuid
 
@@ -11,6 +12,8 @@ import grpc
 import httpx
 import krippendorff
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rlhf_mesh.clients.feedback import FeedbackClient
 from rlhf_mesh.clients.health import wait_until_serving
@@ -19,8 +22,10 @@ from rlhf_mesh.v1 import feedback_pb2
 from support import PYTHON, ROOT, ChildServer, RaterApi, free_port, fresh_postgres, write_pki, write_tokens
 
 ROLES = {"boss": ["admin"], "ann": ["rate"], "bob": ["rate"], "cat": ["rate"], "eve": ["feedback"]}
-CHOICE, TIE, BOTH_BAD, RATING = (feedback_pb2.JUDGEMENT_KIND_CHOICE, feedback_pb2.JUDGEMENT_KIND_TIE,
-                                 feedback_pb2.JUDGEMENT_KIND_BOTH_BAD, feedback_pb2.JUDGEMENT_KIND_RATING)
+CHOICE, TIE, BOTH_BAD, RATING, CORRECTION = (
+    feedback_pb2.JUDGEMENT_KIND_CHOICE, feedback_pb2.JUDGEMENT_KIND_TIE, feedback_pb2.JUDGEMENT_KIND_BOTH_BAD,
+    feedback_pb2.JUDGEMENT_KIND_RATING, feedback_pb2.JUDGEMENT_KIND_CORRECTION)
+SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "Referrer-Policy", "Cache-Control")
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -120,7 +125,7 @@ def test_skip_and_undo_through_the_api(server):
         assert bob.item(name)["item_id"] == item_id
         assert bob.judge(name, item_id, choice=0).status_code == 200
     reply = ann.undo(name)
-    assert reply.status_code == 409 and "closed" in reply.json()["error"]  # both judged it: nothing is undone
+    assert reply.status_code == 409 and "closed" in reply.json()["error"]["message"]  # both judged it: nothing undone
     with _admin(server) as client:
         stored = [f for f in client.list(page_size=1000) if f.campaign_id == name]
     assert sorted((f.rater_id, f.item_id, f.WhichOneof("judgement")) for f in stored) == [
@@ -146,14 +151,140 @@ def test_bad_requests_get_their_status_and_store_nothing(server):
         (ann.judge(name, item_id, scores=[1, 2]), 400, "does not ask for rating"),
         (ann.judge(name, item_id, choice=0, tie=True), 400, "exactly one"),
         (ann.judge(name, 10**9), 404, "no item"),
-        (ann.http.post(f"/api/campaigns/{name}/judgements", json=[1]), 400, "JSON object"),
+        (ann.http.post(f"/api/campaigns/{name}/judgements", json=[1]), 400, "the body: Input should be an object"),
         (ann.http.post(f"/api/campaigns/{name}/judgements", content=b'{"item_id": 1, "choice": 0}'), 415, "json"),
     ]
     for reply, status, message in cases:
-        assert (reply.status_code, message in reply.json()["error"]) == (status, True), reply.text
+        assert (reply.status_code, message in reply.json()["error"]["message"]) == (status, True), reply.text
     assert RaterApi(server.url, server.tokens["boss"]).http.get(f"/api/campaigns/{name}/stats").status_code == 200
     with _admin(server) as client:
         assert [f for f in client.list(page_size=1000) if f.campaign_id == name] == []
+
+
+def test_wrong_types_are_refused_naming_the_field_and_nothing_is_stored(server):
+    """No coercion: a tie of 0, a choice of 0.9 or "1", string scores; and no 500 for numbers
+    no database holds, deep nesting or bytes that are not UTF-8."""
+    name = _campaign(server, CHOICE, TIE, BOTH_BAD, RATING, CORRECTION, k=1, items=1)
+    ann = RaterApi(server.url, server.tokens["ann"])
+    item_id = ann.item(name)["item_id"]
+    judgements = f"/api/campaigns/{name}/judgements"
+
+    def post(raw: bytes, path: str = judgements) -> httpx.Response:
+        return ann.http.post(path, content=raw, headers={"Content-Type": "application/json"})
+
+    cases = [({"tie": value}, "tie") for value in (0, 1, "no", [], None, {})] + [
+        ({"both_bad": 0}, "both_bad"),
+        *(({"choice": value}, "choice") for value in (0.9, 1.0, True, "1", [0], -1)),
+        ({"scores": [True, True]}, "scores[0]"), ({"scores": ["3", "4.5"]}, "scores[0]"),
+        ({"scores": [3, 4.5]}, "scores[1]"), ({"scores": "34"}, "scores"), ({"scores": [6, 1]}, "scores[0]"),
+        ({"scores": [1, 0]}, "scores[1]"),
+        ({"correction": ["a"]}, "correction"), ({"correction": "a"}, "correction"),
+        ({"correction": {"response_index": 0, "corrected_response": ["a"]}}, "correction.corrected_response"),
+        ({"correction": {"response_index": "0", "corrected_response": "a"}}, "correction.response_index"),
+        ({"correction": {"response_index": 0}}, "correction.corrected_response"),
+        ({"choice": 2**64}, "choice"), ({"correction": {"response_index": 2, "corrected_response": "a"}},
+                                        "correction.response_index"),
+        ({"choice": 0, "why": "because"}, "why"),
+    ]
+    for judgement, field in cases:
+        reply = ann.judge(name, item_id, **judgement)
+        error = reply.json()["error"]
+        assert (reply.status_code, error["param"], error["code"]) == (400, field, 400), (judgement, reply.text)
+        assert error["message"].startswith(field), error
+    for item in (2**63, "1", True, 1.0, None, -1, 0):
+        reply = ann.judge(name, item, choice=0)
+        assert (reply.status_code, reply.json()["error"]["param"]) == (400, "item_id"), (item, reply.text)
+        assert (post(json.dumps({"item_id": item}).encode(), f"/api/campaigns/{name}/skip").json()["error"]["param"]
+                == "item_id")
+    for raw in (b'{"item_id": %d, "choice": %s}' % (item_id, b"1" * 5000), b'{"item_id": 1, "choice": 1e400}',
+                b"[" * 100_000 + b"]" * 100_000,
+                b'{"item_id": 1, "tie": true, "x": "\ud800"}', b"{", b""):
+        reply = post(raw)
+        assert reply.status_code == 400 and reply.json()["error"]["message"], (raw[:60], reply.text)
+    reply = post(b'{"item_id": %d, "tie": "\xff"}' % item_id)  # a byte that is not UTF-8
+    assert reply.status_code == 400 and "the body: Invalid JSON" in reply.json()["error"]["message"]
+    with _admin(server) as client:
+        assert [f for f in client.list(page_size=1000) if f.campaign_id == name] == []
+    assert ann.judge(name, item_id, tie=False, choice=1).status_code == 200  # false is no tie
+    with _admin(server) as client:
+        [stored] = [f for f in client.list(page_size=1000) if f.campaign_id == name]
+    assert stored.choice.chosen_index == 1
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.sampled_from([2**63, -(2**63) - 1, 10**400]) | st.floats()
+    | st.text(max_size=20), lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                       max_size=3), max_leaves=8)
+JUDGEMENT_FIELDS = ["choice", "scores", "correction", "tie", "both_bad", "item_id", "response_index",
+                    "corrected_response", "x"]
+
+
+def test_random_bodies_get_a_clear_refusal_never_a_500(server):
+    """Random JSON where a judgement goes: 400, 404 or 409 in the error shape, and whatever is
+    stored was answered 200."""
+    name = _campaign(server, CHOICE, TIE, BOTH_BAD, RATING, CORRECTION, k=1, items=1)
+    ann = RaterApi(server.url, server.tokens["ann"])
+    item_id = ann.item(name)["item_id"]
+    stored = []
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(fields=st.dictionaries(st.sampled_from(JUDGEMENT_FIELDS), JSON, max_size=3), real=st.booleans(),
+           path=st.sampled_from(["judgements", "skip"]))
+    def call(fields, real, path) -> None:
+        body = ({"item_id": item_id} if real else {}) | fields
+        reply = ann.http.post(f"/api/campaigns/{name}/{path}", content=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json"})
+        if reply.status_code == 200:
+            stored.append(body)
+            return
+        error = reply.json()["error"]
+        assert reply.status_code in (400, 404, 409) and error["code"] == reply.status_code and error["message"], (
+            body, reply.text)
+
+    call()
+    with _admin(server) as client:
+        rows = [f for f in client.list(page_size=1000) if f.campaign_id == name]
+    assert len(rows) <= 1 and (not rows or stored)  # k = 1; a stored judgement was answered 200
+
+
+def test_the_scheme_is_any_case_and_a_refused_token_is_never_echoed(server):
+    token = server.tokens["ann"]
+    for scheme in ("bearer", "BEARER", "Bearer", "bEaReR"):
+        reply = httpx.get(f"{server.url}/api/me", headers={"Authorization": f"{scheme} {token}"})
+        assert (reply.status_code, reply.json()["rater_id"]) == (200, "ann"), scheme
+    for presented in (b"Bearer " + token.encode()[:-1] + b"\xff", "Bearer ann\u00e9-is-not-a-token".encode(),
+                      b"Bearer " + token.encode() + b" and more", b"Bearer " + token[::-1].encode()):
+        reply = httpx.get(f"{server.url}/api/me", headers={"Authorization": presented})
+        assert reply.status_code == 401 and reply.json()["error"]["message"] == "invalid token", presented
+        assert presented.removeprefix(b"Bearer ")[:16] not in reply.content
+    assert token not in (server.folder / "feedback.log").read_text()
+
+
+def test_every_reply_carries_the_security_headers(server):
+    ann = RaterApi(server.url, server.tokens["ann"])
+    name = _campaign(server, CHOICE, k=1, items=1)
+    item_id = RaterApi(server.url, server.tokens["bob"]).item(name)["item_id"]
+    oversized = b'{"item_id": 1, "x": "%s"}' % (b"a" * (64 << 10) * 18)  # past max_text_bytes * (max_responses + 2)
+    replies = {
+        200: ann.http.get("/"), 401: httpx.get(f"{server.url}/api/me"),
+        404: ann.http.get("/no-such-page"), 405: ann.http.put("/api/me"),
+        413: ann.http.post(f"/api/campaigns/{name}/judgements", content=oversized,
+                           headers={"Content-Type": "application/json"}),
+        400: ann.judge(name, item_id, choice="1"), 409: ann.judge(name, item_id, choice=0),
+    }
+    for status, reply in replies.items():
+        assert reply.status_code == status, (status, reply.text)
+        assert all(header in reply.headers for header in SECURITY_HEADERS), (status, reply.headers)
+    # A request line aiohttp's parser refuses, before any route.
+    port = int(server.url.rpartition(":")[2])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(b"GET /api/me HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer x\r\r\n\r\n")
+        raw = b""
+        while chunk := connection.recv(65536):
+            raw += chunk
+    head = raw.partition(b"\r\n\r\n")[0].decode().lower()
+    assert " 400 " in head.partition("\r\n")[0] and all(h.lower() + ":" in head for h in SECURITY_HEADERS), head
 
 
 def test_campaign_rpcs_refuse_bad_input_with_the_right_code(server):
@@ -194,6 +325,9 @@ def test_a_trusted_proxy_header_names_the_rater_when_configured(tmp_path):
             client.add_rating_items([feedback_pb2.RatingItem(prompt="p", responses=["a", "b"])])
             url = f"http://127.0.0.1:{port}"
             assert RaterApi(url).next("default").status_code == 401
+            for name in (b"dana\xff", "\u202eana".encode(), "da\u200bna".encode()):  # not UTF-8, bidi, invisible
+                reply = RaterApi(url, headers={"X-Forwarded-User": name}).http.get("/api/me")
+                assert (reply.status_code, reply.json()["error"]["param"]) == (400, "X-Forwarded-User"), name
             proxied = RaterApi(url, headers={"X-Forwarded-User": "dana@example.org"})
             assert proxied.http.get("/api/me").json()["rater_id"] == "dana@example.org"
             item = proxied.item("default")

@@ -3,14 +3,26 @@ agreement numbers against published worked examples, and export pairs backed by 
 
 from __future__ import annotations
 
+import datetime
+import random
 import threading
+import time
+from collections import Counter
 
 import pytest
+from sqlalchemy import select, update
 
 from rlhf_mesh.services.feedback import agreement
 from rlhf_mesh.services.feedback.campaigns import Campaigns, Conflict, Judged
 from rlhf_mesh.services.feedback.preferences import backed_pairs
-from rlhf_mesh.services.feedback.store import CampaignRow, FeedbackRow, FeedbackStore, RatingItemRow
+from rlhf_mesh.services.feedback.store import (
+    AssignmentRow,
+    CampaignRow,
+    FeedbackRow,
+    FeedbackStore,
+    RatingItemRow,
+    now,
+)
 
 from support import fresh_postgres
 
@@ -141,8 +153,12 @@ def test_a_held_item_keeps_its_place_a_skip_frees_it_and_undo_reopens(campaigns)
     with pytest.raises(Conflict, match="is skipped"):
         campaigns.skip("c", "ann", first.item_id)
     assert campaigns.next("c", "ann") is None  # ann skipped 1; 2 and 1 are held by bob and cat
-    assert campaigns.undo("c", "ann") == first.item_id  # a skip can be undone while the item is open
+    with pytest.raises(Conflict, match="another rater took the place you skipped"):
+        campaigns.undo("c", "ann")  # cat holds item 1's one place now
+    campaigns.skip("c", "cat", first.item_id)
+    assert campaigns.undo("c", "ann") == first.item_id  # a skip can be undone while its place is free
     assert campaigns.next("c", "ann").item_id == first.item_id
+    assert campaigns.next("c", "dan") is None  # ann holds it again: one place, one holder
 
 
 def test_undo_deletes_the_judgement_and_is_refused_once_the_item_closed(campaigns):
@@ -161,6 +177,75 @@ def test_undo_deletes_the_judgement_and_is_refused_once_the_item_closed(campaign
     with pytest.raises(Conflict, match="closed"):
         campaigns.undo("c", "ann")
     assert [j.judgement for j in campaigns.judged("c")[0]] == [{"chosen_index": 1}] * 2
+
+
+def _expire(campaigns: Campaigns, rater: str) -> None:
+    """End the rater's holds now, as if the lease had run out."""
+    with campaigns.engine.begin() as connection:
+        connection.execute(update(AssignmentRow).where(AssignmentRow.rater_id == rater, AssignmentRow.status == "open")
+                           .values(expires_at=now() - datetime.timedelta(seconds=1)))
+
+
+def _counts(campaigns: Campaigns) -> dict[int, int]:
+    """Each item's judgements, by the rows stored and by its counter (which must agree)."""
+    rows = Counter(j.item_id for j in campaigns.judged("c")[0])
+    with campaigns.engine.connect() as connection:
+        counters = dict(connection.execute(select(RatingItemRow.item_id, RatingItemRow.judgements)).all())
+    assert {i: n for i, n in counters.items() if n} == dict(rows)
+    return counters
+
+
+def test_an_undone_skip_never_takes_a_place_that_others_filled(campaigns):
+    _campaign(campaigns, k=2, items=2)
+    item = campaigns.next("c", "ann")
+    _judge(campaigns, "bob", campaigns.next("c", "bob"))  # item 1: bob judged it, ann holds the other place
+    campaigns.skip("c", "ann", item.item_id)
+    assert campaigns.next("c", "cat").item_id == item.item_id  # cat takes the place ann gave back
+    with pytest.raises(Conflict, match="another rater took the place"):
+        campaigns.undo("c", "ann")
+    _judge(campaigns, "cat", item)
+    with pytest.raises(Conflict, match="closed"):
+        campaigns.undo("c", "ann")
+    assert campaigns.next("c", "ann").item_id == 2
+    assert _counts(campaigns)[item.item_id] == 2
+
+
+def test_an_undone_judgement_takes_back_only_its_own_place(campaigns):
+    _campaign(campaigns, k=2, items=2)
+    item = campaigns.next("c", "ann")
+    _judge(campaigns, "ann", item)
+    assert campaigns.next("c", "bob").item_id == item.item_id  # the second place
+    assert campaigns.undo("c", "ann") == item.item_id  # ann's judgement is now her hold again
+    assert campaigns.next("c", "cat").item_id == 2  # both places of item 1 are held
+    _judge(campaigns, "ann", item, choice=1)
+    _judge(campaigns, "bob", item)
+    assert _counts(campaigns)[item.item_id] == 2
+
+
+def test_an_expired_hold_whose_place_was_taken_is_given_up(campaigns):
+    _campaign(campaigns, k=1, items=2)
+    item = campaigns.next("c", "ann")
+    _expire(campaigns, "ann")
+    assert campaigns.next("c", "bob").item_id == item.item_id  # the expired place went back
+    with pytest.raises(Conflict, match="expired and other raters took its places"):
+        _judge(campaigns, "ann", item)  # a judgement sent late, after bob took the place
+    assert campaigns.next("c", "ann").item_id == 2  # not item 1 again: bob holds its place
+    _judge(campaigns, "bob", item)
+    _expire(campaigns, "ann")
+    stored = _judge(campaigns, "ann", campaigns.item("c", 2))  # expired, but nobody took the place: stored
+    assert not stored.already_stored
+    assert _counts(campaigns) == {1: 1, 2: 1}
+    assert campaigns.next("c", "cat") is None
+
+
+def test_an_expired_hold_is_not_renewed_over_a_taken_place(campaigns):
+    _campaign(campaigns, k=1, items=1)
+    item = campaigns.next("c", "ann")
+    _expire(campaigns, "ann")
+    assert campaigns.next("c", "bob").item_id == item.item_id
+    assert campaigns.next("c", "ann") is None  # ann's reload: her hold lapsed and bob has the place
+    _judge(campaigns, "bob", item)
+    assert _counts(campaigns) == {1: 1}
 
 
 def test_threads_racing_for_items_never_overfill_or_repeat(campaigns):
@@ -188,6 +273,40 @@ def test_threads_racing_for_items_never_overfill_or_repeat(campaigns):
     assert all(len(raters) == 3 == len(set(raters)) for raters in per_item.values())
     progress = campaigns.progress("c")
     assert (progress.judgements, progress.closed_items) == (36, 12)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_raters_undoing_skips_at_once_never_pass_k(campaigns, k):
+    """Raters who read a while, skip, and undo the skip while others take the place it gave back."""
+    _campaign(campaigns, k=k, items=30)
+    errors, undos = [], Counter()
+
+    def work(rater: str, seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while (item := campaigns.next("c", rater)) is not None:
+                time.sleep(rng.uniform(0, 0.02))  # reading
+                if rng.random() < 0.5:
+                    _judge(campaigns, rater, item)
+                    continue
+                campaigns.skip("c", rater, item.item_id)
+                time.sleep(0.01)  # another rater may take the place meanwhile
+                try:
+                    campaigns.undo("c", rater)
+                    undos["reopened"] += 1
+                except Conflict:
+                    undos["refused"] += 1
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(f"r{i}", i)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    print(dict(undos))
+    assert max(_counts(campaigns).values()) <= k
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -12,12 +12,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy
+from playwright.sync_api import expect
 
 from rlhf_mesh.clients.feedback import FeedbackClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.v1 import feedback_pb2
 
-from support import PYTHON, ROOT, ChildServer, free_port, write_tokens
+from support import PYTHON, ROOT, ChildServer, RaterApi, free_port, write_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +62,7 @@ def server(tmp_path_factory):
                          "--rater-port", str(port), "--tokens-file", str(folder / "tokens.yaml")],
                         folder / "feedback.log")
     wait_until_serving(child.address, timeout_s=60, alive=child.alive)
-    child.url, child.tokens = f"http://localhost:{port}/", tokens
+    child.url, child.tokens, child.db = f"http://localhost:{port}/", tokens, f"sqlite:///{folder / 'fb.db'}"
     yield child
     child.stop()
 
@@ -217,12 +219,127 @@ def test_unauthenticated_calls_get_401_and_store_nothing(chromium, server):
                                          body: JSON.stringify({item_id: 1, choice: 0})});
         return [reply.status, await reply.json()];
     }""", f"api/campaigns/{name}/judgements")
-    assert status == 401 and "log in" in body["error"]
+    assert status == 401 and "log in" in body["error"]["message"]
     assert page.evaluate("async (path) => (await fetch(path)).status", f"api/campaigns/{name}/next") == 401
     page.fill("#token", "not-a-valid-token-at-all")
     page.press("#token", "Enter")
     page.wait_for_selector("#status:text('invalid token')")
+    assert page.evaluate("sessionStorage.getItem('token')") is None  # a refused token is not kept
+    page.reload()
+    page.wait_for_selector("#login:not([hidden])")
+    assert page.text_content("#status") == ""  # nothing was sent: there was no token to send
     assert _judgements(server, name) == []
+
+
+def test_every_mix_of_judgements_can_be_submitted_and_nothing_typed_is_dropped(chromium, server):
+    def said(page, text: str) -> None:
+        expect(page.locator("#status")).to_contain_text(text)
+
+    # Corrections alone: pick the response, then type its correction.
+    only = _campaign(server, [CORRECTION], k=1, items=[("Fix the spelling", ["teh cat", "a dgo"])] * 2)
+    page = _log_in(chromium, server, "ann", only)
+    assert page.inner_text("#correction-box").startswith("Your correction of the picked response")
+    page.keyboard.press("Enter")
+    said(page, "Pick a response and correct it.")
+    page.keyboard.press("2")
+    page.keyboard.press("Enter")
+    said(page, "Type your correction of response 2.")
+    page.fill("#correction", "a dog")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#progress:text('You: 1 judged')")
+    page.fill("#correction", "the cat")  # typed before picking
+    page.keyboard.press("Control+Enter")
+    said(page, "Pick the response your correction is of (1–2).")
+    page.click(".response[data-index='0'] .markdown")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#done:not([hidden])")
+    stored = sorted((f.correction.response_index, f.correction.corrected_response)
+                    for f in _judgements(server, only))
+    assert stored == [(0, "the cat"), (1, "a dog")]
+
+    # Ratings and a correction: one of them per item, never one dropped for the other.
+    both = _campaign(server, [RATING, CORRECTION], k=1, items=[("Answer 2 + 2", ["4", "5"])])
+    page = _log_in(chromium, server, "ann", both)
+    page.select_option(".response[data-index='0'] select", "5")
+    page.keyboard.press("Enter")
+    said(page, "Rate every response, or set the ratings back")
+    page.select_option(".response[data-index='1'] select", "1")
+    page.keyboard.press("2")
+    page.fill("#correction", "4")
+    page.keyboard.press("Control+Enter")
+    said(page, "One judgement per item: you gave a correction of response 2 and ratings.")
+    assert _judgements(server, both) == []
+    for i in range(2):
+        page.select_option(f".response[data-index='{i}'] select", "")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#done:not([hidden])")
+    [stored] = _judgements(server, both)
+    assert stored.correction == feedback_pb2.Correction(response_index=1, corrected_response="4")
+
+    # A pick and ratings.
+    pick = _campaign(server, [CHOICE, RATING], k=1, items=[("Say hi", ["hi", "bye"])] * 2)
+    page = _log_in(chromium, server, "ann", pick)
+    page.keyboard.press("2")
+    for i, score in enumerate(("2", "4")):
+        page.select_option(f".response[data-index='{i}'] select", score)
+    page.click("h1")
+    page.keyboard.press("Enter")
+    said(page, "you gave a pick of response 2 and ratings")
+    page.keyboard.press("2")  # the pick taken back: the ratings are the judgement
+    assert page.locator(".response.chosen").count() == 0
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#progress:text('You: 1 judged')")
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#done:not([hidden])")
+    judged = sorted((f.WhichOneof("judgement"), list(f.rating.scores), f.choice.chosen_index)
+                    for f in _judgements(server, pick))
+    assert judged == [("choice", [], 0), ("rating", [2.0, 4.0], 0)]
+
+
+def test_links_open_elsewhere_showing_where_and_bidi_controls_show_as_code_points(chromium, server):
+    homoglyph = "p\u0430ypal.com"  # a Cyrillic a
+    responses = [f"Log in at [{homoglyph}](https://{homoglyph}/login) now.", "Open the file \u202egpj.exe"]
+    name = _campaign(server, [CHOICE, TIE], k=1, items=[("Where do I log in?", responses)])
+    page = _log_in(chromium, server, "ann", name)
+    link = page.locator(".response a")
+    assert (link.get_attribute("target"), link.get_attribute("rel")) == ("_blank", "noopener noreferrer")
+    assert link.get_attribute("href") == "https://xn--pypal-4ve.com/login"
+    first = page.locator(".response[data-index='0']")
+    assert first.inner_text().strip().endswith(f"Log in at {homoglyph} (xn--pypal-4ve.com) now.")
+    with page.context.expect_page() as opened:
+        link.click()
+    assert opened.value.url.startswith(("https://xn--pypal-4ve.com/", "chrome-error:"))
+    assert page.url.startswith(server.url) and "#campaign=" in page.url  # the rater stays on the page
+    assert page.locator(".response.chosen").count() == 0  # and following a link picks nothing
+    second = page.locator(".response[data-index='1'] .markdown").inner_text()
+    assert second.strip() == "Open the file [U+202E]gpj.exe" and "\u202e" not in page.content()
+    page.keyboard.press("2")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#done:not([hidden])")
+    [stored] = _judgements(server, name)
+    assert list(stored.responses) == responses and stored.choice.chosen_index == 1  # stored as given
+
+
+def test_a_judgement_whose_hold_expired_and_was_taken_moves_on(chromium, server):
+    name = _campaign(server, [CHOICE], k=1, items=[("First", ["a", "b"]), ("Second", ["c", "d"])])
+    page = _log_in(chromium, server, "ann", name)
+    assert page.text_content("#prompt").strip() == "First"
+    engine = sqlalchemy.create_engine(server.db)
+    with engine.begin() as connection:  # as if ann had walked away for longer than the lease
+        connection.execute(sqlalchemy.text("UPDATE assignments SET expires_at = '2000-01-01 00:00:00.000000' "
+                                           "WHERE campaign_id = :c AND rater_id = 'ann'"), {"c": name})
+    engine.dispose()
+    bob = RaterApi(server.url, server.tokens["bob"])
+    assert bob.item(name)["prompt_html"].strip() == "<p>First</p>"  # the place went back, to bob
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#prompt")).to_have_text("Second")  # on to the next item
+    expect(page.locator("#status")).to_contain_text("expired and other raters took its places")
+    page.keyboard.press("2")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#done:not([hidden])")
+    assert [(f.rater_id, f.prompt) for f in _judgements(server, name)] == [("ann", "Second")]
 
 
 def test_responses_sampled_from_the_policy_are_judged_in_the_browser(chromium, server, tiny_models, tmp_path):

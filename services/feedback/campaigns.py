@@ -6,6 +6,10 @@ it has `judgements_per_item` (k) judgements. Taking an item holds one of its k p
 place back at once (the item goes on to others); an undo reopens the rater's last judged
 or skipped item while it has fewer than k judgements.
 
+An item never has more than k judgements and live holds together: every path that gives a
+rater a place (next, a judgement sent after its hold expired, the undo of a skip) first
+checks that one is free (`_free`).
+
 Every change runs in one transaction that starts by updating the campaign's row: that
 write is the lock (a row lock in PostgreSQL, the database's write lock in SQLite), so two
 raters working at once see each other's holds, and no place is given twice.
@@ -122,11 +126,11 @@ class Campaigns:
                 AssignmentRow.status == "open").order_by(AssignmentRow.updated_at.desc())).first()
             if held is not None:
                 item = session.get(RatingItemRow, held.item_id)
-                if item.judgements < k:
+                if _free(session, item, k, rater_id, stamp):
                     held.expires_at = stamp + self.lease
                     session.commit()
                     return item
-                session.delete(held)  # its hold expired and others closed the item meanwhile
+                session.delete(held)  # its hold expired and others took its place meanwhile
             holds = (select(func.count()).select_from(AssignmentRow).where(
                 AssignmentRow.item_id == RatingItemRow.item_id, AssignmentRow.status == "open",
                 AssignmentRow.expires_at > stamp).scalar_subquery())
@@ -152,8 +156,9 @@ class Campaigns:
         """Store the rater's judgement of the item they hold (`row.campaign_id`, `row.item_id`); a
         resubmission of the same judgement returns the stored one."""
         row.rater_id = rater_id
+        stamp = now()
         with Session(self.engine, expire_on_commit=False) as session:
-            _lock(session, row.campaign_id)
+            k = _lock(session, row.campaign_id).judgements_per_item
             assignment = self._assignment(session, row.campaign_id, row.item_id, rater_id)
             if assignment.status == "done":
                 stored = session.scalars(select(FeedbackRow).where(
@@ -163,7 +168,9 @@ class Campaigns:
                 return Stored(stored, already_stored=True)
             if assignment.status != "open":
                 raise Conflict(f"you skipped item {row.item_id}")
-            stamp = now()
+            if not _free(session, session.get(RatingItemRow, row.item_id), k, rater_id, stamp):
+                raise Conflict(f"your hold on item {row.item_id} expired and other raters took its places: "
+                               "ask for your next item")
             row.feedback_id = row.feedback_id or uuid.uuid4().hex
             row.created_at = stamp
             session.add(row)
@@ -194,9 +201,14 @@ class Campaigns:
                 .order_by(AssignmentRow.updated_at.desc(), AssignmentRow.assignment_id.desc()).limit(1)).first()
             if last is None:
                 raise Conflict("nothing to undo")
+            k = campaign.judgements_per_item
             item = session.get(RatingItemRow, last.item_id)
-            if item.judgements >= campaign.judgements_per_item:
+            if item.judgements >= k:
                 raise Conflict(f"item {item.item_id} is closed: it has all its judgements")
+            # An undone judgement turns into a hold on its own place; an undone skip needs a free one.
+            if last.status == "skipped" and not _free(session, item, k, rater_id, stamp):
+                raise Conflict(f"another rater took the place you skipped on item {item.item_id}: "
+                               "it cannot be reopened now")
             if last.status == "done":
                 session.execute(delete(FeedbackRow).where(FeedbackRow.feedback_id == last.feedback_id))
                 item.judgements -= 1
@@ -243,6 +255,14 @@ class Campaigns:
         if assignment is None:
             raise Conflict(f"item {item_id} is not assigned to you: ask for your next item first")
         return assignment
+
+
+def _free(session: Session, item: RatingItemRow, k: int, rater_id: str, stamp: datetime.datetime) -> bool:
+    """Whether the item has a place for `rater_id`: its judgements and the live holds of others leave one."""
+    held = session.scalar(select(func.count()).select_from(AssignmentRow).where(
+        AssignmentRow.item_id == item.item_id, AssignmentRow.rater_id != rater_id, AssignmentRow.status == "open",
+        AssignmentRow.expires_at > stamp))
+    return item.judgements + held < k
 
 
 def _lock(session: Session, campaign_id: str) -> CampaignRow:

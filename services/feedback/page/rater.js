@@ -5,7 +5,12 @@ const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem("token") || "";
 let me = null, campaign = null, item = null, verdict = null;
 
-class Refused extends Error {}
+class Refused extends Error {
+  constructor(message, status) {
+    super(message);
+    this.status = status;
+  }
+}
 
 async function api(path, body) {
   const init = { headers: token ? { Authorization: `Bearer ${token}` } : {} };
@@ -15,14 +20,18 @@ async function api(path, body) {
     init.headers["Content-Type"] = "application/json";
   }
   const reply = await fetch(path, init);
-  const answer = await reply.json().catch(() => ({ error: reply.statusText }));
+  const answer = await reply.json().catch(() => ({}));
+  const error = answer.error?.message || reply.statusText;
   if (reply.status === 401) {
-    showLogin(token ? answer.error : "");
-    throw new Refused(answer.error);
+    const refused = token;
+    token = "";  // a token the server refused is not kept
+    sessionStorage.removeItem("token");
+    showLogin(refused ? error : "");
+    throw new Refused(error, reply.status);
   }
   if (!reply.ok) {
-    $("status").textContent = answer.error;
-    throw new Refused(answer.error);
+    $("status").textContent = error;
+    throw new Refused(error, reply.status);
   }
   $("status").textContent = "";
   return answer;
@@ -103,12 +112,19 @@ async function openCampaign(id) {
   $("tie").hidden = !allowed("tie");
   $("both-bad").hidden = !allowed("both_bad");
   $("correction-box").hidden = !allowed("correction");
+  $("correction-label").textContent = campaign.judgements.length === 1 ? "Your correction of the picked response" :
+    "Correction of the picked response (optional)";
   show("work");
   await next();
 }
 
 function allowed(kind) {
   return campaign.judgements.includes(kind);
+}
+
+// A pick is a choice, or the response a correction is of.
+function pickable() {
+  return allowed("choice") || allowed("correction");
 }
 
 function path(action) {
@@ -156,15 +172,17 @@ function showState(state) {
     text.innerHTML = html;
     el.append(head, text);
     el.addEventListener("click", (e) => {
-      if (e.target.tagName !== "SELECT" && e.target.tagName !== "OPTION" && allowed("choice")) pick(i);
+      // A link opens in a new tab and picks nothing; so does rating.
+      if (!e.target.closest("a, select") && pickable()) pick(i);
     });
     box.appendChild(el);
   });
   markVerdict();
 }
 
+// Picking again what is picked takes the pick back.
 function pick(choice) {
-  verdict = choice;
+  verdict = verdict === choice ? null : choice;
   markVerdict();
 }
 
@@ -173,21 +191,59 @@ function markVerdict() {
   for (const button of [$("tie"), $("both-bad")]) button.classList.toggle("selected", verdict === button.dataset.verdict);
 }
 
+// The one judgement of what the rater entered, or why there is none: nothing entered is
+// dropped, so two judgements at once (ratings and a pick, say) are sent back to the rater.
+function judgement() {
+  const n = item.responses_html.length;
+  const scores = [...document.querySelectorAll(".response select")].map((s) => s.value);
+  const rated = scores.filter((s) => s !== "").length;
+  const correction = $("correction").value.trim();
+  const picked = typeof verdict === "number" ? verdict : null;
+  const found = [];
+  if (verdict === "tie" || verdict === "both_bad") found.push([verdict === "tie" ? "a tie" : "both bad", { [verdict]: true }]);
+  if (correction && found.length) found.push(["a correction", null]);
+  else if (correction) {
+    const target = picked ?? (n === 1 ? 0 : null);
+    if (target === null) return { problem: `Pick the response your correction is of (1–${Math.min(n, 9)}).` };
+    found.push([`a correction of response ${target + 1}`,
+      { correction: { response_index: target, corrected_response: correction } }]);
+  } else if (picked !== null) {
+    if (!allowed("choice")) return { problem: `Type your correction of response ${picked + 1}.` };
+    found.push([`a pick of response ${picked + 1}`, { choice: picked }]);
+  }
+  if (rated && rated < scores.length) return { problem: "Rate every response, or set the ratings back to “rate”." };
+  if (rated) found.push(["ratings", { scores: scores.map(Number) }]);
+  if (found.length > 1) {
+    return { problem: `One judgement per item: you gave ${found.map(([what]) => what).join(" and ")}. ` +
+      "Take back all but one (press a picked key again, set ratings back to “rate”, clear the correction)." };
+  }
+  if (found.length === 1) return { body: found[0][1] };
+  const ways = [];
+  if (allowed("choice")) ways.push(`pick a response (1–${Math.min(n, 9)})`);
+  if (allowed("rating")) ways.push("rate every response");
+  if (allowed("correction")) ways.push(allowed("choice") ? "correct the picked response" : "pick a response and correct it");
+  if (allowed("tie")) ways.push("press t for a tie");
+  if (allowed("both_bad")) ways.push("press b if both are bad");
+  const said = ways.join(", ");
+  return { problem: `${said.charAt(0).toUpperCase()}${said.slice(1)}.` };
+}
+
 async function submit() {
   if (!item) return;
-  const body = { item_id: item.item_id };
-  const scores = [...document.querySelectorAll(".response select")].map((s) => s.value);
-  const correction = $("correction").value.trim();
-  if (verdict === "tie" || verdict === "both_bad") body[verdict] = true;
-  else if (correction && typeof verdict === "number") body.correction = { response_index: verdict, corrected_response: correction };
-  else if (scores.length && scores.every((s) => s !== "")) body.scores = scores.map(Number);
-  else if (typeof verdict === "number" && allowed("choice")) body.choice = verdict;
-  else {
-    $("status").textContent = allowed("rating") && !allowed("choice") ? "Rate every response." :
-      "Pick a response (1–9)" + (allowed("rating") ? " or rate every response." : ".");
+  const { body, problem } = judgement();
+  if (problem) {
+    $("status").textContent = problem;
     return;
   }
-  await api(path("judgements"), body);
+  try {
+    await api(path("judgements"), { item_id: item.item_id, ...body });
+  } catch (err) {
+    // A hold that lapsed while its place went to another rater: on to the next item, with the reason kept.
+    if (!(err instanceof Refused && err.status === 409 && /expired/.test(err.message))) throw err;
+    await next();
+    $("status").textContent = err.message;
+    return;
+  }
   await next();
 }
 
@@ -237,7 +293,7 @@ document.addEventListener("keydown", (e) => {
   if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
   if (e.key === "u") act(undo)();
   if (!item) return;
-  if (/^[1-9]$/.test(e.key) && Number(e.key) <= item.responses_html.length && allowed("choice")) pick(Number(e.key) - 1);
+  if (/^[1-9]$/.test(e.key) && Number(e.key) <= item.responses_html.length && pickable()) pick(Number(e.key) - 1);
   else if (e.key === "t" && allowed("tie")) pick("tie");
   else if (e.key === "b" && allowed("both_bad")) pick("both_bad");
   else if (e.key === "s") act(skip)();
