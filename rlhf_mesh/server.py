@@ -170,7 +170,7 @@ class _Guard(grpc.aio.ServerInterceptor):
                 async with asyncio.timeout(limit_s) as budget:
                     return await behavior(request, context)
             except _Refused as err:
-                await context.abort(err.code, str(err))
+                await context.abort(err.code, str(err), err.trailers)
             except TimeoutError:
                 if not budget.expired():
                     await self._fail(method, context)
@@ -205,7 +205,7 @@ class _Guard(grpc.aio.ServerInterceptor):
                         break
                     yield response
             except _Refused as err:
-                await context.abort(err.code, str(err))
+                await context.abort(err.code, str(err), err.trailers)
             except TimeoutError:
                 if deadline is None or time.monotonic() < deadline:
                     await self._fail(method, context)
@@ -229,10 +229,13 @@ class _Refused(Exception):
     would race the write on the same call)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 class _Overloaded(_Refused):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Bytes in flight drain within a message's handling: gRPC's own retry policy waits this long.
+    trailers = (("grpc-retry-pushback-ms", "250"),)
 
 
 class _InFlight:

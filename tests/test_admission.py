@@ -79,6 +79,7 @@ def test_requests_past_the_in_flight_byte_budget_are_refused_and_small_ones_go_o
         for call in flood:
             assert call.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert f"max_inflight_bytes={budget}" in call.exception().details()
+            assert ("grpc-retry-pushback-ms", "250") in call.exception().trailing_metadata()  # gRPC's retries wait
         # A small call fits beside the held ones.
         assert learner_pb2.GetStatusResponse.FromString(status(b"", timeout=60, metadata=metadata)).step == 7
         text = scrape(server)

@@ -364,3 +364,18 @@ def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch):
         release.set()
         status, _, body = pending.result()
         assert status == 200 and len(json.loads(body)["data"]) == 1000
+
+
+def test_the_reward_http_port_listens_where_the_grpc_host_says(tmp_path):
+    """`--host 127.0.0.1` keeps the HTTP port on loopback IPv4 too, unless `--http-host` says otherwise."""
+    port = free_port()
+    server = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--function", "exact", "--host", "127.0.0.1",
+                          "--http-port", str(port)], tmp_path / "reward.log")
+    try:
+        wait_until_serving(server.address, timeout_s=60, alive=server.alive)
+        status, _, body = exchange("127.0.0.1", port, request("/get_reward", b"{}"))
+        assert status == 400 and "query" in error_of(status, body)
+        with pytest.raises(OSError):
+            socket.create_connection(("::1", port), timeout=REPLY_TIMEOUT_S).close()
+    finally:
+        assert server.stop() == 0

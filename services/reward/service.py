@@ -161,7 +161,7 @@ class RewardService:
             from rlhf_mesh.services.reward.http import RewardHttp
 
             self.http = RewardHttp(self.dispatcher, s)
-            port = await self.http.start(s.http_host, s.http_port)
+            port = await self.http.start(s.host if s.http_host is None else s.http_host, s.http_port)
             log.info("reward HTTP (OpenRLHF /get_reward, vLLM /classify and /pooling, /v1/score) on port %d", port)
 
     def _load(self, name: str, path: str) -> RewardModel:

@@ -72,7 +72,10 @@ class RewardSettings(ServiceSettings, HttpPortSettings):
         None, ge=0, le=65535, description="HTTP port of the JSON protocols (OpenRLHF /get_reward, vLLM /classify and "
         "/pooling, /v1/score); off unless set (0 picks a free one)"
     )
-    http_host: str = Field("", description="address of the HTTP port; empty: every address, IPv4 and IPv6")
+    http_host: str | None = Field(
+        None, description="address of the HTTP port (default: host; a wildcard such as [::] or an empty string: "
+        "every address, IPv4 and IPv6)"
+    )
     backend: Literal["transformers", "vllm"] = Field("transformers", description="inference backend")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
     device: str = Field("cpu", description="torch device of the transformers backend, e.g. cpu or cuda")
