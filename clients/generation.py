@@ -77,7 +77,8 @@ class GenerationClient(Client):
         return self.stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s))
 
     def push_weights(self, weights, version: int, *, timeout_s: float = 600.0) -> generation_pb2.PushWeightsResponse:
-        """Make this replica serve `weights` (a module or state dict) as `version`, in-band.
+        """Make this replica serve `weights` as `version`, in-band: a transformers model, any module, or
+        a state dict under the checkpoint's names or transformers' run-time ones (`model.state_dict()`).
 
         Pushing to many replicas, and delta pushes: `rlhf_mesh.clients.push`.
         """

@@ -11,9 +11,12 @@
   (gloo) broadcast from this process (rank 0) to every engine worker of every replica.
 
 `weights` is a transformers model (sent as its checkpoint names its tensors: a tied parameter
-once, fused experts split back), any module, or a state dict with the policy's Hugging Face
-names, in the dtype the service serves. A tied parameter may appear under both of its names
-(`lm_head.weight` and the embedding's) as long as both hold the same bytes. Versions only go
+once, fused experts split back), any module, or a state dict, in the dtype the service serves.
+A state dict may name its tensors as the checkpoint does or as transformers does at run time
+(`model.state_dict()`: GPT-NeoX's `lm_head.weight` for `embed_out.weight`, a mixture of
+experts' fused `mlp.experts.gate_up_proj`): the replica converts them with transformers' own
+mapping. A tied parameter may appear under both of its names (`lm_head.weight` and the
+embedding's) as long as both hold the same bytes. Versions only go
 up: a push at a version not above the served one gets FAILED_PRECONDITION, so retrying a
 push is harmless.
 """

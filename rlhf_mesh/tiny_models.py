@@ -146,11 +146,19 @@ def _config_kwargs(arch: str, preset: Preset) -> dict:
     if arch == "mixtral":  # 4 experts, 2 per token, untied
         return dict(base, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
                     tie_word_embeddings=False, sliding_window=None)
+    if arch == "qwen3_moe":  # 4 experts, 2 per token, q/k norms, untied like Qwen3-30B-A3B
+        return dict(base, model_type="qwen3_moe", head_dim=head_dim, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=p["intermediate_size"] // 2, decoder_sparse_step=1, norm_topk_prob=True,
+                    tie_word_embeddings=False, use_sliding_window=False)
+    if arch == "gpt_neox":  # parallel residual, partial rotary, the head is `embed_out` (Pythia)
+        return dict({k: v for k, v in p.items() if k != "num_key_value_heads"}, model_type="gpt_neox",
+                    layer_norm_eps=1e-5, tie_word_embeddings=False)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
 
 
 # Architectures `build` writes: the families most RLHF runs start from, at toy size.
-ARCHS = ("llama", "llama-tied", "qwen2", "qwen3", "mistral", "phi3", "gemma3", "gpt2", "qwen2_moe", "mixtral")
+ARCHS = ("llama", "llama-tied", "qwen2", "qwen3", "mistral", "phi3", "gemma3", "gpt2", "qwen2_moe", "mixtral",
+         "qwen3_moe", "gpt_neox")
 
 
 def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny", arch: str = "llama") -> dict[str, Path]:

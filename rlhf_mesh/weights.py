@@ -75,10 +75,18 @@ def tied_aliases(model_dir: str | Path, stored: dict[str, tuple[int, ...]]) -> d
     """Names transformers gives a tied parameter besides the one its checkpoint stores
     (`lm_head.weight` -> `model.embed_tokens.weight`), read off the model built on the meta device;
     `stored` is the folder's `checkpoint_layout`."""
+    return _tied_aliases(_meta_model(model_dir), stored)
+
+
+def _meta_model(model_dir: str | Path) -> torch.nn.Module:
+    """The folder's causal LM as transformers builds it, on the meta device (no memory, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
+def _tied_aliases(model: torch.nn.Module, stored: dict[str, tuple[int, ...]]) -> dict[str, str]:
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
@@ -90,6 +98,37 @@ def tied_aliases(model_dir: str | Path, stored: dict[str, tuple[int, ...]]) -> d
     return aliases
 
 
+class CheckpointNames:
+    """The tensors of a Hugging Face checkpoint folder under its own names, and under those
+    transformers gives them at run time.
+
+    transformers 5 renames some between the two (GPT-NeoX's `embed_out.weight` is `lm_head.weight`
+    at run time), fuses others (a mixture of experts' per-expert projections are one
+    `mlp.experts.gate_up_proj`), and names a tied parameter under each of its names: a model's
+    `state_dict()` is in run-time terms, the checkpoint and vLLM in the checkpoint's. transformers'
+    own conversion mapping goes both ways; `to_checkpoint` takes it back, as `save_pretrained` does.
+    """
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.layout = checkpoint_layout(model_dir)  # the checkpoint's names -> shapes
+        self.model = _meta_model(model_dir)  # what transformers looks its conversion mapping up for
+        # transformers' names at run time -> shapes (a tied parameter under each of its names)
+        self.runtime = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        self.aliases = _tied_aliases(self.model, self.layout)  # a tied parameter's other names -> the stored one
+
+    def to_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` under the checkpoint's names: those under another name converted by
+        transformers (`revert_weight_conversion`: renamed, fused experts split), the
+        others as they are. Meta tensors convert too (shapes only)."""
+        runtime = {name: t for name, t in tensors.items() if name not in self.layout}
+        if not runtime:
+            return tensors
+        from transformers.core_model_loading import revert_weight_conversion
+
+        kept = {name: t for name, t in tensors.items() if name in self.layout}
+        return {**kept, **revert_weight_conversion(self.model, runtime)}
+
+
 def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face parameter names -> tensors, on CPU.
 
@@ -98,6 +137,8 @@ def state_dict_of(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[st
     in transformers 5) under their checkpoint names. A PEFT model gives its base model's, with
     the active LoRA adapter merged in (computed aside: the model itself is left unmerged). A model
     sharded with FSDP2 gives the same, gathered on rank 0 (`on_cpu`): every rank must call it.
+    A state dict (or another module's) goes as it is: a replica takes the checkpoint's names and
+    transformers' run-time ones (`model.state_dict()`) alike, and converts them (`CheckpointNames`).
     """
     if hasattr(weights, "peft_config"):
         model, tensors = weights.get_base_model(), _merged_lora(weights)

@@ -1,8 +1,9 @@
 """Every architecture `rlhf-mesh models build --arch` writes, against the real services: vLLM
 generation equals transformers, in-band and collective pushes are served exactly (tied
-heads included), reward scores equal transformers, and two PPO steps of the learner leave
-the generator serving the learner's own model. One generation server per architecture,
-one reward server for all of them."""
+heads included), of the model and of its `state_dict()` (transformers' run-time names:
+renamed heads, fused experts), reward scores equal transformers, and two PPO steps of the
+learner leave the generator serving the learner's own model. One generation server per
+architecture, one reward server for all of them."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from support import PYTHON, ChildServer, free_port, perturbed, serves, start_gen
 pytestmark = pytest.mark.slow
 
 TIED = {"llama-tied", "qwen2", "qwen3", "gemma3", "gpt2", "qwen2_moe"}
+# What `push_weights` is handed: the model, or its state_dict() under transformers' run-time names
+FORMS = {"module": lambda model: model, "state_dict": lambda model: model.state_dict()}
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +64,12 @@ def test_generation_equals_transformers(served):
     serves(client, AutoModelForCausalLM.from_pretrained(paths["policy"]).eval(), 0)
 
 
-def test_in_band_push_of_the_module_is_served_exactly(served):
+@pytest.mark.parametrize("form", FORMS)
+def test_in_band_push_is_served_exactly(served, form):
     _arch, paths, client, _ = served
     version = client.model_info().policy_version + 1
     model = perturbed(paths["policy"], version)
-    reply = client.push_weights(model, version)
+    reply = client.push_weights(FORMS[form](model), version)
     assert reply.policy_version == version
     serves(client, model, version)
 
@@ -82,19 +86,20 @@ def test_a_delta_push_is_served_exactly(served):
         embedding.add_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(version)) * 0.05)
     second = prepare(state_dict_of(model), version + 1, first.snapshot)
     sent = [t.name for t in second.delta.manifest.tensors if t.encoding == generation_pb2.TENSOR_ENCODING_XOR_ZSTD]
-    assert len(sent) == 1 and sent[0].endswith(("embed_tokens.weight", "wte.weight"))
+    assert len(sent) == 1 and sent[0].endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight"))
     reply = client.push(second.delta)
     assert reply.policy_version == version + 1 and reply.received_bytes == second.delta.sent_bytes
     serves(client, model, version + 1)
 
 
-def test_collective_push_is_served_exactly(served):
+@pytest.mark.parametrize("form", FORMS)
+def test_collective_push_is_served_exactly(served, form):
     _arch, paths, client, _ = served
     version = client.model_info().policy_version + 1
     model = perturbed(paths["policy"], version)
     sender = CollectiveSender([client], "127.0.0.1", free_port(), timeout_s=30)
     try:
-        reply, = sender.push(model, version)
+        reply, = sender.push(FORMS[form](model), version)
     finally:
         sender.close()
     assert reply.policy_version == version
@@ -103,20 +108,16 @@ def test_collective_push_is_served_exactly(served):
 
 def test_tied_tensors_may_come_once_or_twice_but_never_differ(served):
     """transformers' state_dict names a tied parameter twice: accepted when both copies are equal
-    (and applied to the head as well), refused naming both when they differ. (A mixture of
-    experts' state_dict in transformers 5 also fuses its experts, which the checkpoint does not:
-    its tensors come as the checkpoint names them, plus the head.)"""
+    (and applied to the head as well), refused naming both when they differ."""
     arch, paths, client, _ = served
     if arch not in TIED:
         pytest.skip(f"{arch} ties no weights")
     version = client.model_info().policy_version + 1
     model = perturbed(paths["policy"], version)
     head = "lm_head.weight"
-    both = {**state_dict_of(model), head: model.state_dict()[head]}
+    both = model.state_dict()
     embedding = next(n for n in both if n.endswith(("embed_tokens.weight", "wte.weight")))
     assert both[head].data_ptr() == both[embedding].data_ptr()
-    if "moe" not in arch:
-        assert both.keys() == model.state_dict().keys()
     client.push_weights(both, version)
     serves(client, model, version)
 

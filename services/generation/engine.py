@@ -32,7 +32,7 @@ from rlhf_mesh.services.generation.settings import GenerationSettings
 from rlhf_mesh.services.generation.staging import WeightRejected
 from rlhf_mesh.services.generation.weight_transfer import REJECTED
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import TORCH_DTYPES, checkpoint_layout, tied_aliases
+from rlhf_mesh.weights import TORCH_DTYPES, CheckpointNames
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ class PolicyEngine:
         config = self.llm.model_config
         self.dtype = config.dtype
         self.workers = self.llm.vllm_config.parallel_config.world_size
-        self.layout = checkpoint_layout(self.path)
-        self.aliases = tied_aliases(self.path, self.layout)
+        self.names = CheckpointNames(self.path)  # what a push may name its tensors
+        self.layout = self.names.layout
         self.tokenizer = self.llm.get_tokenizer()
         self.limits = Limits(
             max_model_len=config.max_model_len, vocab_size=config.get_vocab_size(),

@@ -202,8 +202,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             if self.engine.adapter is not None:  # samples report the adapter's version: the base stays
                 raise NotServable(f"this replica serves a LoRA adapter (policy version {self.engine.version}): "
                                   "push adapters, or restart it to push full weights")
-            load_as = check_manifest(manifest, self.engine.layout, self.engine.aliases, self.engine.dtype,
-                                     self.engine.version)
+            load_as = check_manifest(manifest, self.engine.names, self.engine.dtype, self.engine.version)
             check_delta(manifest, self.base, self.engine.version)
             yield load_as
 

@@ -33,7 +33,7 @@ import torch
 import zstandard
 
 from rlhf_mesh.v1 import generation_pb2
-from rlhf_mesh.weights import SAFETENSORS_DTYPES, TORCH_DTYPES, chunk_requests, digest
+from rlhf_mesh.weights import SAFETENSORS_DTYPES, TORCH_DTYPES, CheckpointNames, chunk_requests, digest
 
 PREFIX = "rlhf-mesh-push-"  # then the owner's pid: staging files and bases of a process that died can go
 
@@ -60,25 +60,29 @@ class StaleVersion(ValueError):
     """The push's version is not above the served one (FAILED_PRECONDITION)."""
 
 
-def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tuple[int, ...]],
-                   aliases: dict[str, str], dtype: torch.dtype, served_version: int) -> dict[str, str]:
+def check_manifest(manifest: generation_pb2.WeightManifest, names: CheckpointNames, dtype: torch.dtype,
+                   served_version: int) -> dict[str, str]:
     """A full set of the policy's tensors, in the served dtype, for a newer version.
 
-    A tied parameter may come once, under any of its names (`aliases`: transformers' other
-    name -> the checkpoint's), or under several with the same bytes. Returns the name each
-    tensor to load goes under in the checkpoint's terms; a tied copy beyond the first is left out.
+    Each tensor comes under its checkpoint name or under the one transformers gives it at run
+    time (`model.state_dict()`: renamed, fused experts), and the two may mix. A tied parameter may
+    come once, under any of its names (`names.aliases`), or under several with the same bytes.
+    Returns the name each tensor is loaded under (the checkpoint's, or a run-time name that
+    `names.to_checkpoint` converts); a tied copy beyond the first is left out.
     """
     if manifest.policy_version <= served_version:
         raise StaleVersion(
             f"policy_version {manifest.policy_version} is not above the served version {served_version}"
         )
+    layout = names.layout
     load_as: dict[str, str] = {}
-    first: dict[str, generation_pb2.TensorSpec] = {}  # checkpoint name -> the first tensor given for it
+    first: dict[str, generation_pb2.TensorSpec] = {}  # loaded name -> the first tensor given for it
     seen = set()
     for i, spec in enumerate(manifest.tensors):
         where = f"tensors[{i}] {spec.name!r}"
-        stored = aliases.get(spec.name, spec.name)
-        if stored not in layout:
+        stored = names.aliases.get(spec.name, spec.name)
+        expected = layout[stored] if stored in layout else names.runtime.get(stored)
+        if expected is None:
             raise WeightRejected(f"{where}: not a parameter of the served policy")
         if spec.name in seen:
             raise WeightRejected(f"{where}: given twice")
@@ -86,8 +90,8 @@ def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tu
         if TORCH_DTYPES.get(spec.dtype) != dtype:
             got = generation_pb2.TensorDtype.Name(spec.dtype)
             raise WeightRejected(f"{where}: dtype {got}, the served policy is {str(dtype).removeprefix('torch.')}")
-        if tuple(spec.shape) != layout[stored]:
-            raise WeightRejected(f"{where}: shape {list(spec.shape)}, expected {list(layout[stored])}")
+        if tuple(spec.shape) != expected:
+            raise WeightRejected(f"{where}: shape {list(spec.shape)}, expected {list(expected)}")
         if spec.size_bytes != torch.Size(spec.shape).numel() * dtype.itemsize:
             raise WeightRejected(f"{where}: size_bytes {spec.size_bytes} does not match its shape and dtype")
         if len(spec.blake3_digest) != 32:
@@ -99,11 +103,37 @@ def check_manifest(manifest: generation_pb2.WeightManifest, layout: dict[str, tu
             continue
         first[stored] = spec
         load_as[spec.name] = stored
-    missing = sorted(set(layout) - set(first))
+    shapes = _converted_shapes({name: tuple(spec.shape) for name, spec in first.items()}, names, dtype)
+    for name, shape in shapes.items():
+        if layout.get(name) != shape:  # what transformers made of run-time tensors of the right shapes
+            raise WeightRejected(f"the tensors under run-time names convert to {name!r} of shape {list(shape)}, "
+                                 "which is not a parameter of the served policy in that shape")
+    missing = sorted(set(layout) - set(shapes))
     if missing:
         raise WeightRejected(f"missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                              f"({len(missing)} of {len(layout)})")
     return load_as
+
+
+def _converted_shapes(given: dict[str, tuple[int, ...]], names: CheckpointNames, dtype: torch.dtype
+                      ) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensors that `given` (loaded names -> shapes) makes: the stored ones as
+    they are, the others converted on the meta device as the workers convert their bytes. Refuses
+    a tensor given in both forms."""
+    stored = {name: shape for name, shape in given.items() if name in names.layout}
+    runtime = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in given.items()
+               if name not in stored}
+    try:
+        converted = names.to_checkpoint(runtime)
+    except Exception as err:  # transformers' conversion of the caller's tensors: any failure is theirs
+        raise WeightRejected(f"the tensors under run-time names do not convert to the checkpoint's: {err}") from None
+    twice = sorted(converted.keys() & stored.keys())
+    if twice:
+        raise WeightRejected(f"{twice[:3]}{' ...' if len(twice) > 3 else ''}: given both under the checkpoint's "
+                             "name and within a tensor under a run-time name")
+    if sum(t.numel() for t in converted.values()) != sum(t.numel() for t in runtime.values()):
+        raise WeightRejected("the tensors under run-time names do not convert one to one: some overlap")
+    return {**stored, **{name: tuple(t.shape) for name, t in converted.items()}}
 
 
 class NotServable(ValueError):

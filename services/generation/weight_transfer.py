@@ -9,7 +9,8 @@ update is in and verified, so a rejected or interrupted update changes nothing.
   (in-band push) and wrote them to a safetensors file; the worker reads them.
 - `update_weights({"names", "dtypes", "shapes", "digests"})`: the worker receives each tensor
   by gloo broadcast from the sender (rank 0) and checks its BLAKE3 digest.
-- `load_as` names each tensor to load by its checkpoint name (a tied parameter once).
+- `load_as` names each tensor to load (a tied parameter once); those under transformers'
+  run-time names are converted to the checkpoint's (`CheckpointNames.to_checkpoint`).
 - `finish_weight_update()`: loads the staged tensors into the model (vLLM's layerwise
   reload, so fused and processed parameters come out right), then redoes what that reload
   misses on CPU: the layers that share a parameter (a tied LM head) and the experts' packed
@@ -29,7 +30,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from rlhf_mesh.weights import digest, gloo_group
+from rlhf_mesh.weights import CheckpointNames, digest, gloo_group
 
 BACKEND = "rlhf_mesh"
 REJECTED = "weight update rejected: "  # marks a refusal of the caller's tensors, as opposed to a fault
@@ -64,6 +65,7 @@ class StagedWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
         self.group: torch.distributed.ProcessGroup | None = None
         self.timeout_s = 60.0
         self.staged: list[tuple[str, torch.Tensor]] = []
+        self.names: CheckpointNames | None = None  # of the served folder, read at the first update
 
     def init_transfer_engine(self, init_info: InitInfo) -> None:
         rank = (self.parallel_config.data_parallel_index * self.parallel_config.world_size
@@ -101,10 +103,12 @@ class StagedWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
             raise ValueError(f"{REJECTED}tensor {mismatch!r}: BLAKE3 digest of the received bytes does not match")
         self.staged = self._load_as(update_info, zip(update_info.names, tensors, strict=True))
 
-    @staticmethod
-    def _load_as(update_info: UpdateInfo, tensors) -> list[tuple[str, torch.Tensor]]:
+    def _load_as(self, update_info: UpdateInfo, tensors) -> list[tuple[str, torch.Tensor]]:
         """The received tensors under their checkpoint names, a tied parameter once."""
-        return [(update_info.load_as[name], t) for name, t in tensors if name in update_info.load_as]
+        if self.names is None:
+            self.names = CheckpointNames(self.model_config.model)
+        kept = {update_info.load_as[name]: t for name, t in tensors if name in update_info.load_as}
+        return list(self.names.to_checkpoint(kept).items())
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
