@@ -45,13 +45,14 @@ class ChildServer(ChildProcess):
                          env=env, cwd=ROOT, port=port)
 
 
-def wait_for(condition: Callable[[], T], timeout_s: float = 60.0, what: str = "the condition") -> T:
-    """Poll `condition` until it holds, and return what it returned then: a test's way to order
-    events, never a fixed sleep."""
+def wait_for(condition: Callable[[], T], timeout_s: float = 60.0, what: str = "the condition",
+             every_s: float = 0.02) -> T:
+    """Poll `condition` every `every_s` until it holds, and return what it returned then: a
+    test's way to order events, never a fixed sleep."""
     deadline = time.monotonic() + timeout_s
     while not (value := condition()):
         assert time.monotonic() < deadline, f"{what} did not hold within {timeout_s:g} s"
-        time.sleep(0.02)
+        time.sleep(every_s)
     return value
 
 

@@ -58,10 +58,13 @@ def test_a_service_that_fails_is_named_with_its_log_and_nothing_is_left_running(
 
 def test_ctrl_c_stops_every_service(tmp_path, tiny_models):
     out = tmp_path / "demo"
+    # SIGINT as a terminal delivers it, even where the test run itself was started in the background
+    # (a shell starts background jobs with SIGINT ignored, and children inherit that).
     demo = subprocess.Popen(
         [PYTHON, "-m", "rlhf_mesh", "demo", "--out", str(out), "--policy", str(tiny_models["policy"]),
          "--reward-model-path", str(tiny_models["reward"]), "--prompts", str(tiny_models["prompts"])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in demo.stdout:  # wait until the services serve and the first round begins
         lines.append(line)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import time
 
 import grpc
 import psutil
@@ -32,7 +31,7 @@ from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import RewardClient
 from rlhf_mesh.v1 import feedback_pb2, generation_pb2, learner_pb2, learner_pb2_grpc, reward_pb2
 
-from support import PYTHON, ChildServer, free_port, start_generation_server
+from support import PYTHON, ChildServer, free_port, start_generation_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -327,11 +326,12 @@ def test_fuzz_learner_service(tiny_models, tmp_path):
                                                            timeout=CALL_TIMEOUT_S)]
                 return status.state, status.step, status.last_checkpoint_step, steps
 
-            deadline = time.monotonic() + 300
-            while stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=CALL_TIMEOUT_S).state != (
-                    learner_pb2.LEARNER_STATE_FINISHED):
-                assert learner.alive() and time.monotonic() < deadline
-                time.sleep(0.5)
+            def done() -> bool:
+                assert learner.alive(), learner.log()
+                state = stub.GetStatus(learner_pb2.GetStatusRequest(), timeout=CALL_TIMEOUT_S).state
+                return state == learner_pb2.LEARNER_STATE_FINISHED
+
+            wait_for(done, timeout_s=300, what="the learner finished its 2 steps", every_s=0.5)
             assert finished() == (learner_pb2.LEARNER_STATE_FINISHED, 2, 2, [1, 2])
             fuzz(learner, learner_pb2.DESCRIPTOR.services_by_name["LearnerService"], 500, finished)
     finally:

@@ -9,7 +9,6 @@ import secrets
 import shutil
 import subprocess
 import threading
-import time
 
 import grpc
 import pytest
@@ -127,7 +126,6 @@ def test_stream_limit_ends_a_stream_that_runs_too_long(secured):
 
     with RewardClient(secured["server"].address, timeout_s=30, tls=secured["tls"],
                       token=secured["tokens"]["scorer"]) as client:
-        started = time.monotonic()
         replies = client.stub.ScoreStream(requests(), timeout=30)
         first = next(replies)
         assert first.result.score != 0.0
@@ -137,8 +135,7 @@ def test_stream_limit_ends_a_stream_that_runs_too_long(secured):
         finally:
             held.set()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "max_stream_s=3" in err.value.details()
-        assert time.monotonic() - started < 20  # the server's limit, long before the call's own 30 s
+        assert "max_stream_s=3" in err.value.details()  # the server's limit, not the call's own deadline
 
 
 def test_rotated_tokens_and_certificates_apply_without_restart(secured):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import signal
-import time
 import urllib.request
 
 import grpc
@@ -31,16 +30,16 @@ def _health(channel: grpc.Channel, service: str = "") -> str:
 
 def test_not_serving_while_loading_then_serving_with_reflection(child_server):
     server = child_server([*PROBE, "--load-s", "4", "--reflection"])
-    seen_loading = False
     with grpc.insecure_channel(server.address) as channel:
         learner = learner_pb2_grpc.LearnerServiceStub(channel)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not seen_loading:
+
+        def loading() -> bool:
             try:
-                seen_loading = _health(channel) == "NOT_SERVING"
-            except grpc.RpcError:
-                time.sleep(0.1)
-        assert seen_loading, server.log()
+                return _health(channel) == "NOT_SERVING"
+            except grpc.RpcError:  # the port is not bound yet
+                return False
+
+        wait_for(loading, what="health NOT_SERVING while the model loads")
         with pytest.raises(grpc.RpcError) as err:
             learner.GetStatus(learner_pb2.GetStatusRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -104,10 +103,8 @@ def test_a_refused_collective_manifest_fails_the_push_at_once(generation_client,
     version = generation_client.model_info().policy_version
     sender = CollectiveSender([generation_client], "127.0.0.1", free_port(), timeout_s=30)
     try:
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(grpc.RpcError) as err:  # the replica's refusal, not the group's timeout
             sender.push(policies(9), version)
-        assert time.monotonic() - started < 10
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"policy_version {version} is not above the served version {version}" in err.value.details()
         with pytest.raises(RuntimeError, match="make a new sender"):
@@ -133,14 +130,16 @@ def test_an_update_whose_caller_left_runs_to_its_end_before_the_next(generation_
         assert busy.code() == grpc.StatusCode.ABORTED and "in progress" in busy.details()
     finally:
         sender.close()
-    deadline = time.monotonic() + 30
-    while True:
+
+    def pushed():
         try:
-            reply = generation_client.push_weights(tensors, version + 1)
-            break
-        except grpc.RpcError as refused:
-            assert refused.code() == grpc.StatusCode.ABORTED and time.monotonic() < deadline
-            time.sleep(0.5)
+            return generation_client.push_weights(tensors, version + 1)
+        except grpc.RpcError as refused:  # the abandoned update still holds the replica
+            assert refused.code() == grpc.StatusCode.ABORTED, refused.details()
+            return None
+
+    # each try sends the whole model
+    reply = wait_for(pushed, timeout_s=30, what="the abandoned update ended", every_s=0.5)
     assert reply.policy_version == version + 1
     serves(generation_client, policies(version + 1), version + 1)
 
