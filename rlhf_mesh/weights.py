@@ -71,13 +71,6 @@ def checkpoint_layout(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return layout
 
 
-def tied_aliases(model_dir: str | Path, stored: dict[str, tuple[int, ...]]) -> dict[str, str]:
-    """Names transformers gives a tied parameter besides the one its checkpoint stores
-    (`lm_head.weight` -> `model.embed_tokens.weight`), read off the model built on the meta device;
-    `stored` is the folder's `checkpoint_layout`."""
-    return _tied_aliases(_meta_model(model_dir), stored)
-
-
 def _meta_model(model_dir: str | Path) -> torch.nn.Module:
     """The folder's causal LM as transformers builds it, on the meta device (no memory, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,6 +80,8 @@ def _meta_model(model_dir: str | Path) -> torch.nn.Module:
 
 
 def _tied_aliases(model: torch.nn.Module, stored: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Names transformers gives a tied parameter besides the one the checkpoint stores
+    (`lm_head.weight` -> `model.embed_tokens.weight`); `stored` is the checkpoint's layout."""
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)

@@ -20,7 +20,7 @@ from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import RewardClient
 from rlhf_mesh.hub import ModelNotFound, resolve_model
 from rlhf_mesh.tiny_models import build
-from rlhf_mesh.weights import checkpoint_files, checkpoint_layout, state_dict_of, tied_aliases
+from rlhf_mesh.weights import CheckpointNames, checkpoint_files, checkpoint_layout, state_dict_of
 
 from support import PYTHON, ROOT, ChildServer, perturbed, serves
 
@@ -87,7 +87,8 @@ def test_layout_and_tied_names_of_sharded_and_bin_checkpoints(qwen2):
     assert "lm_head.weight" not in expected
     for kind in ("sharded", "bin"):
         assert checkpoint_layout(qwen2[kind]) == expected, kind
-        assert tied_aliases(qwen2[kind], expected) == {"lm_head.weight": "model.embed_tokens.weight"}, kind
+        names = CheckpointNames(qwen2[kind])
+        assert names.layout == expected and names.aliases == {"lm_head.weight": "model.embed_tokens.weight"}, kind
 
 
 def test_hub_ids_resolve_through_the_local_cache(qwen2, offline_cache):

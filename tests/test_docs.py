@@ -19,7 +19,8 @@ from rlhf_mesh.cli import SERVICE_MODULES, parser
 from rlhf_mesh.demo import DemoSettings
 from rlhf_mesh.services.reward.training import TrainRmSettings
 from rlhf_mesh.settings import FileSettings
-from tests.support import ROOT
+
+from support import ROOT
 
 DOCS = ROOT / "docs"
 PAGES = sorted([*DOCS.glob("*.md"), ROOT / "README.md", ROOT / "deploy" / "README.md"])

@@ -12,7 +12,8 @@ checks that one is free (`_free`).
 
 Every change runs in one transaction that starts by updating the campaign's row: that
 write is the lock (a row lock in PostgreSQL, the database's write lock in SQLite), so two
-raters working at once see each other's holds, and no place is given twice.
+raters working at once see each other's holds, and no place is given twice. Each change reads
+the clock once it holds the lock, so a hold that expired while it waited counts as expired.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ class Campaigns:
 
     def next(self, campaign_id: str, rater_id: str) -> RatingItemRow | None:
         """The item the rater holds, or the next one they may judge (now held); None when none is left."""
-        stamp = now()
         with Session(self.engine, expire_on_commit=False) as session:
             campaign = _lock(session, campaign_id)
+            stamp = now()
             k = campaign.judgements_per_item
             held = session.scalars(select(AssignmentRow).where(
                 AssignmentRow.campaign_id == campaign_id, AssignmentRow.rater_id == rater_id,
@@ -156,9 +157,9 @@ class Campaigns:
         """Store the rater's judgement of the item they hold (`row.campaign_id`, `row.item_id`); a
         resubmission of the same judgement returns the stored one."""
         row.rater_id = rater_id
-        stamp = now()
         with Session(self.engine, expire_on_commit=False) as session:
             k = _lock(session, row.campaign_id).judgements_per_item
+            stamp = now()
             assignment = self._assignment(session, row.campaign_id, row.item_id, rater_id)
             if assignment.status == "done":
                 stored = session.scalars(select(FeedbackRow).where(
@@ -192,9 +193,9 @@ class Campaigns:
 
     def undo(self, campaign_id: str, rater_id: str) -> int:
         """Reopen the rater's last judged or skipped item (its judgement deleted); returns its id."""
-        stamp = now()
         with Session(self.engine) as session:
             campaign = _lock(session, campaign_id)
+            stamp = now()
             last = session.scalars(select(AssignmentRow).where(
                 AssignmentRow.campaign_id == campaign_id, AssignmentRow.rater_id == rater_id,
                 AssignmentRow.status.in_(("done", "skipped")))

@@ -88,7 +88,8 @@ def check_manifest(manifest: generation_pb2.WeightManifest, names: CheckpointNam
             raise WeightRejected(f"{where}: given twice")
         seen.add(spec.name)
         if TORCH_DTYPES.get(spec.dtype) != dtype:
-            got = generation_pb2.TensorDtype.Name(spec.dtype)
+            known = spec.dtype in generation_pb2.TensorDtype.values()
+            got = generation_pb2.TensorDtype.Name(spec.dtype) if known else f"{spec.dtype} (not a TensorDtype)"
             raise WeightRejected(f"{where}: dtype {got}, the served policy is {str(dtype).removeprefix('torch.')}")
         if tuple(spec.shape) != expected:
             raise WeightRejected(f"{where}: shape {list(spec.shape)}, expected {list(expected)}")

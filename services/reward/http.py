@@ -39,7 +39,7 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from rlhf_mesh.http_site import BodyTimeout, error_reply, ssl_context, start_site
-from rlhf_mesh.security import TokenAuth
+from rlhf_mesh.security import TokenAuth, bearer_token
 from rlhf_mesh.services.reward.dispatch import REQUESTS, ScoreDispatcher
 from rlhf_mesh.services.reward.reward_model import InvalidSample
 from rlhf_mesh.services.reward.scorers import ScoringError
@@ -170,7 +170,7 @@ class RewardHttp:
         refused = self.auth.check(SCORE_METHOD, [("authorization", header)])
         if refused is not None:
             raise Refused(_STATUS[refused[0]], refused[1])
-        holder = self.auth.holder(header.partition(" ")[2].strip())
+        holder = self.auth.holder(bearer_token(header) or "")
         return holder.name if holder is not None else request.remote or ""
 
     async def _read(self, request: web.Request) -> bytes:
