@@ -10,6 +10,7 @@ the two-replica test and the tests that kill their generator start their own."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -202,8 +203,8 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
          "--reward", reward_server.address, "--prompts", str(tiny_models["prompts"]), "--steps", str(STEPS),
          "--batch-size", "4", "--num-samples-per-prompt", "2", "--response-length", "8", "--num-ppo-epochs", "1",
          "--learning-rate", "1e-3", "--output-dir", str(out), "--linger-s", "5", "--start-paused",
-         "--eval-prompts", str(tiny_models["prompts"]), "--eval-steps", "3",
-         "--report-to", "tensorboard", "--report-to", "wandb"],
+         "--eval-prompts", str(tiny_models["prompts"]), "--eval-steps", "3", "--eval-before-training",
+         "--eval-temperature", "0", "--report-to", "tensorboard", "--report-to", "wandb"],
         tmp_path / "learner.log", env={"WANDB_MODE": "offline"},  # W&B with no network
     )
     try:
@@ -245,9 +246,14 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
                 prompt_ids, served = _served_greedy(client, 12)
                 assert served == greedy(final.eval(), prompt_ids, 12)
         assert (out / "ppo.png").stat().st_size > 0 and (out / "summary.txt").is_file()
+        # The starting policy was evaluated before the first step, as step 0; the summary starts at step 1.
+        before, *steps = json.loads((out / "history.json").read_text())
+        assert before["step"] == 0 and before["policy/version"] == offset and "eval/reward_mean" in before
+        assert [h["step"] for h in steps] == list(range(1, STEPS + 1))
+        assert "nan" not in (out / "summary.txt").read_text()
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
         run_dir, = (out / "wandb").glob("offline-run-*")
-        expected = {m.step: dict(m.scalars) for m in streamed}
+        expected = {0: {k: v for k, v in before.items() if k != "step"}, **{m.step: dict(m.scalars) for m in streamed}}
         wait_for(lambda: wandb_history(run_dir) == expected, timeout_s=30, what="the W&B history")
     finally:
         learner.stop()
@@ -340,7 +346,6 @@ def test_sigterm_kill_9_and_reruns_continue_like_an_uninterrupted_run(tiny_model
     its step-1 checkpoint (it finishes its step, checkpoints and exits 143), then SIGKILL after
     step 3's. Each rerun resumes from the newest checkpoint and first pushes its weights to the
     generator, which has moved on; the steps equal those of the uninterrupted run."""
-    import json
     import signal
     import subprocess
 
@@ -389,7 +394,6 @@ def test_fsdp_lora_torchrun_killed_with_kill_9_resumes_like_an_uninterrupted_run
     checkpoint is written (it may have written one more before the kill lands), then run again:
     the rerun resumes from the newest checkpoint's adapter and gathered optimizer state, pushes
     its weights above the generator's, and its steps equal the uninterrupted run's."""
-    import json
     import signal
     import subprocess
 
@@ -453,7 +457,6 @@ def test_torchrun_two_ranks_train_like_one_process(tiny_models, reward_server, g
     the same data and seed the steps agree and the generator ends up serving the two-rank policy.
     Both runs compute the same micro-batches and only the order in which gradients are summed
     differs (float rounding): the tolerance is that of float32 sums, and greedy outputs match."""
-    import json
     import os
     import subprocess
 

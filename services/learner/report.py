@@ -52,13 +52,18 @@ class Reporter:
 
             self.bar = tqdm(total=total_steps, initial=first_step, desc="ppo", unit="step")
 
-    def step(self, step: int, scalars: dict[str, float]) -> None:
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """The scalars to TensorBoard and W&B."""
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
             self.writer.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+
+    def step(self, step: int, scalars: dict[str, float]) -> None:
+        """A step's scalars logged, and the progress shown."""
+        self.log(step, scalars)
         if self.bar is not None:
             self.bar.set_postfix_str(_headline(scalars), refresh=False)
             self.bar.update(1)
@@ -97,6 +102,7 @@ def plot(history: list[dict[str, float]], path: Path) -> Path:
 
 def summary(history: list[dict[str, float]]) -> str:
     """A table: the first and last step, and the mean step time per phase."""
+    history = [h for h in history if h["step"] >= 1]  # not the evaluation before training
     if not history:
         return "no steps ran"
     first, last = history[0], history[-1]

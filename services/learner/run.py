@@ -155,14 +155,15 @@ class Run:
         prompts = self.eval_set.prompts
         rollouts = (await RolloutCollector(
             self.publisher.generators, self.reward, prompts, n=1, max_tokens=s.response_length,
-            temperature=s.temperature, seed=s.seed, min_policy_version=self.version, reward_model=s.reward_model,
+            temperature=s.temperature if s.eval_temperature is None else s.eval_temperature, seed=s.seed,
+            min_policy_version=self.version, reward_model=s.reward_model,
             timeout_s=s.rpc_timeout_s, references=self.eval_set.references, retry=Retry(attempts=s.replica_retries),
             repair=self.publisher.repair,
         ).run()).rollouts
-        kl = await asyncio.to_thread(self.trainer.kl, rollouts)
+        kl = {"eval/kl": await asyncio.to_thread(self.trainer.kl, rollouts)} if s.eval_kl else {}
         count = len(rollouts)
         return {
-            "eval/reward_mean": sum(r.score for r in rollouts) / count, "eval/kl": kl,
+            "eval/reward_mean": sum(r.score for r in rollouts) / count, **kl,
             "eval/response_length": sum(len(r.response_ids) for r in rollouts) / count,
             "eval/eos_rate": sum(r.finished for r in rollouts) / count,
             **{f"eval/{name}": value for name, value in component_means(rollouts).items()},
@@ -197,6 +198,11 @@ class Run:
                     await self._set_state(learner_pb2.LEARNER_STATE_STOPPED, f"stopped at step {step}; rerun to resume")
                     return
                 await self._set_state(learner_pb2.LEARNER_STATE_RUNNING)
+                if self._evaluate_first():
+                    scalars = {**await self._evaluate(), "policy/version": float(self.version)}
+                    self.trainer.history.append({"step": 0.0, **scalars})
+                    reporter.log(0, scalars)
+                    await self._record(scalars)
                 async with self._lock:
                     scalars = await self.run_step()
                 reporter.step(self.step, scalars)
@@ -219,6 +225,13 @@ class Run:
             raise
         finally:
             reporter.close()
+
+    def _evaluate_first(self) -> bool:
+        """Whether the starting policy is evaluated now: before the first step, once (a run resumed
+        from a checkpoint taken at step 0 has it in its history)."""
+        s = self.settings
+        return (s.eval_before_training and bool(s.eval_steps) and self.eval_set is not None and self.step == 0
+                and not any(h["step"] == 0 for h in self.trainer.history))
 
     async def checkpoint(self) -> tuple[Path, int]:
         """Write a checkpoint between steps; returns its path and step."""

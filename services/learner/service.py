@@ -37,11 +37,13 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
     async def WatchMetrics(self, request, context):
         """Replay from `from_step` (0: only new steps), then follow until the run ends."""
         run = self.run
-        sent = len(run.metrics) if request.from_step == 0 else request.from_step - 1
+        sent = len(run.metrics) if request.from_step == 0 else 0
         while True:
             while sent < len(run.metrics):
-                yield run.metrics[sent]
+                message = run.metrics[sent]
                 sent += 1
+                if message.step >= request.from_step:  # by step: a run may hold step 0, the evaluation before training
+                    yield message
             if run.done:
                 return
             async with run.changed:

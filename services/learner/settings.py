@@ -102,6 +102,17 @@ class LearnerSettings(ServiceSettings):
         "logged as eval/*"
     )
     eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0: never)")
+    eval_before_training: bool = Field(
+        False, description="with eval_steps, also evaluate the starting policy before the first step (logged as step 0)"
+    )
+    eval_kl: bool = Field(
+        True, description="log eval/kl, the held-out samples' KL to the reference (a forward pass of the policy and "
+        "the reference over every one)"
+    )
+    eval_temperature: float | None = Field(
+        None, ge=0, description="sampling temperature of the evaluation (0: greedy, the most likely answer); "
+        "default: temperature"
+    )
 
     # Rollouts.
     steps: int = Field(10, ge=1, description="PPO steps (policy versions 1..steps)")
