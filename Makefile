@@ -23,11 +23,15 @@ $(VENV)/.installed: requirements/lock.txt pyproject.toml
 demo: install
 	$(BIN)/rlhf-mesh demo --out $(DEMO_OUT)
 
+# Test files run in TEST_WORKERS parallel processes (a file's tests stay together, in order).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install
-	$(BIN)/python -m pytest -ra
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -ra -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

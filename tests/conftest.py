@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,14 @@ import pytest
 from rlhf_mesh.clients.generation import GenerationClient
 
 from support import ChildServer, start_generation_server
+
+# `make test` runs the tests in parallel workers (pytest-xdist). vLLM binds every CPU engine to
+# the same core by default: each worker's engines get a core of their own instead. And each
+# worker, with the processes it starts, computes on one thread: OpenMP threads that outnumber
+# the cores spin against each other.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(worker.removeprefix("gw")) % os.cpu_count()))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
@@ -50,3 +59,15 @@ def generation_server(tiny_models: dict[str, Path], tmp_path_factory: pytest.Tem
 def generation_client(generation_server: ChildServer) -> Iterator[GenerationClient]:
     with GenerationClient(generation_server.address, timeout_s=120) as client:
         yield client
+
+
+# The longest modules (measured on 2 cores, longest first) are handed out first, so that the
+# parallel workers (`make test`) finish together instead of one running a long module alone.
+LONGEST_FIRST = ("test_learner.py", "test_architectures.py", "test_fuzz.py", "test_demo.py", "test_learner_parts.py",
+                 "test_reliability.py", "test_weight_updates.py", "test_checkpoints.py", "test_real_model.py",
+                 "test_reward_service.py", "test_http_ports.py", "test_reward_functions.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order stays

@@ -222,7 +222,8 @@ def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
 
 def fresh_postgres() -> str:
     """The URL of the test PostgreSQL database (RLHF_MESH_TEST_POSTGRES_URL, which `.ci/run` sets),
-    emptied of the feedback store's tables; skips without one, except under CI where it fails."""
+    with a schema of this test worker's own (parallel workers share the database) emptied of the
+    feedback store's tables; skips without one, except under CI where it fails."""
     import pytest
     import sqlalchemy
 
@@ -231,12 +232,13 @@ def fresh_postgres() -> str:
         if os.environ.get("CI"):
             pytest.fail("RLHF_MESH_TEST_POSTGRES_URL is not set: CI must run the PostgreSQL tests")
         pytest.skip("no PostgreSQL: set RLHF_MESH_TEST_POSTGRES_URL=postgresql://USER:PASSWORD@HOST/DB")
+    schema = f"tests_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
     engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     with engine.begin() as connection:
-        connection.execute(sqlalchemy.text(
-            "DROP TABLE IF EXISTS feedback, rating_items, campaigns, assignments, alembic_version CASCADE"))
+        connection.execute(sqlalchemy.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
     engine.dispose()
-    return url
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
 
 
 def write_tokens(path: Path, **roles: list[str]) -> dict[str, str]:

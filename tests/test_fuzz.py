@@ -305,11 +305,11 @@ def test_fuzz_generation_service(tiny_models, tmp_path):
 def test_fuzz_learner_service(tiny_models, tmp_path):
     """The LearnerService of a finished run (it answers for `linger_s`): WatchMetrics replays and
     ends, Pause and Resume are refused as the run has ended, SaveCheckpoint returns the last one."""
-    generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
     reward = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"tiny={tiny_models['reward']}"],
-                         tmp_path / "reward.log")
-    learner = None
+                         tmp_path / "reward.log")  # starts while the generator loads
+    generation = learner = None
     try:
+        generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
         wait_until_serving(reward.address, timeout_s=300, alive=reward.alive)
         learner = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "learner", "--policy", str(tiny_models["policy"]),
                                "--generation", generation.address, "--reward", reward.address,

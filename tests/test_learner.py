@@ -260,25 +260,25 @@ def test_serve_learner_trains_two_replicas_and_answers_its_controls(
         replicas[1].stop()
 
 
-@pytest.mark.parametrize("transport", ["grpc", "collective"])
 async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the_weights_again(
-        tiny_models, sharp_reward, tmp_path, caplog, transport):
+        tiny_models, sharp_reward, tmp_path, caplog):
     """kill -9 the generator as soon as step 2's first sample has arrived (mid-stream), and the
     reward service before step 3, restarting each on its port: the run finishes, the restarted
-    generator is re-pushed the learner's weights before it generates the samples still missing,
-    and every step trains on exactly its rollouts (collect refuses a step with one too few or
-    too many). Collective: the restarted replica's workers are not in the sender's group, so the
-    next push fails and a new group takes it."""
+    generator is re-pushed the learner's weights (in-band, whatever the transport) before it
+    generates the samples still missing, and every step trains on exactly its rollouts (collect
+    refuses a step with one too few or too many). The run pushes collectively: the restarted
+    replica's workers are not in the sender's group, so the next push fails and a new group
+    takes it."""
     import threading
 
     reward_args = [PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"sharp={sharp_reward}"]
-    reward = ChildServer(reward_args, tmp_path / "reward.log")
-    wait_until_serving(reward.address, timeout_s=300, alive=reward.alive)
+    reward = ChildServer(reward_args, tmp_path / "reward.log")  # starts while the generator loads
     generation = start_generation_server(tiny_models["policy"], tmp_path / "generation.log")
+    wait_until_serving(reward.address, timeout_s=300, alive=reward.alive)
     run = Run(LearnerSettings(
         policy=str(tiny_models["policy"]), generation=[generation.address], reward=reward.address,
         prompts=tiny_models["prompts"], output_dir=tmp_path / "run", steps=3, batch_size=8, response_length=8,
-        replica_retries=10, weight_transport=transport,
+        replica_retries=10, weight_transport="collective",
     ))
     restarted: list[ChildServer] = []
 
@@ -315,8 +315,7 @@ async def test_replicas_restarted_mid_run_are_retried_and_the_generator_gets_the
         await run.run_step()  # retries until the generator is back, re-pushes version 1, then generates
         restarting[0].join()
         assert "prompts of the shard left): UNAVAILABLE: the replica was killed mid-stream; retrying" in caplog.text
-        if transport == "collective":
-            assert "weight push of version 2 failed" in caplog.text
+        assert "weight push of version 2 failed" in caplog.text
         with GenerationClient(generation.address) as client:
             assert client.model_info().policy_version == 2
         back = restart(reward, lambda port: _serving(ChildServer(reward_args, tmp_path / "reward.log", port=port)))
