@@ -17,7 +17,8 @@ from support import ChildServer, start_generation_server
 # worker, with the processes it starts, computes on one thread: OpenMP threads that outnumber
 # the cores spin against each other.
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(worker.removeprefix("gw")) % os.cpu_count()))
+    cores = sorted(os.sched_getaffinity(0))  # the cores this machine lets the tests use
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cores[int(worker.removeprefix("gw")) % len(cores)]))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
