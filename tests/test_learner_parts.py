@@ -482,7 +482,7 @@ def test_bf16_and_gradient_checkpointing_train_like_float32(tiny_models, tmp_pat
         assert max(float((got[n] - weights[n]).abs().max()) for n in initial) < 2e-3, run
         for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl"):
             assert got_scalars[-1][key] == pytest.approx(scalars[-1][key], abs=1e-3), (run, key)
-        # The KL is a sum over each response's tokens: within 1e-3 per token (measured: 1e-4 to 2e-4).
+        # The KL is a sum over each response's tokens: within 1e-3 per token (CI's CPU differed by 2e-4).
         tokens = sum(len(r.response_ids) for r in steps[-1]) / len(steps[-1])
         assert got_scalars[-1]["objective/kl"] == pytest.approx(scalars[-1]["objective/kl"], abs=1e-3 * tokens), run
     assert not torch.equal(runs["bf16"][1]["lm_head.weight"], weights["lm_head.weight"])  # bf16 did compute
