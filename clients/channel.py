@@ -129,24 +129,18 @@ class _BearerToken(
     intercept_stream_stream = intercept_unary_unary
 
 
-class _AsyncBearerToken(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor,
-):
-    """The asyncio twin of _BearerToken."""
+def _async_bearer_tokens(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """The asyncio twin of _BearerToken: one interceptor per kind of call, since grpc.aio files an
+    interceptor under the first kind it implements only (one of all four would miss streaming calls)."""
 
-    def __init__(self, token: str) -> None:
-        self._token = token
+    async def intercept(self: object, continuation, details: grpc.aio.ClientCallDetails, request):
+        return await continuation(details._replace(metadata=grpc.aio.Metadata(*_with_token(details, token))), request)
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return details._replace(metadata=grpc.aio.Metadata(*_with_token(details, self._token)))
-
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(self._details(details), request)
-
-    intercept_unary_stream = intercept_unary_unary
-    intercept_stream_unary = intercept_unary_unary
-    intercept_stream_stream = intercept_unary_unary
+    kinds = {grpc.aio.UnaryUnaryClientInterceptor: "intercept_unary_unary",
+             grpc.aio.UnaryStreamClientInterceptor: "intercept_unary_stream",
+             grpc.aio.StreamUnaryClientInterceptor: "intercept_stream_unary",
+             grpc.aio.StreamStreamClientInterceptor: "intercept_stream_stream"}
+    return [type(f"_BearerToken{kind.__name__}", (kind,), {method: intercept})() for kind, method in kinds.items()]
 
 
 def open_channel(address: str, service: str, *, tls: TlsConfig | None = None, token: str | None = None,
@@ -171,7 +165,7 @@ def open_aio_channel(address: str, service: str, *, tls: TlsConfig | None = None
                      max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, retries: bool = True) -> grpc.aio.Channel:
     """The asyncio twin of open_channel."""
     options = _options(service, max_message_bytes, tls, health_checked=True, retries=retries)
-    interceptors = [_AsyncBearerToken(token)] if token else None
+    interceptors = _async_bearer_tokens(token) if token else None
     if tls is not None:
         return grpc.aio.secure_channel(address, tls.credentials(), options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

@@ -14,6 +14,7 @@ SERVICE_MODULES = {
     "reward": "rlhf_mesh.services.reward",
     "learner": "rlhf_mesh.services.learner",
     "feedback": "rlhf_mesh.services.feedback",
+    "environment": "rlhf_mesh.services.environment",
 }
 
 
@@ -127,6 +128,31 @@ def _feedback_export(args: argparse.Namespace) -> int:
                                   "raters": pair.raters}) + "\n")
     print(f"{summary.pairs} pairs from {summary.used_feedback} feedback items ({summary.skipped_feedback} "
           f"skipped: ties, single ratings, too little agreement) -> {args.output}")
+    return 0
+
+
+def _episodes(args: argparse.Namespace) -> int:
+    """Run a few episodes and print each token span with whether the policy sampled it."""
+    import json
+
+    from rlhf_mesh.clients.environment import EnvironmentClient
+    from rlhf_mesh.v1 import environment_pb2
+
+    with EnvironmentClient(args.addr, timeout_s=args.timeout_s, **_credentials(args)) as client:
+        for episode in client.run_episodes(args.environment, args.task, n=args.n, max_tokens=args.max_tokens,
+                                           temperature=args.temperature, seed=args.seed, max_turns=args.max_turns):
+            if args.json:
+                from google.protobuf.json_format import MessageToDict
+
+                print(json.dumps(MessageToDict(episode, preserving_proto_field_name=True)))
+                continue
+            end = environment_pb2.EpisodeEnd.Name(episode.end).removeprefix("EPISODE_END_").lower()
+            print(f"# task {episode.task_index} episode {episode.episode_index}: reward {episode.reward:g}, "
+                  f"{len(episode.turns)} turns, {len(episode.token_ids)} tokens ({sum(episode.loss_mask)} sampled: "
+                  f"loss mask 1), ended: {end}{' - ' + episode.error if episode.error else ''}")
+            for message in episode.messages:  # the assistant's turns are the policy's sampled tokens
+                who = "policy (mask 1)" if message.role == "assistant" else f"{message.role} (mask 0)"
+                print(f"  {who:>18} | {message.content!r}")
     return 0
 
 
@@ -365,6 +391,21 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="one JSON sample per line, every field")
     generate.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the call")
     generate.set_defaults(run=_generate)
+
+    episodes = sub.add_parser("episodes", parents=[secured],
+                              help="run episodes of an EnvironmentService and print them with the loss mask shown")
+    episodes.add_argument("--addr", required=True, help="HOST:PORT of the EnvironmentService")
+    episodes.add_argument("--environment", required=True, help="name of a served environment")
+    episodes.add_argument("--task", action="append", required=True,
+                          help='a task as JSON, e.g. \'{"question": "What is 12 * 7?", "answer": "84"}\'; repeat')
+    episodes.add_argument("-n", type=int, default=1, help="episodes per task")
+    episodes.add_argument("--max-tokens", type=int, default=64, help="tokens per model turn")
+    episodes.add_argument("--max-turns", type=int, help="model turns per episode (default: the server's)")
+    episodes.add_argument("--temperature", type=float, help="0 is greedy")
+    episodes.add_argument("--seed", type=int, help="the same seed and weights give the same episodes")
+    episodes.add_argument("--json", action="store_true", help="one JSON episode per line, every field")
+    episodes.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the call")
+    episodes.set_defaults(run=_episodes)
 
     models = sub.add_parser("models", help="local models").add_subparsers(dest="action", required=True)
     build = models.add_parser("build", help="write a tiny policy and reward model with their tokenizer")

@@ -177,6 +177,18 @@ def bearer_token(authorization: str) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def caller_name(context: grpc.aio.ServicerContext, auth: TokenAuth | None) -> str:
+    """Who calls, for fair sharing: the token's holder when tokens are on (the server checked the
+    token before the call), else the peer's address."""
+    if auth is not None:
+        for key, value in context.invocation_metadata() or ():
+            token = bearer_token(value) if key == "authorization" and isinstance(value, str) else None
+            holder = auth.holder(token) if token else None
+            if holder is not None:
+                return holder.name
+    return context.peer()
+
+
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
     """TLS (mutual TLS when `client_ca` is given) that picks up rotated files at the next handshake."""
     paths = [cert, key, *([client_ca] if client_ca else [])]

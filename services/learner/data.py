@@ -87,6 +87,11 @@ class PromptDataset:
         return cls([_prompt(row, field, messages_field is not None, f"{path} row {i}")
                     for i, row in enumerate(rows)], seed, references)
 
+    @classmethod
+    def load_tasks(cls, path: Path, seed: int = 0) -> PromptDataset:
+        """An environment's tasks: each row whole, as JSON."""
+        return cls([json.dumps(row) for row in _rows(path)], seed)
+
     def __len__(self) -> int:
         return len(self.prompts)
 

@@ -37,8 +37,10 @@ class Batch:
                                               self.response_ids, self.mask)))
 
 
-def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
-    """Pack token-id lists into a right-padded Batch (every response needs one token at least)."""
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+               loss_masks: list[list[int] | None] | None = None) -> Batch:
+    """Pack token-id lists into a right-padded Batch (every response needs one token at least);
+    an episode's loss mask leaves its observations out of `mask`, which is else 1 on every response token."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     width, response_width = max(lengths), max(len(r) for r in responses)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -53,7 +55,8 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
         response_ids[row, : len(response)] = torch.tensor(response)
         # Padding positions point at the last real logit: finite, and masked out anyway.
         response_index[row] = torch.clamp(torch.arange(response_width) + len(prompt) - 1, max=n - 2)
-        mask[row, : len(response)] = 1
+        loss_mask = loss_masks[row] if loss_masks is not None else None
+        mask[row, : len(response)] = 1 if loss_mask is None else torch.tensor(loss_mask, dtype=mask.dtype)
     return Batch(input_ids, attention_mask, response_index, response_ids, mask)
 
 

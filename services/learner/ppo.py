@@ -1,8 +1,9 @@
 """The PPO math, top to bottom, as pure functions of tensors.
 
 Shapes: `[B, T]` for per-token quantities of B responses padded to T tokens; `mask` is 1 on
-response tokens (up to and including EOS) and 0 on padding. Padded positions never
-contribute to a mean, a variance or a loss. Names follow TRL (`kl_coef`, `cliprange`,
+response tokens (up to and including EOS) and 0 on padding, and in a multi-turn episode also 0
+on the environment's tokens between the policy's turns (they are not actions). Masked positions
+never contribute to a mean, a variance or a loss. Names follow TRL (`kl_coef`, `cliprange`,
 `cliprange_value`, `gamma`, `lam`); each function is checked against hand-computed values
 in tests/test_ppo_math.py.
 """
@@ -53,9 +54,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
-    """-kl_coef * KL on every response token, plus the sequence score on its last token."""
+    """-kl_coef * KL on every response token, plus the sequence score on its last (policy) token."""
     rewards = -kl_coef * kl * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)
+    last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
 
@@ -64,19 +65,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation; returns (advantages, returns = advantages + values).
 
-    The value after the last response token is 0 (the episode ends there); padding is
-    masked out so a shorter response sees no values from beyond its end.
+    The value after the last response token is 0 (the episode ends there); masked positions
+    are skipped, not steps: padding gives no values from beyond a response's end, and an
+    episode's observation tokens pass the next policy token's value and advantage through.
     """
     values = values * mask
     rewards = rewards * mask
-    width = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(width)):
-        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(running)
+    next_value = torch.zeros_like(running)
+    for t in reversed(range(rewards.shape[1])):
+        step = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
+        advantage = delta + gamma * lam * running
+        running = torch.where(step, advantage, running)
+        next_value = torch.where(step, values[:, t], next_value)
+        advantages[:, t] = advantage * mask[:, t]
     return advantages, advantages + values
 
 

@@ -42,6 +42,7 @@ class Rollout:
     policy_version_end: int
     score: float = 0.0
     components: dict[str, float] = field(default_factory=dict)  # a composite's parts that applied to it
+    loss_mask: list[int] | None = None  # an episode's: 1 on the tokens the policy sampled (None: all of them)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Collected:
     rollouts: list[Rollout]
     generate_s: float  # first request to last sample
     score_tail_s: float  # last sample to last score: the scoring that did not overlap generation
+    scalars: dict[str, float] = field(default_factory=dict)  # what the collector reports (episodes/*)
 
 
 def _score_input(prompt: Prompt, text: str, reference: str | None

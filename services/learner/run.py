@@ -18,8 +18,10 @@ from pathlib import Path
 
 import grpc
 
+from rlhf_mesh.clients.environment import AsyncEnvironmentClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.services.learner.data import PromptDataset
+from rlhf_mesh.services.learner.episodes import EpisodeCollector
 from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.publisher import PolicyPublisher
 from rlhf_mesh.services.learner.report import Reporter, write_report
@@ -48,6 +50,7 @@ class Run:
         self.trainer: Trainer | None = None
         self.publisher: PolicyPublisher | None = None
         self.reward: AsyncRewardClient | None = None
+        self.environment: AsyncEnvironmentClient | None = None
         self._prefetched: asyncio.Task[Collected] | None = None  # the next step's rollouts, in async mode
         self.metrics: list[learner_pb2.WatchMetricsResponse] = []
         self.last_checkpoint: tuple[Path, int] | None = None
@@ -87,11 +90,16 @@ class Run:
         """Load the models and connect to the services; every replica serves the learner's weights then."""
         s = self.settings
         s.output_dir.mkdir(parents=True, exist_ok=True)
-        self.dataset = await asyncio.to_thread(PromptDataset.load, s.prompts, s.prompt_field, s.messages_field,
-                                               s.seed, s.reference_field)
-        if s.eval_prompts is not None:
-            self.eval_set = await asyncio.to_thread(PromptDataset.load, s.eval_prompts, s.prompt_field,
-                                                    s.messages_field, s.seed, s.reference_field)
+        if s.environment is not None:  # every row is a task
+            self.dataset = await asyncio.to_thread(PromptDataset.load_tasks, s.prompts, s.seed)
+            if s.eval_prompts is not None:
+                self.eval_set = await asyncio.to_thread(PromptDataset.load_tasks, s.eval_prompts, s.seed)
+        else:
+            self.dataset = await asyncio.to_thread(PromptDataset.load, s.prompts, s.prompt_field, s.messages_field,
+                                                   s.seed, s.reference_field)
+            if s.eval_prompts is not None:
+                self.eval_set = await asyncio.to_thread(PromptDataset.load, s.eval_prompts, s.prompt_field,
+                                                        s.messages_field, s.seed, s.reference_field)
         self.trainer = await asyncio.to_thread(Trainer, s)
         self.metrics = [  # a resumed run replays the steps of its checkpoint too
             learner_pb2.WatchMetricsResponse(step=int(h["step"]), policy_version=int(h["policy/version"]),
@@ -99,11 +107,23 @@ class Run:
             for h in self.trainer.history
         ]
         self.publisher = PolicyPublisher(s, self.trainer.push_weights, keep_snapshots=self.max_lag > 0)
-        self.reward = learner_client(AsyncRewardClient, s.reward, s)
-        try:
-            await self.reward.list_models(timeout_s=s.services_wait_s, wait_for_ready=True)
-        except grpc.aio.AioRpcError as err:
-            raise LearnerError(f"cannot use the reward service {s.reward}: {failure(err)}") from None
+        if s.environment is not None:
+            self.environment = learner_client(AsyncEnvironmentClient, s.environment_service, s)
+            try:
+                served = await self.environment.list_environments(timeout_s=s.services_wait_s, wait_for_ready=True)
+            except grpc.aio.AioRpcError as err:
+                raise LearnerError(f"cannot use the environment service {s.environment_service}: "
+                                   f"{failure(err)}") from None
+            names = [e.name for e in served.environments]
+            if s.environment not in names:
+                raise LearnerError(f"environment: {s.environment!r} is not served by {s.environment_service} "
+                                   f"(it serves {', '.join(names)})")
+        else:
+            self.reward = learner_client(AsyncRewardClient, s.reward, s)
+            try:
+                await self.reward.list_models(timeout_s=s.services_wait_s, wait_for_ready=True)
+            except grpc.aio.AioRpcError as err:
+                raise LearnerError(f"cannot use the reward service {s.reward}: {failure(err)}") from None
         await self.publisher.connect(self.step)
 
     async def run_step(self) -> dict[str, float]:
@@ -135,6 +155,7 @@ class Run:
         if s.eval_steps and self.step % s.eval_steps == 0:
             scalars.update(await self._evaluate())
         scalars.update({
+            **collected.scalars,
             "time/generate_s": collected.generate_s, "time/score_s": collected.score_tail_s,
             "time/wait_rollouts_s": waited, "time/push_s": done - pushed, "time/step_s": done - started,
             "charts/samples_per_s": len(collected.rollouts) / (done - started),
@@ -152,17 +173,15 @@ class Run:
         """eval/*: one sample of every held-out prompt from the policy just published (with the same
         seeds each time, so evaluations differ only by the policy), scored like the rollouts."""
         s, started = self.settings, time.perf_counter()
-        prompts = self.eval_set.prompts
-        rollouts = (await RolloutCollector(
-            self.publisher.generators, self.reward, prompts, n=1, max_tokens=s.response_length,
-            temperature=s.temperature if s.eval_temperature is None else s.eval_temperature, seed=s.seed,
-            min_policy_version=self.version, reward_model=s.reward_model,
-            timeout_s=s.rpc_timeout_s, references=self.eval_set.references, retry=Retry(attempts=s.replica_retries),
-            repair=self.publisher.repair,
-        ).run()).rollouts
+        temperature = s.temperature if s.eval_temperature is None else s.eval_temperature
+        collected = await self._collector(self.eval_set.prompts, self.eval_set.references, n=1, seed=s.seed,
+                                          temperature=temperature, min_policy_version=self.version,
+                                          prefix="eval/episodes").run()
+        rollouts = collected.rollouts
         kl = {"eval/kl": await asyncio.to_thread(self.trainer.kl, rollouts)} if s.eval_kl else {}
         count = len(rollouts)
         return {
+            **collected.scalars,
             "eval/reward_mean": sum(r.score for r in rollouts) / count, **kl,
             "eval/response_length": sum(len(r.response_ids) for r in rollouts) / count,
             "eval/eos_rate": sum(r.finished for r in rollouts) / count,
@@ -173,14 +192,26 @@ class Run:
     def _collect(self, step: int) -> asyncio.Task[Collected]:
         """Rollouts for `step` from a policy no older than the staleness bound allows."""
         s = self.settings
-        return asyncio.create_task(RolloutCollector(
-            self.publisher.generators, self.reward, self.dataset.batch(step, s.batch_size),
-            n=s.num_samples_per_prompt, max_tokens=s.response_length, temperature=s.temperature,
-            seed=s.seed * 1_000_003 + step * s.rollouts_per_step,
-            min_policy_version=self.publisher.min_version(step, self.max_lag), reward_model=s.reward_model,
-            timeout_s=s.rpc_timeout_s, references=self.dataset.batch_references(step, s.batch_size),
-            retry=Retry(attempts=s.replica_retries), repair=self.publisher.repair,
-        ).run())
+        return asyncio.create_task(self._collector(
+            self.dataset.batch(step, s.batch_size), self.dataset.batch_references(step, s.batch_size),
+            n=s.num_samples_per_prompt, seed=s.seed * 1_000_003 + step * s.rollouts_per_step,
+            temperature=s.temperature, min_policy_version=self.publisher.min_version(step, self.max_lag)).run())
+
+    def _collector(self, prompts: list, references: list, *, n: int, seed: int, temperature: float,
+                   min_policy_version: int, prefix: str = "episodes") -> RolloutCollector | EpisodeCollector:
+        """Single-turn samples scored by the reward service, or an environment's episodes."""
+        s = self.settings
+        if self.environment is not None:
+            return EpisodeCollector(
+                self.environment, s.environment, prompts, n=n, max_tokens=s.response_length, temperature=temperature,
+                seed=seed, min_policy_version=min_policy_version, max_turns=s.max_turns,
+                max_episode_tokens=s.max_episode_tokens, reward_model=s.reward_model, timeout_s=s.rpc_timeout_s,
+                retry=Retry(attempts=s.replica_retries), prefix=prefix)
+        return RolloutCollector(
+            self.publisher.generators, self.reward, prompts, n=n, max_tokens=s.response_length,
+            temperature=temperature, seed=seed, min_policy_version=min_policy_version, reward_model=s.reward_model,
+            timeout_s=s.rpc_timeout_s, references=references, retry=Retry(attempts=s.replica_retries),
+            repair=self.publisher.repair)
 
     async def loop(self) -> None:
         """Every step, then a final checkpoint, the plot and the summary; FAILED on an error."""
@@ -250,7 +281,7 @@ class Run:
                 await self._prefetched
         if self.trainer is not None:
             await asyncio.to_thread(self.trainer.close)
-        for client in (self.publisher, self.reward):
+        for client in (self.publisher, self.reward, self.environment):
             if client is not None:
                 await client.close()
 

@@ -49,8 +49,18 @@ class LearnerSettings(ServiceSettings):
     resolve_replicas: bool = Field(
         False, description="take every address a generation name resolves to as a replica (a headless Service)"
     )
-    reward: str = Field(description="RewardService HOST:PORT")
-    reward_model: str = Field("", description="reward model name on the RewardService (default: its default)")
+    reward: str | None = Field(None, description="RewardService HOST:PORT (needed unless an environment rewards)")
+    reward_model: str = Field("", description="reward model name on the RewardService (default: its default); with "
+                              "an environment, also scores each whole episode on the environment service's own")
+    environment: str | None = Field(
+        None, description="multi-turn episodes of this environment of the EnvironmentService replace single-turn "
+        "generation: each row of `prompts` is a task (a JSON object), response_length is per turn"
+    )
+    environment_service: str | None = Field(None, description="EnvironmentService HOST:PORT (with environment)")
+    max_turns: int | None = Field(None, ge=1, description="model turns per episode (default: the service's)")
+    max_episode_tokens: int | None = Field(
+        None, ge=2, description="tokens per episode, prompt included (default: the service's)"
+    )
     weight_transport: Literal["grpc", "collective"] = Field(
         "grpc", description="weight pushes in-band over gRPC, or by gloo broadcast with gRPC control"
     )
@@ -241,6 +251,10 @@ class LearnerSettings(ServiceSettings):
             raise ValueError("critic and value_head exclude each other: a separate value model or a head")
         if self.resume_from is not None and not (self.resume_from / "trainer.pt").is_file():
             raise ValueError(f"resume_from: {self.resume_from} is not a checkpoint (no trainer.pt)")
+        if (self.environment is None) != (self.environment_service is None):
+            raise ValueError("environment and environment_service go together")
+        if self.reward is None and self.environment is None:
+            raise ValueError("reward: give the RewardService's HOST:PORT (only an environment run may go without)")
         if self.prompts.suffix not in (".jsonl", ".parquet"):
             raise ValueError(f"prompts: {self.prompts} is neither .jsonl nor .parquet")
         return self

@@ -189,7 +189,7 @@ class Trainer:
         s = self.settings
         began = time.perf_counter()
         batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
-                           self.pad_id).to(self.device)
+                           self.pad_id, [r.loss_mask for r in rollouts]).to(self.device)
         mask = batch.mask
         scores = torch.tensor([r.score for r in rollouts], device=self.device)
         finished = torch.tensor([r.finished for r in rollouts], device=self.device)
@@ -284,7 +284,7 @@ class Trainer:
     def _kl(self, rollouts: list[Rollout]) -> float:
         s = self.settings
         batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
-                           self.pad_id).to(self.device)
+                           self.pad_id, [r.loss_mask for r in rollouts]).to(self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for rows, mine in self._rank_micro_batches(len(batch)):

@@ -16,6 +16,10 @@ limit or kills its worker fails that call alone (FunctionFailed); the caller see
 exception's type and a reference, the server log its traceback; pebble replaces a dead worker
 and every other call goes on. Workers are spawned (not forked from a server with threads) and
 run each function on their main thread, where math-verify's SIGALRM timeouts work.
+
+The EnvironmentService runs its environments in the same pool (`run`: one task of any module-level
+function, with the same admission, fairness, timeouts and failure handling); `what` and `settings`
+name the pool's user and its settings in every message.
 """
 
 from __future__ import annotations
@@ -79,16 +83,20 @@ class CallTooLarge(ValueError):
     """A call of more samples than the whole queue holds: it could never be admitted."""
 
 
-# In each worker: the functions it loaded, and its memory limit.
-_loaded: dict[str, functions.RewardFunction] = {}
+# In each worker: what it loaded (spec -> the loader's result), its loader and its memory limit.
+_loaded: dict[str, Any] = {}
+_load: Callable[[str], Any] = functions.load
 _memory_mb = 0
+_what = "reward function"
 
 
-def _start_worker(memory_mb: int, specs: tuple[str, ...]) -> None:
+def _start_worker(memory_mb: int, specs: tuple[str, ...], load: Callable[[str], Any] = functions.load,
+                  what: str = "reward function") -> None:
     """Pool initializer: caps the worker's data memory (heap and private mappings, not shared
     libraries) and imports its functions before it takes a task. It must not raise: pebble
     takes a worker that dies while no task runs for a broken pool."""
-    global _memory_mb
+    global _memory_mb, _load, _what
+    _load, _what = load, what
     if memory_mb:
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         limit = memory_mb << 20 if hard == resource.RLIM_INFINITY else min(memory_mb << 20, hard)
@@ -96,25 +104,39 @@ def _start_worker(memory_mb: int, specs: tuple[str, ...]) -> None:
         _memory_mb = memory_mb
     for spec in specs:
         with contextlib.suppress(Exception):  # check() reports a function that cannot load
-            _function(spec)
+            loaded(spec)
 
 
-def _function(spec: str) -> functions.RewardFunction:
+def loaded(spec: str) -> Any:
+    """What `spec` names, loaded once per worker: a reward function, or an environment class."""
     if spec not in _loaded:
-        _loaded[spec] = functions.load(spec)
+        _loaded[spec] = _load(spec)
     return _loaded[spec]
 
 
 def _out_of_memory(spec: str) -> FunctionFailed:
-    limit = f": its worker may use {_memory_mb} MiB (function_worker_memory_mb)" if _memory_mb else ""
+    setting = "function_worker_memory_mb" if _what == "reward function" else "environment_worker_memory_mb"
+    limit = f": its worker may use {_memory_mb} MiB ({setting})" if _memory_mb else ""
     return FunctionFailed(f"{spec} ran out of memory{limit}")
+
+
+def _run_task(target: Callable[..., Any], spec: str, args: tuple) -> list[Any]:
+    """One task of `run`, in a worker: `target(spec, *args)`, as a list of one result."""
+    try:
+        return [target(spec, *args)]
+    except MemoryError:
+        raise _out_of_memory(spec) from None
+    except FunctionFailed:
+        raise
+    except Exception as err:
+        raise FunctionRaised(type(err).__name__, traceback.format_exc()) from None
 
 
 def _run(spec: str, prompts: list, completions: list[str], kwargs: dict) -> list[float | None]:
     """One task, in a worker: plain floats (or None), or an exception the server can unpickle
     whatever the function raised."""
     try:
-        scores = list(_function(spec)(prompts, completions, **kwargs))
+        scores = list(loaded(spec)(prompts, completions, **kwargs))
     except MemoryError:
         raise _out_of_memory(spec) from None
     except Exception as err:
@@ -131,7 +153,7 @@ def _run(spec: str, prompts: list, completions: list[str], kwargs: dict) -> list
 
 def _check(spec: str) -> None:
     try:
-        _function(spec)
+        loaded(spec)
     except MemoryError:
         raise _out_of_memory(spec) from None
     except Exception as err:  # the operator's own start-up error: its text is for them
@@ -217,6 +239,7 @@ class _Call:
     started: bool = False
     running: set[_Task] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
+    task: tuple[Callable[..., Any], tuple] | None = None  # run(): the target and its arguments
 
 
 @dataclass(eq=False)
@@ -236,7 +259,10 @@ class FunctionPool:
     worker at its start)."""
 
     def __init__(self, specs: Iterable[str], *, workers: int, timeout_s: float, max_queued_samples: int,
-                 workers_per_caller: int | None = None, memory_mb: int = 0) -> None:
+                 workers_per_caller: int | None = None, memory_mb: int = 0,
+                 load: Callable[[str], Any] = functions.load, what: str = "reward function",
+                 settings: str = "function_") -> None:
+        self.what, self.settings = what, settings  # for messages: "reward function", "function_max_queued_samples"
         self.workers = workers
         self.timeout_s = timeout_s
         self.max_queued_samples = max_queued_samples
@@ -244,7 +270,7 @@ class FunctionPool:
         self._running = 0
         self._pace: dict[str, float] = {}  # spec -> recent seconds per sample (a moving average)
         self._pool = pebble.ProcessPool(max_workers=workers, initializer=_start_worker,
-                                        initargs=(memory_mb, tuple(dict.fromkeys(specs))),
+                                        initargs=(memory_mb, tuple(dict.fromkeys(specs)), load, what),
                                         context=multiprocessing.get_context("spawn"))
         QUEUE_DEPTH.set_function(lambda: self._queue.depth)
 
@@ -265,13 +291,25 @@ class FunctionPool:
         n = len(completions)
         if n > self.max_queued_samples:
             raise CallTooLarge(f"{n} samples, more than the whole queue holds "
-                               f"(function_max_queued_samples={self.max_queued_samples}): split the call")
+                               f"({self.settings}max_queued_samples={self.max_queued_samples}): split the call")
         loop = asyncio.get_running_loop()
         call = _Call(spec, caller, prompts, completions, kwargs, loop.time(), loop.create_future(), [None] * n)
-        self._admit(caller, n)
         parts = [slice(i, i + 1) for i in range(n)] if spec in functions.PER_SAMPLE else [slice(0, n)]
+        return await self._submit(call, parts)
+
+    async def run(self, spec: str, target: Callable[..., Any], *args: Any, caller: str = "") -> Any:
+        """`target(spec, *args)` in a worker, queued as `caller`'s one sample: its result (it and
+        `args` must pickle; `target` is a module-level function). Raises as `call` does."""
+        loop = asyncio.get_running_loop()
+        call = _Call(spec, caller, [], [], {}, loop.time(), loop.create_future(), [None], task=(target, args))
+        (result,) = await self._submit(call, [slice(0, 1)])
+        return result
+
+    async def _submit(self, call: _Call, parts: list[slice]) -> list:
+        loop = asyncio.get_running_loop()
+        self._admit(call.caller, sum(part.stop - part.start for part in parts))
         for part in parts:
-            self._queue.push(caller, _Task(call, part), part.stop - part.start)
+            self._queue.push(call.caller, _Task(call, part), part.stop - part.start)
         call.pending = len(parts)
         call.timer = loop.call_at(call.arrival + self.timeout_s, self._expire, call)
         self._dispatch()
@@ -289,13 +327,13 @@ class FunctionPool:
             if largest is None or largest == caller or queue.queued(largest) <= queue.queued(caller) + n:
                 REFUSED.labels("full").inc()
                 retry = self._retry_after(queue.depth + n - self.max_queued_samples)
-                raise PoolFull(f"the reward function queue is full ({queue.depth} of "
-                               f"function_max_queued_samples={self.max_queued_samples} samples queued); "
+                raise PoolFull(f"the {self.what} queue is full ({queue.depth} of "
+                               f"{self.settings}max_queued_samples={self.max_queued_samples} samples queued); "
                                f"retry in {retry:g} s", retry)
             victim = queue.newest(largest).call
             REFUSED.labels("evicted").inc()
             retry = self._retry_after(queue.queued(largest))
-            self._fail(victim, PoolFull("pushed out of the full reward function queue by other callers' calls "
+            self._fail(victim, PoolFull(f"pushed out of the full {self.what} queue by other callers' calls "
                                         f"(this caller held the most queued samples); retry in {retry:g} s", retry))
 
     def _retry_after(self, samples: int) -> float:
@@ -319,10 +357,13 @@ class FunctionPool:
                 self._queue.done(call.caller)
                 self._expire(call, left)
                 continue
+            if call.task is not None:
+                work, arguments = _run_task, (call.task[0], call.spec, call.task[1])
+            else:
+                work, arguments = _run, (call.spec, call.prompts[part], call.completions[part],
+                                         {key: values[part] for key, values in call.kwargs.items()})
             try:
-                task.future = self._pool.schedule(
-                    _run, args=(call.spec, call.prompts[part], call.completions[part],
-                                {key: values[part] for key, values in call.kwargs.items()}))
+                task.future = self._pool.schedule(work, args=arguments)
             except RuntimeError:  # the pool has stopped (the server is closing)
                 self._queue.done(call.caller)
                 self._fail(call, FunctionFailed(f"{call.spec} could not run: the worker pool has stopped"))
@@ -347,7 +388,7 @@ class FunctionPool:
                                                 "the worker was replaced"))
             except FunctionRaised as err:
                 reference = secrets.token_hex(4)
-                log.warning("reward function %s raised (reference %s):\n%s", call.spec, reference, err.details)
+                log.warning("%s %s raised (reference %s):\n%s", self.what, call.spec, reference, err.details)
                 self._fail(call, FunctionFailed(f"{call.spec} raised {err.kind} (its message is in the server log, "
                                                 f"reference {reference})"))
             except FunctionFailed as err:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from rlhf_mesh.hub import resolve_model
-from rlhf_mesh.security import TokenAuth, bearer_token
+from rlhf_mesh.security import TokenAuth, caller_name
 from rlhf_mesh.services.reward.dispatch import ScoreDispatcher
 from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool
 from rlhf_mesh.services.reward.registry import ModelReloader, ScorerRegistry
@@ -39,15 +39,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self.auth = TokenAuth(self.settings.tokens_file) if self.settings.tokens_file else None
 
     def caller(self, context: grpc.aio.ServicerContext) -> str:
-        """Who calls, for fair sharing: the token's holder when tokens are on (the server checked
-        the token before this call), else the peer's address."""
-        if self.auth is not None:
-            for key, value in context.invocation_metadata() or ():
-                token = bearer_token(value) if key == "authorization" and isinstance(value, str) else None
-                holder = self.auth.holder(token) if token else None
-                if holder is not None:
-                    return holder.name
-        return context.peer()
+        return caller_name(context, self.auth)
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
         try:

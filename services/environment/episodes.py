@@ -1,0 +1,195 @@
+"""Episodes, token-exact: each turn's prompt is the episode's ids so far, never a re-render.
+
+The model's sampled ids are kept as sampled. An observation's ids are rendered once, on their
+own, after a fixed base conversation (`ChatTokens.observation`), so earlier turns are never
+rendered again: a chat template that rewrites history (Qwen3 drops earlier `<think>` blocks,
+others trim) or a tokenizer that merges differently cannot change what the model already saw.
+Every turn of an episode goes to one replica, whose prefix cache then holds the episode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_mesh.clients.generation import AsyncGenerationClient
+from rlhf_mesh.clients.reward import AsyncRewardClient
+from rlhf_mesh.services.environment import environments
+from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool, PoolFull
+from rlhf_mesh.v1 import common_pb2, environment_pb2, generation_pb2
+
+# Any conversation whose assistant message ends in the EOS the model samples.
+_BASE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+
+
+class TemplateError(ValueError):
+    """A chat template this episode scheme cannot use; the message says why."""
+
+
+class ChatTokens:
+    """Token ids of an episode's messages under the policy's chat template (and its tools)."""
+
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], tools: list[dict] | None) -> None:
+        self.tokenizer, self.tools = tokenizer, tools or None
+        base = self._render(_BASE, generation_prompt=False)
+        ends = [i for i, token in enumerate(base) if token in set(eos_ids)]
+        if not ends:
+            raise TemplateError("the chat template does not end an assistant message with an end-of-sequence token, "
+                                "so an episode cannot know where a turn ends")
+        self.base = base[:ends[-1] + 1]  # the base conversation up to its assistant's EOS
+        self.end_of_message = base[ends[-1]]
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=True, return_dict=False,
+                                                       add_generation_prompt=generation_prompt))
+
+    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The first prompt: reset()'s messages and the assistant's generation prompt."""
+        return self._render(messages, generation_prompt=True)
+
+    def observation(self, messages: list[dict[str, str]]) -> list[int]:
+        """What follows a turn's EOS: the template's separator, the messages, the generation prompt."""
+        ids = self._render(_BASE + messages, generation_prompt=True)
+        if ids[:len(self.base)] != self.base:
+            raise TemplateError("the chat template renders a conversation differently once messages follow it")
+        return ids[len(self.base):]
+
+
+@dataclass
+class Limits:
+    max_turns: int
+    max_episode_tokens: int  # prompt included, at most the model length
+
+
+class EpisodeRunner:
+    """Runs one request's episodes: environment calls in the pool, turns on the replicas."""
+
+    def __init__(self, pool: FunctionPool, spec: str, chat: ChatTokens, replicas: Sequence[AsyncGenerationClient],
+                 reward: AsyncRewardClient | None, *, caller: str, deadline: float) -> None:
+        self.pool, self.spec, self.chat, self.replicas, self.reward = pool, spec, chat, replicas, reward
+        self.caller, self.deadline = caller, deadline
+
+    def _left(self) -> float:
+        return max(0.1, self.deadline - time.monotonic())
+
+    async def episode(self, task_index: int, index: int, number: int, task: dict, sampling: dict[str, Any],
+                      limits: Limits, min_policy_version: int, reward_model: str) -> environment_pb2.Episode:
+        """Episode `index` of task `task_index`; `number` (its place in the request) picks its replica and seeds."""
+        episode = environment_pb2.Episode(task_index=task_index, episode_index=index)
+        replica = self.replicas[number % len(self.replicas)]
+        environment_s = 0.0
+        rewards: list[float] = []
+        messages: list[dict[str, str]] = []
+
+        async def environment(target: Any, *args: Any) -> Any:
+            nonlocal environment_s
+            started = time.perf_counter()
+            try:
+                return await self.pool.run(self.spec, target, *args, caller=self.caller)
+            finally:
+                environment_s += time.perf_counter() - started
+
+        def append(ids: Sequence[int], sampled: generation_pb2.Sample | None = None) -> None:
+            episode.token_ids.extend(ids)
+            episode.loss_mask.extend([int(sampled is not None)] * len(ids))
+            if sampled is None:
+                episode.logprobs.extend([0.0] * len(ids))
+                episode.policy_versions.extend([0] * len(ids))
+            else:
+                episode.logprobs.extend(sampled.completion_logprobs)
+                # A turn an update landed in carries its start version on every token: never understated.
+                episode.policy_versions.extend([sampled.policy_version_start] * len(ids))
+
+        try:
+            state, first = await environment(environments.reset_in_worker, task)
+            messages.extend(first)
+            append(self.chat.prompt(first))
+            episode.prompt_length = len(episode.token_ids)
+            episode.end = environment_pb2.EPISODE_END_MAX_TURNS
+            for turn_number in range(limits.max_turns):
+                room = limits.max_episode_tokens - len(episode.token_ids)
+                if room < 1:
+                    episode.end = environment_pb2.EPISODE_END_MAX_TOKENS
+                    break
+                seed = sampling.get("seed")
+                turn_sampling = dict(sampling, n=1, max_tokens=min(sampling["max_tokens"], room),
+                                     seed=None if seed is None else seed + number * limits.max_turns + turn_number)
+                sample = await self._generate(replica, list(episode.token_ids), turn_sampling, min_policy_version)
+                turn = episode.turns.add(start=len(episode.token_ids), text=sample.text)
+                append(sample.completion_token_ids, sample)
+                turn.sampled_end = turn.end = len(episode.token_ids)
+                messages.append({"role": "assistant", "content": sample.text})
+                if sample.finish_reason != generation_pb2.FINISH_REASON_STOP:  # cut at max_tokens
+                    if len(episode.token_ids) + 1 >= limits.max_episode_tokens:
+                        episode.end = environment_pb2.EPISODE_END_MAX_TOKENS
+                        break
+                    turn.truncated = True
+                    append([self.chat.end_of_message])  # ends the message, as the next turn's prompt has it
+                    turn.end = len(episode.token_ids)
+                state, step = await environment(environments.step_in_worker, state, sample.text)
+                turn.tool_calls = step["tool_calls"]
+                if step["reward"] is not None:
+                    turn.reward = step["reward"]
+                    rewards.append(step["reward"])
+                if step["done"]:
+                    episode.end = environment_pb2.EPISODE_END_DONE
+                    break
+                if turn_number + 1 == limits.max_turns:  # no turn follows: the observation would be read by none
+                    break
+                observation = self.chat.observation(step["observation"])
+                if len(episode.token_ids) + len(observation) >= limits.max_episode_tokens:
+                    episode.end = environment_pb2.EPISODE_END_MAX_TOKENS
+                    break
+                append(observation)
+                messages.extend(step["observation"])
+                turn.end = len(episode.token_ids)
+        except (FunctionFailed, PoolFull) as err:
+            episode.end = environment_pb2.EPISODE_END_ENVIRONMENT_ERROR
+            episode.error = str(err)
+        except TemplateError as err:
+            episode.end = environment_pb2.EPISODE_END_ENVIRONMENT_ERROR
+            episode.error = f"chat template: {err}"
+        episode.environment_s = environment_s
+        episode.messages.extend(common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        if rewards:
+            episode.environment_reward = sum(rewards)
+        if reward_model and self.reward is not None and episode.end != environment_pb2.EPISODE_END_ENVIRONMENT_ERROR:
+            reply = await self.reward.score([messages], model=reward_model, timeout_s=self._left())
+            episode.reward_model_score = reply.results[0].score
+        episode.reward = (episode.environment_reward if episode.HasField("environment_reward") else 0.0) + (
+            episode.reward_model_score if episode.HasField("reward_model_score") else 0.0)
+        return episode
+
+    async def _generate(self, replica: AsyncGenerationClient, ids: list[int], sampling: dict[str, Any],
+                        min_policy_version: int) -> generation_pb2.Sample:
+        samples = [s async for s in replica.generate([ids], min_policy_version=min_policy_version,
+                                                            timeout_s=self._left(), **sampling)]
+        return samples[0]
+
+
+def parse_task(text: str, index: int, max_bytes: int) -> dict:
+    """A task's JSON object, or ValueError naming the field."""
+    if len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise ValueError(f"tasks_json[{index}]: larger than max_task_bytes={max_bytes}")
+    try:
+        task = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"tasks_json[{index}]: not JSON ({err})") from None
+    if not isinstance(task, dict):
+        raise ValueError(f"tasks_json[{index}]: a JSON object is needed, not {type(task).__name__}")
+    return task
+
+
+async def as_finished(coroutines: list[Coroutine[Any, Any, Any]]) -> AsyncIterator[Any]:
+    """Results as they finish; the rest are cancelled when the consumer stops."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            yield await finished
+    finally:
+        for task in tasks:
+            task.cancel()
