@@ -72,6 +72,15 @@ def test_seeded_samples_are_reproducible_and_distinct(generation_client):
     assert len({tuple(tokens) for tokens in first.values()}) == 8  # every sample drew its own noise
 
 
+def test_seeded_prompts_longer_than_one_engine_step_are_served(generation_client):
+    """More seeded prompt tokens than vLLM schedules in one step (2048): on CPU a prefill split over
+    steps killed the engine (it rewinds a seeded generator by an offset CPU generators lack)."""
+    prompts = [[5 + (i + j) % 200 for j in range(200)] for i in range(16)]
+    samples = list(generation_client.generate(prompts, n=2, max_tokens=4, temperature=1.0, seed=3))
+    assert len(samples) == 32 and all(len(s.completion_token_ids) == 4 for s in samples)
+    assert len(list(generation_client.generate(["Hello"], max_tokens=2))) == 1  # and the engine goes on
+
+
 def test_samples_stream_as_they_finish(generation_client):
     """A sample that stops after two tokens arrives while a long one of the same request still runs."""
     greedy = {s.prompt_index: list(s.completion_token_ids)

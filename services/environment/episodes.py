@@ -69,9 +69,9 @@ class EpisodeRunner:
     """Runs one request's episodes: environment calls in the pool, turns on the replicas."""
 
     def __init__(self, pool: FunctionPool, spec: str, chat: ChatTokens, replicas: Sequence[AsyncGenerationClient],
-                 reward: AsyncRewardClient | None, *, caller: str, deadline: float) -> None:
+                 reward: AsyncRewardClient | None, *, caller: str, deadline: float, affinity: bool = True) -> None:
         self.pool, self.spec, self.chat, self.replicas, self.reward = pool, spec, chat, replicas, reward
-        self.caller, self.deadline = caller, deadline
+        self.caller, self.deadline, self.affinity = caller, deadline, affinity
 
     def _left(self) -> float:
         return max(0.1, self.deadline - time.monotonic())
@@ -80,7 +80,6 @@ class EpisodeRunner:
                       limits: Limits, min_policy_version: int, reward_model: str) -> environment_pb2.Episode:
         """Episode `index` of task `task_index`; `number` (its place in the request) picks its replica and seeds."""
         episode = environment_pb2.Episode(task_index=task_index, episode_index=index)
-        replica = self.replicas[number % len(self.replicas)]
         environment_s = 0.0
         rewards: list[float] = []
         messages: list[dict[str, str]] = []
@@ -118,6 +117,7 @@ class EpisodeRunner:
                 seed = sampling.get("seed")
                 turn_sampling = dict(sampling, n=1, max_tokens=min(sampling["max_tokens"], room),
                                      seed=None if seed is None else seed + number * limits.max_turns + turn_number)
+                replica = self.replicas[(number + (0 if self.affinity else turn_number)) % len(self.replicas)]
                 sample = await self._generate(replica, list(episode.token_ids), turn_sampling, min_policy_version)
                 turn = episode.turns.add(start=len(episode.token_ids), text=sample.text)
                 append(sample.completion_token_ids, sample)

@@ -66,7 +66,8 @@ class EnvironmentServicer(environment_pb2_grpc.EnvironmentServiceServicer):
         deadline = time.monotonic() + min(self.settings.rpc_timeout_s if remaining is None else remaining,
                                           self.settings.rpc_timeout_s)
         runner = EpisodeRunner(self.service.pool, spec, chat, self.service.replicas, self.service.reward,
-                               caller=caller_name(context, self.auth), deadline=deadline)
+                               caller=caller_name(context, self.auth), deadline=deadline,
+                               affinity=self.settings.episode_affinity)
         name = request.environment
 
         async def one(task_index: int, index: int) -> environment_pb2.Episode:

@@ -29,6 +29,10 @@ class EnvironmentSettings(ServiceSettings):
         None, gt=0, description="most tokens of an episode, prompt included (a request may ask for fewer); "
         "default and upper bound: the replicas' model length"
     )
+    episode_affinity: bool = Field(
+        True, description="every turn of an episode on one replica, whose prefix cache holds the episode; false: "
+        "each turn to the next replica in turn (to measure what affinity saves)"
+    )
     max_request_tasks: int = Field(1024, gt=0, description="tasks in one RunEpisodes call")
     max_samples_per_task: int = Field(64, gt=0, description="largest n (episodes per task)")
     max_task_bytes: int = Field(65536, gt=0, description="largest task, in bytes of JSON")

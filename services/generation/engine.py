@@ -24,6 +24,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, Wei
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput
+from vllm.platforms import current_platform
 from vllm.utils.async_utils import merge_async_iterators
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -78,7 +79,13 @@ class PolicyEngine:
 
     async def start(self) -> None:
         """Start the engine (in a thread: it blocks for the whole load) and run one warm-up generation."""
-        args = AsyncEngineArgs(**self.settings.engine_kwargs(self.path))
+        kwargs = self.settings.engine_kwargs(self.path)
+        if current_platform.is_cpu():
+            # A seeded request whose prefill is split over steps kills vLLM's CPU worker (it rewinds
+            # the request's torch.Generator by an offset, which CPU generators do not have): prefill
+            # each prompt whole.
+            kwargs.setdefault("enable_chunked_prefill", False)
+        args = AsyncEngineArgs(**kwargs)
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         await self.llm.update_weight_version(str(self.version))
         POLICY_VERSION.set(self.version)
