@@ -11,6 +11,7 @@ max_tokens). Measured in this one run:
 - single-turn: the same number of sequences, each generating --turns x --turn-tokens tokens in
   one Generate call (split over the replicas as the learner does) -> sampled tokens/s;
 - the ratio of the two (the goal: >= 0.8);
+Each replica's engine has a core of its own. Also printed:
 - vLLM's prefix-cache hit rate (hits / queried tokens on both replicas) of the episode run with
   every turn of an episode on one replica (the default), and again with each turn sent to the
   next replica (`--no-episode-affinity`), each on fresh replicas.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import tempfile
@@ -64,9 +66,12 @@ def start(stack: ExitStack, args: list[str], **options) -> ChildProcess:
     return child
 
 
-def replicas(stack: ExitStack, model: str) -> list[ChildProcess]:
+def replicas(stack: ExitStack, model: str, block_size: int | None) -> list[ChildProcess]:
+    cores = sorted(os.sched_getaffinity(0))  # one core each (vLLM would bind both to the first)
     children = [start(stack, [sys.executable, "-m", "rlhf_mesh", "serve", "generation", "--model", model, "--dtype",
-                              "float32", "--max-model-len", "1024"]) for _ in range(2)]
+                              "float32", "--max-model-len", "1024",
+                              *([f"--engine-args=block_size={block_size}"] if block_size else [])],
+                      env={"VLLM_CPU_OMP_THREADS_BIND": str(cores[k % len(cores)])}) for k in range(2)]
     for child in children:
         child.wait_serving()
     return children
@@ -116,6 +121,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="episodes per task")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--turn-tokens", type=int, default=32)
+    parser.add_argument("--block-size", type=int, help="vLLM's KV cache block size (default: vLLM's, 128 on CPU): "
+                        "the prefix cache holds whole blocks only")
     a = parser.parse_args()
     from rlhf_mesh.tiny_models import build, prompts
 
@@ -125,7 +132,7 @@ def main() -> None:
         tasks = [{"question": q} for q in questions]
         figures = {}
         with ExitStack() as stack:
-            generation = replicas(stack, model)
+            generation = replicas(stack, model, a.block_size)
             run_episodes(generation, True, tasks[:2], a)  # warm-up
             asyncio.run(single_turn(generation, questions[:2], a))
             single_s, single_tokens = asyncio.run(single_turn(generation, questions, a))
@@ -133,7 +140,7 @@ def main() -> None:
             figures["affinity"] = (*run_episodes(generation, True, tasks, a), before,
                                    prefix_cache([g.metrics_port for g in generation]))
         with ExitStack() as stack:  # fresh replicas: an empty prefix cache
-            generation = replicas(stack, model)
+            generation = replicas(stack, model, a.block_size)
             before = prefix_cache([g.metrics_port for g in generation])
             figures["spread"] = (*run_episodes(generation, False, tasks, a), before,
                                  prefix_cache([g.metrics_port for g in generation]))
@@ -149,7 +156,8 @@ def main() -> None:
     seconds, _, tokens, _, _ = figures["affinity"]
     print(f"\nepisodes / single-turn sampled tokens/s: {tokens / seconds / (single_tokens / single_s):.2f}x "
           f"(goal >= 0.8)")
-    print(json.dumps({"tasks": a.tasks, "n": a.n, "turns": a.turns, "turn_tokens": a.turn_tokens}))
+    print(json.dumps({"tasks": a.tasks, "n": a.n, "turns": a.turns, "turn_tokens": a.turn_tokens,
+                      "block_size": a.block_size}))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ OVERLAYS = ["cpu-dev", "gpu"]
 KUBERNETES_VERSION = "1.30.0"
 # Created by the operator (deploy/README.md).
 EXTERNAL_SECRETS = {"gpu": {"rlhf-mesh-feedback-db", "rlhf-mesh-tls", "rlhf-mesh-tokens", "rlhf-mesh-learner-token",
-                            "rlhf-mesh-peer-token"}}
+                            "rlhf-mesh-peer-token", "rlhf-mesh-environment-token"}}
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 
@@ -143,7 +143,7 @@ def test_secured_overlay_turns_on_mutual_tls_and_tokens_for_every_service(render
             if probe in container:  # kubelet cannot speak TLS: every probe uses the plaintext health port
                 assert container[probe]["grpc"]["port"] == health, (service, probe)
         # The services that call others: a token and a CA for them, and the name their certificate carries.
-        caller = {"learner": "SERVICES_", "generation": "CATCH_UP_"}.get(service)
+        caller = {"learner": "SERVICES_", "environment": "SERVICES_", "generation": "CATCH_UP_"}.get(service)
         if caller:
             for key in ("TOKEN_FILE", "TLS_CA"):
                 assert f"{caller}{key}".lower() in settings.model_fields, (service, key)

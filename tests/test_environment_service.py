@@ -50,14 +50,19 @@ def policy(tiny_models, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def services(policy, tmp_path_factory):
-    """A generation replica and an EnvironmentService (tokens on) with the built-ins and the test environments."""
+def services(policy, tiny_models, tmp_path_factory):
+    """A generation replica, a reward service with the tiny reward model, and an EnvironmentService
+    (tokens on) with the built-ins and the test environments."""
     folder = tmp_path_factory.mktemp("environment")
     tokens = write_tokens(folder / "tokens.yaml", learner=["generate", "admin"], scorer=["score"])
     (folder / "learner.token").write_text(tokens["learner"])
+    reward = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--model", f"rm={tiny_models['reward']}"],
+                         folder / "reward.log")
     generation = start_generation_server(policy, folder / "generation.log")
+    reward.wait_serving()
     environment = ChildServer(
-        [PYTHON, "-m", "rlhf_mesh", "serve", "environment", "--generation", generation.address,
+        [PYTHON, "-m", "rlhf_mesh", "serve", "environment", "--generation", generation.address, "--reward",
+         reward.address,
          "--environment", "retry", "--environment", "calculator",
          "--environment", "chatty=environments_for_tests:Chatty",
          "--environment", "faulty=environments_for_tests:Faulty",
@@ -65,15 +70,16 @@ def services(policy, tmp_path_factory):
         folder / "environment.log", env={"PYTHONPATH": str(ROOT / "tests")})
     try:
         environment.wait_serving()
-        yield generation, environment, tokens, folder
+        yield generation, environment, tokens, folder, reward
     finally:
         assert environment.stop() == 0
         assert generation.stop() == 0
+        assert reward.stop() == 0
 
 
 @pytest.fixture(scope="module")
 def client(services):
-    _, environment, tokens, _ = services
+    _, environment, tokens, _, _ = services
     with EnvironmentClient(environment.address, token=tokens["learner"], timeout_s=300) as client:
         yield client
 
@@ -147,9 +153,26 @@ def test_an_environment_that_raises_hangs_or_kills_its_worker_ends_only_its_epis
     assert "ran past its 3 s timeout" in episodes[1].error
     assert "killed its worker process" in episodes[2].error
     assert episodes[3].end == END.EPISODE_END_DONE and episodes[3].reward == 1.0
+    # A built-in's message about a task reaches the caller.
+    (bad,) = client.run_episodes("retry", [{"question": "Hi."}], max_tokens=4)
+    assert bad.end == END.EPISODE_END_ENVIRONMENT_ERROR and "needs a string 'question' and an 'answer'" in bad.error
     # The service goes on, with a replaced worker.
     (again,) = client.run_episodes("faulty", [{"fault": "none"}], max_tokens=4, seed=0)
     assert again.end == END.EPISODE_END_DONE and again.reward == 1.0
+
+
+def test_a_reward_model_scores_the_whole_conversation_beside_the_environments_reward(client, services):
+    from rlhf_mesh.clients.reward import RewardClient
+
+    reward = services[4]
+    episodes = list(client.run_episodes("faulty", [{"fault": "none"}], n=2, max_tokens=4, seed=0, reward_model="rm"))
+    with RewardClient(reward.address) as scorer:
+        for episode in episodes:
+            conversation = [{"role": m.role, "content": m.content} for m in episode.messages]
+            (expected,) = scorer.scores([conversation], model="rm")
+            assert episode.reward_model_score == pytest.approx(expected, abs=1e-6)
+            assert episode.environment_reward == 1.0
+            assert episode.reward == pytest.approx(1.0 + expected, abs=1e-6)
 
 
 def test_limits_end_and_mark_episodes(client):
@@ -165,7 +188,7 @@ def test_limits_end_and_mark_episodes(client):
 
 
 def test_bad_requests_are_refused_naming_the_field(client, services):
-    _, environment, tokens, _ = services
+    _, environment, tokens, _, _ = services
     task = {"question": "Hi."}
     cases = [
         (dict(environment="nope", tasks=[task]), "environment"),
@@ -176,7 +199,7 @@ def test_bad_requests_are_refused_naming_the_field(client, services):
         (dict(environment="chatty", tasks=["{" * 100000]), "tasks_json[0]"),
         (dict(environment="chatty", tasks=[task], max_turns=9), "max_turns"),
         (dict(environment="chatty", tasks=[task], max_episode_tokens=257), "max_episode_tokens"),
-        (dict(environment="chatty", tasks=[task], reward_model="rm"), "reward_model"),
+        (dict(environment="chatty", tasks=[task], reward_model="nope"), "reward_model"),
         (dict(environment="chatty", tasks=[]), "tasks_json"),
     ]
     for arguments, field in cases:
@@ -217,7 +240,7 @@ async def test_the_learner_trains_on_episodes_and_the_held_out_episode_reward_ri
     from rlhf_mesh.services.learner.run import Run
     from rlhf_mesh.services.learner.settings import LearnerSettings
 
-    generation, environment, _, folder = services
+    generation, environment, _, folder, _ = services
     pattern = r"^\s*[aeiouAEIOU]"
     questions = prompts()
     for name, chosen in (("train", questions[::2]), ("held_out", questions[1::2][:32])):

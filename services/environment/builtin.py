@@ -13,7 +13,7 @@ import operator
 import re
 from typing import ClassVar
 
-from rlhf_mesh.services.environment.environments import Step
+from rlhf_mesh.services.environment.environments import EnvironmentFailed, Step
 from rlhf_mesh.services.reward import functions
 
 CALCULATOR_TOOL = {
@@ -67,10 +67,11 @@ def _correct(task: dict, answer: str) -> bool:
 
 
 def _task(task: dict) -> dict:
+    """The task, or EnvironmentFailed saying what it lacks (the caller sees the message)."""
     if not isinstance(task.get("question"), str) or not isinstance(task.get("answer"), str | int | float):
-        raise ValueError("the task needs a string 'question' and an 'answer' (string or number)")
+        raise EnvironmentFailed("the task needs a string 'question' and an 'answer' (string or number)")
     if task.get("check", "math") not in ("math", "exact", "regex"):
-        raise ValueError("the task's 'check' is one of math, exact, regex")
+        raise EnvironmentFailed("the task's 'check' is one of math, exact, regex")
     return task
 
 

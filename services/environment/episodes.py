@@ -10,6 +10,7 @@ Every turn of an episode goes to one replica, whose prefix cache then holds the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -44,8 +45,11 @@ class ChatTokens:
         self.end_of_message = base[ends[-1]]
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=True, return_dict=False,
-                                                       add_generation_prompt=generation_prompt))
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=True,
+                                                           return_dict=False, add_generation_prompt=generation_prompt))
+        except Exception as err:  # a template may refuse a role or an order of messages
+            raise TemplateError(f"it cannot render these messages: {type(err).__name__}: {err}") from None
 
     def prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """The first prompt: reset()'s messages and the assistant's generation prompt."""
@@ -53,10 +57,15 @@ class ChatTokens:
 
     def observation(self, messages: list[dict[str, str]]) -> list[int]:
         """What follows a turn's EOS: the template's separator, the messages, the generation prompt."""
-        ids = self._render(_BASE + messages, generation_prompt=True)
+        return list(self._observation(json.dumps(messages)))
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one per environment, for the server's life
+    def _observation(self, messages: str) -> tuple[int, ...]:
+        """Environments repeat their observations ("Wrong, try again."): each is rendered once."""
+        ids = self._render(_BASE + json.loads(messages), generation_prompt=True)
         if ids[:len(self.base)] != self.base:
             raise TemplateError("the chat template renders a conversation differently once messages follow it")
-        return ids[len(self.base):]
+        return tuple(ids[len(self.base):])
 
 
 @dataclass

@@ -60,8 +60,12 @@ class EnvironmentServicer(environment_pb2_grpc.EnvironmentServiceServicer):
                           context: grpc.aio.ServicerContext) -> AsyncIterator[environment_pb2.RunEpisodesResponse]:
         try:
             spec, chat, tasks, n, sampling, limits = self._validate(request)
+            await self._check_reward_model(request.reward_model)
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except grpc.aio.AioRpcError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"reward_model: the reward service cannot say what it "
+                                f"serves ({err.code().name}: {err.details()})")
         remaining = context.time_remaining()
         deadline = time.monotonic() + min(self.settings.rpc_timeout_s if remaining is None else remaining,
                                           self.settings.rpc_timeout_s)
@@ -87,11 +91,21 @@ class EnvironmentServicer(environment_pb2_grpc.EnvironmentServiceServicer):
         except grpc.aio.AioRpcError as err:  # a replica or the reward service failed: the caller retries
             code = err.code()
             if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
-                code = grpc.StatusCode.UNAVAILABLE
+                            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+                            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                code = grpc.StatusCode.UNAVAILABLE  # the other service's trouble, not the caller's
             await context.abort(code, f"a service the episodes call failed: {err.code().name}: {err.details()}")
         finally:
             await episodes.aclose()
+
+    async def _check_reward_model(self, name: str) -> None:
+        """A reward_model the reward service serves (asked now: its models may be reloaded)."""
+        if not name:
+            return
+        served = [m.name for m in await self.service.reward.list_models(timeout_s=30)]
+        if name not in served:
+            raise ValueError(f"reward_model: {name!r} is not served by the reward service (it serves "
+                             f"{', '.join(served)})")
 
     def _validate(self, request: environment_pb2.RunEpisodesRequest) -> tuple:
         s = self.settings
