@@ -9,8 +9,8 @@ import re
 from collections import Counter
 
 from rlhf_mesh import arithmetic
+from rlhf_mesh.reward_functions import math
 from rlhf_mesh.services.learner.data import PromptDataset
-from rlhf_mesh.services.reward.functions import math
 
 
 def test_every_answer_is_the_operation_on_the_numbers_in_the_question():

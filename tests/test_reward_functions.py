@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf_mesh import reward_functions as functions
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import RewardClient
-from rlhf_mesh.services.reward import functions
-from rlhf_mesh.services.reward.function_pool import FairQueue
 from rlhf_mesh.services.reward.settings import parse_composite
 from rlhf_mesh.v1 import reward_pb2
+from rlhf_mesh.worker_pool import FairQueue
 
 from support import PYTHON, ROOT, ChildServer, free_port, metric, scrape, wait_for, write_tokens
 

@@ -1,7 +1,7 @@
 """Built-in environments: `calculator` (tool use) and `retry` (answers with feedback).
 
 Both take a task `{"question": ..., "answer": ...}` and check a final answer with the
-RewardService's own reward functions (services/reward/functions.py): `math` by default, or the
+RewardService's own reward functions (rlhf_mesh/reward_functions.py): `math` by default, or the
 task's `check` (`exact`, `regex`).
 """
 
@@ -13,8 +13,8 @@ import operator
 import re
 from typing import ClassVar
 
+from rlhf_mesh import reward_functions as functions
 from rlhf_mesh.services.environment.environments import EnvironmentFailed, Step
-from rlhf_mesh.services.reward import functions
 
 CALCULATOR_TOOL = {
     "type": "function",

@@ -16,7 +16,7 @@ one user message; role "tool" for tool output), the turn's reward or None, wheth
 is over, and how many tool calls the turn made. The episode's environment reward is the sum of
 its turns' rewards (None when no turn gave one). An instance lives for one episode; between
 calls it is pickled, so the server holds its state as bytes and never imports user code. It
-runs in the worker pool of services/reward/function_pool.py: a raise, a hang past the timeout
+runs in the worker pool of rlhf_mesh/worker_pool.py (the RewardService's too): a raise, a hang past the timeout
 or a killed worker ends its episode alone.
 """
 
@@ -28,7 +28,7 @@ import pickle
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rlhf_mesh.services.reward.function_pool import FunctionFailed, loaded
+from rlhf_mesh.worker_pool import FunctionFailed, loaded
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import Any
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.services.environment import environments
-from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool, PoolFull
 from rlhf_mesh.v1 import common_pb2, environment_pb2, generation_pb2
+from rlhf_mesh.worker_pool import FunctionFailed, FunctionPool, PoolFull
 
 # Any conversation whose assistant message ends in the EOS the model samples.
 _BASE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]

@@ -26,8 +26,8 @@ from rlhf_mesh.services.environment.episodes import (
     parse_task,
 )
 from rlhf_mesh.services.environment.settings import EnvironmentSettings
-from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool
 from rlhf_mesh.v1 import environment_pb2, environment_pb2_grpc
+from rlhf_mesh.worker_pool import FunctionFailed, FunctionPool
 
 log = logging.getLogger(__name__)
 

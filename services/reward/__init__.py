@@ -1,7 +1,7 @@
 """RewardService: batched scoring with reward models, reward functions and composites behind one gRPC contract.
 
 `Service` and `Settings` load on first use, so the reward-function worker processes, which
-import only services/reward/functions.py, start without the server's dependencies.
+import only rlhf_mesh/worker_pool.py and rlhf_mesh/reward_functions.py, start without the server's dependencies.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - `ModelScorer`: a reward model and its batcher (cross-request batching, a queue bounded in
   samples and tokens, admission before tokenizing, batches shared fairly between callers).
-- `FunctionScorer`: a reward function, run in the worker pool (services/reward/function_pool.py).
+- `FunctionScorer`: a reward function, run in the worker pool (rlhf_mesh/worker_pool.py).
 - `CompositeScorer`: a weighted sum of models and functions (TRL's `reward_weights`); the
   components of one call run concurrently, every component's score comes back beside the
   total, and a component that returns None for a sample is skipped (adds nothing).
@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rlhf_mesh.services.reward import functions
+from rlhf_mesh import reward_functions as functions
 from rlhf_mesh.services.reward.batcher import Batcher, NeverFits, QueueFull
-from rlhf_mesh.services.reward.function_pool import (
+from rlhf_mesh.services.reward.reward_model import InvalidSample, RewardModel
+from rlhf_mesh.v1 import reward_pb2
+from rlhf_mesh.worker_pool import (
     CallTooLarge,
     FunctionFailed,
     FunctionPool,
     FunctionTimedOut,
     PoolFull,
 )
-from rlhf_mesh.services.reward.reward_model import InvalidSample, RewardModel
-from rlhf_mesh.v1 import reward_pb2
 
 
 class ScoringError(Exception):
@@ -124,7 +124,7 @@ class ModelScorer(Scorer):
 
 
 def function_inputs(samples: list[reward_pb2.ScoreSample]) -> tuple[list, list[str], dict[str, list]]:
-    """TRL's (prompts, completions, kwargs) of the samples (services/reward/functions.py)."""
+    """TRL's (prompts, completions, kwargs) of the samples (rlhf_mesh/reward_functions.py)."""
     prompts, completions = [], []
     for i, sample in enumerate(samples):
         kind = sample.WhichOneof("input")

@@ -12,12 +12,12 @@ import grpc
 from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.security import TokenAuth, caller_name
 from rlhf_mesh.services.reward.dispatch import ScoreDispatcher
-from rlhf_mesh.services.reward.function_pool import FunctionFailed, FunctionPool
 from rlhf_mesh.services.reward.registry import ModelReloader, ScorerRegistry
 from rlhf_mesh.services.reward.reward_model import InvalidSample, RewardModel, TransformersRewardModel
 from rlhf_mesh.services.reward.scorers import CompositeScorer, FunctionScorer, ScoringError
 from rlhf_mesh.services.reward.settings import RewardSettings
 from rlhf_mesh.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from rlhf_mesh.worker_pool import FunctionFailed, FunctionPool
 
 log = logging.getLogger(__name__)
 

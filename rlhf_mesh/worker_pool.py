@@ -1,4 +1,5 @@
-"""Reward functions run in a pool of worker processes, never in the server's event loop.
+"""The worker processes user code runs in, never in a server's event loop: the RewardService's
+reward functions and the EnvironmentService's environments.
 
 Admission and order are the pool's own, not pebble's: a call is refused at once when the
 queue is full (PoolFull, with a retry hint), queued per caller, and handed to pebble only
@@ -43,7 +44,7 @@ import pebble
 from prometheus_client import Counter as Counted
 from prometheus_client import Gauge, Histogram
 
-from rlhf_mesh.services.reward import functions
+from rlhf_mesh import reward_functions as functions
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ Built-ins: `math` (math-verify equivalence of the response's answer, from `\\box
 last expression, with the reference), `exact` (the stripped response equals the reference),
 `regex` (the reference is a pattern the response must match), `format` (DeepSeek-R1's
 `<think>...</think>` then an answer). A user function is `package.module:callable`, named by
-the operator at start. They run in worker processes (services/reward/function_pool.py).
+the operator at start. They run in worker processes (rlhf_mesh/worker_pool.py); the
+EnvironmentService's built-in environments check answers with them too.
 """
 
 from __future__ import annotations
