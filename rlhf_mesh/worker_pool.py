@@ -84,20 +84,21 @@ class CallTooLarge(ValueError):
     """A call of more samples than the whole queue holds: it could never be admitted."""
 
 
-# In each worker: what it loaded (spec -> the loader's result), its loader and its memory limit.
+# In each worker: what it loaded (spec -> the loader's result), its loader, its memory limit and
+# the prefix of its pool's settings (for messages).
 _loaded: dict[str, Any] = {}
 _load: Callable[[str], Any] = functions.load
 _memory_mb = 0
-_what = "reward function"
+_settings = "function_"
 
 
 def _start_worker(memory_mb: int, specs: tuple[str, ...], load: Callable[[str], Any] = functions.load,
-                  what: str = "reward function") -> None:
+                  settings: str = "function_") -> None:
     """Pool initializer: caps the worker's data memory (heap and private mappings, not shared
     libraries) and imports its functions before it takes a task. It must not raise: pebble
     takes a worker that dies while no task runs for a broken pool."""
-    global _memory_mb, _load, _what
-    _load, _what = load, what
+    global _memory_mb, _load, _settings
+    _load, _settings = load, settings
     if memory_mb:
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         limit = memory_mb << 20 if hard == resource.RLIM_INFINITY else min(memory_mb << 20, hard)
@@ -116,8 +117,7 @@ def loaded(spec: str) -> Any:
 
 
 def _out_of_memory(spec: str) -> FunctionFailed:
-    setting = "function_worker_memory_mb" if _what == "reward function" else "environment_worker_memory_mb"
-    limit = f": its worker may use {_memory_mb} MiB ({setting})" if _memory_mb else ""
+    limit = f": its worker may use {_memory_mb} MiB ({_settings}worker_memory_mb)" if _memory_mb else ""
     return FunctionFailed(f"{spec} ran out of memory{limit}")
 
 
@@ -145,11 +145,15 @@ def _run(spec: str, prompts: list, completions: list[str], kwargs: dict) -> list
     if len(scores) != len(completions):
         raise FunctionFailed(f"{spec} returned {len(scores)} scores for {len(completions)} samples")
     for i, score in enumerate(scores):
-        if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
-                                  or not math.isfinite(score)):
+        if not is_score(score):
             shown = repr(score) if isinstance(score, int | float) else f"a {type(score).__name__}"
             raise FunctionFailed(f"{spec} returned {shown} for sample {i}: a finite number or None is needed")
     return [None if s is None else float(s) for s in scores]
+
+
+def is_score(value: object) -> bool:
+    """A score user code may give: a finite number (not a bool), or None (does not apply)."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value))
 
 
 def _check(spec: str) -> None:
@@ -271,7 +275,7 @@ class FunctionPool:
         self._running = 0
         self._pace: dict[str, float] = {}  # spec -> recent seconds per sample (a moving average)
         self._pool = pebble.ProcessPool(max_workers=workers, initializer=_start_worker,
-                                        initargs=(memory_mb, tuple(dict.fromkeys(specs)), load, what),
+                                        initargs=(memory_mb, tuple(dict.fromkeys(specs)), load, settings),
                                         context=multiprocessing.get_context("spawn"))
         QUEUE_DEPTH.set_function(lambda: self._queue.depth)
 

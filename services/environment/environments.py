@@ -28,7 +28,7 @@ import pickle
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rlhf_mesh.worker_pool import FunctionFailed, loaded
+from rlhf_mesh.worker_pool import FunctionFailed, is_score, loaded
 
 
 @dataclass
@@ -115,8 +115,7 @@ def step_in_worker(spec: str, state: bytes, action: str) -> tuple[bytes, dict[st
     if not isinstance(step, Step):
         raise EnvironmentFailed(f"{spec} step() returned a {type(step).__name__}, not a Step")
     reward = step.reward
-    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)
-                               or reward != reward or abs(reward) == float("inf")):
+    if not is_score(reward):
         raise EnvironmentFailed(f"{spec} step() gave the reward {reward!r}: a finite number or None is needed")
     if not isinstance(step.tool_calls, int) or isinstance(step.tool_calls, bool) or step.tool_calls < 0:
         raise EnvironmentFailed(f"{spec} step() gave tool_calls={step.tool_calls!r}: a count is needed")

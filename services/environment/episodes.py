@@ -37,7 +37,8 @@ class ChatTokens:
     def __init__(self, tokenizer: Any, eos_ids: Sequence[int], tools: list[dict] | None) -> None:
         self.tokenizer, self.tools = tokenizer, tools or None
         base = self._render(_BASE, generation_prompt=False)
-        ends = [i for i, token in enumerate(base) if token in set(eos_ids)]
+        eos = set(eos_ids)
+        ends = [i for i, token in enumerate(base) if token in eos]
         if not ends:
             raise TemplateError("the chat template does not end an assistant message with an end-of-sequence token, "
                                 "so an episode cannot know where a turn ends")

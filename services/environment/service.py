@@ -140,12 +140,12 @@ def _sampling(params: Any) -> dict[str, Any]:
         raise ValueError("sampling.n: an episode samples one continuation per turn; ask for n episodes instead")
     if params.stop:
         raise ValueError("sampling.stop: stop strings are not allowed (they cut inside a token); use stop_token_ids")
-    sampling: dict[str, Any] = {"max_tokens": params.max_tokens if params.HasField("max_tokens") else 16,
-                                "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos}
-    if sampling["max_tokens"] < 1:
-        raise ValueError(f"sampling.max_tokens: {sampling['max_tokens']}; at least 1")
     if params.ignore_eos:
         raise ValueError("sampling.ignore_eos: a turn must be able to end")
+    sampling: dict[str, Any] = {"max_tokens": params.max_tokens if params.HasField("max_tokens") else 16,
+                                "stop_token_ids": list(params.stop_token_ids)}
+    if sampling["max_tokens"] < 1:
+        raise ValueError(f"sampling.max_tokens: {sampling['max_tokens']}; at least 1")
     for field in ("temperature", "top_p", "top_k", "seed"):
         if params.HasField(field):
             sampling[field] = getattr(params, field)

@@ -83,9 +83,8 @@ class EpisodeCollector:
         floor = self.options["min_policy_version"]
         rollouts = [to_rollout(self.received[key], key[0], floor) for key in keys]
         elapsed = time.perf_counter() - started
-        collected = Collected(rollouts, generate_s=elapsed, score_tail_s=0.0)
-        collected.scalars = episode_scalars([self.received[key] for key in keys], self.prefix)
-        return collected
+        return Collected(rollouts, generate_s=elapsed, score_tail_s=0.0,
+                         scalars=episode_scalars([self.received[key] for key in keys], self.prefix))
 
     def _missing(self) -> list[int]:
         return [i for i in range(len(self.tasks)) if any((i, j) not in self.received for j in range(self.n))]
