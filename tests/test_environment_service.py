@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_mesh.clients.environment import EnvironmentClient
+from rlhf_mesh.clients.environment import EnvironmentClient, episodes_request
 from rlhf_mesh.services.environment.builtin import Calculator, evaluate
 from rlhf_mesh.services.learner.models import forward, make_batch
 from rlhf_mesh.tiny_models import prompts
@@ -197,6 +197,8 @@ def test_bad_requests_are_refused_naming_the_field(client, services):
         (dict(environment="chatty", tasks=["x" * 70000]), "tasks_json[0]"),
         (dict(environment="chatty", tasks=["[1, 2]"]), "tasks_json[0]"),
         (dict(environment="chatty", tasks=["{" * 100000]), "tasks_json[0]"),
+        (dict(environment="chatty", tasks=['{"a": ' + "[" * 2000 + "]" * 2000 + "}"]), "tasks_json[0]"),
+        (dict(environment="chatty", tasks=['{"question": ' + "9" * 5000 + "}"]), "tasks_json[0]"),
         (dict(environment="chatty", tasks=[task], max_turns=9), "max_turns"),
         (dict(environment="chatty", tasks=[task], max_episode_tokens=257), "max_episode_tokens"),
         (dict(environment="chatty", tasks=[task], reward_model="nope"), "reward_model"),
@@ -207,10 +209,17 @@ def test_bad_requests_are_refused_naming_the_field(client, services):
             list(client.run_episodes(arguments.pop("environment"), arguments.pop("tasks"), **arguments))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, arguments
         assert field in refused.value.details(), (field, refused.value.details())
-    for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), (tokens["scorer"], grpc.StatusCode.PERMISSION_DENIED)):
+    # A lone surrogate (UTF-8 no encoder writes) in a task: the request is no valid message.
+    raw = episodes_request("chatty", ["x"]).SerializeToString().replace(b"x", b"\xed\xa0\x80")
+    with pytest.raises(grpc.RpcError) as refused:
+        list(client.channel.unary_stream("/rlhf_mesh.v1.EnvironmentService/RunEpisodes")(raw, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), (tokens["scorer"], grpc.StatusCode.PERMISSION_DENIED),
+                        ("x" * 4096, grpc.StatusCode.UNAUTHENTICATED)):
         with EnvironmentClient(environment.address, token=token) as stranger, pytest.raises(grpc.RpcError) as refused:
             list(stranger.run_episodes("chatty", [task]))
         assert refused.value.code() == code
+        assert token is None or token not in refused.value.details()
 
 
 def test_the_calculator_exposes_its_tool_and_runs_it_without_eval(client):
