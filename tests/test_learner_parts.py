@@ -346,8 +346,10 @@ def _train_as_rank(rank: int, world_size: int, port: int, settings: dict, steps:
                 "rng": torch.load(checkpoint / "trainer.pt", weights_only=False)["rng"]}, out)
 
 
-def _fixed_steps(count: int, seed: int = 0) -> list[list]:
-    """`count` steps of 16 made-up rollouts (4 prompts x 4 samples, scores from a Gaussian)."""
+def _fixed_steps(count: int, seed: int = 0, policy: Path | None = None, lengths: range = range(1, 12)) -> list[list]:
+    """`count` steps of 16 made-up rollouts (4 prompts x 4 samples, scores from a Gaussian). With
+    `policy`, their sampler log-probs are its own (the first step's) plus noise of 0.05, as a sampler
+    in another precision would give them; else -5.0 everywhere."""
     import random
 
     from rlhf_mesh.services.learner.rollouts import Rollout
@@ -355,12 +357,23 @@ def _fixed_steps(count: int, seed: int = 0) -> list[list]:
     rng = random.Random(seed)
 
     def rollout(i: int) -> Rollout:
-        response = [rng.randrange(5, 200) for _ in range(rng.randrange(1, 12))]
+        response = [rng.randrange(5, 200) for _ in range(rng.choice(lengths))]
         return Rollout(prompt_index=i // 4, sample_index=i % 4, prompt_ids=[1] + [rng.randrange(5, 200)] * (i % 5 + 1),
                        response_ids=response, sampler_logprobs=[-5.0] * len(response), text="", finished=i % 3 > 0,
                        policy_version_start=0, policy_version_end=0, score=rng.gauss(0, 1))
 
-    return [[rollout(i) for i in range(16)] for _ in range(count)]
+    steps = [[rollout(i) for i in range(16)] for _ in range(count)]
+    if policy is not None:
+        model = AutoModelForCausalLM.from_pretrained(policy).eval()
+        noise = torch.Generator().manual_seed(seed)
+        for rollouts in steps:
+            batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], 0)
+            with torch.no_grad():
+                logprobs = forward(model, batch, 1.0)[1]
+            logprobs += 0.05 * torch.randn(logprobs.shape, generator=noise)
+            for r, row in zip(rollouts, logprobs, strict=True):
+                r.sampler_logprobs = row[:len(r.response_ids)].tolist()
+    return steps
 
 
 def _trainer_settings(tiny_models, **overrides) -> dict:
@@ -373,7 +386,7 @@ def _trainer_settings(tiny_models, **overrides) -> dict:
 def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
     """DDP over 2 gloo ranks, each taking half of every mini-batch's micro-batches, equals one
     process taking them all: the same micro-batches, gradients summed in another order."""
-    steps = _fixed_steps(3)
+    steps = _fixed_steps(3, policy=tiny_models["policy"])
     settings = _trainer_settings(tiny_models, gradient_accumulation_steps=2, value_head=critic == "value head",
                                  advantage_estimator="grpo" if critic == "grpo" else "gae")
     one, two = (_spawn(world_size, settings, steps, tmp_path / str(world_size)) for world_size in (1, 2))
@@ -386,6 +399,39 @@ def test_two_ranks_train_like_one_process(tiny_models, tmp_path, critic):
         for name, value in expected.items():
             if not name.startswith("time/"):
                 assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_a_token_mean_update_is_the_same_for_any_split_of_the_mini_batch(tiny_models, tmp_path):
+    """token-mean: one mini-batch of responses from 1 to 60 tokens, taken whole, as 4 micro-batches,
+    or as 2 DDP ranks of one micro-batch each, gives the same weights after 2 steps of 2 epochs (the
+    old per-micro-batch mean does not: tests/test_ppo_math.py shows its gradient changing)."""
+    steps = _fixed_steps(2, seed=5, policy=tiny_models["policy"], lengths=range(1, 61))
+    settings = _trainer_settings(tiny_models, num_mini_batches=1, advantage_estimator="grpo")
+    runs = {name: _spawn(world, {**settings, "gradient_accumulation_steps": accumulate}, steps, tmp_path / name)
+            for name, world, accumulate in (("whole", 1, 1), ("4 micro-batches", 1, 4), ("2 ranks", 2, 2))}
+    initial = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).state_dict()
+    assert not all(torch.equal(w, initial[n]) for n, w in runs["whole"]["policy"].items())  # training moved them
+    for name in ("4 micro-batches", "2 ranks"):
+        for key, weight in runs["whole"]["policy"].items():
+            torch.testing.assert_close(runs[name]["policy"][key], weight, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+        for expected, got in zip(runs["whole"]["scalars"], runs[name]["scalars"], strict=True):
+            assert got["losses/policy_loss"] == pytest.approx(expected["losses/policy_loss"], rel=1e-5, abs=1e-7)
+
+
+def test_kl_coef_0_loads_and_runs_no_reference(tiny_models, tmp_path):
+    """Without a KL term there is no reference model, no reference pass and no KL scalar; with one
+    there is a reference copy."""
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+
+    steps = _fixed_steps(1, policy=tiny_models["policy"])
+    _, _, with_kl = _train(_trainer_settings(tiny_models, advantage_estimator="grpo"), steps, tmp_path / "kl")
+    assert with_kl.models.reference is not None
+    scalars, _, without = _train(_trainer_settings(tiny_models, advantage_estimator="grpo", kl_coef=0.0), steps,
+                                 tmp_path / "no-kl")
+    assert without.models.reference is None
+    assert "objective/kl" not in scalars[0] and "losses/policy_loss" in scalars[0]
+    with pytest.raises(ValueError, match="use_kl_loss needs kl_coef > 0"):
+        LearnerSettings(**_trainer_settings(tiny_models, kl_coef=0.0, use_kl_loss=True), output_dir=tmp_path)
 
 
 def _spawn(world_size: int, settings: dict, steps: list, output_dir) -> dict:
@@ -413,7 +459,7 @@ def test_fsdp2_ranks_train_like_one_process_and_resume(tiny_models, tmp_path, va
 
     from rlhf_mesh.weights import state_dict_of
 
-    steps = _fixed_steps(3, seed=4)
+    steps = _fixed_steps(3, seed=4, policy=tiny_models["policy"])
     lora = variant.startswith("LoRA")
     settings = _trainer_settings(tiny_models, gradient_accumulation_steps=2, value_head=lora, use_peft=lora,
                                  lora_r=4, lora_alpha=8, gradient_checkpointing=not lora,
@@ -460,7 +506,7 @@ def test_bf16_and_gradient_checkpointing_train_like_float32(tiny_models, tmp_pat
     the weights and AdamW's state stay float32: after 2 steps at lr 1e-4 the update has the same
     direction (cosine >= 0.999) and size (1%), no weight is 2e-3 away (measured: 4e-4), and the
     losses agree within 1e-3 (the KL, a sum over tokens, within 1e-3 per token)."""
-    steps = _fixed_steps(2)
+    steps = _fixed_steps(2, policy=tiny_models["policy"])
     settings = _trainer_settings(tiny_models, learning_rate=1e-4, steps=2)
     initial = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).state_dict()
     runs = {name: _train({**settings, **extra}, steps, tmp_path / name)[:2] for name, extra in {
@@ -491,7 +537,7 @@ def test_bf16_and_gradient_checkpointing_train_like_float32(tiny_models, tmp_pat
 def test_a_schedule_weight_decay_and_bf16_resume_exactly(tiny_models, tmp_path):
     """Linear warm-up then decay over the run's optimizer steps (steps x epochs x mini-batches),
     and a run resumed from its step-1 checkpoint ends where the uninterrupted one does."""
-    steps = _fixed_steps(3, seed=1)
+    steps = _fixed_steps(3, seed=1, policy=tiny_models["policy"])
     settings = _trainer_settings(tiny_models, steps=3, lr_scheduler_type="linear", warmup_steps=3,
                                  weight_decay=0.1, dtype="bfloat16", gradient_checkpointing=True)
     scalars, weights, _ = _train(settings, steps, tmp_path / "whole")
@@ -518,7 +564,7 @@ def test_lora_trains_the_adapter_alone_against_the_base_and_resumes_exactly(tiny
 
     from rlhf_mesh.weights import state_dict_of
 
-    steps = _fixed_steps(3, seed=2)
+    steps = _fixed_steps(3, seed=2, policy=tiny_models["policy"])
     settings = _trainer_settings(tiny_models, steps=3, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=1e-2,
                                  value_head=True, lora_dropout=0.1)
     scalars, weights, trainer = _train(settings, steps, tmp_path / "whole")

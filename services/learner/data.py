@@ -104,6 +104,14 @@ class PromptDataset:
         """The reference answers of `batch(step, batch_size)`, None where a row has none."""
         return [self.references[i] for i in self._indices(step, batch_size)]
 
+    def more(self, step: int, round_: int, count: int) -> tuple[list[Prompt], list[str | None]]:
+        """`count` more prompts (and their references) for round `round_` of step `step`'s
+        over-sampling: a seeded draw without replacement, a pure function of (seed, step, round)
+        like the step's own batch."""
+        rng = np.random.default_rng([self.seed, step, round_, 1])
+        indices = rng.choice(len(self.prompts), size=min(count, len(self.prompts)), replace=False)
+        return [self.prompts[i] for i in indices], [self.references[i] for i in indices]
+
     def _indices(self, step: int, batch_size: int) -> list[int]:
         start = step * batch_size
         return [self._index(position) for position in range(start, start + batch_size)]

@@ -101,7 +101,7 @@ class Critic(torch.nn.Module):
 @dataclass
 class Models:
     policy: torch.nn.Module  # a PeftModel with LoRA
-    reference: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
+    reference: torch.nn.Module | None  # None with LoRA (the policy with its adapter disabled) or without KL
     critic: Critic | None
 
 
@@ -118,15 +118,16 @@ def with_lora(policy: torch.nn.Module, adapter: str | None, r: int, alpha: int, 
 
 
 def load_models(policy_path: str, reference_path: str | None, critic_path: str | None, value_head: bool,
-                with_critic: bool, device: str, reference_dtype: torch.dtype = torch.float32,
-                gradient_checkpointing: bool = False,
+                with_critic: bool, device: str, with_reference: bool = True,
+                reference_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
                 lora: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Models:
     """Policy (float32, trainable), frozen reference (in `reference_dtype`: it is only ever run
     under autocast to it), critic (None when critic-free). `lora` (`with_lora`) makes the policy
-    a PEFT model, and then there is no reference copy: it is the policy with the adapter disabled."""
+    a PEFT model, and then there is no reference copy: it is the policy with the adapter disabled.
+    Without `with_reference` (no KL term) there is no reference at all."""
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     reference = None
-    if lora is None:
+    if lora is None and with_reference:
         reference = copy.deepcopy(policy) if reference_path is None else \
             AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32).to(device)
         reference.to(reference_dtype).eval().requires_grad_(False)

@@ -20,6 +20,11 @@ def _headline(scalars: dict[str, float]) -> str:
     return " ".join(f"{short}={scalars[name]:.4g}" for name, short in HEADLINE if name in scalars)
 
 
+def _markdown_cell(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
 class Reporter:
     """Every step's scalars to TensorBoard (`output_dir/tensorboard`) and W&B, as `report_to` says;
     a tqdm bar on a terminal, one log line per step otherwise.
@@ -33,6 +38,7 @@ class Reporter:
                  report_to: Sequence[str] = ("tensorboard",), wandb_project: str = "rlhf-mesh",
                  run_name: str | None = None, config: dict | None = None) -> None:
         self.writer = self.wandb = None
+        self.output_dir = output_dir
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -60,6 +66,23 @@ class Reporter:
             self.writer.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """Samples people read: appended to output_dir/samples.jsonl, a TensorBoard text table, a W&B table."""
+        with (self.output_dir / "samples.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        columns = list(rows[0])
+        if self.writer is not None:
+            table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            table += ["| " + " | ".join(_markdown_cell(row[c]) for c in columns) + " |" for row in rows]
+            self.writer.add_text("samples", "\n".join(table), step)
+            self.writer.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[json.dumps(row[c]) if isinstance(
+                row[c], dict | list) else row[c] for c in columns] for row in rows])}, step=step)
 
     def step(self, step: int, scalars: dict[str, float]) -> None:
         """A step's scalars logged, and the progress shown."""
@@ -108,7 +131,8 @@ def summary(history: list[dict[str, float]]) -> str:
     first, last = history[0], history[-1]
     rows = [("", "first step", "last step")]
     for name, _ in HEADLINE[:2]:
-        rows.append((name, f"{first.get(name, float('nan')):.4f}", f"{last.get(name, float('nan')):.4f}"))
+        if name in first or name in last:  # objective/kl: only with a reference (kl_coef > 0)
+            rows.append((name, f"{first.get(name, float('nan')):.4f}", f"{last.get(name, float('nan')):.4f}"))
     phases = sorted(k for k in last if k.startswith("time/"))
     for name in phases:
         mean = sum(h.get(name, 0.0) for h in history) / len(history)

@@ -26,7 +26,7 @@ from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.publisher import PolicyPublisher
 from rlhf_mesh.services.learner.report import Reporter, write_report
 from rlhf_mesh.services.learner.retry import Retry, failure, learner_client
-from rlhf_mesh.services.learner.rollouts import Collected, RolloutCollector, component_means
+from rlhf_mesh.services.learner.rollouts import Collected, Rollout, RolloutCollector, component_means
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.services.learner.trainer import Trainer
 from rlhf_mesh.v1 import learner_pb2
@@ -52,6 +52,8 @@ class Run:
         self.reward: AsyncRewardClient | None = None
         self.environment: AsyncEnvironmentClient | None = None
         self._prefetched: asyncio.Task[Collected] | None = None  # the next step's rollouts, in async mode
+        self.samples: list[dict] = []  # the last step's samples to log (log_samples_steps)
+        self._tokenizer = None
         self.metrics: list[learner_pb2.WatchMetricsResponse] = []
         self.last_checkpoint: tuple[Path, int] | None = None
         self.changed = asyncio.Condition()  # notified on every new step and state change
@@ -148,6 +150,8 @@ class Run:
         if s.async_generation and self.step + 1 < s.steps:
             self._prefetched = self._collect(self.step + 1)
         scalars = await asyncio.to_thread(self.trainer.train, collected.rollouts)
+        if s.log_samples_steps and (self.step + 1) % s.log_samples_steps == 0:
+            self.samples = await asyncio.to_thread(self._samples, collected.rollouts, self.step + 1)
         pushed = time.perf_counter()
         push_report = await self.publisher.publish(self.version + 1)
         self.trainer.step += 1
@@ -169,6 +173,19 @@ class Run:
         self.trainer.history.append({"step": float(self.step), **scalars})
         return scalars
 
+    def _samples(self, rollouts: list[Rollout], step: int) -> list[dict]:
+        """The first log_samples rollouts of a step as people read them: the prompt and the response
+        as the model saw them (decoded, template and all), scores, advantage, end, policy versions."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.trainer.policy_path)
+        chosen = list(zip(rollouts, self.trainer.sequence_advantages, strict=True))[:self.settings.log_samples]
+        return [{"step": step, "prompt": self._tokenizer.decode(r.prompt_ids),
+                 "response": self._tokenizer.decode(r.response_ids), "score": r.score, "components": r.components,
+                 "advantage": advantage, "finish": "stop" if r.finished else "length",
+                 "policy_versions": [r.policy_version_start, r.policy_version_end]} for r, advantage in chosen]
+
     async def _evaluate(self) -> dict[str, float]:
         """eval/*: one sample of every held-out prompt from the policy just published (with the same
         seeds each time, so evaluations differ only by the policy), scored like the rollouts."""
@@ -178,7 +195,7 @@ class Run:
                                           temperature=temperature, min_policy_version=self.version,
                                           prefix="eval/episodes").run()
         rollouts = collected.rollouts
-        kl = {"eval/kl": await asyncio.to_thread(self.trainer.kl, rollouts)} if s.eval_kl else {}
+        kl = {"eval/kl": await asyncio.to_thread(self.trainer.kl, rollouts)} if s.eval_kl and s.uses_reference else {}
         count = len(rollouts)
         return {
             **collected.scalars,
@@ -191,11 +208,52 @@ class Run:
 
     def _collect(self, step: int) -> asyncio.Task[Collected]:
         """Rollouts for `step` from a policy no older than the staleness bound allows."""
-        s = self.settings
-        return asyncio.create_task(self._collector(
-            self.dataset.batch(step, s.batch_size), self.dataset.batch_references(step, s.batch_size),
-            n=s.num_samples_per_prompt, seed=s.seed * 1_000_003 + step * s.rollouts_per_step,
-            temperature=s.temperature, min_policy_version=self.publisher.min_version(step, self.max_lag)).run())
+        return asyncio.create_task(self._gather(step))
+
+    async def _gather(self, step: int) -> Collected:
+        """The step's groups; with filter_groups (DAPO's dynamic sampling) only those whose metric
+        varies, sampling batch_size more prompts a round (up to max_sampling_rounds) until
+        batch_size are kept. A batch still short is filled with dropped groups that train nothing."""
+        s, n = self.settings, self.settings.num_samples_per_prompt
+        seed = s.seed * 1_000_003 + step * s.rollouts_per_step
+        options = dict(n=n, temperature=s.temperature,
+                       min_policy_version=self.publisher.min_version(step, self.max_lag))
+        collected = await self._collector(self.dataset.batch(step, s.batch_size),
+                                          self.dataset.batch_references(step, s.batch_size), seed=seed,
+                                          **options).run()
+        if s.filter_groups is None:
+            return collected
+        if s.filter_groups != "score" and not any(s.filter_groups in r.components for r in collected.rollouts):
+            names = sorted({name for r in collected.rollouts for name in r.components})
+            raise LearnerError(f"filter_groups: no sample has a reward component {s.filter_groups!r} (there are: "
+                               f"{', '.join(['score', *names])})")
+        kept, dropped, seen, rounds = [], [], 0, 0
+        generate_s = score_s = 0.0
+        while True:
+            groups = [collected.rollouts[i:i + n] for i in range(0, len(collected.rollouts), n)]
+            for group in groups:
+                (kept if _varies(group, s.filter_groups) else dropped).append(group)
+            seen, rounds = seen + len(groups), rounds + 1
+            generate_s, score_s = generate_s + collected.generate_s, score_s + collected.score_tail_s
+            if len(kept) >= s.batch_size or rounds == s.max_sampling_rounds:
+                break
+            prompts, references = self.dataset.more(step, rounds, s.batch_size)
+            collected = await self._collector(prompts, references, seed=seed + rounds * 1_000_000_007,
+                                              **options).run()
+        filled = max(0, s.batch_size - len(kept))
+        if filled:
+            log.warning("filter_groups: %d of %d groups varied in %d rounds; %d dropped groups fill the batch "
+                        "and train nothing", len(kept), seen, rounds, filled)
+        rollouts = []
+        for index, group in enumerate(kept[:s.batch_size] + dropped[:filled]):
+            for rollout in group:
+                rollout.prompt_index = index
+                if index >= s.batch_size - filled:
+                    rollout.loss_mask = [0] * len(rollout.response_ids)
+                rollouts.append(rollout)
+        return Collected(rollouts, generate_s=generate_s, score_tail_s=score_s, scalars={
+            **collected.scalars, "sampling/rounds": float(rounds), "sampling/kept_group_rate": len(kept) / seen,
+            "sampling/filled_groups": float(filled)})
 
     def _collector(self, prompts: list, references: list, *, n: int, seed: int, temperature: float,
                    min_policy_version: int, prefix: str = "episodes") -> RolloutCollector | EpisodeCollector:
@@ -237,6 +295,9 @@ class Run:
                 async with self._lock:
                     scalars = await self.run_step()
                 reporter.step(self.step, scalars)
+                if self.samples:
+                    reporter.samples(self.step, self.samples)
+                    self.samples = []
                 await self._record(scalars)
                 if s.save_steps and self.step % s.save_steps == 0:
                     await self.checkpoint()
@@ -297,6 +358,13 @@ class Run:
             self.state, self.message = state, message
             async with self.changed:
                 self.changed.notify_all()
+
+
+def _varies(group: list[Rollout], metric: str) -> bool:
+    """Whether a group's samples scored differently on `metric` (the raw score, or a component)."""
+    values = [r.score if metric == "score" else r.components.get(metric) for r in group]
+    values = [v for v in values if v is not None]
+    return len(values) > 1 and max(values) > min(values)
 
 
 def follow(settings: LearnerSettings) -> int:

@@ -6,6 +6,7 @@ the same file; flags override it (`--kl-coef 0.1`).
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,8 @@ from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.settings import ServiceSettings, old_name_of
+
+log = logging.getLogger(__name__)
 
 
 class LearnerSettings(ServiceSettings):
@@ -117,7 +120,7 @@ class LearnerSettings(ServiceSettings):
     )
     eval_kl: bool = Field(
         True, description="log eval/kl, the held-out samples' KL to the reference (a forward pass of the policy and "
-        "the reference over every one)"
+        "the reference over every one; none at kl_coef 0: there is no reference)"
     )
     eval_temperature: float | None = Field(
         None, ge=0, description="sampling temperature of the evaluation (0: greedy, the most likely answer); "
@@ -171,9 +174,14 @@ class LearnerSettings(ServiceSettings):
         None, description="module names to adapt, or [all-linear]; default: PEFT's for the architecture"
     )
 
-    # PPO (TRL names).
-    advantage_estimator: Literal["gae", "grpo", "rloo"] = Field(
-        "gae", description="gae: critic + GAE; grpo / rloo: critic-free group baselines"
+    # PPO (TRL's and veRL's names).
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+        "gae", description="gae: critic + GAE; grpo / rloo: critic-free group baselines; reinforce_pp: REINFORCE++, "
+        "critic-free returns whitened over the batch"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo: divide each advantage by its group's score std (group), the batch's (batch) or "
+        "nothing (none: Dr.GRPO)"
     )
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (policy and critic)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -187,20 +195,82 @@ class LearnerSettings(ServiceSettings):
     num_mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per mini-batch")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial value when adaptive)")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL estimator")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
+        Field("token-mean", description="how the policy, value, KL and entropy terms weigh tokens: token-mean (every "
+              "token of a mini-batch alike, whatever the micro-batches and ranks), seq-mean-token-mean (every "
+              "response alike), seq-mean-token-sum, seq-mean-token-sum-norm (token sums over response_length: "
+              "Dr.GRPO)")
+    policy_loss: Literal["ppo", "gspo", "cispo"] = Field(
+        "ppo", description="ppo: clipped surrogate; gspo: clipped sequence-level ratio (aggregated "
+        "seq-mean-token-mean); cispo: REINFORCE weighted by the clipped ratio"
+    )
+    kl_coef: float = Field(0.05, ge=0, description="KL coefficient (initial value when adaptive); 0: no reference "
+                           "model is loaded or run")
+    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = Field(
+        "k1", description="per-token KL estimator: k1, k2, k3, or low_var_kl (k3 clamped, as veRL)"
+    )
+    use_kl_loss: bool = Field(
+        False, description="put the KL to the reference in the loss (kl_coef times its aggregate) instead of "
+        "subtracting it from the rewards"
+    )
     target_kl: float | None = Field(None, gt=0, description="adapt kl_coef towards this KL per response; None: fixed")
     kl_horizon: int = Field(10000, ge=1, description="adaptive KL horizon, in samples")
-    cliprange: float = Field(0.2, gt=0, description="policy ratio clip")
+    cliprange: float = Field(0.2, gt=0, description="policy ratio clip (both sides unless cliprange_low/high)")
+    cliprange_low: float | None = Field(None, gt=0, lt=1, description="the ratio's lower clip 1 - cliprange_low")
+    cliprange_high: float | None = Field(
+        None, gt=0, description="the ratio's upper clip 1 + cliprange_high (DAPO's clip-higher: 0.28)"
+    )
+    clip_ratio_c: float | None = Field(
+        None, gt=1, description="dual-clip PPO: a negative advantage's loss is at most clip_ratio_c * |A| (e.g. 3)"
+    )
     cliprange_value: float = Field(0.2, gt=0, description="value clip")
     vf_coef: float = Field(0.1, ge=0, description="value loss coefficient")
     ent_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     whiten_rewards: bool = Field(False, description="whiten token rewards (scale only) before GAE")
-    whiten_advantages: bool = Field(True, description="whiten advantages over the step's tokens")
+    whiten_advantages: bool | None = Field(
+        None, description="whiten advantages over the step's tokens (default: with gae only; the group estimators' "
+        "scale is scale_rewards', and reinforce_pp whitens its own)"
+    )
+
+    # What is trained on.
+    filter_groups: str | None = Field(
+        None, description="dynamic sampling (DAPO): drop the groups whose samples all scored the same on this "
+        "metric (`score`, the reward service's raw score, or a composite's component, e.g. math) and sample more "
+        "prompts until batch_size groups are kept"
+    )
+    max_sampling_rounds: int = Field(
+        3, ge=1, description="filter_groups: rounds of sampling per step at most; a batch still short after them is "
+        "filled with dropped groups that train nothing"
+    )
+    overlong_buffer_len: int | None = Field(
+        None, ge=1, description="DAPO's soft overlong penalty: a response longer than response_length minus this "
+        "loses up to overlong_penalty, linearly"
+    )
+    overlong_penalty: float = Field(1.0, ge=0, description="the overlong penalty at response_length")
+    mask_truncated: bool = Field(
+        False, description="responses cut at the length limit (no EOS) give no loss (DAPO's overlong filtering)"
+    )
+    rollout_correction: Literal["mis", "tis", "none"] = Field(
+        "mis", description="correct for the gap between the sampler's policy (its streamed log-probs) and the "
+        "learner's: mis masks the loss outside [rollout_correction_min, rollout_correction_max] and weighs it by "
+        "the ratio inside; tis weighs it by min(ratio, rollout_correction_max); none: off"
+    )
+    rollout_correction_level: Literal["sequence", "token"] = Field(
+        "sequence", description="the ratio p_learner / p_sampler per token, or each response's geometric mean of it"
+    )
+    rollout_correction_max: float = Field(2.0, gt=1, description="upper bound of the ratio (truncation or mask)")
+    rollout_correction_min: float | None = Field(
+        None, gt=0, lt=1, description="mis: lower bound of the ratio (default 1 / rollout_correction_max)"
+    )
+    rollout_correction_bypass: bool = Field(
+        False, description="use the sampler's log-probs as the old policy of the PPO ratio and skip the learner's "
+        "old-log-prob pass (the ratio then corrects the gap itself; no mask or weight)"
+    )
     tis_cap: float | None = Field(
-        None, gt=0, description="truncated importance sampling: weight tokens by min(p_learner/p_sampler, cap)"
+        None, gt=0, description="deprecated: rollout_correction tis, rollout_correction_level token, "
+        "rollout_correction_max CAP"
     )
     seed: int = Field(0, description="prompt order, sampling seeds and torch")
 
@@ -213,6 +283,11 @@ class LearnerSettings(ServiceSettings):
     wandb_project: str = Field("rlhf-mesh", description="W&B project of the run")
     run_name: str | None = Field(None, description="W&B run name (default: W&B's)")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end and on request)")
+    log_samples_steps: int = Field(
+        10, ge=0, description="every N steps, log_samples samples (prompt, response, score, components, advantage, "
+        "finish, policy versions) to output_dir/samples.jsonl, TensorBoard and W&B (0: never)"
+    )
+    log_samples: int = Field(4, ge=1, description="samples logged each log_samples_steps steps")
     start_paused: bool = Field(False, description="serve learner: load, connect, then wait for Resume")
     linger_s: float = Field(
         10.0, ge=0, description="serve learner: how long the server keeps answering after the run ends"
@@ -243,7 +318,7 @@ class LearnerSettings(ServiceSettings):
             raise ValueError("lora_publish adapter needs use_peft and weight_transport grpc")
         if self.eval_steps and self.eval_prompts is None:
             raise ValueError("eval_steps needs eval_prompts")
-        if self.advantage_estimator != "gae" and self.num_samples_per_prompt < 2:
+        if self.advantage_estimator in ("grpo", "rloo") and self.num_samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator {self.advantage_estimator} needs num_samples_per_prompt >= 2")
         if self.advantage_estimator != "gae" and (self.critic or self.value_head):
             raise ValueError(f"advantage_estimator {self.advantage_estimator} is critic-free: drop critic/value_head")
@@ -255,6 +330,20 @@ class LearnerSettings(ServiceSettings):
             raise ValueError("environment and environment_service go together")
         if self.reward is None and self.environment is None:
             raise ValueError("reward: give the RewardService's HOST:PORT (only an environment run may go without)")
+        if self.policy_loss == "gspo" and "loss_agg_mode" in self.model_fields_set \
+                and self.loss_agg_mode != "seq-mean-token-mean":
+            raise ValueError("policy_loss gspo aggregates seq-mean-token-mean (its ratio is per sequence): drop "
+                             "loss_agg_mode")
+        if self.filter_groups is not None and self.num_samples_per_prompt < 2:
+            raise ValueError("filter_groups needs num_samples_per_prompt >= 2 (a group's scores must vary)")
+        if self.overlong_buffer_len is not None and self.overlong_buffer_len >= self.response_length:
+            raise ValueError(f"overlong_buffer_len ({self.overlong_buffer_len}) must be below response_length "
+                             f"({self.response_length})")
+        if self.overlong_buffer_len is not None and self.environment is not None:
+            raise ValueError("overlong_buffer_len shapes single-turn responses; an episode's length is the "
+                             "environment's (max_turns, max_episode_tokens)")
+        if self.use_kl_loss and self.kl_coef == 0:
+            raise ValueError("use_kl_loss needs kl_coef > 0 (its coefficient)")
         if self.prompts.suffix not in (".jsonl", ".parquet"):
             raise ValueError(f"prompts: {self.prompts} is neither .jsonl nor .parquet")
         return self
@@ -281,6 +370,44 @@ class LearnerSettings(ServiceSettings):
         except (OSError, ValueError) as err:
             raise RuntimeError(f"collective_address: no route to {replica} to take this host's address from ({err}); "
                                "set collective_address") from None
+
+    @model_validator(mode="after")
+    def _tis_cap_is_truncation(self) -> LearnerSettings:
+        if self.tis_cap is not None:
+            log.warning("tis_cap is deprecated: it means rollout_correction tis, rollout_correction_level token, "
+                        "rollout_correction_max %s", self.tis_cap)
+            self.rollout_correction, self.rollout_correction_level = "tis", "token"
+            self.rollout_correction_max, self.tis_cap = max(self.tis_cap, 1.0 + 1e-6), None
+        return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a reference model is loaded and run: only for a KL term (kl_coef > 0)."""
+        return self.kl_coef > 0
+
+    @property
+    def whitens_advantages(self) -> bool:
+        if self.whiten_advantages is None:
+            return self.advantage_estimator == "gae"
+        return self.whiten_advantages
+
+    @property
+    def correction_min(self) -> float:
+        """mis: the lower bound of the ratio."""
+        return 1.0 / self.rollout_correction_max if self.rollout_correction_min is None else self.rollout_correction_min
+
+    @property
+    def clip_low(self) -> float:
+        return self.cliprange if self.cliprange_low is None else self.cliprange_low
+
+    @property
+    def clip_high(self) -> float:
+        return self.cliprange if self.cliprange_high is None else self.cliprange_high
+
+    @property
+    def loss_aggregation(self) -> str:
+        """The loss_agg_mode in force: GSPO's sequence ratio is averaged per sequence."""
+        return "seq-mean-token-mean" if self.policy_loss == "gspo" else self.loss_agg_mode
 
     @property
     def optimizer_steps(self) -> int:

@@ -48,6 +48,15 @@ from rlhf_mesh.weights import lora_adapter_of, on_cpu, state_dict_of
 log = logging.getLogger(__name__)
 
 
+def percentiles(name: str, values: torch.Tensor) -> dict[str, float]:
+    """`name_p10`, `_p50`, `_p90` and `_max` of `values` (none when it is empty)."""
+    if not values.numel():
+        return {}
+    q = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9]))
+    return {f"{name}_p10": float(q[0]), f"{name}_p50": float(q[1]), f"{name}_p90": float(q[2]),
+            f"{name}_max": float(values.max())}
+
+
 def _rng_state() -> dict[str, object]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -98,7 +107,7 @@ class Trainer:
         self.models = load_models(
             str(resume / "policy") if resume is not None and lora is None else self.policy_path,
             reference or (self.policy_path if resume is not None else None),  # the reference stays the initial policy
-            critic, s.value_head, with_critic=s.advantage_estimator == "gae",
+            critic, s.value_head, with_critic=s.advantage_estimator == "gae", with_reference=s.uses_reference,
             device=torch.device("cpu") if self.sharded else self.device, reference_dtype=self.dtype,
             gradient_checkpointing=s.gradient_checkpointing, lora=lora,
         )
@@ -120,6 +129,7 @@ class Trainer:
         self.pad_id = self.models.policy.config.pad_token_id or 0
         self.step = 0  # steps done
         self.history: list[dict[str, float]] = []  # every step's scalars, checkpointed with the run
+        self.sequence_advantages: list[float] = []  # the last step's, per rollout: its tokens' mean
         if resume is not None:
             self._restore(resume)
         # What training runs forward and backward through: the (sharded) models, or DDP around them.
@@ -191,58 +201,91 @@ class Trainer:
         batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
                            self.pad_id, [r.loss_mask for r in rollouts]).to(self.device)
         mask = batch.mask
+        lengths = mask.sum(1)
         scores = torch.tensor([r.score for r in rollouts], device=self.device)
         finished = torch.tensor([r.finished for r in rollouts], device=self.device)
         if s.missing_eos_penalty is not None:
             scores = scores - s.missing_eos_penalty * (~finished).float()
+        if s.overlong_buffer_len is not None:
+            scores = scores + ppo.overlong_penalty(lengths, s.response_length, s.overlong_buffer_len,
+                                                   s.overlong_penalty)
         sampler_logprobs = padded([r.sampler_logprobs for r in rollouts], mask.shape[1]).to(self.device)
 
-        # Log-probs of the learner's own policy anchor the ratio; the reference gives the KL.
-        # Each rank computes its micro-batches' rows; the sum over ranks fills in the rest.
+        # The learner's own log-probs anchor the ratio (the sampler's in bypass mode); the
+        # reference gives the KL. Each rank computes its micro-batches' rows; the sum over ranks
+        # fills in the rest.
         with torch.no_grad():
-            old_logprobs, ref_logprobs = torch.zeros_like(mask), torch.zeros_like(mask)
+            old_logprobs = torch.zeros_like(mask)
+            ref_logprobs = torch.zeros_like(mask) if s.uses_reference else None
             values = torch.zeros_like(mask) if self.models.critic is not None else None
             for rows, mine in self._rank_micro_batches(len(batch)):
-                logprobs, ref, value = self._score_rows(batch.select(rows))
+                parts = self._score_rows(batch.select(rows))
                 if mine:
-                    old_logprobs[rows], ref_logprobs[rows] = logprobs, ref
-                    if values is not None:
-                        values[rows] = value
-            for part in (old_logprobs, ref_logprobs, values):
-                if part is not None:
-                    self.world.sum(part)
+                    for whole, part in zip((old_logprobs, ref_logprobs, values), parts, strict=True):
+                        if whole is not None:
+                            whole[rows] = part
+            for whole in (old_logprobs, ref_logprobs, values):
+                if whole is not None:
+                    self.world.sum(whole)
+        if s.rollout_correction_bypass:
+            old_logprobs = sampler_logprobs
         scored = time.perf_counter()
 
-        kl = ppo.kl_penalty(old_logprobs, ref_logprobs, s.kl_estimator) * mask
+        kl = torch.zeros_like(mask) if ref_logprobs is None else \
+            ppo.kl_penalty(old_logprobs, ref_logprobs, s.kl_estimator) * mask
         kl_sum = kl.sum(1)
         kl_coef = self.kl_ctl.value
+        reward_kl_coef = 0.0 if s.use_kl_loss else kl_coef
+        returns = None
         if s.advantage_estimator == "gae":
-            rewards = ppo.token_rewards(scores, kl, kl_coef, mask)
+            rewards = ppo.token_rewards(scores, kl, reward_kl_coef, mask)
             if s.whiten_rewards:
                 rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
             advantages, returns = ppo.gae(rewards, values, mask, s.gamma, s.lam)
+        elif s.advantage_estimator == "reinforce_pp":
+            advantages, _ = ppo.reinforce_pp(ppo.token_rewards(scores, kl, reward_kl_coef, mask), mask, s.gamma)
         else:
-            sequence = ppo.group_advantages(scores - kl_coef * kl_sum, s.num_samples_per_prompt,
-                                            s.advantage_estimator)
-            advantages, returns = sequence[:, None] * mask, None
-        if s.whiten_advantages:
+            sequence = ppo.group_advantages(scores - reward_kl_coef * kl_sum, s.num_samples_per_prompt,
+                                            s.advantage_estimator, s.scale_rewards)
+            advantages = sequence[:, None] * mask
+        if s.whitens_advantages:
             advantages = ppo.masked_whiten(advantages, mask)
-        weights = None
-        if s.tis_cap is not None:
-            weights = torch.clamp(torch.exp(old_logprobs - sampler_logprobs), max=s.tis_cap)
-        mismatch = (old_logprobs - sampler_logprobs).abs() * mask
 
-        stats = self._ppo_epochs(batch, old_logprobs, values, advantages, returns, weights)
+        # What the loss sees: no truncated response with mask_truncated, and the rollout
+        # correction's weights, its mask taking tokens out of the loss and its denominator.
+        loss_mask = mask * finished[:, None] if s.mask_truncated else mask
+        weights, correction = None, {}
+        if not s.rollout_correction_bypass:
+            correction = {f"rollout_correction/{k}": float(v)
+                          for k, v in ppo.mismatch_metrics(old_logprobs, sampler_logprobs, mask).items()}
+            if s.rollout_correction != "none":
+                weights, keep = ppo.rollout_correction(old_logprobs, sampler_logprobs, mask, s.rollout_correction,
+                                                       s.rollout_correction_level, s.correction_min,
+                                                       s.rollout_correction_max)
+                masked = float(1 - keep.sum() / mask.sum().clamp(min=1))
+                if masked > 0.5:
+                    log.warning("rollout correction: %.0f%% of the tokens are out of the loss (their sampler's "
+                                "policy is too far from the learner's: a sampler at another precision or policy "
+                                "version, or a different model)", 100 * masked)
+                correction["rollout_correction/masked_fraction"] = masked
+                correction["rollout_correction/weight_mean"] = float(ppo.masked_mean(weights, keep))
+                loss_mask = loss_mask * keep
+
+        stats = self._ppo_epochs(batch, loss_mask, old_logprobs, ref_logprobs, values, advantages, returns, weights,
+                                 sampler_logprobs)
         self.kl_ctl.update(float(kl_sum.mean()), len(rollouts))
-        lengths = mask.sum(1)
+        policy_tokens = torch.tensor([float(m.sum()) for m in mask])
+        self.sequence_advantages = ppo.masked_mean(advantages, mask, dim=-1).tolist()  # for the logged samples
+        kl_scalars = {} if ref_logprobs is None else {
+            "objective/kl": float(kl_sum.mean()), "objective/kl_coef": kl_coef,
+            "objective/rlhf_reward": float((scores - kl_coef * kl_sum).mean()),
+        }
         return {
             "charts/reward_mean": float(scores.mean()), "charts/reward_std": float(scores.std()),
             "charts/response_length": float(lengths.mean()), "charts/eos_rate": float(finished.float().mean()),
-            "objective/kl": float(kl_sum.mean()), "objective/kl_coef": kl_coef,
-            "objective/rlhf_reward": float((scores - kl_coef * kl_sum).mean()),
-            "sampling/logprob_diff_mean": float(ppo.masked_mean(mismatch, mask)),
-            "sampling/logprob_diff_max": float(mismatch.max()),
-            **stats,
+            **percentiles("charts/response_length", policy_tokens),
+            "charts/trained_token_fraction": float(loss_mask.sum() / mask.sum().clamp(min=1)),
+            **kl_scalars, **correction, **stats,
             "time/reference_values_s": scored - began, "time/train_s": time.perf_counter() - scored,
             **component_means(rollouts),
         }
@@ -260,13 +303,19 @@ class Trainer:
         for i in range(self.world.rank, end, size):
             yield (micro[i], True) if i < len(micro) else (micro[0], False)
 
-    def _score_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Policy log-probs, reference log-probs and values of a micro-batch (no gradients)."""
-        t, critic = self.settings.temperature, self.models.critic
+    def _score_rows(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Policy log-probs (None in bypass mode: the sampler's stand in), reference log-probs (None
+        without a KL term) and values (None critic-free) of a micro-batch, without gradients."""
+        s, critic = self.settings, self.models.critic
+        head = critic is not None and critic.is_head
+        logprobs = hidden = ref_logprobs = values = None
         with self._autocast():  # as in training, so that the first epoch's ratio is 1
-            _, logprobs, hidden = forward(self.models.policy, batch, t, hidden=critic is not None and critic.is_head)
-            ref_logprobs = self._reference_logprobs(batch)
-            values = critic(batch, hidden) if critic is not None else None
+            if not s.rollout_correction_bypass or head:
+                _, logprobs, hidden = forward(self.models.policy, batch, s.temperature, hidden=head)
+            if s.uses_reference:
+                ref_logprobs = self._reference_logprobs(batch)
+            if critic is not None:
+                values = critic(batch, hidden)
         return logprobs, ref_logprobs, values
 
     def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
@@ -311,58 +360,83 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def _ppo_epochs(self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor | None,
-                    advantages: torch.Tensor, returns: torch.Tensor | None,
-                    weights: torch.Tensor | None) -> dict[str, float]:
+    def _ppo_epochs(self, batch: Batch, loss_mask: torch.Tensor, old_logprobs: torch.Tensor,
+                    ref_logprobs: torch.Tensor | None, old_values: torch.Tensor | None, advantages: torch.Tensor,
+                    returns: torch.Tensor | None, weights: torch.Tensor | None,
+                    sampler_logprobs: torch.Tensor) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + self.step)
         for module in self._lora_dropouts:  # LoRA's dropout acts in these passes only
             module.train()
         try:
-            return self._epochs(batch, old_logprobs, old_values, advantages, returns, weights, generator)
+            return self._epochs(batch, loss_mask, old_logprobs, ref_logprobs, old_values, advantages, returns,
+                                weights, sampler_logprobs, generator)
         finally:
             for module in self._lora_dropouts:
                 module.eval()
 
-    def _epochs(self, batch: Batch, old_logprobs: torch.Tensor, old_values: torch.Tensor | None,
-                advantages: torch.Tensor, returns: torch.Tensor | None, weights: torch.Tensor | None,
+    def _epochs(self, batch: Batch, loss_mask: torch.Tensor, old_logprobs: torch.Tensor,
+                ref_logprobs: torch.Tensor | None, old_values: torch.Tensor | None, advantages: torch.Tensor,
+                returns: torch.Tensor | None, weights: torch.Tensor | None, sampler_logprobs: torch.Tensor,
                 generator: torch.Generator) -> dict[str, float]:
+        """The optimizer steps. Each micro-batch's loss is its part of its mini-batch's loss (the
+        counts in agg_loss are the mini-batch's), times the ranks (DDP and FSDP2 average the
+        gradients over them): the update is the same however the mini-batch is split."""
         s, policy, critic = self.settings, self._policy, self._critic
         head = self.models.critic is not None and self.models.critic.is_head
         share = s.gradient_accumulation_steps // self.world.size  # micro-batches of a mini-batch per rank
+        horizon = s.response_length if s.environment is None else s.max_episode_tokens or loss_mask.shape[1]
         record: dict[str, list[torch.Tensor]] = {}
+        entropies: list[torch.Tensor] = []
 
         def note(name: str, value: torch.Tensor) -> None:
             record.setdefault(name, []).append(value.detach())
 
-        for _ in range(s.num_ppo_epochs):
+        for epoch in range(s.num_ppo_epochs):
             order = torch.randperm(len(batch), generator=generator)
-            for mini in order.split(len(batch) // s.num_mini_batches):
+            for m, mini in enumerate(order.split(len(batch) // s.num_mini_batches)):
                 self.optimizer.zero_grad(set_to_none=True)
+                counted = loss_mask[mini.to(self.device)]
+                agg = functools.partial(ppo.agg_loss, mode=s.loss_aggregation, tokens=counted.sum(),
+                                        sequences=(counted.sum(1) > 0).sum(), horizon=horizon)
+                parts: dict[str, torch.Tensor] = {}
                 mine = self._micro_batches(len(batch), mini)[self.world.rank * share:(self.world.rank + 1) * share]
                 for i, rows in enumerate(mine):
                     with self.world.accumulating([policy, critic], last=i == share - 1):
                         micro = batch.select(rows.to(self.device))
-                        mask = micro.mask
+                        lm = loss_mask[rows]
                         with self._autocast():  # the models' passes; the losses are float32 (forward's logits are)
                             logits, logprobs, hidden = forward(policy, micro, s.temperature, hidden=head)
                             values = critic(micro, hidden) if critic is not None else None
-                        pg_loss, pg = ppo.policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask,
-                                                      s.cliprange, None if weights is None else weights[rows])
-                        entropy = ppo.masked_mean(ppo.entropy(logits), mask)
-                        loss = pg_loss - s.ent_coef * entropy
+                        pg_losses, pg = ppo.policy_loss(logprobs, old_logprobs[rows], advantages[rows], lm,
+                                                        s.policy_loss, s.clip_low, s.clip_high, s.clip_ratio_c,
+                                                        None if weights is None else weights[rows])
+                        terms = {"losses/policy_loss": agg(pg_losses, lm)}
+                        token_entropy = ppo.entropy(logits if s.ent_coef else logits.detach())
+                        terms["objective/entropy"] = agg(token_entropy, lm)
+                        loss = terms["losses/policy_loss"] - s.ent_coef * terms["objective/entropy"]
+                        if s.use_kl_loss:
+                            terms["losses/kl_loss"] = agg(ppo.kl_penalty(logprobs, ref_logprobs[rows],
+                                                                         s.kl_estimator), lm)
+                            loss = loss + self.kl_ctl.value * terms["losses/kl_loss"]
                         if critic is not None:
-                            vf_loss, vf = ppo.value_loss(values, old_values[rows], returns[rows],
-                                                         mask, s.cliprange_value)
-                            loss = loss + s.vf_coef * vf_loss
-                            note("losses/value_loss", vf_loss)
+                            vf_losses, vf = ppo.value_loss(values, old_values[rows], returns[rows], lm,
+                                                           s.cliprange_value)
+                            terms["losses/value_loss"] = agg(vf_losses, lm)
+                            loss = loss + s.vf_coef * terms["losses/value_loss"]
                             note("losses/value_clipfrac", vf["clipfrac"])
-                        # and DDP averages over the ranks: the mean of all micro-batches
-                        self.scaler.scale(loss / share).backward()
-                    note("losses/policy_loss", pg_loss)
-                    note("losses/approx_kl", pg["approx_kl"])
-                    note("losses/clipfrac", pg["clipfrac"])
-                    note("losses/ratio", pg["ratio"])
-                    note("objective/entropy", entropy)
+                        self.scaler.scale(loss * self.world.size).backward()
+                    for name, term in terms.items():
+                        parts[name] = parts.get(name, 0) + term.detach()
+                    for name, value in pg.items():
+                        note(f"losses/{name}", value)
+                    if epoch == 0:
+                        entropies.append(token_entropy.detach()[lm > 0].float().cpu())
+                        if s.rollout_correction_bypass and m == 0:  # the sampler against the policy before any update
+                            for name, value in ppo.mismatch_metrics(logprobs.detach(), sampler_logprobs[rows],
+                                                                    micro.mask).items():
+                                note(f"rollout_correction/{name}", value)
+                for name, total in parts.items():  # this rank's part of the mini-batch's loss
+                    note(name, total * self.world.size)  # averaged over the ranks below: their sum
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, s.max_grad_norm)
                 if isinstance(grad_norm, DTensor):  # under FSDP2: the norm over every shard, on every rank
@@ -372,11 +446,13 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
-        # Each scalar's mean over every micro-batch of every rank.
+        # Each scalar's mean over every mini-batch (losses) or micro-batch (the rest) of every rank.
         names = sorted(record)
         totals = self.world.sum(torch.tensor([[float(torch.stack(record[n]).sum()), len(record[n])] for n in names],
                                              dtype=torch.float64, device=self.device))
-        return {name: total / count for name, (total, count) in zip(names, totals.tolist(), strict=True)}
+        scalars = {name: total / count for name, (total, count) in zip(names, totals.tolist(), strict=True)}
+        gathered = self.world.gather(torch.cat(entropies) if entropies else torch.zeros(0))
+        return {**scalars, **percentiles("objective/entropy", torch.cat(gathered))} if gathered else scalars
 
     # --- checkpoints ------------------------------------------------------------------------
 
