@@ -32,6 +32,7 @@ from pathlib import Path
 
 CONFIGS = {
     "float32": {},
+    "no KL (kl_coef 0: no reference model)": {"kl_coef": 0.0},
     "bf16": {"dtype": "bfloat16"},
     "bf16 + gradient checkpointing": {"dtype": "bfloat16", "gradient_checkpointing": True},
     "LoRA (r 16, all linear layers)": {"use_peft": True, "lora_target_modules": ["all-linear"]},
@@ -54,7 +55,9 @@ def one_step(policy: str, prompts: str, device: str, rollouts: int, length: int,
     settings = LearnerSettings(policy=policy, generation=["localhost:1"], reward="localhost:2", prompts=prompts,
                                output_dir=tempfile.mkdtemp(), device=device, batch_size=rollouts // 4,
                                num_samples_per_prompt=4, num_mini_batches=2, gradient_accumulation_steps=2,
-                               learning_rate=1e-5, value_head=True, **overrides)
+                               learning_rate=1e-5, value_head=True,
+                               rollout_correction="none",  # made-up sampler log-probs: nothing to correct
+                               **overrides)
     trainer = Trainer(settings)
     if trainer.world.rank > 0:
         trainer.follow()

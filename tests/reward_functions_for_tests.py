@@ -51,3 +51,9 @@ def allocates(prompts, completions, **kwargs):
     """Asks for 1 GiB (calloc'd: no page is touched unless the allocation succeeds)."""
     memory = bytes(1 << 30)
     return [float(len(memory) > 0)] * len(completions)
+
+
+def all_or_mixed(prompts, completions, **kwargs):
+    """Whole groups alike, or mixed: a prompt of a length not divisible by 3 gives every sample its
+    length's parity; the others give each sample its response's length parity."""
+    return [float(len(p) % 2) if len(p) % 3 else float(len(c) % 2) for p, c in zip(prompts, completions, strict=True)]

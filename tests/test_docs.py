@@ -149,11 +149,13 @@ def test_every_renamed_setting_is_in_the_table_with_its_new_name():
 
 
 def test_examples_and_deploy_configs_use_current_names():
-    """Configs and the secured overlay's variables name live settings, never a deprecated one."""
+    """Configs and the secured overlay's variables name live settings, never a deprecated one; every
+    example is a valid learner config."""
     learner = SETTINGS["learner"]
     for example in (ROOT / "examples").glob("*.yaml"):
-        keys = set(yaml.safe_load(example.read_text()))
-        assert keys <= set(learner.model_fields) - set(learner.renamed()), (example.name, keys)
+        config = yaml.safe_load(example.read_text())
+        assert set(config) <= set(learner.model_fields) - set(learner.renamed()), (example.name, set(config))
+        learner(**config)
     for config in (ROOT / "deploy" / "k8s").rglob("config/*.yaml"):
         cls = SETTINGS[config.stem]
         assert set(yaml.safe_load(config.read_text())) <= set(cls.model_fields) - set(cls.renamed()), config

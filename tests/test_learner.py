@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_mesh.clients.generation import GenerationClient
@@ -26,7 +27,7 @@ from rlhf_mesh.services.learner.run import Run
 from rlhf_mesh.services.learner.settings import LearnerSettings
 from rlhf_mesh.v1 import learner_pb2, learner_pb2_grpc
 
-from support import PYTHON, ChildServer, greedy, start_generation_server, wait_for, wandb_history
+from support import PYTHON, ROOT, ChildServer, greedy, start_generation_server, wait_for, wandb_history
 
 pytestmark = pytest.mark.slow
 
@@ -115,8 +116,10 @@ async def test_ppo_raises_the_reward_and_every_step_reaches_the_generator(
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 1.0, rewards
     assert max(kls) < 12.0, kls
-    # The learner's recomputed log-probs and vLLM's (both float32) agree.
-    assert max(h["sampling/logprob_diff_mean"] for h in history) < 1e-3
+    # The learner's recomputed log-probs and vLLM's (both float32) agree: the default rollout
+    # correction (a sequence-level mask) keeps every token.
+    assert max(abs(h["rollout_correction/kl"]) for h in history) < 1e-3
+    assert all(h["rollout_correction/masked_fraction"] == 0 for h in history)
     # Step 1 is a full push where the replica loaded version 0 from disk (the module's first run),
     # every later one a delta against the step before: the checks above hold on weights that
     # came as deltas.
@@ -181,6 +184,56 @@ async def test_async_mode_trains_on_rollouts_at_most_one_version_old(tiny_models
     # Step 0 trains on version 0; every later step on rollouts started under the version before it.
     assert [h["async/lag_max"] for h in history] == [0.0, 1.0, 1.0, 1.0]
     assert all(h["async/lag_1_share"] > 0 for h in history[1:])
+    # The default rollout correction measures the sampler's lag every step: the lagged steps' gap is
+    # above the first step's, where sampler and learner (both float32) hold the same weights.
+    k3 = [h["rollout_correction/k3_kl"] for h in history]
+    print(f"k3 KL sampler-learner per step {k3}, masked {[h['rollout_correction/masked_fraction'] for h in history]}")
+    for h in history:
+        assert {"rollout_correction/k3_kl", "rollout_correction/chi2_token", "rollout_correction/chi2_seq",
+                "rollout_correction/ratio_max", "rollout_correction/masked_fraction"} <= h.keys()
+    assert all(later > k3[0] for later in k3[1:]), k3
+
+
+async def test_dapo_dynamic_sampling_trains_only_mixed_groups_and_logs_samples(tiny_models, generation_server,
+                                                                              tmp_path):
+    """filter_groups: with a reward that scores most prompts' groups all 0 or all 1, every group
+    trained on has mixed scores and every batch is full (more prompts were sampled); the DAPO
+    recipe's algorithm (examples/dapo-arithmetic.yaml) runs with it, and every step keeps samples to log."""
+    reward = ChildServer([PYTHON, "-m", "rlhf_mesh", "serve", "reward", "--function",
+                          "parity=reward_functions_for_tests:all_or_mixed"], tmp_path / "reward.log",
+                         env={"PYTHONPATH": str(Path(__file__).parent)})
+    trained: list[list] = []
+    samples: list[dict] = []
+    try:
+        wait_until_serving(reward.address, timeout_s=300, alive=reward.alive)
+
+        def spy(run, client, step):
+            samples.extend(run.samples)  # what the run's reporter writes (its own test: test_learner_parts)
+            if step == 1:
+                train = run.trainer.train
+                run.trainer.train = lambda rollouts: (trained.append(rollouts), train(rollouts))[1]
+
+        recipe = yaml.safe_load((ROOT / "examples" / "dapo-arithmetic.yaml").read_text())
+        algorithm = {key: recipe[key] for key in ("advantage_estimator", "loss_agg_mode", "cliprange_low",
+                                                  "cliprange_high", "kl_coef", "overlong_penalty")}
+        history = await _train(
+            tiny_models, reward, generation_server, tmp_path, spy, steps=3, batch_size=4, num_samples_per_prompt=4,
+            response_length=16, learning_rate=1e-3, overlong_buffer_len=4, mask_truncated=True, **algorithm,
+            filter_groups="score", max_sampling_rounds=12, log_samples_steps=1, log_samples=3)
+    finally:
+        reward.stop()
+    assert len(trained) == 2  # steps 2 and 3, seen through the spy
+    for rollouts in trained:
+        assert len(rollouts) == 16
+        groups = [[r for r in rollouts if r.prompt_index == i] for i in range(4)]
+        assert all(len(g) == 4 and len({r.score for r in g}) > 1 for g in groups), [[r.score for r in g]
+                                                                                      for g in groups]
+    assert all(h["sampling/filled_groups"] == 0 for h in history)
+    assert any(h["sampling/kept_group_rate"] < 1 for h in history)  # groups were dropped and replaced
+    assert all("objective/kl" not in h for h in history)  # kl_coef 0: no reference
+    assert [r["step"] for r in samples] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert {"prompt", "response", "score", "components", "advantage", "finish", "policy_versions"} <= samples[0].keys()
+    assert samples[0]["score"] in (0.0, 1.0) and samples[0]["prompt"] and samples[0]["finish"] in ("stop", "length")
 
 
 def _status(stub) -> learner_pb2.GetStatusResponse:

@@ -607,7 +607,8 @@ def test_adapter_pushes_need_lora_and_the_in_band_transport(tiny_models, bad):
 
 def test_the_reporter_writes_every_step_to_tensorboard_and_to_wandb_offline(tmp_path, monkeypatch):
     """W&B with no network (WANDB_MODE=offline): its run folder holds each step's scalars under
-    the TensorBoard names, and a resumed run goes on in the same W&B run."""
+    the TensorBoard names, and a resumed run goes on in the same W&B run. Logged samples go to
+    samples.jsonl, a TensorBoard text table and a W&B table."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from rlhf_mesh.services.learner.report import Reporter
@@ -618,15 +619,28 @@ def test_the_reporter_writes_every_step_to_tensorboard_and_to_wandb_offline(tmp_
     logged = {1: {"charts/reward_mean": 0.25, "objective/kl": 0.5},
               2: {"charts/reward_mean": 0.75, "objective/kl": 1.5}}
     reporter = Reporter(tmp_path, total_steps=3, report_to=["tensorboard", "wandb"], config={"learning_rate": 1e-5})
+    samples = [{"step": 2, "prompt": "2 + 2 =", "response": " 4 | four\nfive", "score": 1.0,
+                "components": {"math": 1.0}, "advantage": 0.5, "finish": "stop", "policy_versions": [1, 2]}]
     for step, scalars in logged.items():
         reporter.step(step, scalars)
+    reporter.samples(2, samples)
     reporter.close()
     run_id = (tmp_path / "wandb-run-id").read_text()
     first, = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}*")  # W&B adds -1 to a name taken in the same second
+
+    def scalars_and_table():
+        history = wandb_history(first)
+        tables = {step: {k.removeprefix("samples/"): h.pop(k) for k in list(h) if k.startswith("samples/")}
+                  for step, h in history.items()}
+        return history == logged and tables[2]["_type"] == "table-file" and tables[2]["nrows"] == 1 and not tables[1]
+
     # W&B's own process writes the file; finish() has returned, its last bytes may follow
-    wait_for(lambda: wandb_history(first) == logged, timeout_s=30, what="the W&B history")
+    wait_for(scalars_and_table, timeout_s=30, what="the W&B history")
+    assert [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == samples
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
+    text, = events.Tensors("samples/text_summary")
+    assert text.step == 2 and "| 2 + 2 = |  4 \\| four<br>five |" in text.tensor_proto.string_val[0].decode()
     assert {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} == {
         name: [(step, logged[step][name]) for step in logged] for name in logged[1]}
 
