@@ -40,7 +40,8 @@ from common import server
 ACCURACY = "eval/reward_mean"  # `math` scores 1 or 0: the mean is the share answered right
 RECIPES = {
     "grpo": {"loss_agg_mode": "seq-mean-token-mean"},
-    "dapo": {"loss_agg_mode": "token-mean", "cliprange_low": 0.2, "cliprange_high": 0.28, "filter_groups": "math",
+    # the reward here is the math function alone: its score is the raw verifiable one
+    "dapo": {"loss_agg_mode": "token-mean", "cliprange_low": 0.2, "cliprange_high": 0.28, "filter_groups": "score",
              "max_sampling_rounds": 3, "overlong_buffer_len": 16},
 }
 
@@ -157,10 +158,10 @@ def main() -> int:
     points = curve(history)
     (args.out / "curve.json").write_text(json.dumps({"points": points, "wall_s": wall, "args": vars(args)},
                                                     default=str, indent=1))
-    curves = {args.recipe: points}
+    curves = {f"{args.recipe} ({args.out.name})": points}
     for other in args.compare:
         run = json.loads((other / "curve.json").read_text())
-        curves[run["args"].get("recipe", "grpo")] = [tuple(p) for p in run["points"]]
+        curves[f"{run['args'].get('recipe', 'grpo')} ({other.name})"] = [tuple(p) for p in run["points"]]
     plot(curves, args.out / "accuracy.png")
     print(f"\n{args.recipe.upper()} on SmolLM2-135M-Instruct "
           f"({'full fine-tuning' if args.full else 'LoRA r 16, all linear layers'}), "

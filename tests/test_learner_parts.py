@@ -431,7 +431,28 @@ def test_kl_coef_0_loads_and_runs_no_reference(tiny_models, tmp_path):
     assert without.models.reference is None
     assert "objective/kl" not in scalars[0] and "losses/policy_loss" in scalars[0]
     with pytest.raises(ValueError, match="use_kl_loss needs kl_coef > 0"):
-        LearnerSettings(**_trainer_settings(tiny_models, kl_coef=0.0, use_kl_loss=True), output_dir=tmp_path)
+        LearnerSettings(**_trainer_settings(tiny_models, kl_coef=0.0, use_kl_loss=True, kl_estimator="k2"),
+                        output_dir=tmp_path)
+
+
+def test_bypass_mode_kl_in_the_loss_and_the_old_tis_cap(tiny_models, tmp_path):
+    """rollout_correction_bypass: the sampler's log-probs are the old policy (there is no weight or
+    mask), and the gap is measured on the first mini-batch; use_kl_loss puts the KL in the loss,
+    not the reward; the deprecated tis_cap is token-level truncation at its cap."""
+    from rlhf_mesh.services.learner.settings import LearnerSettings
+
+    steps = _fixed_steps(1, policy=tiny_models["policy"])
+    scalars, _, _ = _train(_trainer_settings(tiny_models, advantage_estimator="grpo", rollout_correction_bypass=True,
+                                             use_kl_loss=True, kl_estimator="low_var_kl"), steps, tmp_path / "bypass")
+    # the sampler's log-probs are the learner's plus noise of 0.05: k3 ≈ 0.05^2 / 2 per token
+    assert 2e-4 < scalars[0]["rollout_correction/k3_kl"] < 5e-3
+    assert "rollout_correction/masked_fraction" not in scalars[0]
+    assert scalars[0]["losses/kl_loss"] >= 0  # low_var_kl is never negative
+    with pytest.warns(FutureWarning, match="tis_cap"):
+        old = LearnerSettings(**_trainer_settings(tiny_models, tis_cap=0.5), output_dir=tmp_path)
+    assert (old.rollout_correction, old.rollout_correction_level, old.rollout_correction_max) == ("tis", "token", 0.5)
+    with pytest.raises(ValueError, match="use_kl_loss: set kl_estimator"):
+        LearnerSettings(**_trainer_settings(tiny_models, use_kl_loss=True), output_dir=tmp_path)
 
 
 def _spawn(world_size: int, settings: dict, steps: list, output_dir) -> dict:

@@ -51,8 +51,9 @@ def agg_loss(losses: torch.Tensor, mask: torch.Tensor, mode: str, tokens: torch.
     token-mean: every token of the mini-batch alike (DAPO); seq-mean-token-mean: every sequence
     alike, its tokens averaged (GRPO's paper); seq-mean-token-sum: sequences alike, tokens summed;
     seq-mean-token-sum-norm: tokens summed over a constant `horizon` (Dr.GRPO: the length limit).
-    `tokens` and `sequences` are the counts of the whole mini-batch (default: these rows'), so
-    that the parts of a mini-batch split into micro-batches (and ranks) sum to its loss.
+    `tokens` and `sequences` are the counts of the whole mini-batch (default: these rows', the
+    rows with a token in the loss; every row for seq-mean-token-sum-norm), so that the parts of a
+    mini-batch split into micro-batches (and ranks) sum to its loss.
     """
     if mode == "token-mean":
         total = mask.sum() if tokens is None else torch.as_tensor(tokens, dtype=losses.dtype)
@@ -67,7 +68,9 @@ def agg_loss(losses: torch.Tensor, mask: torch.Tensor, mode: str, tokens: torch.
         per_sequence = per_sequence / horizon
     elif mode != "seq-mean-token-sum":
         raise ValueError(f"unknown loss_agg_mode {mode!r}: one of {', '.join(LOSS_AGG_MODES)}")
-    count = (lengths > 0).sum() if sequences is None else torch.as_tensor(sequences, dtype=losses.dtype)
+    if sequences is None:
+        sequences = mask.shape[0] if mode == "seq-mean-token-sum-norm" else (lengths > 0).sum()
+    count = torch.as_tensor(sequences, dtype=losses.dtype)
     return per_sequence.sum() / count.clamp(min=1)
 
 
@@ -257,7 +260,7 @@ def mismatch_metrics(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Ten
         "chi2_token": masked_mean(ratio**2, mask) - 1,
         "chi2_seq": torch.exp(2 * log_ratio.sum(-1).clamp(-SAFE_LOG_RATIO, SAFE_LOG_RATIO)).mean() - 1,
         "ratio_max": (ratio * mask).max(),
-        "ratio_min": torch.where(mask > 0, ratio, math.inf).min() if mask.any() else torch.tensor(1.0),
+        "ratio_min": torch.where(mask > 0, ratio, math.inf).min() if mask.any() else torch.ones((), device=mask.device),
     }
 
 

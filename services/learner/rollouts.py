@@ -43,6 +43,7 @@ class Rollout:
     score: float = 0.0
     components: dict[str, float] = field(default_factory=dict)  # a composite's parts that applied to it
     loss_mask: list[int] | None = None  # an episode's: 1 on the tokens the policy sampled (None: all of them)
+    trains: bool = True  # False: in the batch (its group's baseline, the statistics) but out of the loss
 
 
 @dataclass

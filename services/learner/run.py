@@ -151,7 +151,10 @@ class Run:
             self._prefetched = self._collect(self.step + 1)
         scalars = await asyncio.to_thread(self.trainer.train, collected.rollouts)
         if s.log_samples_steps and (self.step + 1) % s.log_samples_steps == 0:
-            self.samples = await asyncio.to_thread(self._samples, collected.rollouts, self.step + 1)
+            try:
+                self.samples = await asyncio.to_thread(self._samples, collected.rollouts, self.step + 1)
+            except Exception:  # what is only logged never fails the step
+                log.exception("the step's samples could not be logged")
         pushed = time.perf_counter()
         push_report = await self.publisher.publish(self.version + 1)
         self.trainer.step += 1
@@ -227,7 +230,7 @@ class Run:
             names = sorted({name for r in collected.rollouts for name in r.components})
             raise LearnerError(f"filter_groups: no sample has a reward component {s.filter_groups!r} (there are: "
                                f"{', '.join(['score', *names])})")
-        kept, dropped, seen, rounds = [], [], 0, 0
+        kept, dropped, seen, rounds, first = [], [], 0, 0, collected.scalars
         generate_s = score_s = 0.0
         while True:
             groups = [collected.rollouts[i:i + n] for i in range(0, len(collected.rollouts), n)]
@@ -248,11 +251,10 @@ class Run:
         for index, group in enumerate(kept[:s.batch_size] + dropped[:filled]):
             for rollout in group:
                 rollout.prompt_index = index
-                if index >= s.batch_size - filled:
-                    rollout.loss_mask = [0] * len(rollout.response_ids)
+                rollout.trains = index < s.batch_size - filled
                 rollouts.append(rollout)
         return Collected(rollouts, generate_s=generate_s, score_tail_s=score_s, scalars={
-            **collected.scalars, "sampling/rounds": float(rounds), "sampling/kept_group_rate": len(kept) / seen,
+            **first, "sampling/rounds": float(rounds), "sampling/kept_group_rate": len(kept) / seen,
             "sampling/filled_groups": float(filled)})
 
     def _collector(self, prompts: list, references: list, *, n: int, seed: int, temperature: float,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from rlhf_mesh.settings import ServiceSettings, old_name_of
+from rlhf_mesh.settings import ServiceSettings, old_name_of, warn_renamed
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class LearnerSettings(ServiceSettings):
     rollout_correction_level: Literal["sequence", "token"] = Field(
         "sequence", description="the ratio p_learner / p_sampler per token, or each response's geometric mean of it"
     )
-    rollout_correction_max: float = Field(2.0, gt=1, description="upper bound of the ratio (truncation or mask)")
+    rollout_correction_max: float = Field(2.0, gt=0, description="upper bound of the ratio (truncation or mask)")
     rollout_correction_min: float | None = Field(
         None, gt=0, lt=1, description="mis: lower bound of the ratio (default 1 / rollout_correction_max)"
     )
@@ -269,7 +269,7 @@ class LearnerSettings(ServiceSettings):
         "old-log-prob pass (the ratio then corrects the gap itself; no mask or weight)"
     )
     tis_cap: float | None = Field(
-        None, gt=0, description="deprecated: rollout_correction tis, rollout_correction_level token, "
+        None, gt=0, exclude=True, description="deprecated: rollout_correction tis, rollout_correction_level token, "
         "rollout_correction_max CAP"
     )
     seed: int = Field(0, description="prompt order, sampling seeds and torch")
@@ -332,8 +332,18 @@ class LearnerSettings(ServiceSettings):
             raise ValueError("reward: give the RewardService's HOST:PORT (only an environment run may go without)")
         if self.policy_loss == "gspo" and "loss_agg_mode" in self.model_fields_set \
                 and self.loss_agg_mode != "seq-mean-token-mean":
-            raise ValueError("policy_loss gspo aggregates seq-mean-token-mean (its ratio is per sequence): drop "
-                             "loss_agg_mode")
+            log.warning("policy_loss gspo aggregates seq-mean-token-mean (its ratio is per sequence): "
+                        "loss_agg_mode %s is not used", self.loss_agg_mode)
+        if self.use_kl_loss and self.kl_estimator == "k1":
+            raise ValueError("use_kl_loss: set kl_estimator to k2, k3 or low_var_kl (k1's gradient in the loss is 0 "
+                             "in expectation)")
+        if self.rollout_correction == "mis" and self.correction_min >= self.rollout_correction_max:
+            raise ValueError(f"rollout_correction_min ({self.correction_min}) must be below rollout_correction_max "
+                             f"({self.rollout_correction_max})")
+        if self.loss_agg_mode == "seq-mean-token-sum-norm" and self.environment is not None \
+                and self.max_episode_tokens is None:
+            raise ValueError("loss_agg_mode seq-mean-token-sum-norm with an environment divides by a constant: set "
+                             "max_episode_tokens")
         if self.filter_groups is not None and self.num_samples_per_prompt < 2:
             raise ValueError("filter_groups needs num_samples_per_prompt >= 2 (a group's scores must vary)")
         if self.overlong_buffer_len is not None and self.overlong_buffer_len >= self.response_length:
@@ -374,10 +384,14 @@ class LearnerSettings(ServiceSettings):
     @model_validator(mode="after")
     def _tis_cap_is_truncation(self) -> LearnerSettings:
         if self.tis_cap is not None:
-            log.warning("tis_cap is deprecated: it means rollout_correction tis, rollout_correction_level token, "
-                        "rollout_correction_max %s", self.tis_cap)
+            named = {"rollout_correction", "rollout_correction_level", "rollout_correction_max"} & self.model_fields_set
+            if named:
+                raise ValueError(f"tis_cap is the deprecated form of the rollout correction: drop it or "
+                                 f"{', '.join(sorted(named))}")
+            warn_renamed("tis_cap: CAP", "rollout_correction: tis, rollout_correction_level: token, "
+                         "rollout_correction_max: CAP")
             self.rollout_correction, self.rollout_correction_level = "tis", "token"
-            self.rollout_correction_max, self.tis_cap = max(self.tis_cap, 1.0 + 1e-6), None
+            self.rollout_correction_max, self.tis_cap = self.tis_cap, None
         return self
 
     @property

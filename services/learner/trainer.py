@@ -222,7 +222,7 @@ class Trainer:
                 parts = self._score_rows(batch.select(rows))
                 if mine:
                     for whole, part in zip((old_logprobs, ref_logprobs, values), parts, strict=True):
-                        if whole is not None:
+                        if part is not None and whole is not None:
                             whole[rows] = part
             for whole in (old_logprobs, ref_logprobs, values):
                 if whole is not None:
@@ -253,7 +253,8 @@ class Trainer:
 
         # What the loss sees: no truncated response with mask_truncated, and the rollout
         # correction's weights, its mask taking tokens out of the loss and its denominator.
-        loss_mask = mask * finished[:, None] if s.mask_truncated else mask
+        trains = torch.tensor([r.trains for r in rollouts], device=self.device)
+        loss_mask = mask * trains[:, None] * (finished[:, None] if s.mask_truncated else 1)
         weights, correction = None, {}
         if not s.rollout_correction_bypass:
             correction = {f"rollout_correction/{k}": float(v)
@@ -278,7 +279,7 @@ class Trainer:
         self.sequence_advantages = ppo.masked_mean(advantages, mask, dim=-1).tolist()  # for the logged samples
         kl_scalars = {} if ref_logprobs is None else {
             "objective/kl": float(kl_sum.mean()), "objective/kl_coef": kl_coef,
-            "objective/rlhf_reward": float((scores - kl_coef * kl_sum).mean()),
+            "objective/rlhf_reward": float((scores - reward_kl_coef * kl_sum).mean()),
         }
         return {
             "charts/reward_mean": float(scores.mean()), "charts/reward_std": float(scores.std()),
@@ -384,7 +385,7 @@ class Trainer:
         s, policy, critic = self.settings, self._policy, self._critic
         head = self.models.critic is not None and self.models.critic.is_head
         share = s.gradient_accumulation_steps // self.world.size  # micro-batches of a mini-batch per rank
-        horizon = s.response_length if s.environment is None else s.max_episode_tokens or loss_mask.shape[1]
+        horizon = s.response_length if s.environment is None else s.max_episode_tokens
         record: dict[str, list[torch.Tensor]] = {}
         entropies: list[torch.Tensor] = []
 
@@ -394,10 +395,15 @@ class Trainer:
         for epoch in range(s.num_ppo_epochs):
             order = torch.randperm(len(batch), generator=generator)
             for m, mini in enumerate(order.split(len(batch) // s.num_mini_batches)):
-                self.optimizer.zero_grad(set_to_none=True)
                 counted = loss_mask[mini.to(self.device)]
+                if not counted.any():  # every token out of the loss: no step (AdamW would still move weights)
+                    self.scheduler.step()
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                # Dr.GRPO's normaliser is a constant: every row counts; the other modes count the rows in the loss.
+                sequences = len(mini) if s.loss_aggregation == "seq-mean-token-sum-norm" else (counted.sum(1) > 0).sum()
                 agg = functools.partial(ppo.agg_loss, mode=s.loss_aggregation, tokens=counted.sum(),
-                                        sequences=(counted.sum(1) > 0).sum(), horizon=horizon)
+                                        sequences=sequences, horizon=horizon)
                 parts: dict[str, torch.Tensor] = {}
                 mine = self._micro_batches(len(batch), mini)[self.world.rank * share:(self.world.rank + 1) * share]
                 for i, rows in enumerate(mine):
@@ -429,8 +435,9 @@ class Trainer:
                         parts[name] = parts.get(name, 0) + term.detach()
                     for name, value in pg.items():
                         note(f"losses/{name}", value)
-                    if epoch == 0:
-                        entropies.append(token_entropy.detach()[lm > 0].float().cpu())
+                    if epoch == 0:  # every k-th: a bounded sample of the step's tokens for the percentiles
+                        values = token_entropy.detach()[lm > 0].float().cpu()
+                        entropies.append(values[::max(1, len(values) * len(mine) // 65536)])
                         if s.rollout_correction_bypass and m == 0:  # the sampler against the policy before any update
                             for name, value in ppo.mismatch_metrics(logprobs.detach(), sampler_logprobs[rows],
                                                                     micro.mask).items():
