@@ -79,7 +79,7 @@ def phases(history: list[dict[str, float]], samples: int) -> list[tuple[str, flo
     return [
         ("generate", mean("time/generate_s"), f"{tokens / mean('time/generate_s'):.0f} sampled tokens/s"),
         ("score (after the last sample)", mean("time/score_s"), f"{samples} samples a step"),
-        ("train (reference, old log-probs, PPO)", train, f"{tokens / train:.0f} response tokens/s"),
+        ("train (old log-probs, reference, PPO)", train, f"{tokens / train:.0f} response tokens/s"),
         ("push", mean("time/push_s"),
          f"{statistics.mean(h['push/sent_bytes'] for h in steps) / mean('time/push_s') / 1e6:.0f} MB/s"),
         ("evaluate (200 greedy answers)", statistics.mean(h["time/eval_s"] for h in history if "time/eval_s" in h),
