@@ -39,10 +39,11 @@ from common import server
 
 ACCURACY = "eval/reward_mean"  # `math` scores 1 or 0: the mean is the share answered right
 RECIPES = {
-    "grpo": {"loss_agg_mode": "seq-mean-token-mean"},
+    # neither whitens the group advantages again over the batch's tokens
+    "grpo": {"loss_agg_mode": "seq-mean-token-mean", "whiten_advantages": False},
     # the reward here is the math function alone: its score is the raw verifiable one
-    "dapo": {"loss_agg_mode": "token-mean", "cliprange_low": 0.2, "cliprange_high": 0.28, "filter_groups": "score",
-             "max_sampling_rounds": 3, "overlong_buffer_len": 16},
+    "dapo": {"loss_agg_mode": "token-mean", "whiten_advantages": False, "cliprange_low": 0.2, "cliprange_high": 0.28,
+             "filter_groups": "score", "max_sampling_rounds": 3, "overlong_buffer_len": 16},
 }
 
 

@@ -275,4 +275,4 @@ async def test_the_learner_trains_on_episodes_and_the_held_out_episode_reward_ri
     assert len(held_out) == 3 and held_out[-1] > held_out[0] + 0.2, held_out
     steps = [h for h in history if "charts/reward_mean" in h]
     assert all(1.0 <= h["episodes/turns_mean"] <= 3.0 and h["episodes/environment_error_rate"] == 0 for h in steps)
-    assert max(h["sampling/logprob_diff_mean"] for h in steps) < 1e-3
+    assert max(abs(h["rollout_correction/kl"]) for h in steps) < 1e-3

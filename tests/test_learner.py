@@ -214,8 +214,8 @@ async def test_dapo_dynamic_sampling_trains_only_mixed_groups_and_logs_samples(t
                 run.trainer.train = lambda rollouts: (trained.append(rollouts), train(rollouts))[1]
 
         recipe = yaml.safe_load((ROOT / "examples" / "dapo-arithmetic.yaml").read_text())
-        algorithm = {key: recipe[key] for key in ("advantage_estimator", "loss_agg_mode", "cliprange_low",
-                                                  "cliprange_high", "kl_coef", "overlong_penalty")}
+        algorithm = {key: recipe[key] for key in ("advantage_estimator", "whiten_advantages", "loss_agg_mode",
+                                                  "cliprange_low", "cliprange_high", "kl_coef", "overlong_penalty")}
         history = await _train(
             tiny_models, reward, generation_server, tmp_path, spy, steps=3, batch_size=4, num_samples_per_prompt=4,
             response_length=16, learning_rate=1e-3, overlong_buffer_len=4, mask_truncated=True, **algorithm,

@@ -230,8 +230,8 @@ class LearnerSettings(ServiceSettings):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     whiten_rewards: bool = Field(False, description="whiten token rewards (scale only) before GAE")
     whiten_advantages: bool | None = Field(
-        None, description="whiten advantages over the step's tokens (default: with gae only; the group estimators' "
-        "scale is scale_rewards', and reinforce_pp whitens its own)"
+        None, description="whiten advantages over the step's tokens (default: yes, but not with scale_rewards batch "
+        "or none, whose scale is the point, nor reinforce_pp, which whitens its own)"
     )
 
     # What is trained on.
@@ -402,7 +402,8 @@ class LearnerSettings(ServiceSettings):
     @property
     def whitens_advantages(self) -> bool:
         if self.whiten_advantages is None:
-            return self.advantage_estimator == "gae"
+            return not (self.advantage_estimator == "reinforce_pp" or
+                        (self.advantage_estimator == "grpo" and self.scale_rewards != "group"))
         return self.whiten_advantages
 
     @property
