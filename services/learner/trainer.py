@@ -275,7 +275,6 @@ class Trainer:
         stats = self._ppo_epochs(batch, loss_mask, old_logprobs, ref_logprobs, values, advantages, returns, weights,
                                  sampler_logprobs)
         self.kl_ctl.update(float(kl_sum.mean()), len(rollouts))
-        policy_tokens = torch.tensor([float(m.sum()) for m in mask])
         self.sequence_advantages = ppo.masked_mean(advantages, mask, dim=-1).tolist()  # for the logged samples
         kl_scalars = {} if ref_logprobs is None else {
             "objective/kl": float(kl_sum.mean()), "objective/kl_coef": kl_coef,
@@ -284,7 +283,7 @@ class Trainer:
         return {
             "charts/reward_mean": float(scores.mean()), "charts/reward_std": float(scores.std()),
             "charts/response_length": float(lengths.mean()), "charts/eos_rate": float(finished.float().mean()),
-            **percentiles("charts/response_length", policy_tokens),
+            **percentiles("charts/response_length", lengths.cpu()),
             "charts/trained_token_fraction": float(loss_mask.sum() / mask.sum().clamp(min=1)),
             **kl_scalars, **correction, **stats,
             "time/reference_values_s": scored - began, "time/train_s": time.perf_counter() - scored,
