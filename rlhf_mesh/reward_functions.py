@@ -16,9 +16,10 @@ EnvironmentService's built-in environments check answers with them too.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
+
+from rlhf_mesh.user_code import resolve
 
 RewardFunction = Callable[..., list[float | None]]
 
@@ -70,12 +71,8 @@ RESERVED = frozenset({"prompts", "completions", "reference"})
 
 def load(spec: str) -> RewardFunction:
     """The function a spec names: a built-in's name, or `package.module:callable`."""
-    if spec in BUILTINS:
-        return BUILTINS[spec]
-    module, sep, attribute = spec.partition(":")
-    if not sep or not module or not attribute:
-        raise ValueError(f"reward function {spec!r}: a built-in ({', '.join(BUILTINS)}) or package.module:callable")
-    function = getattr(importlib.import_module(module), attribute, None)
+    function = resolve(spec, BUILTINS, "reward function", "callable")
     if not callable(function):
+        module, _, attribute = spec.partition(":")
         raise ValueError(f"reward function {spec!r}: {module} has no callable {attribute!r}")
     return function

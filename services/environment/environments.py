@@ -22,12 +22,12 @@ or a killed worker ends its episode alone.
 
 from __future__ import annotations
 
-import importlib
 import json
 import pickle
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rlhf_mesh.user_code import resolve
 from rlhf_mesh.worker_pool import FunctionFailed, is_score, loaded
 
 
@@ -61,15 +61,10 @@ def builtin() -> dict[str, type]:
 
 def load(spec: str) -> type:
     """The class a spec names: a built-in's name, or `package.module:Class`."""
-    builtins = builtin()
-    if spec in builtins:
-        return builtins[spec]
-    module, sep, attribute = spec.partition(":")
-    if not sep or not module or not attribute:
-        raise ValueError(f"environment {spec!r}: a built-in ({', '.join(builtins)}) or package.module:Class")
-    cls = getattr(importlib.import_module(module), attribute, None)
+    cls = resolve(spec, builtin(), "environment", "Class")
     if not isinstance(cls, type) or not callable(getattr(cls, "reset", None)) or not callable(getattr(cls, "step",
                                                                                                         None)):
+        module, _, attribute = spec.partition(":")
         raise ValueError(f"environment {spec!r}: {module} has no class {attribute!r} with reset() and step()")
     return cls
 
