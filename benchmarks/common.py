@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import time
 import urllib.request
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from rlhf_mesh.processes import ChildProcess, free_port
 
-__all__ = ["free_port", "scrape_metric", "server", "server_process", "vllm_kv_cache_flag", "wait_http"]
+__all__ = ["free_port", "peak_mib", "scrape_metric", "server", "server_process", "vllm_kv_cache_flag", "wait_http"]
 
 
 def vllm_kv_cache_flag() -> list[str]:
@@ -61,3 +62,13 @@ def scrape_metric(port: int, name: str) -> float:
     """The value of an unlabelled metric on the Prometheus endpoint at localhost:`port`."""
     text = urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10).read().decode()
     return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"{name} ")))
+
+
+def peak_mib(device: str) -> float:
+    """This process's peak memory in MiB: the most torch allocated on CUDA, the peak RSS on CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

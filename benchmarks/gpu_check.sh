@@ -3,6 +3,8 @@
 # and the project's other dependencies but no vLLM, downloading nothing:
 #   - one bf16 learner step of the `base` preset: full, gradient checkpointing, LoRA (peak memory
 #     and seconds against float32; benchmarks/learner_memory.py);
+#   - learner throughput on long, uneven rollouts: padded against packed against a token budget,
+#     and whole logits against chunked log-probs on a 64k vocabulary (benchmarks/learner_throughput.py);
 #   - the RewardService on --device cuda against offline batching and naive serving
 #     (benchmarks/reward_throughput.py --no-vllm);
 # then one table. Without CUDA it says so and exits 2.
@@ -43,17 +45,25 @@ export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS
 failed=()
 timeout 300 "$PYTHON" benchmarks/learner_memory.py --device cuda --preset base --rollouts 64 --length 512 \
   --json "$work/learner.json" | grep -v '^|' || failed+=("learner_memory")
+timeout 120 "$PYTHON" benchmarks/learner_throughput.py --device cuda --preset base --rollouts 64 \
+  --json "$work/throughput.json" | grep -v '^|' || failed+=("learner_throughput")
 timeout 200 "$PYTHON" benchmarks/reward_throughput.py --device cuda --dtype bfloat16 --no-vllm --samples 2048 \
   --concurrency 64 --json "$work/reward.json" | grep -v '^|' || failed+=("reward_throughput")
 
-"$PYTHON" - "$work/learner.json" "$work/reward.json" <<'EOF'
+"$PYTHON" - "$work/learner.json" "$work/reward.json" "$work/throughput.json" <<'EOF'
 import json, os, sys
-learner, reward = (json.load(open(p)) if os.path.exists(p) else {} for p in sys.argv[1:])
+learner, reward, throughput = (json.load(open(p)) if os.path.exists(p) else {} for p in sys.argv[1:])
 print("\n| check | figure | against the baseline |\n|---|---|---|")
 base = learner.get("float32")
 for name, r in learner.items() if base else ():  # ratios need the float32 row
     print(f"| learner step, {name} | {r['peak_mib']:.0f} MiB peak, {r['seconds']:.2f} s | "
           f"{r['peak_mib'] / base['peak_mib']:.2f}x memory, {r['seconds'] / base['seconds']:.2f}x time of float32 |")
+for group, rows in throughput.items():
+    first = next(iter(rows.values()), None)
+    for name, r in rows.items():
+        print(f"| learner {group}, {name} | {r['tokens_per_s']:.0f} tokens/s, {r['peak_mib']:.0f} MiB peak | "
+              f"{r['tokens_per_s'] / first['tokens_per_s']:.2f}x tokens/s, {r['peak_mib'] / first['peak_mib']:.2f}x "
+              f"memory of the first |")
 if reward:
     print(f"| reward, offline length-sorted batches | {reward['offline']:.0f} samples/s | baseline |")
     print(f"| reward, RewardService (64 callers x 1 sample) | {reward['service']:.0f} samples/s | "

@@ -23,12 +23,13 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import peak_mib
 
 CONFIGS = {
     "float32": {},
@@ -61,7 +62,7 @@ def one_step(policy: str, prompts: str, device: str, rollouts: int, length: int,
     trainer = Trainer(settings)
     if trainer.world.rank > 0:
         trainer.follow()
-        return {"peak_mib": _peak_mib(device)}
+        return {"peak_mib": peak_mib(device)}
     rng = random.Random(0)
     response = length * 3 // 4
     batch = [Rollout(prompt_index=i // 4, sample_index=i % 4, prompt_ids=[rng.randrange(5, 500) for _ in
@@ -72,7 +73,7 @@ def one_step(policy: str, prompts: str, device: str, rollouts: int, length: int,
     started = time.perf_counter()
     trainer.train(batch)
     seconds = time.perf_counter() - started
-    peak = _peak_mib(device)
+    peak = peak_mib(device)
     if trainer.sharded:  # its pushes send what the float32 row's do
         trainer.close()
         return {"peak_mib": peak, "seconds": seconds}
@@ -93,15 +94,6 @@ def merge_ranks(reports: list[dict]) -> dict:
     if not ranks or ranks[0]["rank"] != 0:
         raise ValueError(f"no figures from rank 0 among ranks {[r['rank'] for r in ranks]}")
     return {**ranks[0], "peak_mib": max(r["peak_mib"] for r in ranks), "peaks_mib": [r["peak_mib"] for r in ranks]}
-
-
-def _peak_mib(device: str) -> float:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ class Preset:
     num_attention_heads: int
     num_key_value_heads: int
     max_position_embeddings: int
+    vocab_size: int | None = None  # rows of the embedding and the LM head; default: the tokenizer's
 
 
 PRESETS = {
@@ -52,6 +53,8 @@ PRESETS = {
     "base": Preset(768, 2816, 12, 12, 4, 2048),
     # About 400M parameters: the learner's memory at a size where weights outweigh the runtime.
     "large": Preset(1024, 4096, 24, 16, 8, 2048),
+    # A 64k-row vocabulary (Qwen and Llama have 150k / 128k) on small layers: the logits' cost shows.
+    "vocab64k": Preset(512, 1408, 4, 8, 4, 4096, vocab_size=65536),
 }
 
 _SUBJECTS = ["the cat", "a robot", "my friend", "the teacher", "our team", "the river", "a small bird",
@@ -117,7 +120,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def _config_kwargs(arch: str, preset: Preset) -> dict:
     """The transformers config of `arch` at the size of `preset` (head_dim 32 on the tiny one)."""
-    p = asdict(preset)
+    p = {k: v for k, v in asdict(preset).items() if k != "vocab_size"}
     head_dim = preset.hidden_size // preset.num_attention_heads
     if arch == "gpt2":  # Conv1D projections, learned positions, tied head
         return dict(model_type="gpt2", n_embd=p["hidden_size"], n_inner=p["intermediate_size"],
@@ -173,7 +176,7 @@ def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny", arch: str = 
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (PAD, BOS, EOS)}
     kwargs = _config_kwargs(arch, PRESETS[preset])
     config = AutoConfig.for_model(
-        **kwargs, vocab_size=len(tokenizer), pad_token_id=ids[PAD], bos_token_id=ids[BOS], eos_token_id=ids[EOS],
+        **kwargs, vocab_size=PRESETS[preset].vocab_size or len(tokenizer), pad_token_id=ids[PAD], bos_token_id=ids[BOS], eos_token_id=ids[EOS],
         dtype="float32",
     )
     torch.manual_seed(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +20,8 @@ def test_gpu_check_refuses_cleanly_without_cuda():
 
 
 def _benchmark(name: str):
+    if str(ROOT / "benchmarks") not in sys.path:  # as when run as a script: its folder first, for `common`
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

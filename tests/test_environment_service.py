@@ -130,7 +130,7 @@ def test_episode_ids_are_what_the_model_saw_and_the_mask_covers_exactly_its_samp
         start = episode.prompt_length
         batch = make_batch([ids[:start]], [ids[start:]], 0, [mask[start:]])
         with torch.no_grad():
-            _, learner, _ = forward(model, batch, 1.0)
+            learner = forward(model, batch, 1.0).logprobs
             logits = model(input_ids=torch.tensor([ids])).logits[0]
         plain = torch.log_softmax(logits[start - 1:-1], -1).gather(1, torch.tensor(ids[start:])[:, None])[:, 0]
         sampled_at = torch.tensor(mask[start:]) == 1

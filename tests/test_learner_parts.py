@@ -65,7 +65,7 @@ def test_padded_batch_log_probs_equal_each_sequence_alone(tiny_models):
     batch = make_batch(prompts, responses, pad_id=0)
     assert batch.mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     with torch.no_grad():
-        _, logprobs, _ = forward(policy, batch, temperature=0.7)
+        logprobs = forward(policy, batch, temperature=0.7).logprobs
         for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
             logits = policy(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1] / 0.7
             alone = token_logprobs(logits, torch.tensor(response))
@@ -369,7 +369,7 @@ def _fixed_steps(count: int, seed: int = 0, policy: Path | None = None, lengths:
         for rollouts in steps:
             batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], 0)
             with torch.no_grad():
-                logprobs = forward(model, batch, 1.0)[1]
+                logprobs = forward(model, batch, 1.0).logprobs
             logprobs += 0.05 * torch.randn(logprobs.shape, generator=noise)
             for r, row in zip(rollouts, logprobs, strict=True):
                 r.sampler_logprobs = row[:len(r.response_ids)].tolist()

@@ -2,17 +2,22 @@
 
 Rollouts are batched right-padded (`prompt + response + pad`), so every real token sits at
 the position vLLM gave it. `response_index` points at the logits that predict each response
-token: position p + j - 1 for response token j of a prompt of p tokens.
-"""
+token: position p + j - 1 for response token j of a prompt of p tokens. The models may instead
+see the rows packed, padding-free (`model_inputs`), and the LM head may run on the response
+tokens alone, a chunk at a time (`forward`)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf_mesh.services.learner import ppo
 
 
 @dataclass
@@ -23,18 +28,28 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L]
     response_index: torch.Tensor  # [B, T] position of the logits that predict each response token
     response_ids: torch.Tensor  # [B, T] response tokens, pad after the end
-    mask: torch.Tensor  # [B, T] 1 on response tokens
+    mask: torch.Tensor  # [B, T] 1 on response tokens in the loss (an episode's observations are not)
+    valid: torch.Tensor  # [B, T] True on every response token
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
     def select(self, rows: torch.Tensor) -> Batch:
-        return Batch(*(t[rows] for t in (self.input_ids, self.attention_mask, self.response_index,
-                                         self.response_ids, self.mask)))
+        """The rows `rows`, their sequences cut to the longest of them (responses keep the batch's width)."""
+        picked = [t[rows] for t in self._tensors()]
+        width = int(picked[1].sum(1).max()) if len(rows) else 0
+        picked[0], picked[1] = picked[0][:, :width], picked[1][:, :width]
+        return Batch(*picked)
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_index,
-                                              self.response_ids, self.mask)))
+        return Batch(*(t.to(device) for t in self._tensors()))
+
+    def tokens(self) -> torch.Tensor:
+        """[B] each row's prompt + response length."""
+        return self.attention_mask.sum(1)
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
@@ -48,23 +63,34 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     response_ids = torch.full((len(prompts), response_width), pad_id, dtype=torch.long)
     response_index = torch.zeros((len(prompts), response_width), dtype=torch.long)
     mask = torch.zeros((len(prompts), response_width))
+    valid = torch.zeros((len(prompts), response_width), dtype=torch.bool)
     for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         n = len(prompt) + len(response)
         input_ids[row, :n] = torch.tensor(prompt + response)
         attention_mask[row, :n] = 1
         response_ids[row, : len(response)] = torch.tensor(response)
-        # Padding positions point at the last real logit: finite, and masked out anyway.
+        # Padding positions point at the row's last real logit: inside the row, never read.
         response_index[row] = torch.clamp(torch.arange(response_width) + len(prompt) - 1, max=n - 2)
+        valid[row, : len(response)] = True
         loss_mask = loss_masks[row] if loss_masks is not None else None
         mask[row, : len(response)] = 1 if loss_mask is None else torch.tensor(loss_mask, dtype=mask.dtype)
-    return Batch(input_ids, attention_mask, response_index, response_ids, mask)
+    return Batch(input_ids, attention_mask, response_index, response_ids, mask, valid)
 
 
-def gather_positions(per_position: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[B, L, ...] -> [B, T, ...] at the response positions."""
-    shape = (*index.shape, *per_position.shape[2:])
-    expanded = index.view(*index.shape, *([1] * (per_position.dim() - 2))).expand(shape)
-    return per_position.gather(1, expanded)
+def model_inputs(batch: Batch, packed: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A causal LM's inputs for `batch`, and `[B, T]` indices of the response positions among the
+    flattened positions of its outputs. Packed: every row's tokens one after another in a single
+    row, with position ids restarting at each sequence (transformers then masks attention to stay
+    inside each sequence); else the right-padded rows with their attention mask."""
+    if not packed:
+        rows, width = batch.input_ids.shape
+        offsets = torch.arange(rows, device=batch.input_ids.device) * width
+        return ({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+                batch.response_index + offsets[:, None])
+    keep = batch.attention_mask.bool()
+    lengths = batch.tokens()
+    inputs = {"input_ids": batch.input_ids[keep][None], "position_ids": (keep.cumsum(1) - 1)[keep][None]}
+    return inputs, batch.response_index + (lengths.cumsum(0) - lengths)[:, None]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -88,14 +114,15 @@ class Critic(torch.nn.Module):
     def is_head(self) -> bool:
         return self.head is not None
 
-    def forward(self, batch: Batch, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T] values at the response positions; a head needs the policy's `policy_hidden`."""
+    def forward(self, batch: Batch, policy_hidden: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
+        """[B, T] values at the response positions; a head needs the policy's `policy_hidden`
+        (`Output.hidden`)."""
         if self.head is not None:
-            return self.head(gather_positions(policy_hidden, batch.response_index)).squeeze(-1).float()
+            return self.head(policy_hidden).squeeze(-1).float()
+        inputs, index = model_inputs(batch, packed)
         backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          use_cache=False).last_hidden_state
-        return gather_positions(self.model.score(hidden), batch.response_index).squeeze(-1).float()
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        return self.model.score(hidden[index]).squeeze(-1).float()
 
 
 @dataclass
@@ -176,14 +203,72 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def forward(policy: torch.nn.Module, batch: Batch, temperature: float,
-            hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Response-token logits / temperature `[B, T, V]`, their log-probs `[B, T]`, and the
-    last hidden states `[B, L, H]` when asked (for a value head)."""
-    out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=hidden,
-                 use_cache=False)
-    logits = gather_positions(out.logits, batch.response_index).float() / temperature
-    return logits, token_logprobs(logits, batch.response_ids), out.hidden_states[-1] if hidden else None
+@dataclass
+class Output:
+    """A causal LM's per-response-token outputs (0 after each response)."""
+
+    logprobs: torch.Tensor  # [B, T] log-probs of the response tokens at the temperature
+    entropy: torch.Tensor  # [B, T] entropy of the distribution each was drawn from
+    hidden: torch.Tensor | None  # [B, T, H] last hidden states there, when asked (a value head's input)
+
+
+def forward(policy: torch.nn.Module, batch: Batch, temperature: float, hidden: bool = False, packed: bool = False,
+            chunk: int = 0, entropy_grad: bool = False) -> Output:
+    """The policy's outputs at the response tokens, from packed or padded rows (`model_inputs`).
+    With `chunk`, the LM head runs on the response tokens only, `chunk` of them at a time, each
+    chunk's logits recomputed in the backward pass: the logits never exist whole. Without it,
+    the model's own logits at every position (whole, as transformers computes them)."""
+    inputs, index = model_inputs(batch, packed)
+    at, tokens = index[batch.valid], batch.response_ids[batch.valid]
+    if chunk:
+        out = policy(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        states = out.hidden_states[-1].flatten(0, 1)[at]
+        head = _unwrapped(policy).get_output_embeddings()
+        parts = [checkpoint(_head_logprobs, head, s, t, temperature, entropy_grad, use_reentrant=False)
+                 if s.requires_grad else _head_logprobs(head, s, t, temperature, entropy_grad)
+                 for s, t in zip(states.split(chunk), tokens.split(chunk), strict=True)]
+        logprobs, entropy = (torch.cat(column) for column in zip(*parts, strict=True))
+    else:
+        out = policy(**inputs, output_hidden_states=hidden, use_cache=False)
+        logprobs, entropy = _logprobs(out.logits.flatten(0, 1)[at], tokens, temperature, entropy_grad)
+    zeros = torch.zeros(batch.valid.shape, device=logprobs.device)
+    return Output(zeros.masked_scatter(batch.valid, logprobs), zeros.masked_scatter(batch.valid, entropy),
+                  out.hidden_states[-1].flatten(0, 1)[index] if hidden else None)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+              entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.float() / temperature
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = ppo.entropy(logits)
+    return token_logprobs(logits, tokens), entropy
+
+
+def _head_logprobs(head: torch.nn.Module, states: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                   entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _logprobs(head(states), tokens, temperature, entropy_grad)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def layout_support(policy: torch.nn.Module, critic: Critic | None) -> tuple[bool, bool]:
+    """Whether packed rows give the padded rows' log-probs (and values) on these models, whose
+    attention implementation may not keep packed sequences apart; and whether the LM head
+    applied apart gives the model's own logits (a model may scale or cap them after its head).
+    Checked on two short sequences, in every rank alike (under FSDP2 a forward is collective)."""
+    vocab = policy.config.vocab_size
+    ids = torch.randint(0, vocab, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    device = next(policy.parameters()).device
+    batch = make_batch([ids[:3], ids[6:8]], [ids[3:6], ids[8:12]], pad_id=0).to(device)
+    with torch.no_grad():
+        padded_out = forward(policy, batch, 1.0)
+        packs = torch.allclose(forward(policy, batch, 1.0, packed=True).logprobs, padded_out.logprobs, atol=1e-4)
+        if packs and critic is not None and not critic.is_head:
+            packs = torch.allclose(critic(batch, packed=True), critic(batch), atol=1e-4)
+        head_apart = torch.allclose(forward(policy, batch, 1.0, chunk=2).logprobs, padded_out.logprobs, atol=1e-4)
+    return packs, head_apart
 
 
 def padded(rows: list[list[float]], width: int) -> torch.Tensor:

@@ -152,6 +152,20 @@ class LearnerSettings(ServiceSettings):
         False, description="recompute the policy's and critic's activations in the backward pass: less memory, "
         "one more forward"
     )
+    padding_free: bool = Field(
+        True, description="run every pass on packed rows (the sequences one after another, position ids restarting "
+        "at each) instead of padded ones; where the attention implementation would not keep packed sequences apart, "
+        "the learner says so and pads"
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="cut micro-batches by tokens (prompt + response) instead of rows: each within this "
+        "budget (a longer sequence alone), the ranks given near-equal token sums; gradient_accumulation_steps is then "
+        "unused"
+    )
+    logprobs_chunk_size: int = Field(
+        1024, ge=0, description="apply the LM head to this many response tokens at a time (recomputed in backward), "
+        "so that the logits never exist whole; 0: the model's own logits at every position"
+    )
     fsdp: bool = Field(
         False, description="under torchrun: shard the policy, reference and critic over the ranks with FSDP2 "
         "(fully_shard per decoder layer) instead of a full copy on each rank (DDP)"

@@ -11,6 +11,7 @@ publisher.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -31,9 +32,11 @@ from rlhf_mesh.services.learner import ppo
 from rlhf_mesh.services.learner.checkpoints import latest_checkpoint, write_atomically
 from rlhf_mesh.services.learner.distributed import World
 from rlhf_mesh.services.learner.errors import LearnerError
+from rlhf_mesh.services.learner.micro_batches import by_tokens
 from rlhf_mesh.services.learner.models import (
     Batch,
     forward,
+    layout_support,
     load_models,
     lora_dropouts,
     make_batch,
@@ -81,7 +84,7 @@ class Trainer:
         self._seed_everything(s.seed)
         self.device = World.device(s.device)
         self.world = World.join(self.device, s.dist_timeout_s)
-        if s.gradient_accumulation_steps % self.world.size:
+        if s.max_tokens_per_micro_batch is None and s.gradient_accumulation_steps % self.world.size:
             raise LearnerError(f"gradient_accumulation_steps ({s.gradient_accumulation_steps}) must be a multiple "
                                f"of the number of ranks ({self.world.size}): each rank takes as many micro-batches")
         resume = s.resume_from or (latest_checkpoint(s.output_dir) if s.resume else None)
@@ -135,6 +138,17 @@ class Trainer:
         # What training runs forward and backward through: the (sharded) models, or DDP around them.
         self._policy, self._critic = ((self.models.policy, self.models.critic) if self.sharded else
                                       (self.world.wrap(self.models.policy), self.world.wrap(self.models.critic)))
+        # How the passes see the rows: packed and with the LM head on the response tokens in chunks,
+        # where these models give the same numbers so.
+        packs, head_apart = layout_support(self.models.policy, self.models.critic)
+        self.packed = s.padding_free and packs
+        if s.padding_free and not packs:
+            log.warning("padding_free: the %s attention of %s does not keep packed sequences apart; padding instead",
+                        self.models.policy.config._attn_implementation, type(self.models.policy).__name__)
+        self.chunk = s.logprobs_chunk_size if head_apart else 0
+        if s.logprobs_chunk_size and not head_apart:
+            log.warning("logprobs_chunk_size: the logits of %s are not its LM head's output alone; computing them "
+                        "whole", type(self.models.policy).__name__)
 
     def _restore(self, checkpoint: Path) -> None:
         """Optimizer, KL coefficient, step, history and RNG states of a checkpoint (its models are loaded)."""
@@ -218,7 +232,7 @@ class Trainer:
             old_logprobs = torch.zeros_like(mask)
             ref_logprobs = torch.zeros_like(mask) if s.uses_reference else None
             values = torch.zeros_like(mask) if self.models.critic is not None else None
-            for rows, mine in self._rank_micro_batches(len(batch)):
+            for rows, mine in self._rank_micro_batches(batch):
                 parts = self._score_rows(batch.select(rows))
                 if mine:
                     for whole, part in zip((old_logprobs, ref_logprobs, values), parts, strict=True):
@@ -290,15 +304,25 @@ class Trainer:
             **component_means(rollouts),
         }
 
-    def _micro_batches(self, count: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
-        rows = torch.arange(count) if order is None else order
-        return list(rows.split(self.settings.micro_batch_size))
+    def _micro_batches(self, batch: Batch, rows: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's micro-batches of `rows` (rows of `batch`, at least one per rank): its share
+        of `micro_batch_size` rows each, or of the micro-batches cut by the token budget."""
+        s, rank, size = self.settings, self.world.rank, self.world.size
+        if s.max_tokens_per_micro_batch is not None:
+            return [rows[part] for part in by_tokens(batch.tokens()[rows].cpu(), s.max_tokens_per_micro_batch,
+                                                      size)[rank]]
+        micro = rows.split(s.micro_batch_size)
+        share = len(micro) // size
+        return list(micro[rank * share:(rank + 1) * share])
 
-    def _rank_micro_batches(self, count: int) -> Iterator[tuple[torch.Tensor, bool]]:
-        """This rank's micro-batches of a pass without gradients over `count` rows, and whether
-        each is its own. Under FSDP2 a forward pass is a collective, so every rank makes as many:
-        one short of them passes its first micro-batch again and drops what it gives (False)."""
-        micro, size = self._micro_batches(count), self.world.size
+    def _rank_micro_batches(self, batch: Batch) -> Iterator[tuple[torch.Tensor, bool]]:
+        """This rank's micro-batches of a pass without gradients over `batch`, and whether each
+        is its own. Under FSDP2 a forward pass is a collective, so every rank makes as many: one
+        short of them passes its first micro-batch again and drops what it gives (False)."""
+        if self.settings.max_tokens_per_micro_batch is not None:  # as many on every rank already
+            yield from ((rows, True) for rows in self._micro_batches(batch, torch.arange(len(batch))))
+            return
+        micro, size = torch.arange(len(batch)).split(self.settings.micro_batch_size), self.world.size
         end = -(-len(micro) // size) * size if self.sharded else len(micro)
         for i in range(self.world.rank, end, size):
             yield (micro[i], True) if i < len(micro) else (micro[0], False)
@@ -311,19 +335,20 @@ class Trainer:
         logprobs = hidden = ref_logprobs = values = None
         with self._autocast():  # as in training, so that the first epoch's ratio is 1
             if not s.rollout_correction_bypass or head:
-                _, logprobs, hidden = forward(self.models.policy, batch, s.temperature, hidden=head)
+                out = forward(self.models.policy, batch, s.temperature, head, self.packed, self.chunk)
+                logprobs, hidden = out.logprobs, out.hidden
             if s.uses_reference:
                 ref_logprobs = self._reference_logprobs(batch)
             if critic is not None:
-                values = critic(batch, hidden)
+                values = critic(batch, hidden, self.packed)
         return logprobs, ref_logprobs, values
 
     def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """The reference's log-probs: its own model, or with LoRA the policy with the adapter disabled."""
-        if self.models.reference is None:
-            with self.models.policy.disable_adapter():
-                return forward(self.models.policy, batch, self.settings.temperature)[1]
-        return forward(self.models.reference, batch, self.settings.temperature)[1]
+        reference = self.models.reference
+        model = reference if reference is not None else self.models.policy
+        with contextlib.nullcontext() if reference is not None else model.disable_adapter():
+            return forward(model, batch, self.settings.temperature, packed=self.packed, chunk=self.chunk).logprobs
 
     def kl(self, rollouts: list[Rollout]) -> float:
         """The mean over `rollouts` of their summed per-token KL to the reference (no update)."""
@@ -336,10 +361,11 @@ class Trainer:
                            self.pad_id, [r.loss_mask for r in rollouts]).to(self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            for rows, mine in self._rank_micro_batches(len(batch)):
+            for rows, mine in self._rank_micro_batches(batch):
                 micro = batch.select(rows.to(self.device))
                 with self._autocast():
-                    _, logprobs, _ = forward(self.models.policy, micro, s.temperature)
+                    logprobs = forward(self.models.policy, micro, s.temperature, packed=self.packed,
+                                       chunk=self.chunk).logprobs
                     ref_logprobs = self._reference_logprobs(micro)
                 if mine:
                     total += (ppo.kl_penalty(logprobs, ref_logprobs, s.kl_estimator) * micro.mask).sum()
@@ -383,7 +409,6 @@ class Trainer:
         gradients over them): the update is the same however the mini-batch is split."""
         s, policy, critic = self.settings, self._policy, self._critic
         head = self.models.critic is not None and self.models.critic.is_head
-        share = s.gradient_accumulation_steps // self.world.size  # micro-batches of a mini-batch per rank
         horizon = s.response_length if s.environment is None else s.max_episode_tokens
         record: dict[str, list[torch.Tensor]] = {}
         entropies: list[torch.Tensor] = []
@@ -404,19 +429,20 @@ class Trainer:
                 agg = functools.partial(ppo.agg_loss, mode=s.loss_aggregation, tokens=counted.sum(),
                                         sequences=sequences, horizon=horizon)
                 parts: dict[str, torch.Tensor] = {}
-                mine = self._micro_batches(len(batch), mini)[self.world.rank * share:(self.world.rank + 1) * share]
+                mine = self._micro_batches(batch, mini)
                 for i, rows in enumerate(mine):
-                    with self.world.accumulating([policy, critic], last=i == share - 1):
+                    with self.world.accumulating([policy, critic], last=i == len(mine) - 1):
                         micro = batch.select(rows.to(self.device))
                         lm = loss_mask[rows]
                         with self._autocast():  # the models' passes; the losses are float32 (forward's logits are)
-                            logits, logprobs, hidden = forward(policy, micro, s.temperature, hidden=head)
-                            values = critic(micro, hidden) if critic is not None else None
+                            out = forward(policy, micro, s.temperature, head, self.packed, self.chunk,
+                                          entropy_grad=bool(s.ent_coef))
+                            logprobs, token_entropy = out.logprobs, out.entropy
+                            values = critic(micro, out.hidden, self.packed) if critic is not None else None
                         pg_losses, pg = ppo.policy_loss(logprobs, old_logprobs[rows], advantages[rows], lm,
                                                         s.policy_loss, s.clip_low, s.clip_high, s.clip_ratio_c,
                                                         None if weights is None else weights[rows])
                         terms = {"losses/policy_loss": agg(pg_losses, lm)}
-                        token_entropy = ppo.entropy(logits if s.ent_coef else logits.detach())
                         terms["objective/entropy"] = agg(token_entropy, lm)
                         loss = terms["losses/policy_loss"] - s.ent_coef * terms["objective/entropy"]
                         if s.use_kl_loss:
