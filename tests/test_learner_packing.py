@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf_mesh import tiny_models
-from rlhf_mesh.services.learner import ppo
+from rlhf_mesh.services.learner import packed_attention, ppo
 from rlhf_mesh.services.learner.micro_batches import balanced_parts, by_tokens
 from rlhf_mesh.services.learner.models import Critic, forward, layout_support, make_batch, with_lora
 
@@ -36,11 +36,13 @@ def _rows(seed: int, count: int = 5) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, responses
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen3_moe", "gpt2", "llama+lora"])
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen3_moe", "gpt2", "gemma3", "llama+lora"])
 def test_packed_rows_and_chunked_logits_equal_padded_whole_logits(built, arch):
-    """On an untied, a tied, an MoE, a learned-position and a LoRA model: the log-probs, entropy,
-    value-head input, critic values, a PPO-like loss and every gradient are the same (float32
-    rounding) whether the rows are padded or packed and the logits whole or in chunks of 5 tokens."""
+    """On an untied, a tied, an MoE, a learned-position, a sliding-window and a LoRA model: the
+    log-probs, entropy, value-head input, critic values, a PPO-like loss and every gradient are
+    the same (float32 rounding) whether the rows are padded or packed and the logits whole or in
+    chunks of 5 tokens. Packed rows attend one sequence at a time but with a sliding window
+    (gemma3's local layers), which transformers' packed-sequence mask keeps instead."""
     paths = built(arch.removesuffix("+lora"))
     policy = AutoModelForCausalLM.from_pretrained(paths["policy"], dtype=torch.float32).eval()
     if arch.endswith("+lora"):
@@ -49,7 +51,9 @@ def test_packed_rows_and_chunked_logits_equal_padded_whole_logits(built, arch):
             if "lora_B" in name:  # a trained adapter, not the initial zero update
                 torch.nn.init.normal_(weight, std=0.05)
     critic = Critic(AutoModelForSequenceClassification.from_pretrained(paths["reward"], dtype=torch.float32).eval())
-    assert layout_support(policy, critic) == (True, True)
+    assert layout_support([policy], critic, packing=True, chunking=True) == (True, True)
+    expected = "sdpa" if arch == "gemma3" else packed_attention.NAME
+    assert policy.config._attn_implementation == critic.model.config._attn_implementation == expected
     prompts, responses = _rows(0)
     batch = make_batch(prompts, responses, pad_id=0)
     advantages = torch.randn(batch.mask.shape, generator=torch.Generator().manual_seed(1))
@@ -71,10 +75,13 @@ def test_packed_rows_and_chunked_logits_equal_padded_whole_logits(built, arch):
             torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-5, msg=f"{layout} {name}")
 
 
-def test_no_attention_crosses_a_sequence_boundary_in_a_packed_row(built):
+@pytest.mark.parametrize("attention", ["one sequence at a time", "transformers' packed-sequence mask"])
+def test_no_attention_crosses_a_sequence_boundary_in_a_packed_row(built, attention):
     """Three sequences in one packed row: another middle sequence changes its own log-probs and
     none of its neighbours'."""
     policy = AutoModelForCausalLM.from_pretrained(built("llama")["policy"], dtype=torch.float32).eval()
+    if attention == "one sequence at a time":
+        assert packed_attention.install(policy)
     prompts, responses = _rows(2, count=3)
     outputs = []
     with torch.no_grad():

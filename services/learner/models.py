@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf_mesh.services.learner import ppo
+from rlhf_mesh.services.learner import packed_attention, ppo
 
 
 @dataclass
@@ -220,20 +220,27 @@ def forward(policy: torch.nn.Module, batch: Batch, temperature: float, hidden: b
     the model's own logits at every position (whole, as transformers computes them)."""
     inputs, index = model_inputs(batch, packed)
     at, tokens = index[batch.valid], batch.response_ids[batch.valid]
+    model = _unwrapped(policy)
+    last: list[torch.Tensor] = []  # the backbone's output, the LM head's input (not every layer's, kept alive)
+    hook = model.get_decoder().register_forward_hook(lambda _, __, out: last.append(out[0])) \
+        if chunk or hidden else None
+    try:
+        out = policy(**inputs, use_cache=False, **({"logits_to_keep": 1} if chunk else {}))
+    finally:
+        if hook is not None:
+            hook.remove()
+    states = last[0].flatten(0, 1) if last else None
     if chunk:
-        out = policy(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        states = out.hidden_states[-1].flatten(0, 1)[at]
-        head = _unwrapped(policy).get_output_embeddings()
+        head = model.get_output_embeddings()
         parts = [checkpoint(_head_logprobs, head, s, t, temperature, entropy_grad, use_reentrant=False)
                  if s.requires_grad else _head_logprobs(head, s, t, temperature, entropy_grad)
-                 for s, t in zip(states.split(chunk), tokens.split(chunk), strict=True)]
+                 for s, t in zip(states[at].split(chunk), tokens.split(chunk), strict=True)]
         logprobs, entropy = (torch.cat(column) for column in zip(*parts, strict=True))
     else:
-        out = policy(**inputs, output_hidden_states=hidden, use_cache=False)
         logprobs, entropy = _logprobs(out.logits.flatten(0, 1)[at], tokens, temperature, entropy_grad)
     zeros = torch.zeros(batch.valid.shape, device=logprobs.device)
     return Output(zeros.masked_scatter(batch.valid, logprobs), zeros.masked_scatter(batch.valid, entropy),
-                  out.hidden_states[-1].flatten(0, 1)[index] if hidden else None)
+                  states[index] if hidden else None)
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
@@ -253,21 +260,41 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def layout_support(policy: torch.nn.Module, critic: Critic | None) -> tuple[bool, bool]:
-    """Whether packed rows give the padded rows' log-probs (and values) on these models, whose
-    attention implementation may not keep packed sequences apart; and whether the LM head
-    applied apart gives the model's own logits (a model may scale or cap them after its head).
-    Checked on two short sequences, in every rank alike (under FSDP2 a forward is collective)."""
-    vocab = policy.config.vocab_size
-    ids = torch.randint(0, vocab, (12,), generator=torch.Generator().manual_seed(0)).tolist()
-    device = next(policy.parameters()).device
-    batch = make_batch([ids[:3], ids[6:8]], [ids[3:6], ids[8:12]], pad_id=0).to(device)
-    with torch.no_grad():
-        padded_out = forward(policy, batch, 1.0)
-        packs = torch.allclose(forward(policy, batch, 1.0, packed=True).logprobs, padded_out.logprobs, atol=1e-4)
-        if packs and critic is not None and not critic.is_head:
-            packs = torch.allclose(critic(batch, packed=True), critic(batch), atol=1e-4)
-        head_apart = torch.allclose(forward(policy, batch, 1.0, chunk=2).logprobs, padded_out.logprobs, atol=1e-4)
+def layout_support(models: list[torch.nn.Module], critic: Critic | None, packing: bool,
+                   chunking: bool) -> tuple[bool, bool]:
+    """Whether packed rows give the padded rows' log-probs (values) on these causal LMs (and
+    critic), and whether their LM heads applied apart give their own logits (a model may scale or
+    cap them after its head, or not take `logits_to_keep`). Checked, where asked, on two short
+    sequences against transformers' padded SDPA. Packed rows attend one sequence at a time
+    (`packed_attention`) where that gives the same numbers, else through transformers' mask. A
+    model that mixed the sequences would be off by far more than the tolerance bf16 weights need."""
+    packs, head_apart = packing, chunking
+    scorer = critic.model if critic is not None and not critic.is_head else None
+    for model in [*models, scorer]:
+        if model is None:
+            continue
+        atol = 1e-2 if next(model.parameters()).dtype == torch.float32 else 1e-1  # a reference stored in bf16
+        ids = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+        batch = make_batch([ids[:3], ids[6:8]], [ids[3:6], ids[8:12]], pad_id=0).to(next(model.parameters()).device)
+
+        def run(packed: bool, chunk: int = 0, model: torch.nn.Module = model, batch: Batch = batch) -> torch.Tensor:
+            if model is scorer:
+                return critic(batch, packed=packed)
+            return forward(model, batch, 1.0, packed=packed, chunk=chunk).logprobs
+
+        with torch.no_grad():
+            expected = run(False)
+            if packs:
+                one_at_a_time = packed_attention.install(model)
+                if one_at_a_time and not torch.allclose(run(True), expected, atol=atol):
+                    packed_attention.uninstall(model)  # its attention is not handed the position ids
+                    one_at_a_time = False
+                packs = one_at_a_time or torch.allclose(run(True), expected, atol=atol)
+            if head_apart and model is not scorer:
+                try:
+                    head_apart = torch.allclose(run(False, chunk=2), expected, atol=atol)
+                except TypeError:  # a forward without logits_to_keep
+                    head_apart = False
     return packs, head_apart
 
 

@@ -87,6 +87,9 @@ class Trainer:
         if s.max_tokens_per_micro_batch is None and s.gradient_accumulation_steps % self.world.size:
             raise LearnerError(f"gradient_accumulation_steps ({s.gradient_accumulation_steps}) must be a multiple "
                                f"of the number of ranks ({self.world.size}): each rank takes as many micro-batches")
+        if s.rollouts_per_step // s.num_mini_batches < self.world.size:
+            raise LearnerError(f"a mini-batch of {s.rollouts_per_step // s.num_mini_batches} rollouts cannot be "
+                               f"shared by {self.world.size} ranks: fewer num_mini_batches")
         resume = s.resume_from or (latest_checkpoint(s.output_dir) if s.resume else None)
         # Hub ids resolve once, here: a wrong one stops the start with one line (ModelNotFound).
         self.policy_path = resolve_model(s.policy)
@@ -139,9 +142,12 @@ class Trainer:
         self._policy, self._critic = ((self.models.policy, self.models.critic) if self.sharded else
                                       (self.world.wrap(self.models.policy), self.world.wrap(self.models.critic)))
         # How the passes see the rows: packed and with the LM head on the response tokens in chunks,
-        # where these models give the same numbers so.
-        packs, head_apart = layout_support(self.models.policy, self.models.critic)
-        self.packed = s.padding_free and packs
+        # where these models give the same numbers so; every rank alike (FSDP2's passes are collectives).
+        support = layout_support([m for m in (self.models.policy, self.models.reference) if m is not None], critic,
+                                 s.padding_free, s.logprobs_chunk_size > 0)
+        packs, head_apart = (bool(v) for v in self.world.sum(torch.tensor(support, dtype=torch.float64,
+                                                                           device=self.device)) == self.world.size)
+        self.packed = packs
         if s.padding_free and not packs:
             log.warning("padding_free: the %s attention of %s does not keep packed sequences apart; padding instead",
                         self.models.policy.config._attn_implementation, type(self.models.policy).__name__)
@@ -319,7 +325,7 @@ class Trainer:
         """This rank's micro-batches of a pass without gradients over `batch`, and whether each
         is its own. Under FSDP2 a forward pass is a collective, so every rank makes as many: one
         short of them passes its first micro-batch again and drops what it gives (False)."""
-        if self.settings.max_tokens_per_micro_batch is not None:  # as many on every rank already
+        if self.settings.max_tokens_per_micro_batch is not None and len(batch) >= self.world.size:  # as many each
             yield from ((rows, True) for rows in self._micro_batches(batch, torch.arange(len(batch))))
             return
         micro, size = torch.arange(len(batch)).split(self.settings.micro_batch_size), self.world.size
