@@ -10,8 +10,8 @@ group's first row, measured in the same run:
 
 - long-tailed: 32 rollouts of a 64-token prompt and a response drawn from a log-normal of median
   200 tokens, one of them 2048 (the longest a reasoning batch has), on `--preset` or `--model`:
-  rows of 8 padded to the longest of each; the same rows packed; packed micro-batches of at most
-  `--token-budget` tokens balanced over the ranks.
+  4 micro-batches of rows padded to the longest of each; the same rows packed; with chunked
+  log-probs; packed micro-batches of at most `--token-budget` tokens balanced over the ranks.
 - vocab64k: 8 rollouts of 2048 tokens on the 64k-row vocabulary preset, 2 rows per micro-batch:
   the model's whole logits against chunked log-probs (the LM head on 1024 tokens at a time).
 
@@ -39,9 +39,9 @@ BASE = {"advantage_estimator": "grpo", "num_samples_per_prompt": 4, "num_ppo_epo
         "kl_coef": 0.05, "learning_rate": 1e-5, "rollout_correction": "none"}  # made-up sampler log-probs
 GROUPS = {
     "long-tailed": {"preset": None, "shape": "long-tailed", "rows": {
-        "padded (8 rows per micro-batch)": {"padding_free": False, "logprobs_chunk_size": 0,
+        "padded (4 micro-batches, each cut to its longest)": {"padding_free": False, "logprobs_chunk_size": 0,
                                             "gradient_accumulation_steps": 4},
-        "packed (8 rows per micro-batch)": {"logprobs_chunk_size": 0, "gradient_accumulation_steps": 4},
+        "packed (4 micro-batches)": {"logprobs_chunk_size": 0, "gradient_accumulation_steps": 4},
         "packed + chunked log-probs": {"gradient_accumulation_steps": 4},
         "packed + chunked + token budget": {"max_tokens_per_micro_batch": None},  # --token-budget
     }},
@@ -86,10 +86,12 @@ def one_step(policy: str, prompts: str, device: str, shape: str, count: int, ove
     trainer.train(batch)
     seconds = time.perf_counter() - started
     tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in batch)
-    padded = sum(max(len(r.prompt_ids) + len(r.response_ids) for r in batch[i:i + 8]) * 8 for i in range(0, count, 8))
+    rows = settings.micro_batch_size
+    padded = sum(max(len(r.prompt_ids) + len(r.response_ids) for r in batch[i:i + rows]) * rows
+                 for i in range(0, count, rows))  # the no-gradient passes' micro-batches, in order
     trainer.close()
     return {"peak_mib": peak_mib(device), "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-            "padding_of_8_row_micro_batches": 1 - tokens / padded, "packed": trainer.packed, "chunk": trainer.chunk}
+            "padding": 1 - tokens / padded, "packed": trainer.packed, "chunk": trainer.chunk}
 
 
 def main() -> None:

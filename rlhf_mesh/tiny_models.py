@@ -176,7 +176,8 @@ def build(out_dir: str | Path, seed: int = 0, preset: str = "tiny", arch: str = 
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (PAD, BOS, EOS)}
     kwargs = _config_kwargs(arch, PRESETS[preset])
     config = AutoConfig.for_model(
-        **kwargs, vocab_size=PRESETS[preset].vocab_size or len(tokenizer), pad_token_id=ids[PAD], bos_token_id=ids[BOS], eos_token_id=ids[EOS],
+        **kwargs, vocab_size=PRESETS[preset].vocab_size or len(tokenizer), pad_token_id=ids[PAD],
+        bos_token_id=ids[BOS], eos_token_id=ids[EOS],
         dtype="float32",
     )
     torch.manual_seed(seed)
