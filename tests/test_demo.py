@@ -81,3 +81,22 @@ def test_ctrl_c_stops_every_service(tmp_path, tiny_models):
     assert demo.returncode == 130 and "interrupted; stopping the services" in stderr, stderr[-3000:]
     addresses = _addresses("".join(lines))
     assert len(addresses) == 3 and all(_closed(*a) for a in addresses)
+
+
+def test_the_arithmetic_rater_prefers_the_right_answer_then_the_shorter():
+    """`demo --model real`'s scripted rater: math-verify against the answer decides; of two right
+    answers the shorter wins; two wrong ones get no judgement."""
+    from rlhf_mesh.demo import judge_answers
+
+    assert judge_answers(["12 + 7 = \\boxed{19}", "12 + 7 = \\boxed{9}"], "19") == 0
+    assert judge_answers(["\\boxed{9}", "so it is \\boxed{19}"], "19") == 1
+    assert judge_answers(["The sum is 19, so \\boxed{19}.", "\\boxed{19}"], "19") == 1
+    assert judge_answers(["\\boxed{1}", "\\boxed{2}"], "19") is None
+
+
+def test_the_real_demo_takes_its_own_defaults_only_for_the_keys_not_given(tmp_path):
+    from rlhf_mesh.demo import REAL_DEFAULTS, Demo, DemoSettings
+
+    real = Demo(DemoSettings(model="real", steps=5, out=tmp_path)).s
+    assert real.steps == 5 and real.rounds == REAL_DEFAULTS["rounds"] and real.learning_rate == 2e-4
+    assert Demo(DemoSettings(out=tmp_path)).s.steps == DemoSettings.model_fields["steps"].default == 12
