@@ -128,10 +128,6 @@ def _untrained_reward_model(policy: str, folder: Path) -> Path:
     return folder
 
 
-def _rows(path: Path) -> list[tuple[str | list[dict[str, str]], str | None]]:
-    """(prompt or chat messages, reference answer) of each row of a prompts file."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(row.get("messages") or row["prompt"], row.get("answer")) for row in rows]
 
 
 @dataclass
@@ -351,8 +347,8 @@ class Demo:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         policy, reward, prompts_file, held_out = self.models()
-        rows = _rows(prompts_file)
-        eval_rows = _rows(held_out if held_out is not None else prompts_file)[: s.eval_prompts]
+        rows = self.rows(prompts_file)
+        eval_rows = self.rows(held_out if held_out is not None else prompts_file)[: s.eval_prompts]
         self.say("starting the services")
         services = self.start_services(policy, reward)
         times: dict[str, float] = {}
@@ -380,6 +376,15 @@ class Demo:
                                 **({"kl": last["objective/kl"]} if "objective/kl" in last else {}), **after, **times})
         self.report(time.perf_counter() - started)
         return 0
+
+    def rows(self, path: Path) -> list[tuple[str | list[dict[str, str]], str | None]]:
+        """(prompt, reference answer) of each row of a prompts file, read as the learner reads it: the
+        arithmetic problems' chat messages and answers, or the tiny prompts' text."""
+        from rlhf_mesh.services.learner.data import PromptDataset
+
+        dataset = PromptDataset.load(path, messages_field="messages" if self.real else None,
+                                     reference_field="answer" if self.real else None)
+        return list(zip(dataset.prompts, dataset.references, strict=True))
 
     def verdict(self, evaluation: dict[str, float]) -> str:
         if self.real:
