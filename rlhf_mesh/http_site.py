@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import ssl
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
+import grpc
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 from pydantic import BaseModel, Field
+
+from rlhf_mesh.security import TokenAuth, bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,70 @@ class HttpPortSettings(BaseModel):
 
 class BodyTimeout(asyncio.TimeoutError):
     """A request body that did not arrive within http_body_timeout_s (raised by its reads)."""
+
+
+class Refused(Exception):
+    """A request refused before any work: its HTTP status, a message for the caller and the
+    field it is about."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param = status, param
+
+    def reply(self) -> web.Response:
+        return error_reply(self.status, str(self), self.param)
+
+
+AUTH_STATUS = {grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403}
+
+
+def caller(request: web.Request, auth: TokenAuth | None, method: str) -> str:
+    """Who calls: the holder of the bearer token, which must grant `method`'s role (else 401 /
+    403), or the peer's address where no token file is set. Checked before the body is read."""
+    if auth is None:
+        return request.remote or ""
+    header = request.headers.get("Authorization", "")
+    refused = auth.check(method, [("authorization", header)])
+    if refused is not None:
+        raise Refused(AUTH_STATUS[refused[0]], refused[1])
+    holder = auth.holder(bearer_token(header) or "")
+    return holder.name if holder is not None else request.remote or ""
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """A JSON body, refused as soon as it (inflated, for a compressed one) passes `limit` bytes."""
+    if request.content_type != "application/json":
+        raise Refused(415, "the body must be JSON, sent as Content-Type: application/json")
+    if request.charset is not None and request.charset.lower() not in ("utf-8", "utf8"):
+        raise Refused(400, f"charset={request.charset}: the body must be UTF-8")
+    too_large = f"the body is more than max_message_bytes={limit} bytes"
+    if request.content_length is not None and request.content_length > limit:
+        raise Refused(413, too_large)
+    compressed = "Content-Encoding" in request.headers
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                chunks.clear()  # freed now, not when the refusal's traceback is collected
+                raise Refused(413, too_large + (" once inflated" if compressed else ""))
+            chunks.append(chunk)
+    except BodyTimeout as err:
+        raise Refused(408, str(err)) from None
+    except web.RequestPayloadError:
+        raise Refused(400, "the body does not match its Content-Encoding or Content-Length") from None
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body's JSON value, or a 400 that says why not."""
+    try:
+        return json.loads(raw.decode())
+    except RecursionError:
+        raise Refused(400, "the body is not JSON this server reads: nested too deeply") from None
+    except ValueError as err:  # bad syntax, not UTF-8, an integer of over 4300 digits
+        raise Refused(400, f"the body must be JSON: {err}") from None
 
 
 def error_reply(status: int, message: str, param: str | None = None) -> web.Response:

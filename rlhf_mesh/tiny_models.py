@@ -30,6 +30,33 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# The same turns, plus tools as Hermes-style models take them (vLLM's `hermes` tool parser reads the
+# calls): the tools in a system turn, an assistant's calls as <tool_call> JSON, a tool's result as
+# <tool_response> in a user turn. Without tools or tool messages it renders as CHAT_TEMPLATE.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}{{ '<|system|>\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n<tools>\n' }}{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>\nCall a tool with <tool_call>\n{\"name\": <name>, \"arguments\": <arguments>}\n"
+    "</tool_call><|end|>\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}{{ '<|system|>\n' + messages[0]['content'] + '<|end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}{{ '}\n</tool_call>' }}"
+    "{%- endfor %}{{ '<|end|>\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|user|>\n<tool_response>\n' + message['content'] + '\n</tool_response><|end|>\n' }}"
+    "{%- else %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Preset:

@@ -1,72 +1,25 @@
 """Episodes, token-exact: each turn's prompt is the episode's ids so far, never a re-render.
 
-The model's sampled ids are kept as sampled. An observation's ids are rendered once, on their
-own, after a fixed base conversation (`ChatTokens.observation`), so earlier turns are never
-rendered again: a chat template that rewrites history (Qwen3 drops earlier `<think>` blocks,
-others trim) or a tokenizer that merges differently cannot change what the model already saw.
-Every turn of an episode goes to one replica, whose prefix cache then holds the episode.
+The model's sampled ids are kept as sampled; an observation's ids are rendered on their own
+(rlhf_mesh/chat_tokens.py). Every turn of an episode goes to one replica, whose prefix cache
+then holds the episode.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_mesh.chat_tokens import ChatTokens, TemplateError
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.services.environment import environments
 from rlhf_mesh.v1 import common_pb2, environment_pb2, generation_pb2
 from rlhf_mesh.worker_pool import FunctionFailed, FunctionPool, PoolFull
-
-# Any conversation whose assistant message ends in the EOS the model samples.
-_BASE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
-
-
-class TemplateError(ValueError):
-    """A chat template this episode scheme cannot use; the message says why."""
-
-
-class ChatTokens:
-    """Token ids of an episode's messages under the policy's chat template (and its tools)."""
-
-    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], tools: list[dict] | None) -> None:
-        self.tokenizer, self.tools = tokenizer, tools or None
-        base = self._render(_BASE, generation_prompt=False)
-        eos = set(eos_ids)
-        ends = [i for i, token in enumerate(base) if token in eos]
-        if not ends:
-            raise TemplateError("the chat template does not end an assistant message with an end-of-sequence token, "
-                                "so an episode cannot know where a turn ends")
-        self.base = base[:ends[-1] + 1]  # the base conversation up to its assistant's EOS
-        self.end_of_message = base[ends[-1]]
-
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        try:
-            return list(self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=True,
-                                                           return_dict=False, add_generation_prompt=generation_prompt))
-        except Exception as err:  # a template may refuse a role or an order of messages
-            raise TemplateError(f"it cannot render these messages: {type(err).__name__}: {err}") from None
-
-    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """The first prompt: reset()'s messages and the assistant's generation prompt."""
-        return self._render(messages, generation_prompt=True)
-
-    def observation(self, messages: list[dict[str, str]]) -> list[int]:
-        """What follows a turn's EOS: the template's separator, the messages, the generation prompt."""
-        return list(self._observation(json.dumps(messages)))
-
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one per environment, for the server's life
-    def _observation(self, messages: str) -> tuple[int, ...]:
-        """Environments repeat their observations ("Wrong, try again."): each is rendered once."""
-        ids = self._render(_BASE + json.loads(messages), generation_prompt=True)
-        if ids[:len(self.base)] != self.base:
-            raise TemplateError("the chat template renders a conversation differently once messages follow it")
-        return tuple(ids[len(self.base):])
 
 
 @dataclass

@@ -12,19 +12,13 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
+from rlhf_mesh.chat_tokens import ChatTokens, TemplateError
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.security import TokenAuth, caller_name
 from rlhf_mesh.services.environment import environments
-from rlhf_mesh.services.environment.episodes import (
-    ChatTokens,
-    EpisodeRunner,
-    Limits,
-    TemplateError,
-    as_finished,
-    parse_task,
-)
+from rlhf_mesh.services.environment.episodes import EpisodeRunner, Limits, as_finished, parse_task
 from rlhf_mesh.services.environment.settings import EnvironmentSettings
 from rlhf_mesh.v1 import environment_pb2, environment_pb2_grpc
 from rlhf_mesh.worker_pool import FunctionFailed, FunctionPool

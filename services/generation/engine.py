@@ -22,8 +22,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from vllm import SamplingParams
 from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.logprobs import Logprob
 from vllm.lora.request import LoRARequest
-from vllm.outputs import CompletionOutput
+from vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
 from vllm.platforms import current_platform
 from vllm.utils.async_utils import merge_async_iterators
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -263,12 +264,34 @@ class PolicyEngine:
 
         Closing the iterator (a cancelled call) aborts the samples still running in the engine.
         """
+        progress: dict[tuple[int, int], SampleProgress] = {}
+        async for prompt_index, sample_index, output in self.outputs(plan):
+            sample = progress.setdefault((prompt_index, sample_index), SampleProgress())
+            completion = output.outputs[0]
+            new = sample.add(completion)
+            if stream_tokens and new:
+                yield generation_pb2.GenerateResponse(delta=generation_pb2.TokenDelta(
+                    prompt_index=prompt_index, sample_index=sample_index, token_ids=new, text=completion.text))
+            if output.finished:
+                start, end = sample.version_span()
+                yield generation_pb2.GenerateResponse(sample=generation_pb2.Sample(
+                    prompt_index=prompt_index, sample_index=sample_index,
+                    prompt_token_ids=plan.prompt_ids[prompt_index],
+                    completion_token_ids=sample.token_ids, completion_logprobs=sample.logprobs, text=sample.text,
+                    finish_reason=_FINISH.get(completion.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED),
+                    policy_version_start=start, policy_version_end=end,
+                ))
+
+    async def outputs(self, plan: Plan) -> AsyncIterator[tuple[int, int, RequestOutput]]:
+        """vLLM's outputs of every sample of an admitted plan (one engine request each), as they
+        come, with the sample's prompt and sample index; the plan's params say whether they are
+        deltas or final only. Each sample's last output has the policy versions of its tokens
+        (`SampleProgress.versions`). Closing the iterator aborts the samples still running."""
         request_id = uuid.uuid4().hex
         inputs = self.llm.renderer.render_cmpl([{"prompt_token_ids": ids} for ids in plan.prompt_ids])
         adapter = self.adapter  # every sample of the call keeps it to its end
         samples = [
-            self._sample(f"{request_id}-{p}-{s}", engine_input, plan.sample_params(p, s), p, s, stream_tokens,
-                         adapter)
+            self._sample(f"{request_id}-{p}-{s}", engine_input, plan.sample_params(p, s), p, s, adapter)
             for p, engine_input in enumerate(inputs)
             for s in range(plan.n)
         ]
@@ -278,7 +301,7 @@ class PolicyEngine:
             self._adapter_users[adapter.lora_int_id] += len(samples)
         try:
             async for _, event in merge_async_iterators(*samples):
-                if event.HasField("sample"):
+                if event[2].finished:
                     remaining -= 1
                     self._release(1)
                     if first:
@@ -293,34 +316,47 @@ class PolicyEngine:
         self.queued -= count
         QUEUED.set(self.queued)
 
-    async def _sample(
-        self, request_id: str, engine_input: dict, params, prompt_index: int, sample_index: int, stream_tokens: bool,
-        adapter: LoRARequest | None,
-    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        text = ""
+    async def _sample(self, request_id: str, engine_input: dict, params: SamplingParams, prompt_index: int,
+                      sample_index: int, adapter: LoRARequest | None) -> AsyncIterator[tuple[int, int, RequestOutput]]:
+        tokens = 0
         async for output in self.llm.generate(engine_input, params, request_id, lora_request=adapter):
             completion: CompletionOutput = output.outputs[0]
-            new = list(completion.token_ids)
-            tokens += new
-            logprobs += [step[token].logprob for token, step in zip(new, completion.logprobs, strict=True)]
-            text += completion.text
-            if stream_tokens and new:
-                yield generation_pb2.GenerateResponse(delta=generation_pb2.TokenDelta(
-                    prompt_index=prompt_index, sample_index=sample_index, token_ids=new, text=completion.text))
+            tokens += len(completion.token_ids)  # deltas add up; a final-only output is the whole
             if output.finished:
                 spans = completion.weight_versions or []
-                start = int(spans[0].version) if spans else self.version
-                end = int(spans[-1].version) if spans else start
                 if adapter is not None:  # full pushes are refused while an adapter is served
-                    start = end = adapter.lora_int_id
-                GENERATED_TOKENS.inc(len(tokens))
+                    spans = [WeightVersionSpan(str(adapter.lora_int_id), 0, tokens)]
+                elif not spans:
+                    spans = [WeightVersionSpan(str(self.version), 0, tokens)]
+                completion.weight_versions = spans
+                GENERATED_TOKENS.inc(tokens)
                 SAMPLES.labels(completion.finish_reason).inc()
-                yield generation_pb2.GenerateResponse(sample=generation_pb2.Sample(
-                    prompt_index=prompt_index, sample_index=sample_index,
-                    prompt_token_ids=engine_input["prompt_token_ids"],
-                    completion_token_ids=tokens, completion_logprobs=logprobs, text=text,
-                    finish_reason=_FINISH.get(completion.finish_reason, generation_pb2.FINISH_REASON_UNSPECIFIED),
-                    policy_version_start=start, policy_version_end=end,
-                ))
+            yield prompt_index, sample_index, output
+
+
+class SampleProgress:
+    """One sample's tokens, log-probs of its sampled tokens and text so far, from vLLM's outputs
+    (deltas or final; requested with logprobs >= 0), and the policy version of each token."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[dict[int, Logprob]] = []
+        self.text = ""
+        self.versions: list[int] = []
+
+    def add(self, completion: CompletionOutput) -> list[int]:
+        """Take one output of the sample; returns its new token ids."""
+        new = list(completion.token_ids)
+        steps = completion.logprobs or []
+        self.token_ids += new
+        self.logprobs += [step[token].logprob for token, step in zip(new, steps, strict=True)]
+        self.top_logprobs += steps
+        self.text += completion.text
+        for span in completion.weight_versions or []:
+            self.versions += [int(span.version)] * (span.end - span.start)
+        return new
+
+    def version_span(self) -> tuple[int, int]:
+        """The policy versions of the sample's first and last token."""
+        return (self.versions[0], self.versions[-1]) if self.versions else (0, 0)

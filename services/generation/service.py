@@ -13,6 +13,7 @@ from prometheus_client import Counter
 
 from rlhf_mesh.hub import resolve_model
 from rlhf_mesh.services.generation import prompts
+from rlhf_mesh.services.generation import sessions as recorded
 from rlhf_mesh.services.generation.catch_up import catch_up
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull
 from rlhf_mesh.services.generation.settings import GenerationSettings
@@ -29,7 +30,7 @@ from rlhf_mesh.services.generation.staging import (
     check_manifest,
     remove_orphans,
 )
-from rlhf_mesh.v1 import generation_pb2, generation_pb2_grpc
+from rlhf_mesh.v1 import generation_pb2, generation_pb2_grpc, session_pb2, session_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,51 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return self.engine.info()
 
 
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    """The gRPC twin of the HTTP port's session endpoints, and the stream that hands closed
+    sessions to a learner (through the EnvironmentService)."""
+
+    DEFAULT_TAKE = 64
+
+    def __init__(self, sessions: recorded.Sessions) -> None:
+        self.sessions = sessions
+
+    async def RewardSession(self, request: session_pb2.RewardSessionRequest, context: grpc.aio.ServicerContext):
+        if not abs(request.reward) < float("inf"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reward: a finite number is required")
+        async with _session_errors(context):
+            session = self.sessions.reward(request.session_id, request.reward, request.call_id or None,
+                                           close=not request.keep_open)
+        return session_pb2.RewardSessionResponse(branch_count=len(session.branches), closed=session.closed)
+
+    async def GetSession(self, request: session_pb2.GetSessionRequest, context: grpc.aio.ServicerContext):
+        async with _session_errors(context):
+            session = self.sessions.get(request.session_id)
+        return session_pb2.GetSessionResponse(episodes=recorded.episodes(session), closed=session.closed,
+                                              fork_count=session.forks)
+
+    async def TakeSessions(self, request: session_pb2.TakeSessionsRequest, context: grpc.aio.ServicerContext):
+        limit = request.max_sessions if request.HasField("max_sessions") else self.DEFAULT_TAKE
+        if limit < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_sessions must be >= 1")
+        wait_s = request.wait_ms / 1000
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait_s = max(0.0, min(wait_s, remaining - min(0.25, remaining / 10)))
+        for session in await self.sessions.wait_taken(limit, wait_s):
+            yield session_pb2.TakeSessionsResponse(session_id=session.id, episodes=recorded.episodes(session))
+
+
+@contextlib.asynccontextmanager
+async def _session_errors(context: grpc.aio.ServicerContext):
+    try:
+        yield
+    except recorded.SessionError as err:
+        code = {404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
+            err.status, grpc.StatusCode.FAILED_PRECONDITION)
+        await context.abort(code, str(err))
+
+
 class UpdateInProgress(RuntimeError):
     """Another weight update runs (ABORTED: retry after it)."""
 
@@ -237,15 +283,18 @@ class GenerationService:
         self.settings = settings
         self.engine = PolicyEngine(settings, resolve_model(settings.model))  # a wrong model fails the start here
         self.servicer = GenerationServicer(settings, self.engine)
+        self.sessions = recorded.Sessions(settings.max_sessions, settings.max_session_tokens, settings.session_idle_s)
+        self.http = None
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
+        session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.sessions), server)
         # FetchWeights yields its replies serialized (BaseFile.messages): no serializer, bytes pass
         # through. Registered handlers take precedence over the generated generic one.
         server.add_registered_method_handlers(name, {"FetchWeights": grpc.unary_stream_rpc_method_handler(
             self.servicer.FetchWeights, request_deserializer=generation_pb2.FetchWeightsRequest.FromString)})
-        return [name]
+        return [name, session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name]
 
     async def start(self) -> None:
         for orphan in remove_orphans(self.settings.weight_staging_dir):
@@ -256,7 +305,17 @@ class GenerationService:
         info = self.engine.info()
         log.info("serving %s (policy version %d, max_model_len %d, %s)",
                  info.model_id, info.policy_version, info.max_model_len_tokens, info.dtype)
+        s = self.settings
+        if s.http_port is not None:
+            from rlhf_mesh.services.generation.openai_api import OpenAIPort
+
+            self.http = OpenAIPort(s, self.engine, self.sessions)
+            port = await self.http.start(s.host if s.http_host is None else s.http_host, s.http_port)
+            log.info("OpenAI-compatible HTTP (/v1/chat/completions, /v1/completions, /v1/models, sessions) on "
+                     "port %d", port)
 
     async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
         self.servicer.close()
         await self.engine.close()

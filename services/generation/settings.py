@@ -11,11 +11,12 @@ from typing import Any, Literal
 from pydantic import Field, FilePath, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from rlhf_mesh.http_site import HttpPortSettings
 from rlhf_mesh.settings import ServiceSettings
 from rlhf_mesh.vllm_memory import kv_cache_memory_bytes
 
 
-class GenerationSettings(ServiceSettings):
+class GenerationSettings(ServiceSettings, HttpPortSettings):
     model_config = SettingsConfigDict(env_prefix="RLHF_MESH_GENERATION_")
 
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
@@ -84,6 +85,36 @@ class GenerationSettings(ServiceSettings):
     max_collective_timeout_s: float = Field(
         600.0, gt=0, description="largest timeout_ms InitWeightTransfer accepts: how long a stalled collective may "
         "hold the workers"
+    )
+
+    # The OpenAI-compatible HTTP port (services/generation/openai_api.py).
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="HTTP port of the OpenAI-compatible API (/v1/chat/completions, "
+        "/v1/completions, /v1/models, sessions); off unless set (0 picks a free one)"
+    )
+    http_host: str | None = Field(
+        None, description="address of the HTTP port (default: host; a wildcard such as [::] or an empty string: "
+        "every address, IPv4 and IPv6)"
+    )
+    served_model_name: str | None = Field(
+        None, description="the model's name on the HTTP port (/v1/models, a request's model); default: model"
+    )
+    tool_call_parser: str | None = Field(
+        None, description="vLLM tool parser that turns sampled text into tool_calls (as `vllm serve "
+        "--tool-call-parser`: hermes, llama3_json, mistral, pythonic, qwen3_xml, ...); unset: no tool calls are parsed"
+    )
+    reasoning_parser: str | None = Field(
+        None, description="vLLM reasoning parser that splits reasoning from content (as `vllm serve "
+        "--reasoning-parser`: deepseek_r1, qwen3, ...)"
+    )
+    max_sessions: int = Field(
+        1024, ge=1, description="sessions held at once (open, and closed but not yet taken); a new one beyond: 429"
+    )
+    max_session_tokens: int = Field(
+        262_144, ge=1, description="tokens a session may hold over all its branches; a call beyond: 400"
+    )
+    session_idle_s: float = Field(
+        1800.0, gt=0, description="a session unused this long (or closed and not taken this long) is dropped"
     )
 
     @field_validator("engine_args", mode="before")

@@ -27,7 +27,6 @@ refusal is counted in rlhf_mesh_reward_requests_total.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 import uuid
@@ -38,8 +37,8 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format
 
-from rlhf_mesh.http_site import BodyTimeout, error_reply, ssl_context, start_site
-from rlhf_mesh.security import TokenAuth, bearer_token
+from rlhf_mesh.http_site import Refused, caller, error_reply, parse_json, read_body, ssl_context, start_site
+from rlhf_mesh.security import TokenAuth
 from rlhf_mesh.services.reward.dispatch import REQUESTS, ScoreDispatcher
 from rlhf_mesh.services.reward.reward_model import InvalidSample
 from rlhf_mesh.services.reward.scorers import ScoringError
@@ -55,14 +54,6 @@ _STATUS = {
 }
 _OUTCOMES = {401: "unauthenticated", 403: "permission_denied"}  # else "invalid", as gRPC counts them
 MAX_TOKEN_ID = 2**32 - 1
-
-
-class Refused(Exception):
-    """A request refused before it is scored: its HTTP status and a message for the caller."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _bad(message: str) -> Refused:
@@ -111,15 +102,6 @@ def _ids(value: list[int], where: str) -> common_pb2.TokenIds:
     return common_pb2.TokenIds(ids=value)
 
 
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw.decode())
-    except RecursionError:
-        raise _bad("the body is not JSON this server reads: nested too deeply") from None
-    except ValueError as err:  # bad syntax, not UTF-8, an integer of over 4300 digits
-        raise _bad(f"the body must be JSON: {err}") from None
-
-
 def _sigmoid(x: float) -> float:
     """vLLM's activation of one logit, for every float (exp(-x) overflows below -709)."""
     if x >= 0:
@@ -142,7 +124,7 @@ class RewardHttp:
         self.runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        application = web.Application()  # the body's size is bounded by _read
+        application = web.Application()  # the body's size is bounded by read_body
         routes = [("/get_reward", self.get_reward), ("/classify", self.classify), ("/pooling", self.pooling),
                   ("/v1/score", self.v1_score)]
         for path, handler in routes:
@@ -162,56 +144,19 @@ class RewardHttp:
         if self.runner is not None:
             await self.runner.cleanup()
 
-    def _caller(self, request: web.Request) -> str:
-        """Who calls: the token's holder (refused without a valid one), else the peer address."""
-        if self.auth is None:
-            return request.remote or ""
-        header = request.headers.get("Authorization", "")
-        refused = self.auth.check(SCORE_METHOD, [("authorization", header)])
-        if refused is not None:
-            raise Refused(_STATUS[refused[0]], refused[1])
-        holder = self.auth.holder(bearer_token(header) or "")
-        return holder.name if holder is not None else request.remote or ""
-
-    async def _read(self, request: web.Request) -> bytes:
-        """The body, refused as soon as it (inflated, for a compressed one) passes max_message_bytes."""
-        if request.content_type != "application/json":
-            raise Refused(415, "the body must be JSON, sent as Content-Type: application/json")
-        if request.charset is not None and request.charset.lower() not in ("utf-8", "utf8"):
-            raise _bad(f"charset={request.charset}: the body must be UTF-8")
-        limit = self.settings.max_message_bytes
-        too_large = f"the body is more than max_message_bytes={limit} bytes"
-        if request.content_length is not None and request.content_length > limit:
-            raise Refused(413, too_large)
-        compressed = "Content-Encoding" in request.headers
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    chunks.clear()  # freed now, not when the refusal's traceback is collected
-                    raise Refused(413, too_large + (" once inflated" if compressed else ""))
-                chunks.append(chunk)
-        except BodyTimeout as err:
-            raise Refused(408, str(err)) from None
-        except web.RequestPayloadError:
-            raise _bad("the body does not match its Content-Encoding or Content-Length") from None
-        return b"".join(chunks)
-
     async def _handle(self, request: web.Request, build: Callable[[dict], list[reward_pb2.ScoreSample]],
                       reply: Callable[[dict, str, list[reward_pb2.ScoreResult]], dict]) -> web.Response:
         """Token, body, scoring and errors, the same for every endpoint."""
         name = request.match_info.get("model")
         try:
-            caller = self._caller(request)
-            raw = await self._read(request)
+            who = caller(request, self.auth, SCORE_METHOD)
+            raw = await read_body(request, self.settings.max_message_bytes)
             body, name, samples = await asyncio.to_thread(self._parse, raw, name, build)
         except Refused as err:
             REQUESTS.labels(self.dispatcher.registry.label(name or ""), _OUTCOMES.get(err.status, "invalid")).inc()
             return error_reply(err.status, str(err))
         try:
-            scorer, results = await self.dispatcher.score_request(name, samples, caller=caller)
+            scorer, results = await self.dispatcher.score_request(name, samples, caller=who)
         except InvalidSample as err:
             return error_reply(400, str(err))
         except ScoringError as err:
@@ -226,7 +171,7 @@ class RewardHttp:
                ) -> tuple[dict, str, list[reward_pb2.ScoreSample]]:
         """The body as a JSON object, the scorer's name (the path's, else the body's `model`) and
         the samples `build` makes of it."""
-        body = _json(raw)
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object")
         model = body.get("model")
