@@ -111,20 +111,17 @@ class OpenAIPort:
                 response = await handler(request, who)
             except Refused as err:
                 response = err.reply()
-                if err.status == 429:
-                    response.headers["Retry-After"] = RETRY_AFTER_S
             except recorded.SessionError as err:
                 response = error_reply(err.status, str(err), "session")
+            if response.status == 429:
+                response.headers["Retry-After"] = RETRY_AFTER_S
             REQUESTS.labels(name, str(response.status)).inc()
             return response
         return endpoint
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await read_body(request, self.settings.max_message_bytes)
-        body = await asyncio.to_thread(parse_json, raw)
-        if not isinstance(body, dict):
-            raise Refused(400, "the body must be a JSON object")
-        return body
+        return await asyncio.to_thread(_json_object, raw)
 
     def _session_id(self, request: web.Request, user: str | None) -> str | None:
         session_id = request.headers.get("X-Session-ID") or user
@@ -178,7 +175,7 @@ class OpenAIPort:
         """The most tokens a call's samples add (bounds a session before it runs)."""
         asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
         room = max(1, self.engine.limits.max_model_len - len(prompt_ids))
-        return min(asked or room, room) * (request.n or 1)
+        return min(asked or room, room) * max(1, request.n or 1)
 
     async def completions(self, request: web.Request, who: str) -> web.StreamResponse:
         body = await self._body(request)
@@ -224,6 +221,18 @@ class OpenAIPort:
         session = self.sessions.reward(request.match_info["id"], float(value), call_id, close=not keep_open)
         log.info("%s rewarded session %s%s: %g", who, session.id, f" call {call_id}" if call_id else "", value)
         return web.json_response({"id": session.id, "closed": session.closed, "branches": len(session.branches)})
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise Refused(400, "the body must be a JSON object")
+    try:  # JSON's \\ud800 escapes make lone surrogates, which no tokenizer takes
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise Refused(400, "the body is not valid Unicode: it holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                           "escape)") from None
+    return body
 
 
 class _Reply:
@@ -343,7 +352,7 @@ class ChatReply(_Reply):
                     delta.tool_calls = []
             if done:
                 self.messages[index] = self._message(index)
-            if delta is None and not done:
+            if delta is None and not done and not (ids and new):  # a parser holding text back
                 continue
             choice = ChatCompletionResponseStreamChoice(
                 index=index, delta=delta or DeltaMessage(), logprobs=self._logprobs(index, start),

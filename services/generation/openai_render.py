@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.exceptions import VLLMClientError
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import SamplingParams
 
@@ -75,6 +76,8 @@ class OpenAIRender:
             request = model.model_validate(body)
         except ValidationError as err:
             raise _invalid(err) from None
+        except VLLMClientError as err:  # raised by vLLM's own validators
+            raise Refused(400, str(err), param=getattr(err, "parameter", None)) from None
         if request.model not in (None, self.model_name):
             raise Refused(404, f"The model `{request.model}` does not exist.", param="model")
         return request
@@ -83,6 +86,8 @@ class OpenAIRender:
         """The prompt ids `vllm serve` would give the request (template, tools, generation prompt)."""
         try:
             result = await self.online.render_chat(request)
+        except VLLMClientError as err:  # vLLM's own checks of the request (lengths, tools, parameters)
+            raise Refused(400, str(err), param=getattr(err, "parameter", None)) from None
         except (ValueError, TypeError, KeyError, TemplateError) as err:  # the template refused the messages
             raise Refused(400, f"messages: the chat template cannot render them: {err}", param="messages") from None
         except Exception as err:  # jinja2's own errors (undefined names, raise_exception in templates)
@@ -134,7 +139,7 @@ class OpenAIRender:
         """Sampling parameters of every sample (n = 1 each: the engine runs n requests) and the
         prompts, or a 400 naming the field."""
         limits = self.engine.limits
-        n = request.n or 1
+        n = 1 if request.n is None else request.n
         if not 1 <= n <= limits.max_samples_per_prompt:
             raise Refused(400, f"n must be in [1, {limits.max_samples_per_prompt}], got {n}", param="n")
         asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
@@ -153,8 +158,8 @@ class OpenAIRender:
             if params.logprobs is None:  # the sampled token's own log-prob is always recorded
                 params.logprobs = 0
             params.skip_clone = False
-        except (ValueError, TypeError) as err:
-            raise Refused(400, str(err)) from None
+        except (ValueError, TypeError, VLLMClientError) as err:
+            raise Refused(400, str(err), param=getattr(err, "parameter", None)) from None
         seed = request.seed
         return Plan([list(ids) for ids in prompts], n, seed, params)
 
