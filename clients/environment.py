@@ -36,6 +36,12 @@ def episodes_request(
     )
 
 
+def collect_request(max_episodes: int, wait_s: float, min_policy_version: int, reward_model: str
+                    ) -> environment_pb2.CollectSessionsRequest:
+    return environment_pb2.CollectSessionsRequest(max_episodes=max_episodes, wait_ms=round(wait_s * 1000),
+                                                  min_policy_version=min_policy_version, reward_model=reward_model)
+
+
 class EnvironmentClient(Client):
     """Blocking client; use as a context manager or call close()."""
 
@@ -54,6 +60,14 @@ class EnvironmentClient(Client):
                 yield reply.episode
         finally:
             call.cancel()
+
+    def collect_sessions(self, max_episodes: int, *, wait_s: float = 0.0, min_policy_version: int = 0,
+                         reward_model: str = "", timeout_s: float | None = None
+                         ) -> list[environment_pb2.CollectSessionsResponse]:
+        """Up to `max_episodes` episodes of closed sessions (waiting up to `wait_s` for them)."""
+        return list(self.stub.CollectSessions(
+            collect_request(max_episodes, wait_s, min_policy_version, reward_model),
+            timeout=self._timeout(timeout_s) + wait_s))
 
     def list_environments(self, timeout_s: float | None = None) -> environment_pb2.ListEnvironmentsResponse:
         return self.stub.ListEnvironments(environment_pb2.ListEnvironmentsRequest(), timeout=self._timeout(timeout_s))
@@ -74,6 +88,17 @@ class AsyncEnvironmentClient(AsyncClient):
         try:
             async for reply in call:
                 yield reply.episode
+        finally:
+            call.cancel()
+
+    async def collect_sessions(self, max_episodes: int, *, wait_s: float = 0.0, min_policy_version: int = 0,
+                               reward_model: str = "", timeout_s: float | None = None
+                               ) -> AsyncIterator[environment_pb2.CollectSessionsResponse]:
+        call = self.stub.CollectSessions(collect_request(max_episodes, wait_s, min_policy_version, reward_model),
+                                         timeout=self._timeout(timeout_s) + wait_s)
+        try:
+            async for reply in call:
+                yield reply
         finally:
             call.cancel()
 

@@ -45,6 +45,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build(tmp_path_factory.mktemp("models"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tools_policy(tiny_models, tmp_path_factory) -> Path:
+    """The tiny policy with a chat template that renders tools, tool calls and tool results (Hermes-style)."""
+    import shutil
+
+    from rlhf_mesh.tiny_models import TOOLS_CHAT_TEMPLATE
+
+    folder = tmp_path_factory.mktemp("tools") / "policy"
+    shutil.copytree(tiny_models["policy"], folder)
+    (folder / "chat_template.jinja").write_text(TOOLS_CHAT_TEMPLATE)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def generation_server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
                       request: pytest.FixtureRequest) -> Iterator[ChildServer]:

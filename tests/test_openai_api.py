@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import urllib.error
 import urllib.request
 import zlib
@@ -24,7 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_mesh.clients.push import push_to_replicas
 from rlhf_mesh.clients.session import SessionClient
-from rlhf_mesh.tiny_models import TOOLS_CHAT_TEMPLATE
 
 from http_checks import FAMILIES, check_no_token_leaks, check_slow_clients_are_cut_off, error_of, exchange, request
 from support import free_port, greedy, metric, perturbed, scrape, start_generation_server, write_tokens
@@ -38,15 +36,6 @@ TOOLS = [{"type": "function", "function": {
 CALL_ADD = '<tool_call>\\n\\{"name": "add", "arguments": \\{"a": [0-9], "b": [0-9]\\}\\}\\n</tool_call>'
 MAX_SESSIONS = 6
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
-
-
-@pytest.fixture(scope="module")
-def tools_policy(tiny_models, tmp_path_factory):
-    """The tiny policy with a chat template that renders tools, tool calls and tool results."""
-    folder = tmp_path_factory.mktemp("tools") / "policy"
-    shutil.copytree(tiny_models["policy"], folder)
-    (folder / "chat_template.jinja").write_text(TOOLS_CHAT_TEMPLATE)
-    return folder
 
 
 @pytest.fixture(scope="module")

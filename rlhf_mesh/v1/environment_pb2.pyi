@@ -404,3 +404,67 @@ class ListEnvironmentsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEnvironmentsResponse: _TypeAlias = ListEnvironmentsResponse  # noqa: Y015
+
+@_typing.final
+class CollectSessionsRequest(_message.Message):
+    """Episodes of closed sessions to collect."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_EPISODES_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    MIN_POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_FIELD_NUMBER: _builtins.int
+    max_episodes: _builtins.int
+    """How many episodes (a session's branches are one each), >= 1."""
+    wait_ms: _builtins.int
+    """How long to wait for closed sessions when fewer are ready, in milliseconds (up to the deadline)."""
+    min_policy_version: _builtins.int
+    """Episodes with a token sampled by an older policy version are dropped (the staleness limit)."""
+    reward_model: _builtins.str
+    """Also score each episode's conversation on the RewardService with this model, function or
+    composite (added to the session's reward, or alone where it had none).
+    """
+    def __init__(
+        self,
+        *,
+        max_episodes: _builtins.int = ...,
+        wait_ms: _builtins.int = ...,
+        min_policy_version: _builtins.int = ...,
+        reward_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_episodes", b"max_episodes", "min_policy_version", b"min_policy_version", "reward_model", b"reward_model", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectSessionsRequest: _TypeAlias = CollectSessionsRequest  # noqa: Y015
+
+@_typing.final
+class CollectSessionsResponse(_message.Message):
+    """One collected episode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPISODE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session it comes from."""
+    @_builtins.property
+    def episode(self) -> Global___Episode:
+        """The episode: task_index 0, episode_index its branch in the session."""
+
+    def __init__(
+        self,
+        *,
+        episode: Global___Episode | None = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["episode", b"episode"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["episode", b"episode", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectSessionsResponse: _TypeAlias = CollectSessionsResponse  # noqa: Y015

@@ -41,6 +41,11 @@ class EnvironmentServiceStub:
                 request_serializer=rlhf__mesh_dot_v1_dot_environment__pb2.RunEpisodesRequest.SerializeToString,
                 response_deserializer=rlhf__mesh_dot_v1_dot_environment__pb2.RunEpisodesResponse.FromString,
                 _registered_method=True)
+        self.CollectSessions = channel.unary_stream(
+                '/rlhf_mesh.v1.EnvironmentService/CollectSessions',
+                request_serializer=rlhf__mesh_dot_v1_dot_environment__pb2.CollectSessionsRequest.SerializeToString,
+                response_deserializer=rlhf__mesh_dot_v1_dot_environment__pb2.CollectSessionsResponse.FromString,
+                _registered_method=True)
         self.ListEnvironments = channel.unary_unary(
                 '/rlhf_mesh.v1.EnvironmentService/ListEnvironments',
                 request_serializer=rlhf__mesh_dot_v1_dot_environment__pb2.ListEnvironmentsRequest.SerializeToString,
@@ -60,6 +65,14 @@ class EnvironmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CollectSessions(self, request, context):
+        """Streams episodes of sessions that agent programs or users ran on the replicas' OpenAI-compatible
+        ports and that were closed with a reward (taken from the replicas: each is handed out once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListEnvironments(self, request, context):
         """Lists the served environments and the tools each exposes.
         """
@@ -74,6 +87,11 @@ def add_EnvironmentServiceServicer_to_server(servicer, server):
                     servicer.RunEpisodes,
                     request_deserializer=rlhf__mesh_dot_v1_dot_environment__pb2.RunEpisodesRequest.FromString,
                     response_serializer=rlhf__mesh_dot_v1_dot_environment__pb2.RunEpisodesResponse.SerializeToString,
+            ),
+            'CollectSessions': grpc.unary_stream_rpc_method_handler(
+                    servicer.CollectSessions,
+                    request_deserializer=rlhf__mesh_dot_v1_dot_environment__pb2.CollectSessionsRequest.FromString,
+                    response_serializer=rlhf__mesh_dot_v1_dot_environment__pb2.CollectSessionsResponse.SerializeToString,
             ),
             'ListEnvironments': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEnvironments,
@@ -110,6 +128,33 @@ class EnvironmentService:
             '/rlhf_mesh.v1.EnvironmentService/RunEpisodes',
             rlhf__mesh_dot_v1_dot_environment__pb2.RunEpisodesRequest.SerializeToString,
             rlhf__mesh_dot_v1_dot_environment__pb2.RunEpisodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rlhf_mesh.v1.EnvironmentService/CollectSessions',
+            rlhf__mesh_dot_v1_dot_environment__pb2.CollectSessionsRequest.SerializeToString,
+            rlhf__mesh_dot_v1_dot_environment__pb2.CollectSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,10 @@ class EnvironmentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EnvironmentServiceAsyncStub: ...
     RunEpisodes: _grpc.UnaryStreamMultiCallable[_environment_pb2.RunEpisodesRequest, _environment_pb2.RunEpisodesResponse]
     """Runs n episodes of every task and streams each episode as soon as it ends."""
+    CollectSessions: _grpc.UnaryStreamMultiCallable[_environment_pb2.CollectSessionsRequest, _environment_pb2.CollectSessionsResponse]
+    """Streams episodes of sessions that agent programs or users ran on the replicas' OpenAI-compatible
+    ports and that were closed with a reward (taken from the replicas: each is handed out once).
+    """
     ListEnvironments: _grpc.UnaryUnaryMultiCallable[_environment_pb2.ListEnvironmentsRequest, _environment_pb2.ListEnvironmentsResponse]
     """Lists the served environments and the tools each exposes."""
 
@@ -49,6 +53,10 @@ class EnvironmentServiceAsyncStub(EnvironmentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RunEpisodes: _aio.UnaryStreamMultiCallable[_environment_pb2.RunEpisodesRequest, _environment_pb2.RunEpisodesResponse]  # type: ignore[assignment]
     """Runs n episodes of every task and streams each episode as soon as it ends."""
+    CollectSessions: _aio.UnaryStreamMultiCallable[_environment_pb2.CollectSessionsRequest, _environment_pb2.CollectSessionsResponse]  # type: ignore[assignment]
+    """Streams episodes of sessions that agent programs or users ran on the replicas' OpenAI-compatible
+    ports and that were closed with a reward (taken from the replicas: each is handed out once).
+    """
     ListEnvironments: _aio.UnaryUnaryMultiCallable[_environment_pb2.ListEnvironmentsRequest, _environment_pb2.ListEnvironmentsResponse]  # type: ignore[assignment]
     """Lists the served environments and the tools each exposes."""
 
@@ -64,6 +72,16 @@ class EnvironmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_environment_pb2.RunEpisodesResponse], _abc.AsyncIterator[_environment_pb2.RunEpisodesResponse]]:
         """Runs n episodes of every task and streams each episode as soon as it ends."""
+
+    @_abc_1.abstractmethod
+    def CollectSessions(
+        self,
+        request: _environment_pb2.CollectSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_environment_pb2.CollectSessionsResponse], _abc.AsyncIterator[_environment_pb2.CollectSessionsResponse]]:
+        """Streams episodes of sessions that agent programs or users ran on the replicas' OpenAI-compatible
+        ports and that were closed with a reward (taken from the replicas: each is handed out once).
+        """
 
     @_abc_1.abstractmethod
     def ListEnvironments(

@@ -209,6 +209,8 @@ class Feedback(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     ITEM_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
     feedback_id: _builtins.str
     """Client-chosen id that makes resubmission idempotent; the server assigns one when empty."""
     rater_id: _builtins.str
@@ -223,6 +225,13 @@ class Feedback(_message.Message):
     """Campaign of the judged item, for feedback from the rater page; set by the server."""
     item_id: _builtins.int
     """The judged item of that campaign; set by the server."""
+    session_id: _builtins.str
+    """A rating of a response the GenerationService's OpenAI-compatible port gave in a session: the
+    session (its X-Session-ID or user); the rating of responses[0], scaled to [0, 1], becomes
+    the session's reward and closes it (on the replicas the FeedbackService's session_replicas names).
+    """
+    call_id: _builtins.str
+    """The response (its id, chatcmpl-...) of that session the rating is for; empty: the whole session."""
     @_builtins.property
     def responses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The responses judged, at least one (two or more for a choice)."""
@@ -263,10 +272,12 @@ class Feedback(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         campaign_id: _builtins.str = ...,
         item_id: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "correction", b"correction", "created_at", b"created_at", "judgement", b"judgement", "rating", b"rating", "tie", b"tie"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "choice", b"choice", "correction", b"correction", "created_at", b"created_at", "feedback_id", b"feedback_id", "item_id", b"item_id", "judgement", b"judgement", "model_id", b"model_id", "policy_version", b"policy_version", "prompt", b"prompt", "rater_id", b"rater_id", "rating", b"rating", "responses", b"responses", "tie", b"tie"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "campaign_id", b"campaign_id", "choice", b"choice", "correction", b"correction", "created_at", b"created_at", "feedback_id", b"feedback_id", "item_id", b"item_id", "judgement", b"judgement", "model_id", b"model_id", "policy_version", b"policy_version", "prompt", b"prompt", "rater_id", b"rater_id", "rating", b"rating", "responses", b"responses", "session_id", b"session_id", "tie", b"tie"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_judgement: _TypeAlias = _typing.Literal["rating", "choice", "correction", "tie"]  # noqa: Y015
     _WhichOneofArgType_judgement: _TypeAlias = _typing.Literal["judgement", b"judgement"]  # noqa: Y015
@@ -307,10 +318,13 @@ class SubmitFeedbackResponse(_message.Message):
     FEEDBACK_ID_FIELD_NUMBER: _builtins.int
     ALREADY_STORED_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    SESSION_REWARDED_FIELD_NUMBER: _builtins.int
     feedback_id: _builtins.str
     """Id of the stored feedback."""
     already_stored: _builtins.bool
     """Whether it had already been stored (an idempotent resubmission)."""
+    session_rewarded: _builtins.bool
+    """With a session_id: whether a replica took the rating as the session's reward."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was stored."""
@@ -321,10 +335,11 @@ class SubmitFeedbackResponse(_message.Message):
         feedback_id: _builtins.str = ...,
         already_stored: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        session_rewarded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_stored", b"already_stored", "created_at", b"created_at", "feedback_id", b"feedback_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_stored", b"already_stored", "created_at", b"created_at", "feedback_id", b"feedback_id", "session_rewarded", b"session_rewarded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

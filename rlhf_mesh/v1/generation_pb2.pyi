@@ -408,6 +408,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_SAMPLES_PER_PROMPT_FIELD_NUMBER: _builtins.int
     WORKER_COUNT_FIELD_NUMBER: _builtins.int
     MAX_LORA_RANK_FIELD_NUMBER: _builtins.int
+    OPENAI_HTTP_PORT_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Model path or name as loaded."""
     policy_version: _builtins.int
@@ -430,6 +431,8 @@ class GetModelInfoResponse(_message.Message):
     """Engine workers (tensor x pipeline parallel) that join a collective weight-transfer group."""
     max_lora_rank: _builtins.int
     """Largest LoRA rank an adapter push may have; 0 when the replica was started without LoRA."""
+    openai_http_port: _builtins.int
+    """Port of the OpenAI-compatible HTTP API (chat and text completions, sessions) on the replica's host; 0 when off."""
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """End-of-sequence token ids."""
@@ -449,10 +452,11 @@ class GetModelInfoResponse(_message.Message):
         max_samples_per_prompt: _builtins.int = ...,
         worker_count: _builtins.int = ...,
         max_lora_rank: _builtins.int = ...,
+        openai_http_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "pad_token_id", b"pad_token_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "has_chat_template", b"has_chat_template", "max_lora_rank", b"max_lora_rank", "max_model_len_tokens", b"max_model_len_tokens", "max_samples_per_prompt", b"max_samples_per_prompt", "model_id", b"model_id", "pad_token_id", b"pad_token_id", "policy_version", b"policy_version", "vocab_size", b"vocab_size", "worker_count", b"worker_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "_pad_token_id", b"_pad_token_id", "bos_token_id", b"bos_token_id", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "has_chat_template", b"has_chat_template", "max_lora_rank", b"max_lora_rank", "max_model_len_tokens", b"max_model_len_tokens", "max_samples_per_prompt", b"max_samples_per_prompt", "model_id", b"model_id", "openai_http_port", b"openai_http_port", "pad_token_id", b"pad_token_id", "policy_version", b"policy_version", "vocab_size", b"vocab_size", "worker_count", b"worker_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bos_token_id: _TypeAlias = _typing.Literal["bos_token_id"]  # noqa: Y015
     _WhichOneofArgType__bos_token_id: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id"]  # noqa: Y015

@@ -24,33 +24,40 @@ _sym_db = _symbol_database.Default()
 
 from rlhf_mesh.v1 import common_pb2 as rlhf__mesh_dot_v1_dot_common__pb2
 from rlhf_mesh.v1 import environment_pb2 as rlhf__mesh_dot_v1_dot_environment__pb2
+from rlhf_mesh.v1 import generation_pb2 as rlhf__mesh_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arlhf_mesh/v1/session.proto\x12\x0crlhf_mesh.v1\x1a\x19rlhf_mesh/v1/common.proto\x1a\x1erlhf_mesh/v1/environment.proto\"^\n\x14RewardSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x11\n\tkeep_open\x18\x04 \x01(\x08\"=\n\x15RewardSessionResponse\x12\x14\n\x0c\x62ranch_count\x18\x01 \x01(\r\x12\x0e\n\x06\x63losed\x18\x02 \x01(\x08\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"a\n\x12GetSessionResponse\x12\'\n\x08\x65pisodes\x18\x01 \x03(\x0b\x32\x15.rlhf_mesh.v1.Episode\x12\x0e\n\x06\x63losed\x18\x02 \x01(\x08\x12\x12\n\nfork_count\x18\x03 \x01(\r\"R\n\x13TakeSessionsRequest\x12\x19\n\x0cmax_sessions\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07wait_ms\x18\x02 \x01(\rB\x0f\n\r_max_sessions\"S\n\x14TakeSessionsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x08\x65pisodes\x18\x02 \x03(\x0b\x32\x15.rlhf_mesh.v1.Episode2\xa6\x02\n\x0eSessionService\x12^\n\rRewardSession\x12\".rlhf_mesh.v1.RewardSessionRequest\x1a#.rlhf_mesh.v1.RewardSessionResponse\"\x04\x98\xb8\x18\x03\x12U\n\nGetSession\x12\x1f.rlhf_mesh.v1.GetSessionRequest\x1a .rlhf_mesh.v1.GetSessionResponse\"\x04\x98\xb8\x18\x02\x12]\n\x0cTakeSessions\x12!.rlhf_mesh.v1.TakeSessionsRequest\x1a\".rlhf_mesh.v1.TakeSessionsResponse\"\x04\x98\xb8\x18\x02\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arlhf_mesh/v1/session.proto\x12\x0crlhf_mesh.v1\x1a\x19rlhf_mesh/v1/common.proto\x1a\x1erlhf_mesh/v1/environment.proto\x1a\x1drlhf_mesh/v1/generation.proto\"X\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.rlhf_mesh.v1.SamplingParams\"\x15\n\x13OpenSessionResponse\"^\n\x14RewardSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x11\n\tkeep_open\x18\x04 \x01(\x08\"=\n\x15RewardSessionResponse\x12\x14\n\x0c\x62ranch_count\x18\x01 \x01(\r\x12\x0e\n\x06\x63losed\x18\x02 \x01(\x08\"5\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04take\x18\x02 \x01(\x08\"a\n\x12GetSessionResponse\x12\'\n\x08\x65pisodes\x18\x01 \x03(\x0b\x32\x15.rlhf_mesh.v1.Episode\x12\x0e\n\x06\x63losed\x18\x02 \x01(\x08\x12\x12\n\nfork_count\x18\x03 \x01(\r\"R\n\x13TakeSessionsRequest\x12\x19\n\x0cmax_sessions\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0f\n\x07wait_ms\x18\x02 \x01(\rB\x0f\n\r_max_sessions\"S\n\x14TakeSessionsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x08\x65pisodes\x18\x02 \x03(\x0b\x32\x15.rlhf_mesh.v1.Episode2\x80\x03\n\x0eSessionService\x12X\n\x0bOpenSession\x12 .rlhf_mesh.v1.OpenSessionRequest\x1a!.rlhf_mesh.v1.OpenSessionResponse\"\x04\x98\xb8\x18\x02\x12^\n\rRewardSession\x12\".rlhf_mesh.v1.RewardSessionRequest\x1a#.rlhf_mesh.v1.RewardSessionResponse\"\x04\x98\xb8\x18\x03\x12U\n\nGetSession\x12\x1f.rlhf_mesh.v1.GetSessionRequest\x1a .rlhf_mesh.v1.GetSessionResponse\"\x04\x98\xb8\x18\x02\x12]\n\x0cTakeSessions\x12!.rlhf_mesh.v1.TakeSessionsRequest\x1a\".rlhf_mesh.v1.TakeSessionsResponse\"\x04\x98\xb8\x18\x02\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf_mesh.v1.session_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['OpenSession']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['OpenSession']._serialized_options = b'\230\270\030\002'
   _globals['_SESSIONSERVICE'].methods_by_name['RewardSession']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['RewardSession']._serialized_options = b'\230\270\030\003'
   _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._serialized_options = b'\230\270\030\002'
   _globals['_SESSIONSERVICE'].methods_by_name['TakeSessions']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['TakeSessions']._serialized_options = b'\230\270\030\002'
-  _globals['_REWARDSESSIONREQUEST']._serialized_start=103
-  _globals['_REWARDSESSIONREQUEST']._serialized_end=197
-  _globals['_REWARDSESSIONRESPONSE']._serialized_start=199
-  _globals['_REWARDSESSIONRESPONSE']._serialized_end=260
-  _globals['_GETSESSIONREQUEST']._serialized_start=262
-  _globals['_GETSESSIONREQUEST']._serialized_end=301
-  _globals['_GETSESSIONRESPONSE']._serialized_start=303
-  _globals['_GETSESSIONRESPONSE']._serialized_end=400
-  _globals['_TAKESESSIONSREQUEST']._serialized_start=402
-  _globals['_TAKESESSIONSREQUEST']._serialized_end=484
-  _globals['_TAKESESSIONSRESPONSE']._serialized_start=486
-  _globals['_TAKESESSIONSRESPONSE']._serialized_end=569
-  _globals['_SESSIONSERVICE']._serialized_start=572
-  _globals['_SESSIONSERVICE']._serialized_end=866
+  _globals['_OPENSESSIONREQUEST']._serialized_start=134
+  _globals['_OPENSESSIONREQUEST']._serialized_end=222
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=224
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=245
+  _globals['_REWARDSESSIONREQUEST']._serialized_start=247
+  _globals['_REWARDSESSIONREQUEST']._serialized_end=341
+  _globals['_REWARDSESSIONRESPONSE']._serialized_start=343
+  _globals['_REWARDSESSIONRESPONSE']._serialized_end=404
+  _globals['_GETSESSIONREQUEST']._serialized_start=406
+  _globals['_GETSESSIONREQUEST']._serialized_end=459
+  _globals['_GETSESSIONRESPONSE']._serialized_start=461
+  _globals['_GETSESSIONRESPONSE']._serialized_end=558
+  _globals['_TAKESESSIONSREQUEST']._serialized_start=560
+  _globals['_TAKESESSIONSREQUEST']._serialized_end=642
+  _globals['_TAKESESSIONSRESPONSE']._serialized_start=644
+  _globals['_TAKESESSIONSRESPONSE']._serialized_end=727
+  _globals['_SESSIONSERVICE']._serialized_start=730
+  _globals['_SESSIONSERVICE']._serialized_end=1114
 # @@protoc_insertion_point(module_scope)

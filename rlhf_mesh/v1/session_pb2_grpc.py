@@ -37,6 +37,11 @@ class SessionServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.OpenSession = channel.unary_unary(
+                '/rlhf_mesh.v1.SessionService/OpenSession',
+                request_serializer=rlhf__mesh_dot_v1_dot_session__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=rlhf__mesh_dot_v1_dot_session__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
         self.RewardSession = channel.unary_unary(
                 '/rlhf_mesh.v1.SessionService/RewardSession',
                 request_serializer=rlhf__mesh_dot_v1_dot_session__pb2.RewardSessionRequest.SerializeToString,
@@ -60,6 +65,14 @@ class SessionServiceServicer:
     GenerationService's server).
     """
 
+    def OpenSession(self, request, context):
+        """Opens a session whose calls are sampled as the caller says, whatever the agent asks (an RL
+        harness runs an agent program so: the learner's temperature, a cap on each call's tokens).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RewardSession(self, request, context):
         """Attaches a reward to a session or to one of its calls, and closes the session unless told not to.
         """
@@ -68,7 +81,7 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Returns a session's branches as episodes, without taking it.
+        """Returns a session's branches as episodes (and takes it, if asked).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +97,11 @@ class SessionServiceServicer:
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=rlhf__mesh_dot_v1_dot_session__pb2.OpenSessionRequest.FromString,
+                    response_serializer=rlhf__mesh_dot_v1_dot_session__pb2.OpenSessionResponse.SerializeToString,
+            ),
             'RewardSession': grpc.unary_unary_rpc_method_handler(
                     servicer.RewardSession,
                     request_deserializer=rlhf__mesh_dot_v1_dot_session__pb2.RewardSessionRequest.FromString,
@@ -112,6 +130,33 @@ class SessionService:
     one session id, recorded token-exact, rewarded later and taken as episodes (served by the
     GenerationService's server).
     """
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf_mesh.v1.SessionService/OpenSession',
+            rlhf__mesh_dot_v1_dot_session__pb2.OpenSessionRequest.SerializeToString,
+            rlhf__mesh_dot_v1_dot_session__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def RewardSession(request,

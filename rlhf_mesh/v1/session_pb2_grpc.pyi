@@ -36,10 +36,14 @@ class SessionServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SessionServiceAsyncStub: ...
+    OpenSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.OpenSessionRequest, _session_pb2.OpenSessionResponse]
+    """Opens a session whose calls are sampled as the caller says, whatever the agent asks (an RL
+    harness runs an agent program so: the learner's temperature, a cap on each call's tokens).
+    """
     RewardSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.RewardSessionRequest, _session_pb2.RewardSessionResponse]
     """Attaches a reward to a session or to one of its calls, and closes the session unless told not to."""
     GetSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetSessionRequest, _session_pb2.GetSessionResponse]
-    """Returns a session's branches as episodes, without taking it."""
+    """Returns a session's branches as episodes (and takes it, if asked)."""
     TakeSessions: _grpc.UnaryStreamMultiCallable[_session_pb2.TakeSessionsRequest, _session_pb2.TakeSessionsResponse]
     """Streams closed sessions, oldest first, each branch as one episode; a session is handed out once."""
 
@@ -51,10 +55,14 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    OpenSession: _aio.UnaryUnaryMultiCallable[_session_pb2.OpenSessionRequest, _session_pb2.OpenSessionResponse]  # type: ignore[assignment]
+    """Opens a session whose calls are sampled as the caller says, whatever the agent asks (an RL
+    harness runs an agent program so: the learner's temperature, a cap on each call's tokens).
+    """
     RewardSession: _aio.UnaryUnaryMultiCallable[_session_pb2.RewardSessionRequest, _session_pb2.RewardSessionResponse]  # type: ignore[assignment]
     """Attaches a reward to a session or to one of its calls, and closes the session unless told not to."""
     GetSession: _aio.UnaryUnaryMultiCallable[_session_pb2.GetSessionRequest, _session_pb2.GetSessionResponse]  # type: ignore[assignment]
-    """Returns a session's branches as episodes, without taking it."""
+    """Returns a session's branches as episodes (and takes it, if asked)."""
     TakeSessions: _aio.UnaryStreamMultiCallable[_session_pb2.TakeSessionsRequest, _session_pb2.TakeSessionsResponse]  # type: ignore[assignment]
     """Streams closed sessions, oldest first, each branch as one episode; a session is handed out once."""
 
@@ -63,6 +71,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     one session id, recorded token-exact, rewarded later and taken as episodes (served by the
     GenerationService's server).
     """
+
+    @_abc_1.abstractmethod
+    def OpenSession(
+        self,
+        request: _session_pb2.OpenSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.OpenSessionResponse, _abc.Awaitable[_session_pb2.OpenSessionResponse]]:
+        """Opens a session whose calls are sampled as the caller says, whatever the agent asks (an RL
+        harness runs an agent program so: the learner's temperature, a cap on each call's tokens).
+        """
 
     @_abc_1.abstractmethod
     def RewardSession(
@@ -78,7 +96,7 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_pb2.GetSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.GetSessionResponse, _abc.Awaitable[_session_pb2.GetSessionResponse]]:
-        """Returns a session's branches as episodes, without taking it."""
+        """Returns a session's branches as episodes (and takes it, if asked)."""
 
     @_abc_1.abstractmethod
     def TakeSessions(

@@ -15,14 +15,28 @@ An environment is a class with a no-argument constructor:
 one user message; role "tool" for tool output), the turn's reward or None, whether the episode
 is over, and how many tool calls the turn made. The episode's environment reward is the sum of
 its turns' rewards (None when no turn gave one). An instance lives for one episode; between
-calls it is pickled, so the server holds its state as bytes and never imports user code. It
-runs in the worker pool of rlhf_mesh/worker_pool.py (the RewardService's too): a raise, a hang past the timeout
-or a killed worker ends its episode alone.
+calls it is pickled, so the server holds its state as bytes and never imports user code.
+
+An environment may instead be an agent program, a function that runs its own loop against an
+OpenAI-compatible API (the `openai` SDK, tools, any framework), unchanged:
+
+    def solve(task: dict, base_url: str, session_id: str) -> float | None:
+        client = openai.OpenAI()                        # OPENAI_BASE_URL and OPENAI_API_KEY are set
+        ...                                             # its calls, recorded token-exact
+        return reward                                   # or None: the reward_model's score, or 0
+
+`base_url` is a replica's port under the episode's own session (`.../sessions/<id>/v1`), so every
+call it makes lands in that session; the session's main branch becomes the episode.
+
+Both run in the worker pool of rlhf_mesh/worker_pool.py (the RewardService's too): a raise, a
+hang past the timeout (an agent's whole run) or a killed worker ends its episode alone.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -59,14 +73,17 @@ def builtin() -> dict[str, type]:
     return {"calculator": library.Calculator, "retry": library.Retry}
 
 
-def load(spec: str) -> type:
-    """The class a spec names: a built-in's name, or `package.module:Class`."""
-    cls = resolve(spec, builtin(), "environment", "Class")
-    if not isinstance(cls, type) or not callable(getattr(cls, "reset", None)) or not callable(getattr(cls, "step",
-                                                                                                        None)):
+def load(spec: str) -> Any:
+    """The class or agent function a spec names: a built-in's name, or `package.module:attribute`."""
+    found = resolve(spec, builtin(), "environment", "Class")
+    if inspect.isfunction(found):
+        return found
+    if not isinstance(found, type) or not callable(getattr(found, "reset", None)) or not callable(
+            getattr(found, "step", None)):
         module, _, attribute = spec.partition(":")
-        raise ValueError(f"environment {spec!r}: {module} has no class {attribute!r} with reset() and step()")
-    return cls
+        raise ValueError(f"environment {spec!r}: {module} has no class {attribute!r} with reset() and step(), "
+                         "nor an agent function")
+    return found
 
 
 def _messages(observation: Any, what: str) -> list[dict[str, str]]:
@@ -81,6 +98,23 @@ def _messages(observation: Any, what: str) -> list[dict[str, str]]:
 
 
 # --- in the worker processes (through FunctionPool.run) -----------------------------------------
+
+def is_agent_in_worker(spec: str) -> bool:
+    """Whether the spec names an agent program (a function) rather than an environment class."""
+    return inspect.isfunction(loaded(spec))
+
+
+def agent_in_worker(spec: str, task: dict, base_url: str, api_key: str, session_id: str,
+                    ca_file: str | None) -> float | None:
+    """One run of an agent program on the session under `base_url`; its reward."""
+    os.environ["OPENAI_BASE_URL"], os.environ["OPENAI_API_KEY"] = base_url, api_key or "none"
+    if ca_file:  # the replicas' CA, for https
+        os.environ["SSL_CERT_FILE"] = ca_file
+    reward = loaded(spec)(task, base_url, session_id)
+    if not is_score(reward):
+        raise EnvironmentFailed(f"{spec} returned {reward!r}: a finite number or None is needed")
+    return None if reward is None else float(reward)
+
 
 def tools_in_worker(spec: str) -> list[dict]:
     """The tools the class exposes, as JSON-able OpenAI function specs."""

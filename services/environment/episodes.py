@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from rlhf_mesh.chat_tokens import ChatTokens, TemplateError
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
+from rlhf_mesh.clients.session import AsyncSessionClient
 from rlhf_mesh.services.environment import environments
 from rlhf_mesh.v1 import common_pb2, environment_pb2, generation_pb2
 from rlhf_mesh.worker_pool import FunctionFailed, FunctionPool, PoolFull
@@ -28,13 +30,26 @@ class Limits:
     max_episode_tokens: int  # prompt included, at most the model length
 
 
+@dataclass
+class AgentPorts:
+    """Where agent programs reach the replicas: each one's OpenAI-compatible base URL and session
+    client, and the API key (the service's own token) and CA file they call with."""
+
+    urls: list[str]
+    sessions: list[AsyncSessionClient]
+    api_key: str
+    ca_file: str | None
+
+
 class EpisodeRunner:
-    """Runs one request's episodes: environment calls in the pool, turns on the replicas."""
+    """Runs one request's episodes: environment calls in the pool, turns on the replicas (or an
+    agent program's whole run against a replica's OpenAI-compatible port, in a session)."""
 
     def __init__(self, pool: FunctionPool, spec: str, chat: ChatTokens, replicas: Sequence[AsyncGenerationClient],
-                 reward: AsyncRewardClient | None, *, caller: str, deadline: float, affinity: bool = True) -> None:
+                 reward: AsyncRewardClient | None, *, caller: str, deadline: float, affinity: bool = True,
+                 agents: AgentPorts | None = None) -> None:
         self.pool, self.spec, self.chat, self.replicas, self.reward = pool, spec, chat, replicas, reward
-        self.caller, self.deadline, self.affinity = caller, deadline, affinity
+        self.caller, self.deadline, self.affinity, self.agents = caller, deadline, affinity, agents
 
     def _left(self) -> float:
         return max(0.1, self.deadline - time.monotonic())
@@ -42,6 +57,8 @@ class EpisodeRunner:
     async def episode(self, task_index: int, index: int, number: int, task: dict, sampling: dict[str, Any],
                       limits: Limits, min_policy_version: int, reward_model: str) -> environment_pb2.Episode:
         """Episode `index` of task `task_index`; `number` (its place in the request) picks its replica and seeds."""
+        if self.agents is not None:
+            return await self.agent_episode(task_index, index, number, task, sampling, limits, reward_model)
         episode = environment_pb2.Episode(task_index=task_index, episode_index=index)
         environment_s = 0.0
         rewards: list[float] = []
@@ -120,11 +137,56 @@ class EpisodeRunner:
         episode.messages.extend(common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
         if rewards:
             episode.environment_reward = sum(rewards)
+        await self.rewarded(episode, reward_model)
+        return episode
+
+    async def rewarded(self, episode: environment_pb2.Episode, reward_model: str) -> None:
+        """The episode's reward: its environment reward plus, with `reward_model`, the reward
+        service's score of its conversation."""
         if reward_model and self.reward is not None and episode.end != environment_pb2.EPISODE_END_ENVIRONMENT_ERROR:
+            messages = [{"role": m.role, "content": m.content} for m in episode.messages]
             reply = await self.reward.score([messages], model=reward_model, timeout_s=self._left())
             episode.reward_model_score = reply.results[0].score
         episode.reward = (episode.environment_reward if episode.HasField("environment_reward") else 0.0) + (
             episode.reward_model_score if episode.HasField("reward_model_score") else 0.0)
+
+    async def agent_episode(self, task_index: int, index: int, number: int, task: dict, sampling: dict[str, Any],
+                            limits: Limits, reward_model: str) -> environment_pb2.Episode:
+        """One run of an agent program in a session of its own, sampled as the request says; the
+        session's main branch (the one with the most calls) is the episode."""
+        agents = self.agents
+        replica = number % len(agents.urls)
+        session_id = f"episode-{uuid.uuid4().hex}"
+        seed = sampling.get("seed")
+        imposed = {key: sampling[key] for key in ("temperature", "top_p", "top_k", "max_tokens") if key in sampling}
+        await agents.sessions[replica].open(session_id, timeout_s=self._left(), **imposed,
+                                            seed=None if seed is None else seed + number * limits.max_turns)
+        started = time.perf_counter()
+        error, reward = "", None
+        try:
+            reward = await self.pool.run(self.spec, environments.agent_in_worker, task,
+                                         f"{agents.urls[replica]}/sessions/{session_id}/v1", agents.api_key,
+                                         session_id, agents.ca_file, caller=self.caller)
+        except (FunctionFailed, PoolFull) as err:
+            error = str(err)
+        environment_s = time.perf_counter() - started
+        taken = await agents.sessions[replica].get(session_id, take=True, timeout_s=self._left())
+        branches = list(taken.episodes)
+        if branches:
+            episode = max(reversed(branches), key=lambda e: len(e.turns))
+        else:
+            episode = environment_pb2.Episode(token_ids=[0], loss_mask=[0], logprobs=[0.0], policy_versions=[0],
+                                              prompt_length=1)
+            error = error or "the agent program made no call to the model"
+        episode.task_index, episode.episode_index, episode.environment_s = task_index, index, environment_s
+        episode.ClearField("environment_reward")
+        if error:
+            episode.end, episode.error = environment_pb2.EPISODE_END_ENVIRONMENT_ERROR, error
+        else:
+            episode.end = environment_pb2.EPISODE_END_DONE
+            if reward is not None:
+                episode.environment_reward = reward
+        await self.rewarded(episode, reward_model)
         return episode
 
     async def _generate(self, replica: AsyncGenerationClient, ids: list[int], sampling: dict[str, Any],

@@ -60,6 +60,12 @@ def validate(feedback: feedback_pb2.Feedback, limits: Limits) -> None:
     count = len(feedback.responses)
     if kind is None:
         raise InvalidFeedback("no judgement: set rating, choice, correction or tie")
+    if (feedback.session_id or feedback.call_id) and kind != "rating":
+        raise InvalidFeedback("session_id and call_id go with a rating (it becomes the session's reward)")
+    if feedback.call_id and not feedback.session_id:
+        raise InvalidFeedback("call_id needs the session_id it belongs to")
+    if len(feedback.session_id) > 256 or len(feedback.call_id) > 256:
+        raise InvalidFeedback("session_id and call_id are at most 256 characters")
     if kind == "rating":
         rating = feedback.rating
         if not rating.scale_max > rating.scale_min:
@@ -93,6 +99,8 @@ def to_row(feedback: feedback_pb2.Feedback) -> FeedbackRow:
     if kind == "rating":
         r = feedback.rating
         judgement = {"scores": list(r.scores), "scale_min": r.scale_min, "scale_max": r.scale_max}
+        if feedback.session_id:  # the session a rating rewards is kept with it
+            judgement |= {"session_id": feedback.session_id, "call_id": feedback.call_id}
     elif kind == "choice":
         judgement = {"chosen_index": feedback.choice.chosen_index}
     elif kind == "tie":
@@ -114,7 +122,8 @@ def timestamp(row: FeedbackRow) -> Timestamp:
 
 
 def to_proto(row: FeedbackRow) -> feedback_pb2.Feedback:
-    j = row.judgement
+    j = dict(row.judgement)
+    session = {"session_id": j.pop("session_id", ""), "call_id": j.pop("call_id", "")}
     judgement = {
         "rating": lambda: {"rating": feedback_pb2.Rating(**j)},
         "choice": lambda: {"choice": feedback_pb2.Choice(**j)},
@@ -124,7 +133,7 @@ def to_proto(row: FeedbackRow) -> feedback_pb2.Feedback:
     return feedback_pb2.Feedback(
         feedback_id=row.feedback_id, rater_id=row.rater_id, prompt=row.prompt, responses=row.responses,
         model_id=row.model_id, policy_version=row.policy_version, created_at=timestamp(row),
-        campaign_id=row.campaign_id or "", item_id=row.item_id or 0, **judgement,
+        campaign_id=row.campaign_id or "", item_id=row.item_id or 0, **session, **judgement,
     )
 
 
@@ -167,3 +176,10 @@ def backed_pairs(rows: list[FeedbackRow], min_rating_margin: float = 0.0, min_ra
                 pair.raters_backing, pair.raters = backing[key], len(rows)
                 result.append(pair)
     return result, sum(1 for by_key in found if kept & by_key.keys())
+
+
+def session_reward(feedback: feedback_pb2.Feedback) -> float:
+    """A session's reward from a rating of its response: the score scaled from the rating's scale
+    to [0, 1] (a thumbs up on a 0-1 scale is 1, a 3 of 1-5 is 0.5)."""
+    rating = feedback.rating
+    return (rating.scores[0] - rating.scale_min) / (rating.scale_max - rating.scale_min)

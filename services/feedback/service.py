@@ -10,6 +10,8 @@ import math
 import grpc
 from prometheus_client import Counter
 
+from rlhf_mesh.clients.channel import client_credentials
+from rlhf_mesh.clients.session import AsyncSessionClient
 from rlhf_mesh.services.feedback import agreement, rater_page
 from rlhf_mesh.services.feedback.campaigns import (
     DEFAULT,
@@ -24,6 +26,7 @@ from rlhf_mesh.services.feedback.preferences import (
     InvalidFeedback,
     Limits,
     backed_pairs,
+    session_reward,
     timestamp,
     to_proto,
     to_row,
@@ -88,6 +91,21 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self.store = store
         self.limits = limits
         self.campaigns = campaigns
+        self.replicas: list[AsyncSessionClient] = []  # whose sessions ratings reward
+
+    async def _reward_session(self, feedback: feedback_pb2.Feedback) -> bool:
+        """The stored rating as its session's reward, on the replica that holds the session."""
+        for replica in self.replicas:
+            try:
+                await replica.reward(feedback.session_id, session_reward(feedback), feedback.call_id or None)
+                return True
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # closed already: rewarded before
+                    return False
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    log.warning("could not reward session %s on %s: %s", feedback.session_id, replica.address,
+                                err.details())
+        return False
 
     async def SubmitFeedback(self, request, context):
         feedback = request.feedback
@@ -105,9 +123,10 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             SUBMITTED.labels(kind, "conflict").inc()
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
         SUBMITTED.labels(kind, "duplicate" if stored.already_stored else "stored").inc()
+        rewarded = bool(feedback.session_id) and await self._reward_session(feedback)
         return feedback_pb2.SubmitFeedbackResponse(
             feedback_id=stored.row.feedback_id, already_stored=stored.already_stored,
-            created_at=timestamp(stored.row),
+            created_at=timestamp(stored.row), session_rewarded=rewarded,
         )
 
     async def ListFeedback(self, request, context):
@@ -221,6 +240,9 @@ class FeedbackService:
         return [SERVICE]
 
     async def start(self) -> None:
+        s = self.settings
+        credentials = client_credentials(s.services_token_file, s.services_tls_ca)
+        self.servicer.replicas = [AsyncSessionClient(a, timeout_s=30, **credentials) for a in s.session_replicas]
         self.store = await asyncio.to_thread(FeedbackStore, self.settings.db)
         self.servicer.store = self.store
         self.servicer.campaigns = Campaigns(self.store, self.settings.assignment_lease_s)
@@ -229,6 +251,8 @@ class FeedbackService:
             self._page, _ = await rater_page.start(self.servicer.campaigns, self.limits, self.settings)
 
     async def close(self) -> None:
+        for replica in self.servicer.replicas:
+            await replica.close()
         if self._page is not None:
             await self._page.cleanup()
         if self.store is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, FilePath
 from pydantic_settings import SettingsConfigDict
 
 from rlhf_mesh.http_site import HttpPortSettings
@@ -24,5 +24,11 @@ class FeedbackSettings(ServiceSettings, HttpPortSettings):
     rater_identity_header: str | None = Field(
         None, description="header in which a trusted authenticating proxy in front of the rater page names the "
         "rater (e.g. X-Forwarded-User); off unless set, and only safe when the proxy is the page's only way in")
+    session_replicas: list[str] = Field(
+        default_factory=list, description="GenerationService HOST:PORT whose sessions a rating with a session_id "
+        "rewards (repeat for replicas; the one that holds the session takes it)")
+    services_token_file: FilePath | None = Field(
+        None, description="bearer token of the calls to session_replicas (role feedback there)")
+    services_tls_ca: FilePath | None = Field(None, description="PEM CA of session_replicas' certificates; turns TLS on")
     assignment_lease_s: float = Field(
         1800.0, gt=0, description="how long a rater holds an item before it goes back to the other raters")

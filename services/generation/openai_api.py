@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -57,6 +56,7 @@ from rlhf_mesh.services.generation import sessions as recorded
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull, SampleProgress
 from rlhf_mesh.services.generation.openai_render import OpenAIRender
 from rlhf_mesh.services.generation.prompts import Plan
+from rlhf_mesh.services.generation.sessions import SESSION_ID
 from rlhf_mesh.services.generation.settings import GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 GENERATE_METHOD = "/rlhf_mesh.v1.GenerationService/Generate"
 READ_SESSION_METHOD = "/rlhf_mesh.v1.SessionService/GetSession"
 REWARD_METHOD = "/rlhf_mesh.v1.SessionService/RewardSession"
-SESSION_ID = re.compile(r"[\x21-\x7e]{1,256}")  # visible ASCII: it is logged and sent back
 RETRY_AFTER_S = "1"
 
 REQUESTS = Counter("rlhf_mesh_generation_http_requests_total", "Calls of the OpenAI-compatible port, by "
@@ -86,6 +85,13 @@ class OpenAIPort:
         application.router.add_post("/v1/chat/completions", self._endpoint("chat", self.chat, GENERATE_METHOD))
         application.router.add_post("/v1/completions", self._endpoint("completions", self.completions,
                                                                        GENERATE_METHOD))
+        # The same under a session's own base URL, for agent code that only takes a base URL.
+        application.router.add_get("/sessions/{session}/v1/models", self._endpoint("models", self.models,
+                                                                                    GENERATE_METHOD))
+        application.router.add_post("/sessions/{session}/v1/chat/completions",
+                                    self._endpoint("chat", self.chat, GENERATE_METHOD))
+        application.router.add_post("/sessions/{session}/v1/completions",
+                                    self._endpoint("completions", self.completions, GENERATE_METHOD))
         application.router.add_get("/v1/sessions/{id}", self._endpoint("session", self.session, READ_SESSION_METHOD))
         application.router.add_delete("/v1/sessions/{id}", self._endpoint("session", self.drop, REWARD_METHOD))
         application.router.add_post("/v1/sessions/{id}/reward", self._endpoint("reward", self.reward,
@@ -124,7 +130,7 @@ class OpenAIPort:
         return await asyncio.to_thread(_json_object, raw)
 
     def _session_id(self, request: web.Request, user: str | None) -> str | None:
-        session_id = request.headers.get("X-Session-ID") or user
+        session_id = request.match_info.get("session") or request.headers.get("X-Session-ID") or user
         if session_id is None:
             return None
         if not SESSION_ID.fullmatch(session_id):
@@ -158,8 +164,9 @@ class OpenAIPort:
             call = self.sessions.plan(
                 session_id, tuple(recorded.message_key(m) for m in messages), prompt_ids,
                 lambda matched: self.render.follow(chat, messages[matched:]),
-                self._new_tokens(chat, prompt_ids), self.render.eos_ids, self.render.end_of_message)
+                self._new_tokens(chat, prompt_ids), self.render.eos_ids, self.render.end_of_message, messages)
             prompt_ids = call.prompt_ids
+            chat = _imposed(chat, call.session)
         plan = self.render.plan(chat, [prompt_ids])
         self._admit(plan)
         reply = ChatReply(self, chat, plan, request_id=f"chatcmpl-{uuid.uuid4().hex}")
@@ -190,6 +197,7 @@ class OpenAIPort:
             call = self.sessions.plan(session_id, tuple(ids), ids, lambda matched: ids[matched:],
                                       self._new_tokens(completion, ids), self.render.eos_ids, None)
             prompts = [call.prompt_ids]
+            completion = _imposed(completion, call.session)
         plan = self.render.plan(completion, prompts)
         self._admit(plan)
         reply = CompletionReply(self, completion, plan, request_id=f"cmpl-{uuid.uuid4().hex}")
@@ -221,6 +229,24 @@ class OpenAIPort:
         session = self.sessions.reward(request.match_info["id"], float(value), call_id, close=not keep_open)
         log.info("%s rewarded session %s%s: %g", who, session.id, f" call {call_id}" if call_id else "", value)
         return web.json_response({"id": session.id, "closed": session.closed, "branches": len(session.branches)})
+
+
+def _imposed(request: Any, session: recorded.Session) -> Any:
+    """The request with what its session's OpenSession imposes: temperature, top_p and top_k
+    replaced, max_tokens capped, and seed + the session's samples so far as its seed."""
+    sampling = session.sampling
+    if not sampling:
+        return request
+    update = {key: sampling[key] for key in ("temperature", "top_p", "top_k") if key in sampling}
+    if "max_tokens" in sampling:
+        chat = hasattr(request, "max_completion_tokens")
+        asked = (request.max_completion_tokens if chat else None) or request.max_tokens
+        update["max_completion_tokens" if chat else "max_tokens"] = min(asked or sampling["max_tokens"],
+                                                                        sampling["max_tokens"])
+    if "seed" in sampling:
+        update["seed"] = sampling["seed"] + session.samples
+    session.samples += max(1, request.n or 1)
+    return request.model_copy(update=update)
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -371,7 +397,7 @@ class ChatReply(_Reply):
             reply = message.model_dump(mode="json", exclude_none=True)
             found.append(recorded.Choice(
                 (recorded.message_key(reply),), sample.token_ids, sample.logprobs, sample.versions,
-                self.finish[i] or "stop", message.content or ""))
+                self.finish[i] or "stop", message.content or "", reply))
         return found
 
 

@@ -16,6 +16,7 @@ from rlhf_mesh.services.generation import prompts
 from rlhf_mesh.services.generation import sessions as recorded
 from rlhf_mesh.services.generation.catch_up import catch_up
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull
+from rlhf_mesh.services.generation.sessions import SESSION_ID
 from rlhf_mesh.services.generation.settings import GenerationSettings
 from rlhf_mesh.services.generation.staging import (
     BaseFile,
@@ -44,6 +45,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.settings = settings
         self.engine = engine
         self.base: BaseFile | None = None  # the last in-band push in full: what a delta applies to
+        self.http_port = 0  # the OpenAI-compatible port, once it listens
 
     def _replace_base(self, base: BaseFile | None) -> None:
         if self.base is not None:
@@ -208,7 +210,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             yield load_as
 
     async def GetModelInfo(self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
-        return self.engine.info()
+        info = self.engine.info()
+        info.openai_http_port = self.http_port
+        return info
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -220,6 +224,23 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, sessions: recorded.Sessions) -> None:
         self.sessions = sessions
 
+    async def OpenSession(self, request: session_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext):
+        s = request.sampling
+        if s.HasField("n") or s.stop or s.stop_token_ids or s.ignore_eos:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "sampling: only temperature, top_p, top_k, max_tokens and seed are imposed")
+        if not SESSION_ID.fullmatch(request.session_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "session_id: 1 to 256 visible ASCII characters")
+        sampling = {f: getattr(s, f) for f in ("temperature", "top_p", "top_k", "max_tokens", "seed") if s.HasField(f)}
+        if sampling.get("max_tokens", 1) < 1 or not sampling.get("temperature", 0) >= 0 or not \
+                0 < sampling.get("top_p", 1) <= 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "sampling: max_tokens >= 1, temperature >= 0 and top_p in (0, 1] are needed")
+        async with _session_errors(context):
+            self.sessions.open(request.session_id, sampling)
+        return session_pb2.OpenSessionResponse()
+
     async def RewardSession(self, request: session_pb2.RewardSessionRequest, context: grpc.aio.ServicerContext):
         if not abs(request.reward) < float("inf"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reward: a finite number is required")
@@ -230,7 +251,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def GetSession(self, request: session_pb2.GetSessionRequest, context: grpc.aio.ServicerContext):
         async with _session_errors(context):
-            session = self.sessions.get(request.session_id)
+            session = (self.sessions.take_one if request.take else self.sessions.get)(request.session_id)
         return session_pb2.GetSessionResponse(episodes=recorded.episodes(session), closed=session.closed,
                                               fork_count=session.forks)
 
@@ -251,7 +272,8 @@ async def _session_errors(context: grpc.aio.ServicerContext):
     try:
         yield
     except recorded.SessionError as err:
-        code = {404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
+        code = {404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ALREADY_EXISTS,
+                429: grpc.StatusCode.RESOURCE_EXHAUSTED}.get(
             err.status, grpc.StatusCode.FAILED_PRECONDITION)
         await context.abort(code, str(err))
 
@@ -310,7 +332,8 @@ class GenerationService:
             from rlhf_mesh.services.generation.openai_api import OpenAIPort
 
             self.http = OpenAIPort(s, self.engine, self.sessions)
-            port = await self.http.start(s.host if s.http_host is None else s.http_host, s.http_port)
+            port = self.servicer.http_port = await self.http.start(s.host if s.http_host is None else s.http_host,
+                                                                   s.http_port)
             log.info("OpenAI-compatible HTTP (/v1/chat/completions, /v1/completions, /v1/models, sessions) on "
                      "port %d", port)
 

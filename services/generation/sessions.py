@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from rlhf_mesh.v1 import environment_pb2
+from rlhf_mesh.v1 import common_pb2, environment_pb2
 
+SESSION_ID = re.compile(r"[\x21-\x7e]{1,256}")  # visible ASCII: it is logged and sent back
 SESSIONS = Gauge("rlhf_mesh_generation_sessions", "Sessions held, by state.", ["state"])
 SESSION_TOKENS = Gauge("rlhf_mesh_generation_session_tokens", "Tokens held by all sessions' branches.")
 
@@ -87,6 +89,7 @@ class Branch:
     prompt_length: int = 0
     forked_from: tuple[int, int] | None = None  # (branch, call) whose prefix it shares
     rewritten: bool = False  # began from a fresh render although the session had calls
+    messages: list[dict[str, Any]] = field(default_factory=list)  # its newest call's messages and reply
 
     def add(self, ids: Sequence[int], logprobs: Sequence[float] | None = None,
             versions: Sequence[int] | None = None) -> None:
@@ -100,7 +103,8 @@ class Branch:
     def prefix(self, length: int) -> Branch:
         """A new branch holding this one's first `length` tokens (and the calls inside them)."""
         return Branch(self.token_ids[:length], self.loss_mask[:length], self.logprobs[:length],
-                      self.versions[:length], [c for c in self.calls if c.sampled_end <= length], self.prompt_length)
+                      self.versions[:length], [c for c in self.calls if c.sampled_end <= length], self.prompt_length,
+                      messages=self.messages)
 
 
 @dataclass
@@ -111,6 +115,8 @@ class Session:
     closed: bool = False
     reward: float | None = None
     forks: int = 0
+    sampling: dict[str, Any] = field(default_factory=dict)  # what OpenSession imposes on every call
+    samples: int = 0  # samples drawn so far (the k of a seeded session's k-th sample)
 
     @property
     def tokens(self) -> int:
@@ -124,6 +130,7 @@ class CallPlan:
     session: Session
     prompt_ids: list[int]
     history: tuple  # the call's keys
+    messages: list[dict[str, Any]]  # the call's messages (none for a completion)
     parent: tuple[Branch, Call] | None
     base_length: int  # parent branch ids the prompt starts with
     extends: bool  # the parent call is its branch's newest: choice 0 grows that branch
@@ -140,6 +147,7 @@ class Choice:
     versions: list[int]
     finish_reason: str
     text: str
+    message: dict[str, Any] | None = None  # the reply as a chat message (none for a completion)
 
 
 class Sessions:
@@ -157,8 +165,25 @@ class Sessions:
             raise SessionError(404, f"no session {session_id!r} (never opened, taken, dropped or expired)")
         return session
 
+    def open(self, session_id: str, sampling: dict[str, Any]) -> Session:
+        """A new session whose calls are sampled with `sampling` (temperature, top_p, top_k,
+        max_tokens as a cap, seed) whatever they ask."""
+        self._expire()
+        if session_id in self._sessions:
+            raise SessionError(409, f"session {session_id!r} is held already")
+        self._room()
+        session = self._sessions[session_id] = Session(session_id, sampling=sampling)
+        self._count()
+        return session
+
+    def _room(self) -> None:
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionError(429, f"{len(self._sessions)} sessions are held, max_sessions={self.max_sessions}; "
+                                    "close or drop some, or retry later")
+
     def plan(self, session_id: str, keys: tuple, fresh: list[int], follow: Callable[[int], list[int]],
-             max_new_tokens: int, eos_ids: set[int], end_of_message: int | None) -> CallPlan:
+             max_new_tokens: int, eos_ids: set[int], end_of_message: int | None,
+             messages: list[dict[str, Any]] = ()) -> CallPlan:
         """The prompt of a call in session `session_id` (opened by its first call). `keys` are its
         messages' `message_key`s (or, for a completion, its prompt ids); `fresh` its prompt
         rendered afresh; `follow(k)` the ids of what follows the first k keys, after an
@@ -167,9 +192,7 @@ class Sessions:
         self._expire()
         session = self._sessions.get(session_id)
         if session is None:
-            if len(self._sessions) >= self.max_sessions:
-                raise SessionError(429, f"{len(self._sessions)} sessions are held, max_sessions="
-                                        f"{self.max_sessions}; close or drop some, or retry later")
+            self._room()
             session = self._sessions[session_id] = Session(session_id)
         if session.closed:
             raise SessionError(400, f"session {session_id!r} is closed; name a new session")
@@ -190,7 +213,7 @@ class Sessions:
                                     f"{len(ids)} prompt tokens and up to {max_new_tokens} sampled ones exceed "
                                     f"max_session_tokens={self.max_session_tokens}; close it and open a new one")
         self._count()
-        return CallPlan(session, ids, keys, parent, base_length, extends)
+        return CallPlan(session, ids, keys, list(messages), parent, base_length, extends)
 
     @staticmethod
     def _parent(session: Session, keys: tuple) -> tuple[Branch, Call] | None:
@@ -220,6 +243,8 @@ class Sessions:
             branch.add(choice.token_ids, choice.logprobs, choice.versions)
             branch.calls.append(Call(call_id, index, (*plan.history, *choice.history), start, sampled_start,
                                      len(branch.token_ids), choice.finish_reason, choice.text))
+            if choice.message is not None:
+                branch.messages = [*plan.messages, choice.message]
         self._count()
 
     @staticmethod
@@ -236,6 +261,13 @@ class Sessions:
         session.forks += bool(session.branches)
         session.branches.append(branch)
         return branch
+
+    def take_one(self, session_id: str) -> Session:
+        """The session, no longer held."""
+        session = self.get(session_id)
+        del self._sessions[session_id]
+        self._count()
+        return session
 
     def reward(self, session_id: str, reward: float, call_id: str | None, close: bool) -> Session:
         """Attach `reward` to the session (or to every choice of call `call_id`), and close it."""
@@ -258,9 +290,7 @@ class Sessions:
         return session
 
     def drop(self, session_id: str) -> None:
-        self.get(session_id)
-        del self._sessions[session_id]
-        self._count()
+        self.take_one(session_id)
 
     def take(self, limit: int) -> list[Session]:
         """Up to `limit` closed sessions, oldest first; they are no longer held."""
@@ -308,9 +338,19 @@ def describe(session: Session) -> dict[str, Any]:
     }
 
 
+def _text(message: dict[str, Any]) -> str:
+    """A message's text for display and scoring; an assistant's tool calls as their JSON."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    calls = [c.get("function") for c in message.get("tool_calls") or ()]
+    return (content or "") + (json.dumps(calls) if calls else "")
+
+
 def episodes(session: Session) -> list[environment_pb2.Episode]:
-    """Each branch of a session as an episode: the calls are its turns. Its reward is the
-    session's, or, where only calls were rewarded, the sum of its calls' rewards."""
+    """Each branch of a session as an episode: the calls are its turns, its messages those of its
+    newest call. Its reward (and environment_reward) is the session's, or, where only calls were
+    rewarded, the sum of its calls' rewards; unrewarded, it has no environment_reward."""
     found = []
     for index, branch in enumerate(session.branches):
         episode = environment_pb2.Episode(
@@ -324,6 +364,10 @@ def episodes(session: Session) -> list[environment_pb2.Episode]:
             if call.reward is not None:
                 turn.reward = call.reward
         rewards = [c.reward for c in branch.calls if c.reward is not None]
-        episode.reward = session.reward if session.reward is not None else sum(rewards)
+        if session.reward is not None or rewards:
+            episode.environment_reward = session.reward if session.reward is not None else sum(rewards)
+        episode.reward = episode.environment_reward
+        episode.messages.extend(common_pb2.ChatMessage(role=m.get("role", ""), content=_text(m))
+                                for m in branch.messages)
         found.append(episode)
     return found

@@ -1,4 +1,6 @@
-"""Rollouts from an EnvironmentService: `n` multi-turn episodes of every task, as the learner trains them.
+"""Rollouts from an EnvironmentService: `n` multi-turn episodes of every task, or the episodes of
+sessions that agent programs and users ran on the replicas' OpenAI-compatible ports, as the
+learner trains them.
 
 An episode becomes one Rollout: its first prompt, then every later token as the "response" with
 the loss mask (1 on the tokens the policy sampled, 0 on observations and tool output), the
@@ -100,3 +102,29 @@ class EpisodeCollector:
             key = (missing[episode.task_index], episode.episode_index)
             if key not in self.received:
                 self.received[key] = episode
+
+
+class SessionCollector:
+    """One step's rollouts from closed sessions (`rollout_source: sessions`): each episode its own
+    group of one, the stale ones dropped by the EnvironmentService, waiting up to `wait_s` for
+    `count` of them to close."""
+
+    def __init__(self, client: AsyncEnvironmentClient, count: int, *, wait_s: float, min_policy_version: int,
+                 reward_model: str, timeout_s: float) -> None:
+        self.client, self.count, self.wait_s, self.floor = client, count, wait_s, min_policy_version
+        self.reward_model, self.timeout_s = reward_model, timeout_s
+
+    async def run(self) -> Collected:
+        started = time.perf_counter()
+        episodes: list[environment_pb2.Episode] = []
+        while len(episodes) < self.count and (left := self.wait_s - (time.perf_counter() - started)) > 0:
+            async for reply in self.client.collect_sessions(
+                    self.count - len(episodes), wait_s=min(left, 60.0), min_policy_version=self.floor,
+                    reward_model=self.reward_model, timeout_s=self.timeout_s):
+                episodes.append(reply.episode)
+        if len(episodes) < self.count:
+            raise LearnerError(f"{len(episodes)} of {self.count} session episodes were closed within "
+                               f"sessions_wait_s={self.wait_s:g}")
+        rollouts = [to_rollout(episode, index, self.floor) for index, episode in enumerate(episodes)]
+        return Collected(rollouts, generate_s=time.perf_counter() - started, score_tail_s=0.0,
+                         scalars=episode_scalars(episodes, "sessions"))

@@ -21,7 +21,7 @@ import grpc
 from rlhf_mesh.clients.environment import AsyncEnvironmentClient
 from rlhf_mesh.clients.reward import AsyncRewardClient
 from rlhf_mesh.services.learner.data import PromptDataset
-from rlhf_mesh.services.learner.episodes import EpisodeCollector
+from rlhf_mesh.services.learner.episodes import EpisodeCollector, SessionCollector
 from rlhf_mesh.services.learner.errors import LearnerError
 from rlhf_mesh.services.learner.publisher import PolicyPublisher
 from rlhf_mesh.services.learner.report import Reporter, write_report
@@ -97,8 +97,9 @@ class Run:
             if s.eval_prompts is not None:
                 self.eval_set = await asyncio.to_thread(PromptDataset.load_tasks, s.eval_prompts, s.seed)
         else:
-            self.dataset = await asyncio.to_thread(PromptDataset.load, s.prompts, s.prompt_field, s.messages_field,
-                                                   s.seed, s.reference_field)
+            if s.prompts is not None:  # none with rollout_source sessions
+                self.dataset = await asyncio.to_thread(PromptDataset.load, s.prompts, s.prompt_field,
+                                                       s.messages_field, s.seed, s.reference_field)
             if s.eval_prompts is not None:
                 self.eval_set = await asyncio.to_thread(PromptDataset.load, s.eval_prompts, s.prompt_field,
                                                         s.messages_field, s.seed, s.reference_field)
@@ -109,7 +110,7 @@ class Run:
             for h in self.trainer.history
         ]
         self.publisher = PolicyPublisher(s, self.trainer.push_weights, keep_snapshots=self.max_lag > 0)
-        if s.environment is not None:
+        if s.environment_service is not None:
             self.environment = learner_client(AsyncEnvironmentClient, s.environment_service, s)
             try:
                 served = await self.environment.list_environments(timeout_s=s.services_wait_s, wait_for_ready=True)
@@ -117,10 +118,10 @@ class Run:
                 raise LearnerError(f"cannot use the environment service {s.environment_service}: "
                                    f"{failure(err)}") from None
             names = [e.name for e in served.environments]
-            if s.environment not in names:
+            if s.environment is not None and s.environment not in names:
                 raise LearnerError(f"environment: {s.environment!r} is not served by {s.environment_service} "
                                    f"(it serves {', '.join(names)})")
-        else:
+        if s.environment is None and s.reward is not None:
             self.reward = learner_client(AsyncRewardClient, s.reward, s)
             try:
                 await self.reward.list_models(timeout_s=s.services_wait_s, wait_for_ready=True)
@@ -218,6 +219,11 @@ class Run:
         varies, sampling batch_size more prompts a round (up to max_sampling_rounds) until
         batch_size are kept. A batch still short is filled with dropped groups that train nothing."""
         s, n = self.settings, self.settings.num_samples_per_prompt
+        if s.rollout_source == "sessions":
+            return await SessionCollector(
+                self.environment, s.batch_size, wait_s=s.sessions_wait_s,
+                min_policy_version=self.publisher.min_version(step, self.max_lag), reward_model=s.reward_model,
+                timeout_s=s.rpc_timeout_s).run()
         seed = s.seed * 1_000_003 + step * s.rollouts_per_step
         options = dict(n=n, temperature=s.temperature,
                        min_policy_version=self.publisher.min_version(step, self.max_lag))
@@ -261,7 +267,7 @@ class Run:
                    min_policy_version: int, prefix: str = "episodes") -> RolloutCollector | EpisodeCollector:
         """Single-turn samples scored by the reward service, or an environment's episodes."""
         s = self.settings
-        if self.environment is not None:
+        if s.environment is not None:
             return EpisodeCollector(
                 self.environment, s.environment, prompts, n=n, max_tokens=s.response_length, temperature=temperature,
                 seed=seed, min_policy_version=min_policy_version, max_turns=s.max_turns,

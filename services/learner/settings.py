@@ -59,7 +59,16 @@ class LearnerSettings(ServiceSettings):
         None, description="multi-turn episodes of this environment of the EnvironmentService replace single-turn "
         "generation: each row of `prompts` is a task (a JSON object), response_length is per turn"
     )
-    environment_service: str | None = Field(None, description="EnvironmentService HOST:PORT (with environment)")
+    environment_service: str | None = Field(
+        None, description="EnvironmentService HOST:PORT (with environment, or rollout_source sessions)")
+    rollout_source: Literal["prompts", "sessions"] = Field(
+        "prompts", description="prompts: sample the prompt dataset (or run its tasks in the environment); sessions: "
+        "train on sessions agent programs and users ran on the replicas' OpenAI-compatible ports and closed with a "
+        "reward, collected by the EnvironmentService (batch_size episodes a step, each its own group)"
+    )
+    sessions_wait_s: float = Field(
+        3600.0, gt=0, description="rollout_source sessions: how long a step waits for batch_size sessions to close"
+    )
     max_turns: int | None = Field(None, ge=1, description="model turns per episode (default: the service's)")
     max_episode_tokens: int | None = Field(
         None, ge=2, description="tokens per episode, prompt included (default: the service's)"
@@ -103,7 +112,8 @@ class LearnerSettings(ServiceSettings):
     client_tls_server_name: str | None = old_name_of("services_tls_server_name")
 
     # Prompts.
-    prompts: Path = Field(description="prompt dataset: .jsonl or .parquet")
+    prompts: Path | None = Field(None, description="prompt dataset: .jsonl or .parquet (needed unless "
+                                 "rollout_source is sessions)")
     prompt_field: str = Field("prompt", description="column with the prompt text")
     messages_field: str | None = Field(None, description="column with chat messages; used instead of prompt_field")
     reference_field: str | None = Field(
@@ -340,10 +350,11 @@ class LearnerSettings(ServiceSettings):
             raise ValueError("critic and value_head exclude each other: a separate value model or a head")
         if self.resume_from is not None and not (self.resume_from / "trainer.pt").is_file():
             raise ValueError(f"resume_from: {self.resume_from} is not a checkpoint (no trainer.pt)")
-        if (self.environment is None) != (self.environment_service is None):
+        if (self.environment is None) != (self.environment_service is None) and self.rollout_source == "prompts":
             raise ValueError("environment and environment_service go together")
-        if self.reward is None and self.environment is None:
-            raise ValueError("reward: give the RewardService's HOST:PORT (only an environment run may go without)")
+        if self.reward is None and self.environment is None and self.rollout_source == "prompts":
+            raise ValueError("reward: give the RewardService's HOST:PORT (only an environment or sessions run may go "
+                             "without)")
         if self.policy_loss == "gspo" and "loss_agg_mode" in self.model_fields_set \
                 and self.loss_agg_mode != "seq-mean-token-mean":
             log.warning("policy_loss gspo aggregates seq-mean-token-mean (its ratio is per sequence): "
@@ -368,7 +379,11 @@ class LearnerSettings(ServiceSettings):
                              "environment's (max_turns, max_episode_tokens)")
         if self.use_kl_loss and self.kl_coef == 0:
             raise ValueError("use_kl_loss needs kl_coef > 0 (its coefficient)")
-        if self.prompts.suffix not in (".jsonl", ".parquet"):
+        if self.rollout_source == "sessions":
+            self._check_sessions()
+        elif self.prompts is None:
+            raise ValueError("prompts: give the prompt dataset (only rollout_source sessions goes without)")
+        if self.prompts is not None and self.prompts.suffix not in (".jsonl", ".parquet"):
             raise ValueError(f"prompts: {self.prompts} is neither .jsonl nor .parquet")
         return self
 
@@ -394,6 +409,18 @@ class LearnerSettings(ServiceSettings):
         except (OSError, ValueError) as err:
             raise RuntimeError(f"collective_address: no route to {replica} to take this host's address from ({err}); "
                                "set collective_address") from None
+
+    def _check_sessions(self) -> None:
+        """What rollout_source sessions needs: sessions are single episodes, rewarded already."""
+        if self.environment_service is None or self.environment is not None:
+            raise ValueError("rollout_source sessions: give environment_service (the sessions come through it), "
+                             "and no environment")
+        if self.num_samples_per_prompt != 1 or self.advantage_estimator in ("grpo", "rloo") \
+                or self.filter_groups is not None:
+            raise ValueError("rollout_source sessions: every session is its own group; use num_samples_per_prompt "
+                             "1 with advantage_estimator reinforce_pp or gae, and no filter_groups")
+        if self.eval_steps and self.reward is None:
+            raise ValueError("rollout_source sessions: the evaluation samples eval_prompts and scores them on reward")
 
     @model_validator(mode="after")
     def _tis_cap_is_truncation(self) -> LearnerSettings:
