@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import resource
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -12,7 +14,25 @@ from pathlib import Path
 
 from rlhf_mesh.processes import ChildProcess, free_port
 
-__all__ = ["free_port", "peak_mib", "scrape_metric", "server", "server_process", "vllm_kv_cache_flag", "wait_http"]
+__all__ = ["add_policy_arguments", "free_port", "peak_mib", "policy_folder", "scrape_metric", "server",
+           "server_process", "vllm_kv_cache_flag", "wait_http"]
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --preset, --dtype and --repeats, as the generation benchmarks take them."""
+    parser.add_argument("--model", help="policy folder (default: build the --preset policy)")
+    parser.add_argument("--preset", default="small", help="tiny (0.5M, overhead-bound) or small (20M)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=2)
+
+
+def policy_folder(args: argparse.Namespace) -> str:
+    """--model, or the --preset policy built in a temporary folder (its chat template included)."""
+    if args.model is not None:
+        return args.model
+    from rlhf_mesh.tiny_models import build
+
+    return str(build(Path(tempfile.mkdtemp()) / "models", preset=args.preset)["policy"])
 
 
 def vllm_kv_cache_flag() -> list[str]:

@@ -23,13 +23,11 @@ import argparse
 import asyncio
 import random
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from rlhf_mesh.clients.generation import AsyncGenerationClient
 
-from common import server, vllm_kv_cache_flag, wait_http
+from common import add_policy_arguments, policy_folder, server, vllm_kv_cache_flag, wait_http
 
 
 def make_prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -111,20 +109,13 @@ async def _openai_pass(base: str, model: str, prompts: list[list[int]], max_toke
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="policy folder (default: build the --preset policy)")
-    parser.add_argument("--preset", default="small", help="tiny (0.5M, overhead-bound) or small (20M)")
+    add_policy_arguments(parser)
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    model = args.model
-    if model is None:
-        from rlhf_mesh.tiny_models import build
-
-        model = str(build(Path(tempfile.mkdtemp()) / "models", preset=args.preset)["policy"])
+    model = policy_folder(args)
     from transformers import AutoConfig
 
     prompts = make_prompts(args.prompts, AutoConfig.from_pretrained(model).vocab_size)

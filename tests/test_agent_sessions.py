@@ -8,6 +8,7 @@ OpenAI-compatible port, tokens on), an EnvironmentService, a FeedbackService (SQ
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import openai
@@ -104,29 +105,39 @@ async def test_an_agent_program_trains_through_sessions_and_its_held_out_reward_
 
 
 async def test_ratings_on_the_feedback_service_are_the_rewards_a_learner_step_trains_on(services, tmp_path):
-    """An app's users rate the replies they got (thumbs up or down, a session each): each rating,
-    stored by the FeedbackService, closes its session with the rating as reward; the learner
-    (rollout_source sessions) trains a step on exactly those sessions."""
+    """An app's users rate the replies they got (thumbs up or down, a session each) from the policy
+    a learner serves: each rating, stored by the FeedbackService, closes its session with the rating
+    as reward; the learner (rollout_source sessions) trains a step on exactly those sessions."""
     generation, _, feedback = services
-    app = openai.OpenAI(base_url=f"http://127.0.0.1:{generation.http_port}/v1", api_key=generation.tokens["app"],
-                        max_retries=0, timeout=120)
-    model = app.models.list().data[0].id
+    run = _learn(services, tmp_path, rollout_source="sessions", steps=1, batch_size=4,
+                 advantage_estimator="reinforce_pp", sessions_wait_s=60)
     ratings = [1.0, 0.0, 1.0, 1.0]
-    with FeedbackClient(feedback.address) as client:
-        for i, score in enumerate(ratings):
-            question = f"Question {i}: what is the capital of France?"
-            reply = app.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                                max_tokens=8, seed=i, user=f"user-{i}",
-                                                extra_body={"ignore_eos": True})
-            response = client.submit(feedback_pb2.Feedback(
-                rater_id=f"user-{i}", prompt=question, responses=[reply.choices[0].message.content or "(empty)"],
-                rating=feedback_pb2.Rating(scores=[score], scale_min=0, scale_max=1), session_id=f"user-{i}",
-                call_id=reply.id))
-            assert response.session_rewarded
-        stored = client.list()
-        assert sorted(f.session_id for f in stored) == [f"user-{i}" for i in range(4)]
-    history = await _run(_learn(services, tmp_path, rollout_source="sessions", steps=1, batch_size=4,
-                                advantage_estimator="reinforce_pp", sessions_wait_s=60))
-    (step,) = history
+
+    def users_rate() -> None:
+        app = openai.OpenAI(base_url=f"http://127.0.0.1:{generation.http_port}/v1",
+                            api_key=generation.tokens["app"], max_retries=0, timeout=120)
+        model = app.models.list().data[0].id
+        with FeedbackClient(feedback.address) as client:
+            for i, score in enumerate(ratings):
+                question = f"Question {i}: what is the capital of France?"
+                reply = app.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                    max_tokens=8, seed=i, user=f"user-{i}",
+                                                    extra_body={"ignore_eos": True})
+                response = client.submit(feedback_pb2.Feedback(
+                    rater_id=f"user-{i}", prompt=question,
+                    responses=[reply.choices[0].message.content or "(empty)"],
+                    rating=feedback_pb2.Rating(scores=[score], scale_min=0, scale_max=1), session_id=f"user-{i}",
+                    call_id=reply.id))
+                assert response.session_rewarded
+            stored = sorted(f.session_id for f in client.list())
+        assert stored == [f"user-{i}" for i in range(4)]
+
+    try:
+        await run.start()  # the learner's weights are served before the users come
+        await asyncio.to_thread(users_rate)
+        await run.loop()
+    finally:
+        await run.close()
+    (step,) = run.trainer.history
     assert step["charts/reward_mean"] == pytest.approx(sum(ratings) / len(ratings))
-    assert step["sessions/turns_mean"] == 1.0 and step["policy/version"] == 1.0
+    assert step["sessions/turns_mean"] == 1.0

@@ -179,10 +179,10 @@ def test_examples_and_deploy_configs_use_current_names():
 
 
 def test_the_role_table_is_the_protos_roles():
-    from rlhf_mesh.v1 import common_pb2, feedback_pb2, generation_pb2, learner_pb2, reward_pb2
+    from rlhf_mesh.v1 import common_pb2, environment_pb2, feedback_pb2, generation_pb2, learner_pb2, reward_pb2, session_pb2
 
     roles: dict[str, set[str]] = {}
-    for module in (feedback_pb2, generation_pb2, learner_pb2, reward_pb2):
+    for module in (environment_pb2, feedback_pb2, generation_pb2, learner_pb2, reward_pb2, session_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 role = common_pb2.Role.Name(method.GetOptions().Extensions[common_pb2.required_role])
