@@ -25,8 +25,9 @@ class TemplateError(ValueError):
 class ChatTokens:
     """Token ids of an episode's (or a session's) messages under the policy's chat template and tools."""
 
-    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], tools: list[dict] | None) -> None:
-        self.tokenizer, self.tools = tokenizer, tools or None
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], tools: list[dict] | None,
+                 template_kwargs: dict[str, Any] | None = None) -> None:
+        self.tokenizer, self.tools, self.template_kwargs = tokenizer, tools or None, template_kwargs or {}
         base = self._render(_BASE, generation_prompt=False)
         eos = set(eos_ids)
         ends = [i for i, token in enumerate(base) if token in eos]
@@ -39,7 +40,8 @@ class ChatTokens:
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
         try:
             return list(self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=True,
-                                                           return_dict=False, add_generation_prompt=generation_prompt))
+                                                           return_dict=False, add_generation_prompt=generation_prompt,
+                                                           **self.template_kwargs))
         except Exception as err:  # a template may refuse a role or an order of messages
             raise TemplateError(f"it cannot render these messages: {type(err).__name__}: {err}") from None
 
@@ -48,13 +50,17 @@ class ChatTokens:
         return self._render(messages, generation_prompt=True)
 
     def observation(self, messages: list[dict[str, str]]) -> list[int]:
-        """What follows a turn's EOS: the template's separator, the messages, the generation prompt."""
+        """What follows a turn's EOS: the template's separator, the messages, the generation prompt
+        (cached: environments repeat their observations, "Wrong, try again.")."""
         return list(self._observation(json.dumps(messages)))
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one per environment, for the server's life
     def _observation(self, messages: str) -> tuple[int, ...]:
-        """Environments repeat their observations ("Wrong, try again."): each is rendered once."""
-        ids = self._render(_BASE + json.loads(messages), generation_prompt=True)
+        return tuple(self.following(json.loads(messages)))
+
+    def following(self, messages: list[dict[str, Any]]) -> list[int]:
+        """observation() uncached, for messages that seldom repeat (an agent's, a user's)."""
+        ids = self._render(_BASE + messages, generation_prompt=True)
         if ids[:len(self.base)] != self.base:
             raise TemplateError("the chat template renders a conversation differently once messages follow it")
-        return tuple(ids[len(self.base):])
+        return ids[len(self.base):]

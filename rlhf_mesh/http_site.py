@@ -123,12 +123,15 @@ def parse_json(raw: bytes) -> Any:
         raise Refused(400, f"the body must be JSON: {err}") from None
 
 
-def error_reply(status: int, message: str, param: str | None = None) -> web.Response:
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """An error in vLLM's (and OpenAI's) shape: {"error": {"message", "type", "param", "code"}}."""
     phrase = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
     kind = phrase if phrase.endswith("Error") else f"{phrase}Error"
-    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                             status=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_reply(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, param), status=status)
 
 
 def _malformed(exc: BaseException | None, limit: int) -> str:

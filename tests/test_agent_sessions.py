@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow  # a vLLM engine
 @pytest.fixture(scope="module")
 def services(tools_policy, tmp_path_factory):
     folder = tmp_path_factory.mktemp("agents")
-    tokens = write_tokens(folder / "tokens.yaml", learner=["generate", "admin"], harness=["generate"],
-                          feedback=["feedback"], app=["generate"])
-    for name in ("learner", "harness", "feedback"):
+    tokens = write_tokens(folder / "tokens.yaml", learner=["generate", "admin"], harness=["generate", "feedback"],
+                          feedback=["feedback"], app=["generate"], agent=["generate"])
+    for name in ("learner", "harness", "feedback", "agent"):
         (folder / f"{name}.token").write_text(tokens[name])
     http_port = free_port()
     generation = start_generation_server(
@@ -39,7 +39,8 @@ def services(tools_policy, tmp_path_factory):
         [PYTHON, "-m", "rlhf_mesh", "serve", "environment", "--generation", generation.address,
          "--environment", "vowels=agents_for_tests:vowel_agent",
          "--environment", "silent=agents_for_tests:silent_agent",
-         "--environment-timeout-s", "120", "--services-token-file", str(folder / "harness.token")],
+         "--environment-timeout-s", "120", "--services-token-file", str(folder / "harness.token"),
+         "--agent-token-file", str(folder / "agent.token")],
         folder / "environment.log", env={"PYTHONPATH": str(ROOT / "tests")})
     feedback = ChildServer(
         [PYTHON, "-m", "rlhf_mesh", "serve", "feedback", "--db", f"sqlite:///{folder / 'feedback.db'}",

@@ -179,7 +179,15 @@ def test_examples_and_deploy_configs_use_current_names():
 
 
 def test_the_role_table_is_the_protos_roles():
-    from rlhf_mesh.v1 import common_pb2, environment_pb2, feedback_pb2, generation_pb2, learner_pb2, reward_pb2, session_pb2
+    from rlhf_mesh.v1 import (
+        common_pb2,
+        environment_pb2,
+        feedback_pb2,
+        generation_pb2,
+        learner_pb2,
+        reward_pb2,
+        session_pb2,
+    )
 
     roles: dict[str, set[str]] = {}
     for module in (environment_pb2, feedback_pb2, generation_pb2, learner_pb2, reward_pb2, session_pb2):

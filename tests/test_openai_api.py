@@ -41,7 +41,8 @@ LOGPROB_TOLERANCE = 1e-4  # float32 on both sides, as in test_generation_service
 @pytest.fixture(scope="module")
 def front_door(tools_policy, tmp_path_factory):
     folder = tmp_path_factory.mktemp("openai")
-    tokens = write_tokens(folder / "tokens.yaml", agent=["generate"], app=["feedback"], trainer=["admin"])
+    tokens = write_tokens(folder / "tokens.yaml", agent=["generate"], app=["feedback"], trainer=["admin"],
+                          harness=["generate", "feedback"])
     port = free_port()
     server = start_generation_server(
         tools_policy, folder / "server.log", "--http-port", str(port), "--tool-call-parser", "hermes",
@@ -61,7 +62,7 @@ def agent(front_door):
 
 @pytest.fixture(scope="module")
 def sessions(front_door):
-    with SessionClient(front_door.address, token=front_door.tokens["agent"], timeout_s=60) as client:
+    with SessionClient(front_door.address, token=front_door.tokens["harness"], timeout_s=60) as client:
         yield client
 
 
@@ -236,7 +237,9 @@ def test_a_rewound_or_rewritten_history_forks(agent, sessions, front_door):
     assert rewound.token_ids[:shared] == grown.token_ids[:shared] and rewound.loss_mask[:shared] == \
         grown.loss_mask[:shared]
     assert len(rewritten.turns) == 1 and list(rewritten.token_ids) == four.prompt_token_ids + four.token_ids
-    status, described = _http(front_door, "GET", f"/v1/sessions/{session}")
+    status, refused = _http(front_door, "GET", f"/v1/sessions/{session}")  # agents read no sessions
+    assert status == 403 and "feedback" in refused["error"]["message"]
+    status, described = _http(front_door, "GET", f"/v1/sessions/{session}", token=front_door.tokens["app"])
     assert status == 200 and described["forks"] == 2
     assert [(b["forked_from"], b["rewritten"]) for b in described["branches"]] == [
         (None, False), ({"branch": 0, "call": 0}, False), (None, True)]
@@ -258,7 +261,11 @@ def test_rewards_close_a_session_and_it_is_taken_once(agent, front_door):
         assert rater.reward(session, 1.0).closed
     with pytest.raises(openai.BadRequestError, match="closed"):
         ask(agent, messages, session, max_tokens=4)
-    with SessionClient(front_door.address, token=front_door.tokens["agent"]) as learner:
+    with SessionClient(front_door.address, token=front_door.tokens["agent"]) as agent_client, \
+            pytest.raises(grpc.RpcError) as refused:
+        list(agent_client.take(wait_s=0))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with SessionClient(front_door.address, token=front_door.tokens["harness"]) as learner:
         (taken,) = [t for t in learner.take(wait_s=0) if t.session_id == session]
         (episode,) = taken.episodes
         assert episode.reward == 1.0 and [t.reward for t in episode.turns] == [0.5, 0.0]
@@ -293,8 +300,10 @@ def test_bad_requests_get_openai_errors(agent, front_door):
     with pytest.raises(openai.PermissionDeniedError, match="generate"):
         openai.OpenAI(base_url=base, api_key=front_door.tokens["app"], max_retries=0).models.list()
     assert _http(front_door, "POST", "/v1/sessions/none/reward", {"reward": 1}, front_door.tokens["app"])[0] == 404
-    status, body = _http(front_door, "POST", "/v1/sessions/none/reward", {"reward": "high"}, front_door.tokens["app"])
-    assert status == 400 and body["error"]["param"] == "reward"
+    for reward in ("high", 10**400, None):
+        status, body = _http(front_door, "POST", "/v1/sessions/none/reward", {"reward": reward},
+                             front_door.tokens["app"])
+        assert status == 400 and body["error"]["param"] == "reward", reward
     # Sessions are bounded: past max_sessions a new one is refused with 429 until some go.
     opened = []
     with pytest.raises(openai.RateLimitError, match="max_sessions") as full:

@@ -28,7 +28,8 @@ if _version_not_supported:
 class SessionServiceStub:
     """Sessions of the GenerationService's OpenAI-compatible port: calls an agent program made under
     one session id, recorded token-exact, rewarded later and taken as episodes (served by the
-    GenerationService's server).
+    GenerationService's server). Reading and taking sessions needs the feedback role, as rewarding
+    them does: they hold users' conversations, which callers of the port (role generate) must not read.
     """
 
     def __init__(self, channel):
@@ -62,7 +63,8 @@ class SessionServiceStub:
 class SessionServiceServicer:
     """Sessions of the GenerationService's OpenAI-compatible port: calls an agent program made under
     one session id, recorded token-exact, rewarded later and taken as episodes (served by the
-    GenerationService's server).
+    GenerationService's server). Reading and taking sessions needs the feedback role, as rewarding
+    them does: they hold users' conversations, which callers of the port (role generate) must not read.
     """
 
     def OpenSession(self, request, context):
@@ -128,7 +130,8 @@ def add_SessionServiceServicer_to_server(servicer, server):
 class SessionService:
     """Sessions of the GenerationService's OpenAI-compatible port: calls an agent program made under
     one session id, recorded token-exact, rewarded later and taken as episodes (served by the
-    GenerationService's server).
+    GenerationService's server). Reading and taking sessions needs the feedback role, as rewarding
+    them does: they hold users' conversations, which callers of the port (role generate) must not read.
     """
 
     @staticmethod

@@ -29,7 +29,8 @@ GRPC_VERSION: str
 class SessionServiceStub:
     """Sessions of the GenerationService's OpenAI-compatible port: calls an agent program made under
     one session id, recorded token-exact, rewarded later and taken as episodes (served by the
-    GenerationService's server).
+    GenerationService's server). Reading and taking sessions needs the feedback role, as rewarding
+    them does: they hold users' conversations, which callers of the port (role generate) must not read.
     """
 
     @_typing.overload
@@ -51,7 +52,8 @@ class SessionServiceStub:
 class SessionServiceAsyncStub(SessionServiceStub):
     """Sessions of the GenerationService's OpenAI-compatible port: calls an agent program made under
     one session id, recorded token-exact, rewarded later and taken as episodes (served by the
-    GenerationService's server).
+    GenerationService's server). Reading and taking sessions needs the feedback role, as rewarding
+    them does: they hold users' conversations, which callers of the port (role generate) must not read.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -69,7 +71,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions of the GenerationService's OpenAI-compatible port: calls an agent program made under
     one session id, recorded token-exact, rewarded later and taken as episodes (served by the
-    GenerationService's server).
+    GenerationService's server). Reading and taking sessions needs the feedback role, as rewarding
+    them does: they hold users' conversations, which callers of the port (role generate) must not read.
     """
 
     @_abc_1.abstractmethod

@@ -107,10 +107,19 @@ def is_agent_in_worker(spec: str) -> bool:
 def agent_in_worker(spec: str, task: dict, base_url: str, api_key: str, session_id: str,
                     ca_file: str | None) -> float | None:
     """One run of an agent program on the session under `base_url`; its reward."""
-    os.environ["OPENAI_BASE_URL"], os.environ["OPENAI_API_KEY"] = base_url, api_key or "none"
+    settings = {"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": api_key or "none"}
     if ca_file:  # the replicas' CA, for https
-        os.environ["SSL_CERT_FILE"] = ca_file
-    reward = loaded(spec)(task, base_url, session_id)
+        settings["SSL_CERT_FILE"] = ca_file
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        reward = loaded(spec)(task, base_url, session_id)
+    finally:  # the worker runs other episodes and environments next: as it was
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if not is_score(reward):
         raise EnvironmentFailed(f"{spec} returned {reward!r}: a finite number or None is needed")
     return None if reward is None else float(reward)

@@ -8,6 +8,7 @@ then holds the episode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -58,7 +59,8 @@ class EpisodeRunner:
                       limits: Limits, min_policy_version: int, reward_model: str) -> environment_pb2.Episode:
         """Episode `index` of task `task_index`; `number` (its place in the request) picks its replica and seeds."""
         if self.agents is not None:
-            return await self.agent_episode(task_index, index, number, task, sampling, limits, reward_model)
+            return await self.agent_episode(task_index, index, number, task, sampling, limits, reward_model,
+                                            min_policy_version)
         episode = environment_pb2.Episode(task_index=task_index, episode_index=index)
         environment_s = 0.0
         rewards: list[float] = []
@@ -151,26 +153,31 @@ class EpisodeRunner:
             episode.reward_model_score if episode.HasField("reward_model_score") else 0.0)
 
     async def agent_episode(self, task_index: int, index: int, number: int, task: dict, sampling: dict[str, Any],
-                            limits: Limits, reward_model: str) -> environment_pb2.Episode:
+                            limits: Limits, reward_model: str, min_policy_version: int) -> environment_pb2.Episode:
         """One run of an agent program in a session of its own, sampled as the request says; the
         session's main branch (the one with the most calls) is the episode."""
         agents = self.agents
-        replica = number % len(agents.urls)
+        sessions = agents.sessions[number % len(agents.urls)]
         session_id = f"episode-{uuid.uuid4().hex}"
         seed = sampling.get("seed")
         imposed = {key: sampling[key] for key in ("temperature", "top_p", "top_k", "max_tokens") if key in sampling}
-        await agents.sessions[replica].open(session_id, timeout_s=self._left(), **imposed,
-                                            seed=None if seed is None else seed + number * limits.max_turns)
+        await sessions.open(session_id, timeout_s=self._left(), **imposed,
+                            seed=None if seed is None else seed + number * limits.max_turns)
         started = time.perf_counter()
         error, reward = "", None
         try:
-            reward = await self.pool.run(self.spec, environments.agent_in_worker, task,
-                                         f"{agents.urls[replica]}/sessions/{session_id}/v1", agents.api_key,
-                                         session_id, agents.ca_file, caller=self.caller)
-        except (FunctionFailed, PoolFull) as err:
-            error = str(err)
-        environment_s = time.perf_counter() - started
-        taken = await agents.sessions[replica].get(session_id, take=True, timeout_s=self._left())
+            try:
+                reward = await self.pool.run(self.spec, environments.agent_in_worker, task,
+                                             f"{agents.urls[number % len(agents.urls)]}/sessions/{session_id}/v1",
+                                             agents.api_key, session_id, agents.ca_file, caller=self.caller)
+            except (FunctionFailed, PoolFull) as err:
+                error = str(err)
+            environment_s = time.perf_counter() - started
+            taken = await sessions.get(session_id, take=True, timeout_s=self._left())
+        except BaseException:  # cancelled or failed: leave no session behind to fill the replica's bound
+            with contextlib.suppress(Exception):
+                await asyncio.shield(sessions.get(session_id, take=True, timeout_s=10))
+            raise
         branches = list(taken.episodes)
         if branches:
             episode = max(reversed(branches), key=lambda e: len(e.turns))
@@ -180,6 +187,10 @@ class EpisodeRunner:
             error = error or "the agent program made no call to the model"
         episode.task_index, episode.episode_index, episode.environment_s = task_index, index, environment_s
         episode.ClearField("environment_reward")
+        sampled = [v for v, mask in zip(episode.policy_versions, episode.loss_mask, strict=True) if mask]
+        if sampled and min(sampled) < min_policy_version:  # the port does not wait for a version, as Generate does
+            error = error or (f"the agent's calls were sampled by policy version {min(sampled)}, older than "
+                              f"min_policy_version {min_policy_version}")
         if error:
             episode.end, episode.error = environment_pb2.EPISODE_END_ENVIRONMENT_ERROR, error
         else:

@@ -290,7 +290,8 @@ class EnvironmentService:
         urls = [f"{scheme}://{address.rpartition(':')[0]}:{info.openai_http_port}"
                 for address, info in zip(s.generation, infos, strict=True)]
         ca = str(s.services_tls_ca) if s.services_tls_ca else None
-        return AgentPorts(urls, self.session_clients, credentials["token"] or "", ca)
+        token = s.agent_token_file.read_text().strip() if s.agent_token_file else credentials["token"]
+        return AgentPorts(urls, self.session_clients, token or "", ca)
 
     async def close(self) -> None:
         for replica in self.replicas:

@@ -57,7 +57,12 @@ class EnvironmentSettings(ServiceSettings):
         300.0, gt=0, description="how long the service waits at start for the first generation replica to serve"
     )
     services_token_file: FilePath | None = Field(
-        None, description="bearer token of the service's calls (role generate on generation, score on reward)"
+        None, description="bearer token of the service's calls (role generate on generation, and feedback to "
+        "take sessions; score on reward)"
+    )
+    agent_token_file: FilePath | None = Field(
+        None, description="token agent programs call the OpenAI-compatible ports with (role generate); "
+        "default: services_token_file's"
     )
     services_tls_ca: FilePath | None = Field(None, description="PEM CA of the services' certificates; turns TLS on")
     services_tls_cert: FilePath | None = Field(None, description="PEM client certificate, for mutual TLS")

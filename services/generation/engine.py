@@ -336,7 +336,8 @@ class PolicyEngine:
 
 class SampleProgress:
     """One sample's tokens, log-probs of its sampled tokens and text so far, from vLLM's outputs
-    (deltas or final; requested with logprobs >= 0), and the policy version of each token."""
+    (deltas or final), their log-probs where asked for (logprobs >= 0), and the policy version of
+    each token."""
 
     def __init__(self) -> None:
         self.token_ids: list[int] = []
@@ -348,10 +349,10 @@ class SampleProgress:
     def add(self, completion: CompletionOutput) -> list[int]:
         """Take one output of the sample; returns its new token ids."""
         new = list(completion.token_ids)
-        steps = completion.logprobs or []
         self.token_ids += new
-        self.logprobs += [step[token].logprob for token, step in zip(new, steps, strict=True)]
-        self.top_logprobs += steps
+        if completion.logprobs is not None:  # asked for (an OpenAI call that records nothing may not)
+            self.logprobs += [step[token].logprob for token, step in zip(new, completion.logprobs, strict=True)]
+            self.top_logprobs += completion.logprobs
         self.text += completion.text
         for span in completion.weight_versions or []:
             self.versions += [int(span.version)] * (span.end - span.start)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -50,7 +51,16 @@ from vllm.entrypoints.openai.completion.protocol import (
 )
 from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, UsageInfo
 
-from rlhf_mesh.http_site import Refused, caller, error_reply, parse_json, read_body, ssl_context, start_site
+from rlhf_mesh.http_site import (
+    Refused,
+    caller,
+    error_body,
+    error_reply,
+    parse_json,
+    read_body,
+    ssl_context,
+    start_site,
+)
 from rlhf_mesh.security import TokenAuth
 from rlhf_mesh.services.generation import sessions as recorded
 from rlhf_mesh.services.generation.engine import PolicyEngine, QueueFull, SampleProgress
@@ -163,11 +173,12 @@ class OpenAIPort:
             messages = [dict(m) for m in chat.messages]
             call = self.sessions.plan(
                 session_id, tuple(recorded.message_key(m) for m in messages), prompt_ids,
-                lambda matched: self.render.follow(chat, messages[matched:]),
-                self._new_tokens(chat, prompt_ids), self.render.eos_ids, self.render.end_of_message, messages)
+                lambda matched: self.render.follow(chat, messages[matched:]), chat.n or 1,
+                self._new_tokens(chat, prompt_ids, session_id), self.render.eos_ids, self.render.end_of_message,
+                messages)
             prompt_ids = call.prompt_ids
             chat = _imposed(chat, call.session)
-        plan = self.render.plan(chat, [prompt_ids])
+        plan = self.render.plan(chat, [prompt_ids], record=call is not None)
         self._admit(plan)
         reply = ChatReply(self, chat, plan, request_id=f"chatcmpl-{uuid.uuid4().hex}")
         if chat.stream:
@@ -178,11 +189,15 @@ class OpenAIPort:
             self.sessions.record(call, reply.id, reply.choices())
         return response
 
-    def _new_tokens(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> int:
-        """The most tokens a call's samples add (bounds a session before it runs)."""
-        asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
-        room = max(1, self.engine.limits.max_model_len - len(prompt_ids))
-        return min(asked or room, room) * max(1, request.n or 1)
+    def _new_tokens(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
+                    session_id: str) -> int:
+        """The most tokens each of a call's samples adds (bounds a session before it runs), with
+        the cap the session's OpenSession imposes."""
+        held = self.sessions.held(session_id)
+        caps = [getattr(request, "max_completion_tokens", None) or request.max_tokens,
+                held.sampling.get("max_tokens") if held is not None else None,
+                max(1, self.engine.limits.max_model_len - len(prompt_ids))]
+        return min(cap for cap in caps if cap is not None)
 
     async def completions(self, request: web.Request, who: str) -> web.StreamResponse:
         body = await self._body(request)
@@ -194,11 +209,11 @@ class OpenAIPort:
             if len(prompts) != 1:
                 raise Refused(400, "prompt: a session's call has one prompt", param="prompt")
             ids = prompts[0]
-            call = self.sessions.plan(session_id, tuple(ids), ids, lambda matched: ids[matched:],
-                                      self._new_tokens(completion, ids), self.render.eos_ids, None)
+            call = self.sessions.plan(session_id, tuple(ids), ids, lambda matched: ids[matched:], completion.n or 1,
+                                      self._new_tokens(completion, ids, session_id), self.render.eos_ids, None)
             prompts = [call.prompt_ids]
             completion = _imposed(completion, call.session)
-        plan = self.render.plan(completion, prompts)
+        plan = self.render.plan(completion, prompts, record=call is not None)
         self._admit(plan)
         reply = CompletionReply(self, completion, plan, request_id=f"cmpl-{uuid.uuid4().hex}")
         if completion.stream:
@@ -219,7 +234,11 @@ class OpenAIPort:
     async def reward(self, request: web.Request, who: str) -> web.Response:
         body = await self._body(request)
         value = body.get("reward")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not abs(float(value)) < float("inf"):
+        try:
+            finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        except OverflowError:  # an integer beyond any float
+            finite = False
+        if not finite:
             raise Refused(400, "reward: a finite number is required", param="reward")
         call_id, keep_open = body.get("call_id"), body.get("keep_open", False)
         if call_id is not None and not isinstance(call_id, str):
@@ -293,11 +312,21 @@ class _Reply:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        async for chunk in self._events():
-            await response.write(f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n".encode())
-        options = self.request.stream_options
-        if options is not None and options.include_usage:
-            await response.write(f"data: {json.dumps(self._usage_chunk())}\n\n".encode())
+        try:
+            async for chunk in self._events():
+                await response.write(f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n".encode())
+            options = self.request.stream_options
+            if options is not None and options.include_usage:
+                await response.write(f"data: {json.dumps(self._usage_chunk())}\n\n".encode())
+        except ConnectionResetError:  # the client went away: nothing more can reach it
+            return response
+        except Exception as err:  # the status line is sent: the error goes in the stream, as vLLM sends it
+            if isinstance(err, Refused | recorded.SessionError):
+                body = error_body(err.status, str(err), getattr(err, "param", None) or "session")
+            else:
+                log.exception("a streamed %s call failed", self.chunk_object)
+                body = error_body(500, "internal error (the server's log has the details)")
+            await response.write(f"data: {json.dumps(body)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -121,23 +121,25 @@ class OpenAIRender:
         """Ids of `messages` after an end-of-message token, then the generation prompt (sessions)."""
         tools = None if not request.tools or request.tool_choice == "none" else [t.model_dump() for t in
                                                                                  request.tools]
-        key = json.dumps(tools, sort_keys=True)
+        options = request.chat_template_kwargs or {}
+        key = json.dumps([tools, options], sort_keys=True, default=str)
         chat = self._follow.get(key)
         try:
             if chat is None:
-                chat = ChatTokens(self.engine.tokenizer, sorted(self.eos_ids), tools)
+                chat = ChatTokens(self.engine.tokenizer, sorted(self.eos_ids), tools, options)
                 self._follow[key] = chat
                 if len(self._follow) > 64:
                     self._follow.popitem(last=False)
             self._follow.move_to_end(key)
-            return chat.observation([_plain(m) for m in messages])
+            return chat.following([_plain(m) for m in messages])
         except TemplateError as err:
             raise Refused(400, f"messages: the session cannot follow them token-exact: {err}",
                           param="messages") from None
 
-    def plan(self, request: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]]) -> Plan:
+    def plan(self, request: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
+             record: bool) -> Plan:
         """Sampling parameters of every sample (n = 1 each: the engine runs n requests) and the
-        prompts, or a 400 naming the field."""
+        prompts, or a 400 naming the field; with `record`, the sampled tokens' log-probs always."""
         limits = self.engine.limits
         n = 1 if request.n is None else request.n
         if not 1 <= n <= limits.max_samples_per_prompt:
@@ -155,7 +157,7 @@ class OpenAIRender:
         try:
             params: SamplingParams = request.to_sampling_params(max_tokens, self.defaults)
             params.n = 1
-            if params.logprobs is None:  # the sampled token's own log-prob is always recorded
+            if params.logprobs is None and record:  # a session keeps each sampled token's log-prob
                 params.logprobs = 0
             params.skip_clone = False
         except (ValueError, TypeError, VLLMClientError) as err:
@@ -167,7 +169,8 @@ class OpenAIRender:
         """A fresh tool/reasoning parser for one choice (they keep state), or None without one."""
         if self.parser_cls is None:
             return None
-        parser = self.parser_cls(self.engine.tokenizer, request.tools, chat_template_kwargs={},
+        parser = self.parser_cls(self.engine.tokenizer, request.tools,
+                                 chat_template_kwargs=request.chat_template_kwargs or {},
                                  model_config=self.engine.llm.model_config)
         parser.set_prompt_token_ids(prompt_ids)
         return parser

@@ -305,7 +305,8 @@ class GenerationService:
         self.settings = settings
         self.engine = PolicyEngine(settings, resolve_model(settings.model))  # a wrong model fails the start here
         self.servicer = GenerationServicer(settings, self.engine)
-        self.sessions = recorded.Sessions(settings.max_sessions, settings.max_session_tokens, settings.session_idle_s)
+        self.sessions = recorded.Sessions(settings.max_sessions, settings.max_session_tokens, settings.session_idle_s,
+                                          settings.max_total_session_tokens)
         self.http = None
 
     def register(self, server: grpc.aio.Server) -> list[str]:

@@ -44,6 +44,11 @@ class SessionError(ValueError):
         self.status = status
 
 
+def _position(items: list, item: Any) -> int:
+    """Where `item` itself is in `items` (equal branches or calls are not the same one)."""
+    return next(i for i, other in enumerate(items) if other is item)
+
+
 def message_key(message: dict[str, Any]) -> tuple:
     """What two chat messages must share to be the same message: role, text, tool calls (their
     arguments as JSON values), tool_call_id and name; ids of tool calls and empty fields aside."""
@@ -153,10 +158,15 @@ class Choice:
 class Sessions:
     """Every session of one GenerationService, bounded by count, tokens and idle time."""
 
-    def __init__(self, max_sessions: int, max_session_tokens: int, idle_s: float) -> None:
+    def __init__(self, max_sessions: int, max_session_tokens: int, idle_s: float, max_total_tokens: int) -> None:
         self.max_sessions, self.max_session_tokens, self.idle_s = max_sessions, max_session_tokens, idle_s
+        self.max_total_tokens = max_total_tokens
+        self.total_tokens = 0  # over every held session, as of the last change
         self._sessions: dict[str, Session] = {}
         self._closed = asyncio.Event()  # set when a session closes (TakeSessions waits on it)
+
+    def held(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
 
     def get(self, session_id: str) -> Session:
         self._expire()
@@ -182,18 +192,19 @@ class Sessions:
                                     "close or drop some, or retry later")
 
     def plan(self, session_id: str, keys: tuple, fresh: list[int], follow: Callable[[int], list[int]],
-             max_new_tokens: int, eos_ids: set[int], end_of_message: int | None,
+             n: int, max_new_tokens: int, eos_ids: set[int], end_of_message: int | None,
              messages: list[dict[str, Any]] = ()) -> CallPlan:
         """The prompt of a call in session `session_id` (opened by its first call). `keys` are its
         messages' `message_key`s (or, for a completion, its prompt ids); `fresh` its prompt
         rendered afresh; `follow(k)` the ids of what follows the first k keys, after an
         end-of-message token (`end_of_message`, added where a sample did not end with one of
-        `eos_ids`; None: nothing is added). `max_new_tokens` bounds what its samples add."""
+        `eos_ids`; None: nothing is added). Its `n` samples add up to `max_new_tokens` each."""
         self._expire()
         session = self._sessions.get(session_id)
-        if session is None:
+        opens = session is None  # held only once the call is admitted
+        if opens:
             self._room()
-            session = self._sessions[session_id] = Session(session_id)
+            session = Session(session_id)
         if session.closed:
             raise SessionError(400, f"session {session_id!r} is closed; name a new session")
         session.used = time.monotonic()
@@ -208,10 +219,18 @@ class Sessions:
                 ids = [*ids, end_of_message]
             ids = [*ids, *follow(len(call.history))]
             base_length, extends = call.sampled_end, call is branch.calls[-1]
-        if session.tokens + len(ids) - base_length * extends + max_new_tokens > self.max_session_tokens:
+        # The first sample grows the branch it extends; every other one is a branch of its own.
+        added = (len(ids) + max_new_tokens) * n - base_length * extends
+        if session.tokens + added > self.max_session_tokens:
             raise SessionError(400, f"session {session_id!r} holds {session.tokens} tokens; this call's "
-                                    f"{len(ids)} prompt tokens and up to {max_new_tokens} sampled ones exceed "
-                                    f"max_session_tokens={self.max_session_tokens}; close it and open a new one")
+                                    f"{n} x ({len(ids)} prompt tokens and up to {max_new_tokens} sampled ones) "
+                                    f"exceed max_session_tokens={self.max_session_tokens}; close it and open a "
+                                    "new one")
+        if self.total_tokens + added > self.max_total_tokens:
+            raise SessionError(429, f"sessions hold {self.total_tokens} tokens; this call's {added} would exceed "
+                                    f"max_total_session_tokens={self.max_total_tokens}; retry when some are taken")
+        if opens:
+            self._sessions[session_id] = session
         self._count()
         return CallPlan(session, ids, keys, list(messages), parent, base_length, extends)
 
@@ -233,8 +252,9 @@ class Sessions:
         if self._sessions.get(session.id) is not session or session.closed:
             return  # dropped, expired or closed while the call ran: nothing to add to
         session.used = time.monotonic()
+        earlier = len(session.branches)  # what the session held before this call
         for index, choice in enumerate(choices):
-            branch = self._branch_for(session, plan, grow=index == 0)
+            branch = self._branch_for(session, plan, grow=index == 0, earlier=earlier)
             start = len(branch.token_ids)
             branch.add(plan.prompt_ids[start:])
             if not branch.prompt_length:
@@ -248,17 +268,18 @@ class Sessions:
         self._count()
 
     @staticmethod
-    def _branch_for(session: Session, plan: CallPlan, grow: bool) -> Branch:
-        if plan.parent is None:
-            branch = Branch(rewritten=bool(session.branches))
+    def _branch_for(session: Session, plan: CallPlan, grow: bool, earlier: int) -> Branch:
+        if plan.parent is None:  # a fresh render: after earlier calls, the agent rewrote its history
+            branch = Branch(rewritten=earlier > 0)
+            session.forks += earlier > 0
         else:
             parent, call = plan.parent
             # Grown only if no other call grew it meanwhile (two calls at once on one branch).
             if grow and plan.extends and len(parent.token_ids) == plan.base_length:
                 return parent
             branch = parent.prefix(plan.base_length)
-            branch.forked_from = (session.branches.index(parent), parent.calls.index(call))
-        session.forks += bool(session.branches)
+            branch.forked_from = (_position(session.branches, parent), _position(parent.calls, call))
+            session.forks += 1
         session.branches.append(branch)
         return branch
 
@@ -319,7 +340,8 @@ class Sessions:
         closed = sum(s.closed for s in self._sessions.values())
         SESSIONS.labels("open").set(len(self._sessions) - closed)
         SESSIONS.labels("closed").set(closed)
-        SESSION_TOKENS.set(sum(s.tokens for s in self._sessions.values()))
+        self.total_tokens = sum(s.tokens for s in self._sessions.values())
+        SESSION_TOKENS.set(self.total_tokens)
 
 
 def describe(session: Session) -> dict[str, Any]:

@@ -113,6 +113,10 @@ class GenerationSettings(ServiceSettings, HttpPortSettings):
     max_session_tokens: int = Field(
         262_144, ge=1, description="tokens a session may hold over all its branches; a call beyond: 400"
     )
+    max_total_session_tokens: int = Field(
+        16_777_216, ge=1, description="tokens all sessions may hold together (about 90 bytes each); a call "
+        "beyond: 429"
+    )
     session_idle_s: float = Field(
         1800.0, gt=0, description="a session unused this long (or closed and not taken this long) is dropped"
     )
