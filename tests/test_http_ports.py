@@ -287,7 +287,7 @@ def test_the_reward_port_closes_idle_and_slow_connections(host):
 def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch):
     """While a large body's parse is held, a small request is answered: the parse runs in a thread."""
     parsing, release = threading.Event(), threading.Event()
-    parse = http._json
+    parse = http.parse_json
 
     def held(raw: bytes):
         if len(raw) > 1 << 20:
@@ -295,7 +295,7 @@ def test_a_large_body_is_parsed_off_the_event_loop(monkeypatch):
             release.wait(REPLY_TIMEOUT_S)
         return parse(raw)
 
-    monkeypatch.setattr(http, "_json", held)
+    monkeypatch.setattr(http, "parse_json", held)
     large = json.dumps({"input": [[5] * 1000] * 1000}).encode()
     with served(StandInDispatcher()) as port, concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(exchange, "127.0.0.1", port, request("/pooling", large))
