@@ -79,7 +79,8 @@ def generation_client(generation_server: ChildServer) -> Iterator[GenerationClie
 # parallel workers (`make test`) finish together instead of one running a long module alone.
 LONGEST_FIRST = ("test_learner.py", "test_architectures.py", "test_fuzz.py", "test_demo.py", "test_learner_parts.py",
                  "test_reliability.py", "test_weight_updates.py", "test_checkpoints.py", "test_environment_service.py",
-                 "test_real_model.py", "test_reward_service.py", "test_http_ports.py", "test_reward_functions.py")
+                 "test_agent_sessions.py", "test_real_model.py", "test_reward_service.py", "test_http_ports.py",
+                 "test_reward_functions.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
