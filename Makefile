@@ -7,7 +7,7 @@ DEMO_OUT ?= runs/demo
 #   make test PIP_EXTRA_INDEX_URL=<PyTorch CPU wheel index URL>
 export PIP_EXTRA_INDEX_URL
 
-.PHONY: install demo test test-fast lint protos lock clean
+.PHONY: install demo test test-fast lint protos lock clean images
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ test: install
 
 test-fast: install
 	$(PYTEST) -m "not slow"
+
+# The images deploy/k8s runs, into the local container storage (docker, or buildah where there is
+# no Docker engine): rlhf-mesh:<version>-cpu, or -gpu with KIND=gpu.
+KIND ?= cpu
+images: install
+	bash deploy/docker/build-images.sh $(KIND)
 
 lint: install
 	$(BIN)/ruff check .

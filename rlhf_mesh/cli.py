@@ -50,6 +50,31 @@ def _serve(args: argparse.Namespace) -> int:
     return run(module.Settings, make_service, args.args, f"rlhf-mesh serve {args.service}")
 
 
+def _check(args: argparse.Namespace) -> int:
+    """`rlhf-mesh check serve SERVICE ...` / `check train ...`: the command's settings (config file,
+    environment, flags) loaded and validated as it would load them, nothing started. Exit 0 when
+    valid; 2 with the reason otherwise (what a container's arguments are checked with)."""
+    from rlhf_mesh.settings import SettingsError, load_settings
+
+    command = args.args
+    if command[:1] == ["serve"] and len(command) > 1 and command[1] in SERVICE_MODULES:
+        settings_cls, rest, prog = (importlib.import_module(SERVICE_MODULES[command[1]]).Settings, command[2:],
+                                    f"rlhf-mesh serve {command[1]}")
+    elif command[:1] == ["train"]:
+        settings_cls, rest, prog = importlib.import_module(SERVICE_MODULES["learner"]).Settings, command[1:], \
+            "rlhf-mesh train"
+    else:
+        print("error: check takes `serve SERVICE [settings]` or `train [settings]`", file=sys.stderr)
+        return 2
+    try:
+        load_settings(settings_cls, rest, prog)
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{prog}: settings are valid")
+    return 0
+
+
 def _train(args: argparse.Namespace, prog: str = "rlhf-mesh train") -> int:
     """`rlhf-mesh train`; under torchrun, rank 0 runs it and the other ranks follow (DDP)."""
     import asyncio
@@ -309,6 +334,14 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER, help="settings of the learner")
     train.set_defaults(run=_train)
 
+    check = sub.add_parser(
+        "check", help="validate a command's settings without running it", add_help=False,
+        description="Load `serve SERVICE ...` or `train ...` settings (flags, environment, --config) as the "
+        "command would, and exit 0 if they are valid, 2 with the reason if not; nothing is started.",
+    )
+    check.add_argument("args", nargs=argparse.REMAINDER, help="the command and its settings")
+    check.set_defaults(run=_check)
+
     train_rm = sub.add_parser(
         "train-rm", help="train a reward model from preference pairs (Bradley-Terry)", add_help=False,
         description="Train a reward model. Settings from flags, RLHF_MESH_TRAIN_RM_* environment variables and an "
@@ -423,7 +456,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # Commands whose flags are the settings of a service, parsed by pydantic-settings.
-SETTINGS_COMMANDS = ("train", "train-rm", "demo")
+SETTINGS_COMMANDS = ("train", "train-rm", "demo", "check")
 
 
 def main(argv: list[str] | None = None) -> None:

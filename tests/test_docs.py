@@ -28,10 +28,10 @@ PAGES = sorted([*DOCS.glob("*.md"), ROOT / "README.md", ROOT / "deploy" / "READM
 # Where old names may appear: the table of renamed settings and the CLI page's note on renamed flags.
 RENAMES_PAGES = {DOCS / "configuration.md", DOCS / "cli.md"}
 # Flags of other programs that the pages name (torchrun, OpenRLHF's and vLLM's servers, kubectl,
-# kubernetes-validate) and configuration.md's placeholder for every flag.
+# kubernetes-validate, pip, debootstrap) and configuration.md's placeholder for every flag.
 FOREIGN_FLAGS = {"--standalone", "--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint",
                  "--rdzv-backend", "--rdzv-id", "--master-addr", "--master-port", "--remote_rm_url",
-                 "--runner", "--replicas", "--strict", "--key-name"}
+                 "--runner", "--replicas", "--strict", "--key-name", "--no-index", "--variant"}
 
 
 def _settings_classes() -> dict[str, type[FileSettings]]:

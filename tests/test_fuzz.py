@@ -267,7 +267,10 @@ def test_fuzz_reward_http(tiny_models, tmp_path):
         assert server.alive() and valid_call() == expected
         growth = process.memory_info().rss - rss_before
         assert growth < MEMORY_GROWTH_LIMIT, f"resident memory grew by {growth >> 20} MiB"
-        assert {200, 400, 404, 415} <= set(statuses)
+        assert {200, 400, 415} <= set(statuses)
+        status, reply = post("127.0.0.1", "/nope/get_reward", b'{"query": ["Hi"]}',
+                             {"Content-Type": "application/json"})
+        assert status == 404 and reply["error"]["code"] == 404  # an unknown scorer, whatever the draws held
         print(f"reward HTTP: {len(statuses)} calls, statuses {sorted(set(statuses))}, "
               f"memory {rss_before >> 20} -> {process.memory_info().rss >> 20} MiB")
     finally:
