@@ -263,6 +263,10 @@ def test_every_command_the_manifests_give_the_image_is_accepted_by_its_cli(conta
                 else:
                     continue
                 volumes[mount["mountPath"]] = str(host)
+            for inside in volumes:  # a mount inside another volume needs its mount point there
+                parent = max((m for m in volumes if inside.startswith(m + "/")), key=len, default=None)
+                if parent is not None:
+                    (Path(volumes[parent]) / inside[len(parent) + 1:]).mkdir(parents=True, exist_ok=True)
             env = {e["name"]: e.get("value", "postgresql://u:p@h/db" if e["name"].endswith("_DB") else "x")
                    for e in container_spec.get("env", [])}
             args = container_spec["args"]
