@@ -104,14 +104,12 @@ def _volume(folder: Path) -> str:
     return str(folder)
 
 
-def _in_image(container: Container, args: list[str], volumes: dict[str, str], log: Path, *,
-              env: dict[str, str] | None = None, port: int | None = None) -> ChildServer:
+def _in_image(container: Container, args: list[str], volumes: dict[str, str], log: Path) -> ChildServer:
     """The image's entry point with `args`, under buildah run (the host's network), as a ChildServer."""
     mounts = [f"--volume={host}:{inside}:{'ro' if inside in ('/models', '/etc/rlhf-mesh') else 'rw'}"
               for inside, host in volumes.items()]
-    variables = [f"--env={key}={value}" for key, value in (env or {}).items()]
-    return ChildServer([BUILDAH, "run", "--isolation", "chroot", "--network", "host", *mounts, *variables,
-                        container.name, "--", *container.entrypoint, *args], log, env=BUILDAH_ENV, port=port)
+    return ChildServer([BUILDAH, "run", "--isolation", "chroot", "--network", "host", *mounts, container.name,
+                        "--", *container.entrypoint, *args], log, env=BUILDAH_ENV)
 
 
 def _service_process(server: ChildServer) -> psutil.Process:

@@ -66,5 +66,8 @@ if [ "$kind" = cpu ]; then  # the lock's wheels as this machine's pip finds them
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   build_args+=(--build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels --volume "$PWD/build/wheels:/wheels:ro")
 fi
+if [ "$kind" = gpu ] && [ -n "${PIP_CERT:-}" ]; then  # the CA this machine's pip trusts (a proxy's, say)
+  build_args+=(--build-arg PIP_CERT=/etc/pip-ca.crt --volume "$PIP_CERT:/etc/pip-ca.crt:ro")
+fi
 buildah build --quiet --layers "${build_args[@]}" -f "$dockerfile" -t "$image" . >/dev/null
 echo "built $image ($(buildah images --format '{{.Size}}' "$image" | head -1))"
