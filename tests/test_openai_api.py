@@ -294,6 +294,9 @@ def test_bad_requests_get_openai_errors(agent, front_door):
             agent.chat.completions.create(**{"model": model, "messages": hello, "max_tokens": 4, **params})
         assert set(refused.value.body) == {"message", "type", "param", "code"}
         assert refused.value.body["code"] == refused.value.status_code
+    with pytest.raises(openai.RateLimitError):  # a refused first call leaves no empty session behind
+        agent.chat.completions.create(model=model, messages=hello, max_tokens=4, n=17, user="refused")
+    assert _http(front_door, "GET", "/v1/sessions/refused", token=front_door.tokens["app"])[0] == 404
     base = f"http://127.0.0.1:{front_door.http_port}/v1"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()

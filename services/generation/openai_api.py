@@ -150,13 +150,19 @@ class OpenAIPort:
             raise Refused(400, self.render.no_sessions, param="user")
         return session_id
 
-    def _admit(self, plan: Plan) -> None:
-        if self.engine.broken:
-            raise Refused(503, f"not serving: {self.engine.broken}")
+    def _admit(self, plan: Plan, call: recorded.CallPlan | None) -> None:
+        """The plan's samples queued, or a refusal that leaves no empty session behind."""
         try:
-            self.engine.admit(plan)
-        except QueueFull as err:
-            raise Refused(429, f"generation queue is full ({err}); retry later") from None
+            if self.engine.broken:
+                raise Refused(503, f"not serving: {self.engine.broken}")
+            try:
+                self.engine.admit(plan)
+            except QueueFull as err:
+                raise Refused(429, f"generation queue is full ({err}); retry later") from None
+        except Refused:
+            if call is not None:
+                self.sessions.abandon(call)
+            raise
 
     async def models(self, request: web.Request, who: str) -> web.Response:
         card = ModelCard(id=self.render.model_name, root=self.engine.path, owned_by="rlhf-mesh",
@@ -179,7 +185,7 @@ class OpenAIPort:
             prompt_ids = call.prompt_ids
             chat = _imposed(chat, call.session)
         plan = self.render.plan(chat, [prompt_ids], record=call is not None)
-        self._admit(plan)
+        self._admit(plan, call)
         reply = ChatReply(self, chat, plan, request_id=f"chatcmpl-{uuid.uuid4().hex}")
         if chat.stream:
             response = await reply.stream(request)
@@ -214,7 +220,7 @@ class OpenAIPort:
             prompts = [call.prompt_ids]
             completion = _imposed(completion, call.session)
         plan = self.render.plan(completion, prompts, record=call is not None)
-        self._admit(plan)
+        self._admit(plan, call)
         reply = CompletionReply(self, completion, plan, request_id=f"cmpl-{uuid.uuid4().hex}")
         if completion.stream:
             response = await reply.stream(request)

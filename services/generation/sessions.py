@@ -139,6 +139,7 @@ class CallPlan:
     parent: tuple[Branch, Call] | None
     base_length: int  # parent branch ids the prompt starts with
     extends: bool  # the parent call is its branch's newest: choice 0 grows that branch
+    opened: bool = False  # the call opened the session
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Sessions:
         `eos_ids`; None: nothing is added). Its `n` samples add up to `max_new_tokens` each."""
         self._expire()
         session = self._sessions.get(session_id)
-        opens = session is None  # held only once the call is admitted
+        opens = session is None  # held only once the call passes the bounds
         if opens:
             self._room()
             session = Session(session_id)
@@ -232,7 +233,7 @@ class Sessions:
         if opens:
             self._sessions[session_id] = session
         self._count()
-        return CallPlan(session, ids, keys, list(messages), parent, base_length, extends)
+        return CallPlan(session, ids, keys, list(messages), parent, base_length, extends, opened=opens)
 
     @staticmethod
     def _parent(session: Session, keys: tuple) -> tuple[Branch, Call] | None:
@@ -245,6 +246,12 @@ class Sessions:
                         best is None or len(history) > len(best[1].history)):
                     best = branch, call
         return best
+
+    def abandon(self, plan: CallPlan) -> None:
+        """A planned call that will not run: the session it opened goes if it holds nothing yet."""
+        if plan.opened and not plan.session.branches and self._sessions.get(plan.session.id) is plan.session:
+            del self._sessions[plan.session.id]
+            self._count()
 
     def record(self, plan: CallPlan, call_id: str, choices: list[Choice]) -> None:
         """Add a finished call's choices to its session."""
