@@ -150,9 +150,11 @@ class OpenAIPort:
             raise Refused(400, self.render.no_sessions, param="user")
         return session_id
 
-    def _admit(self, plan: Plan, call: recorded.CallPlan | None) -> None:
-        """The plan's samples queued, or a refusal that leaves no empty session behind."""
+    def _admit(self, request: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
+               call: recorded.CallPlan | None) -> Plan:
+        """The request's samples planned and queued, or a refusal that leaves no empty session behind."""
         try:
+            plan = self.render.plan(request, prompts, record=call is not None)
             if self.engine.broken:
                 raise Refused(503, f"not serving: {self.engine.broken}")
             try:
@@ -163,6 +165,7 @@ class OpenAIPort:
             if call is not None:
                 self.sessions.abandon(call)
             raise
+        return plan
 
     async def models(self, request: web.Request, who: str) -> web.Response:
         card = ModelCard(id=self.render.model_name, root=self.engine.path, owned_by="rlhf-mesh",
@@ -184,8 +187,7 @@ class OpenAIPort:
                 messages)
             prompt_ids = call.prompt_ids
             chat = _imposed(chat, call.session)
-        plan = self.render.plan(chat, [prompt_ids], record=call is not None)
-        self._admit(plan, call)
+        plan = self._admit(chat, [prompt_ids], call)
         reply = ChatReply(self, chat, plan, request_id=f"chatcmpl-{uuid.uuid4().hex}")
         if chat.stream:
             response = await reply.stream(request)
@@ -219,8 +221,7 @@ class OpenAIPort:
                                       self._new_tokens(completion, ids, session_id), self.render.eos_ids, None)
             prompts = [call.prompt_ids]
             completion = _imposed(completion, call.session)
-        plan = self.render.plan(completion, prompts, record=call is not None)
-        self._admit(plan, call)
+        plan = self._admit(completion, prompts, call)
         reply = CompletionReply(self, completion, plan, request_id=f"cmpl-{uuid.uuid4().hex}")
         if completion.stream:
             response = await reply.stream(request)
