@@ -278,3 +278,28 @@ class RaterApi:
 
     def undo(self, campaign: str):
         return self.http.post(f"/api/campaigns/{campaign}/undo", json={})
+
+
+def rendered_overlay(overlay: str) -> str:
+    """`kubectl kustomize deploy/k8s/overlays/OVERLAY` (the test is skipped without kubectl)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    return subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+def cli_args(container: dict) -> list[str]:
+    """The `rlhf-mesh` arguments of a manifest's container: its args, or those torchrun hands to `-m rlhf_mesh`."""
+    args = container["args"]
+    if container.get("command") == ["torchrun"]:
+        module = args.index("-m")
+        assert args[module + 1] == "rlhf_mesh"
+        return args[module + 2:]
+    assert "command" not in container  # the image's entry point, rlhf-mesh
+    return args

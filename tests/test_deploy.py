@@ -5,7 +5,6 @@ and is wired together (selectors, probe ports, ConfigMaps, Secrets, commands, co
 from __future__ import annotations
 
 import importlib
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import yaml
 
 from rlhf_mesh.cli import SERVICE_MODULES
 
-from support import PYTHON, ROOT
+from support import PYTHON, ROOT, cli_args, rendered_overlay
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ["cpu-dev", "gpu"]
@@ -27,11 +26,7 @@ WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request, tmp_path_factory) -> tuple[str, Path, list[dict]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / request.param)],
-                         capture_output=True, text=True, check=True, timeout=120).stdout
+    out = rendered_overlay(request.param)
     path = tmp_path_factory.mktemp("k8s") / f"{request.param}.yaml"
     path.write_text(out)
     return request.param, path, [d for d in yaml.safe_load_all(out) if d]
@@ -44,17 +39,6 @@ def _pods(docs: list[dict]) -> list[tuple[dict, dict]]:
 
 def _named(docs: list[dict], kind: str) -> set[str]:
     return {d["metadata"]["name"] for d in docs if d["kind"] == kind}
-
-
-def _cli_args(container: dict) -> list[str]:
-    """The `rlhf-mesh` arguments of a container: its args, or those torchrun hands to `-m rlhf_mesh`."""
-    args = container["args"]
-    if container.get("command") == ["torchrun"]:
-        module = args.index("-m")
-        assert args[module + 1] == "rlhf_mesh"
-        return args[module + 2:]
-    assert "command" not in container  # the image's entry point, rlhf-mesh
-    return args
 
 
 def test_every_overlay_validates_strictly(rendered):
@@ -130,7 +114,7 @@ def test_secured_overlay_turns_on_mutual_tls_and_tokens_for_every_service(render
     for _, template in _pods(docs):
         container = template["spec"]["containers"][0]
         assert container["image"].startswith("rlhf-mesh:")
-        service = _cli_args(container)[1]
+        service = cli_args(container)[1]
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         settings = importlib.import_module(SERVICE_MODULES[service]).Settings
@@ -159,7 +143,7 @@ def test_commands_are_cli_commands_and_configs_validate_with_their_settings(rend
         for container in template["spec"]["containers"]:
             if not container["image"].startswith("rlhf-mesh:"):
                 continue
-            command, service, flag, path = _cli_args(container)
+            command, service, flag, path = cli_args(container)
             assert (command, flag) == ("serve", "--config") and service in SERVICE_MODULES
             mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
             volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])

@@ -30,7 +30,7 @@ from rlhf_mesh.clients.generation import GenerationClient
 from rlhf_mesh.clients.health import wait_until_serving
 from rlhf_mesh.clients.reward import RewardClient
 
-from support import PYTHON, ROOT, ChildServer, free_port, greedy
+from support import PYTHON, ROOT, ChildServer, cli_args, free_port, greedy, rendered_overlay
 
 BUILDAH = shutil.which("buildah")
 VERSION = next(line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
@@ -205,15 +205,6 @@ def test_the_image_serves_feedback_and_its_rater_page(container, tiny_models, tm
         server.stop()
 
 
-def _rendered(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True, timeout=120).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
-
-
 def _strings(value) -> Iterator[str]:
     if isinstance(value, str):
         yield value
@@ -230,7 +221,7 @@ def test_every_command_the_manifests_give_the_image_is_accepted_by_its_cli(conta
                                                                           overlay):
     """Each rlhf-mesh container's arguments, environment and mounted config, checked by the image's
     own `rlhf-mesh check` (torchrun's too): a renamed flag or key fails here, not in the cluster."""
-    docs = _rendered(overlay)
+    docs = [d for d in yaml.safe_load_all(rendered_overlay(overlay)) if d]
     configs = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     models = tmp_path / "models"
     shutil.copytree(tiny_models["policy"], models / "policy")
@@ -267,12 +258,9 @@ def test_every_command_the_manifests_give_the_image_is_accepted_by_its_cli(conta
                     (Path(volumes[parent]) / inside[len(parent) + 1:]).mkdir(parents=True, exist_ok=True)
             env = {e["name"]: e.get("value", "postgresql://u:p@h/db" if e["name"].endswith("_DB") else "x")
                    for e in container_spec.get("env", [])}
-            args = container_spec["args"]
+            args = cli_args(container_spec)
             if container_spec.get("command") == ["torchrun"]:
                 assert _run(container, ["torchrun", "--help"], volumes, env).returncode == 0
-                args = args[args.index("-m") + 2:]
-            else:
-                assert "command" not in container_spec  # the image's entry point
             result = _run(container, [*container.entrypoint, "check", *args], volumes, env)
             assert result.returncode == 0, (workload["metadata"]["name"], args, result.stdout[-2000:])
             checked += 1

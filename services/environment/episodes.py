@@ -157,7 +157,8 @@ class EpisodeRunner:
         """One run of an agent program in a session of its own, sampled as the request says; the
         session's main branch (the one with the most calls) is the episode."""
         agents = self.agents
-        sessions = agents.sessions[number % len(agents.urls)]
+        replica = number % len(agents.urls)
+        sessions = agents.sessions[replica]
         session_id = f"episode-{uuid.uuid4().hex}"
         seed = sampling.get("seed")
         imposed = {key: sampling[key] for key in ("temperature", "top_p", "top_k", "max_tokens") if key in sampling}
@@ -168,7 +169,7 @@ class EpisodeRunner:
         try:
             try:
                 reward = await self.pool.run(self.spec, environments.agent_in_worker, task,
-                                             f"{agents.urls[number % len(agents.urls)]}/sessions/{session_id}/v1",
+                                             f"{agents.urls[replica]}/sessions/{session_id}/v1",
                                              agents.api_key, session_id, agents.ca_file, caller=self.caller)
             except (FunctionFailed, PoolFull) as err:
                 error = str(err)
